@@ -1,0 +1,5 @@
+import sys
+
+from medlava.cli import main
+
+sys.exit(main())

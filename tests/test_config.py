@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medlava.config import ConfigError, apply_overrides, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+
+
+def test_tiny_preset_loads_and_round_trips(tmp_path):
+    cfg = load_config(TINY)
+    assert cfg.model.tiny is not None and cfg.model.template == "mistral_instruct"
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_are_typed_yaml():
+    cfg = load_config(TINY, ["train.lr=2e-4", "train.lora.target_modules=[q_proj, v_proj]", "infer.chunks=4",
+                             "train.max_steps=null"])
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.infer.chunks == 4 and cfg.train.max_steps is None
+
+
+def test_override_into_absent_section_keeps_class_defaults(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: x\nmodel: {tiny: {}}\ndata: {root: d}\n")
+    assert load_config(tmp_path / "c.yaml", ["align.epochs=2"]).align == load_config(tmp_path / "c.yaml").align.model_copy(update={"epochs": 2.0})
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr=abc", "train.lr: Input should be a valid number"),
+    ("train.lrr=1", "train.lrr: unknown key. Did you mean train.lr?"),
+    ("model.template=llama9", "model.template: Input should be 'mistral_instruct', 'vicuna_v1' or 'plain'"),
+    ("infer.chunks=0", "infer.chunks: Input should be greater than or equal to 1"),
+    ("train.train_llm=true", "lora and train_llm are exclusive"),
+    ("data.split_ratios=[0.5,0.5,0.5]", "data.split_ratios must be >= 0 and sum to 1"),
+    ("align.train_llm=true", "align trains the projector only"),
+    ("train.lr", "is not key=value"),
+    ("train=3", "train: Input should be a valid dictionary"),
+])
+def test_bad_config_is_refused_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert needle in str(e.value)
+
+
+def test_override_through_a_value_is_refused():
+    with pytest.raises(ConfigError, match="train.lr is a value"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=1"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=abc", "train.bogus=1"])
+def test_submit_dry_run_fails_at_once_naming_the_key(override):
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "sft", "--config", str(TINY),
+                          "--dry-run", "--executor", "local", override], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert override.split("=")[0] in out.stderr and "invalid config" in out.stderr
+    assert out.stdout == ""
+
+
+def test_submit_dry_run_prints_config_and_commands(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "demo", "--config", str(TINY),
+                          "--dry-run", "--executor", "local", "--gpus", "2", "--output-root", str(tmp_path),
+                          "run_id=r1"], capture_output=True, text=True, cwd=ROOT, check=True)
+    lines = out.stdout.splitlines()
+    assert "gpus_per_node: 2" in out.stdout and f"output_root: {tmp_path}" in out.stdout
+    cmds = [l for l in lines if " -m medlava " in l]
+    assert [c.split(" -m medlava ")[1].split()[0] for c in cmds] == ["prepare", "align", "sft", "infer", "infer", "eval"]
+    assert "--nproc_per_node=2" in cmds[1] and "--nproc_per_node=2" in cmds[2]
+    assert "--chunk-idx 0" in cmds[3] and "--merge-only" in cmds[4]
+    assert all("run_id=r1" in c for c in cmds)
+    assert not (tmp_path / "tiny").exists()  # nothing ran
