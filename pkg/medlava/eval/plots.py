@@ -1,0 +1,84 @@
+"""Confusion-matrix and ROC figures for closed-question results.
+
+Figures are built with matplotlib's object API on an Agg canvas, not pyplot: no display is needed
+and no figure is registered globally, so nothing stays open after a save (or after an exception).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+
+from medlava.eval.classification import SCORE_PREFIX, encode
+from medlava.io import InputError, atomic_savefig
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_confusion(
+    cm: pd.DataFrame, path: str | os.PathLike, title: str = "Confusion matrix", normalize: bool = True
+) -> Path:
+    """Heatmap of `cm` (rows = reference, columns = predicted) with counts written in each cell.
+
+    With `normalize`, colours are row fractions (per-class recall on the diagonal), so rare classes
+    stay readable next to a dominant one; cells then also show the row percentage.
+    """
+    counts = cm.to_numpy()
+    rows = counts.sum(axis=1, keepdims=True)
+    shade = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0) if normalize else counts
+    size = 1.5 + 0.6 * max(counts.shape)
+    fig = _figure(size + 1.0, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(shade, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(counts.max()), 1))
+    fig.colorbar(image, ax=ax, label="fraction of reference row" if normalize else "count")
+    fontsize = max(6, 11 - counts.shape[1] // 2)
+    for r, c in np.ndindex(counts.shape):
+        text = f"{counts[r, c]}\n{shade[r, c]:.0%}" if normalize else f"{counts[r, c]}"
+        dark = shade[r, c] > (0.5 if normalize else counts.max() / 2)
+        ax.text(c, r, text, ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
+    ax.set_xticks(range(counts.shape[1]), [str(c) for c in cm.columns], rotation=45, ha="right")
+    ax.set_yticks(range(counts.shape[0]), [str(i) for i in cm.index])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(title)
+    return atomic_savefig(fig, path, dpi=150)
+
+
+def plot_roc(
+    df: pd.DataFrame, classes: Sequence[str], path: str | os.PathLike, title: str = "One-vs-rest ROC"
+) -> Path:
+    """One ROC curve per class (its score column against the rest), AUC and support in the legend."""
+    enc = encode(df, classes)
+    if enc.scores is None:
+        raise InputError(f"ROC needs {SCORE_PREFIX}<class> columns; the predictions have none")
+    fig = _figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    skipped = []
+    for i, cls in enumerate(enc.classes):
+        positive = enc.y_true == i
+        if not 0 < positive.sum() < len(positive):
+            skipped.append(cls)  # no positives (or no negatives): the curve is undefined
+            continue
+        fpr, tpr, _ = roc_curve(positive, enc.scores[:, i])
+        ax.plot(fpr, tpr, linewidth=1.5, label=f"{cls} (AUC {auc(fpr, tpr):.3f}, n={int(positive.sum())})")
+    if skipped:
+        ax.plot([], [], linestyle="none", label=f"no curve (absent): {', '.join(skipped)}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    return atomic_savefig(fig, path, dpi=150)
