@@ -1,0 +1,44 @@
+"""Read prepared sample JSONL (the contract between `prepare` and every later stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medlava.io import InputError, read_jsonl
+
+
+def validate_sample(row: dict, where: str) -> dict:
+    if "id" not in row or "conversations" not in row:
+        raise InputError(f"{where}: a sample needs `id` and `conversations` (LLaVA format); got keys {sorted(row)}")
+    convs = row["conversations"]
+    if not isinstance(convs, list) or not convs or not all(isinstance(c, dict) and "value" in c for c in convs):
+        raise InputError(f"{where} (id {row['id']}): `conversations` must be a list of {{from, value}} turns")
+    meta = row.get("meta") or {}
+    if meta.get("task") == "closed" and not meta.get("choices"):
+        raise InputError(f"{where} (id {row['id']}): a closed question needs meta.choices")
+    return row
+
+
+def read_samples(path: Path) -> list[dict]:
+    samples = []
+    seen: set[str] = set()
+    for i, row in enumerate(read_jsonl(path), 1):
+        validate_sample(row, f"{path}:{i}")
+        if str(row["id"]) in seen:
+            raise InputError(f"{path}:{i}: duplicate sample id {row['id']!r}; ids must be unique")
+        seen.add(str(row["id"]))
+        samples.append(row)
+    return samples
+
+
+def load_prepared(prepared: Path, split: str) -> tuple[list[dict], dict]:
+    """(samples of `split`, dataset manifest) from a prepare run directory."""
+    manifest_path = prepared / "dataset.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{prepared} holds no dataset.json: is it a `prepare` run directory?")
+    manifest = json.loads(manifest_path.read_text())
+    path = prepared / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the prepare run has no `{split}` split")
+    return read_samples(path), manifest

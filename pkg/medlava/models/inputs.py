@@ -1,0 +1,77 @@
+"""Samples (DESIGN.md JSONL) -> model inputs: token ids with expanded image tokens, loss labels and
+pixel values; and the collators that pad them (right for training, left for generation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medlava.data.images import load_image, resolve_image
+from medlava.models.templates import IGNORE_INDEX, Encoded, encode, render
+
+
+class Encoder:
+    def __init__(self, processor, template: str, n_image_tokens: int, max_length: int, image_root: Path):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.template = template
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.n_image_tokens = n_image_tokens
+        self.max_length = max_length
+        self.image_root = Path(image_root)
+
+    def pixel_values(self, sample: dict) -> torch.Tensor | None:
+        if not sample.get("image"):
+            return None
+        image = load_image(resolve_image(self.image_root, sample["image"]), sample_id=str(sample["id"]))
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def _encode(self, sample: dict, generation: bool) -> Encoded:
+        segments = render(self.template, sample["conversations"], str(sample["id"]), add_generation_prompt=generation)
+        enc = encode(segments, self.tokenizer, self.image_token_id, self.n_image_tokens, self.max_length,
+                     str(sample["id"]))
+        if enc.n_images != (1 if sample.get("image") else 0):
+            raise ValueError(f"sample {sample['id']}: {enc.n_images} <image> placeholders but "
+                             f"{'an' if sample.get('image') else 'no'} image; put one <image> in the first human turn")
+        return enc
+
+    def train_item(self, sample: dict) -> dict:
+        enc = self._encode(sample, generation=False)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": self.pixel_values(sample)}
+
+    def prompt_item(self, sample: dict) -> dict:
+        enc = self._encode(sample, generation=True)
+        return {"input_ids": enc.input_ids, "pixel_values": self.pixel_values(sample), "id": sample["id"]}
+
+
+def collate(items: list[dict], pad_id: int, side: str = "right") -> dict:
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long) if "labels" in items[0] else None
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, span] = torch.tensor(it["input_ids"])
+        mask[i, span] = 1
+        if labels is not None:
+            labels[i, span] = torch.tensor(it["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = labels
+    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[dict], encoder: Encoder):
+        self.samples, self.encoder = samples, encoder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.encoder.train_item(self.samples[i])

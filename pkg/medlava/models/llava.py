@@ -1,0 +1,113 @@
+"""Load a transformers LLaVA checkpoint (hub id, local dir, or the tiny preset) as every stage does,
+choose attention and dtype for this machine, and read medlava's own checkpoints back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from medlava.config import ModelConfig
+
+log = logging.getLogger(__name__)
+MANIFEST = "medlava.json"
+PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR = "multi_modal_projector"
+
+
+def base_model_path(cfg: ModelConfig) -> str:
+    if cfg.name_or_path is not None:
+        return cfg.name_or_path
+    from medlava.models.tiny import tiny_checkpoint
+    return str(tiny_checkpoint(cfg.tiny))
+
+
+def choose_attention(requested: str) -> str:
+    """flash-attn 2 when asked for or available on a GPU, else PyTorch SDPA."""
+    has_fa2 = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not has_fa2:
+        raise RuntimeError("model.attn_implementation=flash_attention_2 but flash-attn is not installed or no GPU "
+                           "is visible; install the `gpu` extra or use attn_implementation=auto")
+    if requested == "auto":
+        return "flash_attention_2" if has_fa2 else "sdpa"
+    return requested
+
+
+def choose_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_processor(path: str, cfg: ModelConfig):
+    processor = AutoProcessor.from_pretrained(path)
+    # `pad` keeps the whole of a non-square scan (padded with the mean colour); a centre crop cuts it.
+    processor.image_processor.do_pad = cfg.image_aspect == "pad"
+    return processor
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    attn = choose_attention(cfg.attn_implementation)
+    # flash-attn needs half precision weights; fp32 training keeps fp32 master weights under autocast.
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    log.info("loaded %s (%s, attention=%s)", path, dtype, attn)
+    return model
+
+
+def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + 1 if model.config.vision_feature_select_strategy == "full" else n
+
+
+def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k.split(PROJECTOR + ".", 1)[1]: v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items() if PROJECTOR + "." in k}
+
+
+def save_projector(model: torch.nn.Module, path: Path) -> None:
+    save_file(projector_state(model), str(path))
+
+
+def load_projector(model: LlavaForConditionalGeneration, path: Path) -> None:
+    state = load_file(str(path))
+    module = model.get_submodule(f"model.{PROJECTOR}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: projector weights do not fit this model (missing {missing}, "
+                           f"unexpected {unexpected}); was it trained for another base model?")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    path = Path(ckpt) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} is not a medlava checkpoint (no {MANIFEST}); pass a checkpoint "
+                                "directory written by align/sft, or infer.checkpoint=base")
+    return json.loads(path.read_text())
+
+
+def load_for_inference(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype):
+    """(model, processor, model_id) for the base model or a medlava checkpoint (projector/LoRA/full)."""
+    base = base_model_path(cfg)
+    if checkpoint is None:
+        return load_model(base, cfg, dtype).eval(), load_processor(base, cfg), base
+    manifest = read_manifest(checkpoint)
+    kind = manifest["kind"]
+    if kind == "full":
+        model = load_model(str(checkpoint), cfg, dtype)
+    else:
+        model = load_model(manifest["base_model"], cfg, dtype)
+        if kind == "projector":
+            load_projector(model, checkpoint / PROJECTOR_FILE)
+        elif kind == "lora":
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+        else:
+            raise ValueError(f"{checkpoint}/{MANIFEST}: unknown checkpoint kind {kind!r}")
+    return model.eval(), load_processor(str(checkpoint), cfg), str(checkpoint)
