@@ -37,6 +37,7 @@ class TinyModelConfig(Section):
     text_kv_heads: int = Field(2, ge=1)
     text_intermediate: int = Field(128, ge=8)
     vocab_size: int = Field(512, ge=300)
+    head_init_std: float = Field(0.3, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")

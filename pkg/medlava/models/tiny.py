@@ -74,6 +74,9 @@ def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, Lla
                          vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
+    # At hidden size 64 the default init (std 0.02) gives an output head whose logits span ~±0.5, so a
+    # frozen head (LoRA) could never make an answer likely; a trained LM's head has a wide logit range.
+    torch.nn.init.normal_(model.lm_head.weight, std=cfg.head_init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -1,0 +1,142 @@
+"""The one training loop behind `align` and `sft`: AdamW with a separate projector learning rate, cosine
+schedule with warm-up, gradient accumulation and clipping, mixed precision, DDP, TensorBoard, and
+checkpoints that resume exactly (weights, optimizer, scheduler, RNG, data position)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from medlava.config import TrainConfig
+from medlava.distributed import Dist, barrier
+from medlava.models.inputs import SampleDataset, collate
+from medlava.models.llava import PROJECTOR
+from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
+    """Projector params may take their own lr; biases and norms get no weight decay (as LLaVA)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((PROJECTOR in name, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": (t.projector_lr or t.lr) if proj else t.lr,
+             "weight_decay": t.weight_decay if decay else 0.0, "name": ("projector" if proj else "model")}
+            for (proj, decay), ps in sorted(groups.items())]
+
+
+def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int) -> list[int]:
+    # By hand because DistributedSampler cannot start mid-epoch, which exact resume needs.
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
+    return order[d.rank :: d.world_size][skip:]
+
+
+def _reduce_mean(value: float, d: Dist) -> float:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], device=d.device)
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, run: Path, d: Dist,
+          kind: str, manifest: dict, dtype: torch.dtype) -> Path:
+    """Train `model` (trainable params already chosen) and return the final checkpoint directory."""
+    torch.manual_seed(t.seed + d.rank)
+    # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.to(d.device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"
+                                                    else None) if d.world_size > 1 else model
+
+    per_epoch = math.ceil(math.ceil(len(dataset) / d.world_size) / t.batch_size)
+    if per_epoch < t.grad_accum:
+        raise ValueError(f"{len(dataset)} samples make {per_epoch} micro-batches per rank, fewer than "
+                         f"grad_accum={t.grad_accum}: lower batch_size or grad_accum")
+    updates_per_epoch = per_epoch // t.grad_accum  # a trailing partial window is dropped, as drop_last
+    total = t.max_steps or max(1, math.ceil(t.epochs * updates_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.999))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * t.warmup_ratio), total)
+    use_amp = d.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    scaler = torch.amp.GradScaler(enabled=use_amp and dtype == torch.float16)
+
+    step = 0
+    done = checkpoint_dirs(run)
+    if t.resume == "auto" and done:
+        state = load_resume_state(done[-1], model, optimizer, scheduler)
+        step = state["step"]
+        log.info("resumed from %s at step %d of %d", done[-1], step, total)
+    pad_id = processor.tokenizer.pad_token_id
+
+    writer = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if d.main else None
+    bar = tqdm(total=total, initial=step, desc=run.parent.name, disable=not d.main, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    ckpt = done[-1] if done and step >= total else None
+    net.train()
+    while step < total:
+        micro = step * t.grad_accum  # micro-batches consumed so far
+        epoch, skip = divmod(micro, updates_per_epoch * t.grad_accum)
+        indices = epoch_indices(len(dataset), t.seed, epoch, d, skip * t.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=indices,
+                                             num_workers=t.num_workers,
+                                             collate_fn=lambda items: collate(items, pad_id, "right"))
+        batches = iter(loader)
+        while step < min(total, (epoch + 1) * updates_per_epoch):
+            tic, losses, tokens = time.perf_counter(), [], 0
+            for k in range(t.grad_accum):
+                batch = {key: v.to(d.device) for key, v in next(batches).items()}
+                tokens += int(batch["attention_mask"].sum())
+                sync = k == t.grad_accum - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
+                with (nullcontext() if sync else net.no_sync()), \
+                        torch.autocast(d.device.type, dtype=dtype, enabled=use_amp):
+                    loss = net(**batch).loss
+                    scaler.scale(loss / t.grad_accum).backward()
+                losses.append(loss.item())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = _reduce_mean(sum(losses) / len(losses), d)
+            tok_s = _reduce_mean(tokens / (time.perf_counter() - tic), d) * d.world_size
+            if writer and (step % t.log_every == 0 or step == total):
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/grad_norm", grad_norm, step)
+                writer.add_scalar("train/tokens_per_s", tok_s, step)
+                writer.add_scalar("train/epoch", step / updates_per_epoch, step)
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                writer.add_scalar("train/lr", lrs.get("model", lrs.get("projector")), step)
+                if "projector" in lrs and "model" in lrs:
+                    writer.add_scalar("train/lr_projector", lrs["projector"], step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
+            if step == total or (t.save_every and step % t.save_every == 0):
+                if d.main:
+                    ckpt = save_checkpoint(run, step, model, processor, kind, manifest, optimizer, scheduler,
+                                           {"total": total})
+                barrier()
+    bar.close()
+    if writer:
+        writer.close()
+    return ckpt if ckpt is not None else run / "checkpoints" / f"step-{total:06d}"

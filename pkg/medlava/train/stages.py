@@ -1,0 +1,103 @@
+"""The `align` and `sft` stages: choose what trains, then hand the model to the loop.
+
+align: projector only on the `plain` template (LLaVA's tune_mm_mlp_adapter).
+sft:   LoRA on the language model (peft), or a full fine-tune; projector and vision tower switchable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from medlava.config import Config, TrainConfig
+from medlava.data.samples import load_prepared
+from medlava.distributed import Dist
+from medlava.models.inputs import Encoder, SampleDataset
+from medlava.models.llava import (
+    PROJECTOR,
+    PROJECTOR_FILE,
+    base_model_path,
+    choose_attention,
+    choose_dtype,
+    load_model,
+    load_processor,
+    load_projector,
+    num_image_tokens,
+)
+from medlava.runs import mark_complete, resolve, start_run
+from medlava.train.checkpoint import checkpoint_of
+from medlava.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+def set_trainable(model: torch.nn.Module, vision: bool, projector: bool, llm: bool) -> None:
+    for name, p in model.named_parameters():
+        if "vision_tower" in name:
+            p.requires_grad = vision
+        elif PROJECTOR in name:
+            p.requires_grad = projector
+        else:  # language model, embeddings and lm_head
+            p.requires_grad = llm
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    counts = {"trainable": 0, "frozen": 0}
+    for p in model.parameters():
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+def _lora(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # LoRA on the language model only: CLIP's attention layers share the projection names.
+    target = rf"^model\.language_model\..*\.({'|'.join(t.lora.target_modules)})$"
+    keep = [m for m, on in ((PROJECTOR, t.train_projector), ("vision_tower", t.train_vision)) if on]
+    config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, target_modules=target,
+                        modules_to_save=keep or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
+    t = cfg.align if stage == "align" else cfg.train
+    run = start_run(cfg, stage, d.rank)
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    samples, manifest = load_prepared(prepared, "train")
+    dtype = choose_dtype(t.precision)
+    base = base_model_path(cfg.model)
+    model, processor = load_model(base, cfg.model, dtype), load_processor(base, cfg.model)
+
+    init = None
+    if stage == "align":
+        template, kind = "plain", "projector"
+        set_trainable(model, vision=False, projector=True, llm=False)
+    else:
+        template, kind = cfg.model.template, "lora" if t.lora else "full"
+        if t.init_from != "none":
+            init = checkpoint_of(resolve(cfg, t.init_from, "align"))
+            load_projector(model, init / PROJECTOR_FILE)
+        set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
+        if t.lora:
+            model = _lora(model, t)
+
+    counts = count_parameters(model)
+    info = {"attention": choose_attention(cfg.model.attn_implementation), "dtype": str(dtype), "template": template,
+            "world_size": d.world_size, "device": str(d.device), "samples": len(samples), "parameters": counts,
+            "prepared": str(prepared), "init_from": str(init) if init else None}
+    if d.main:
+        (run / "train_info.json").write_text(json.dumps(info, indent=2))
+    log.info("%s: %d samples, %s trainable of %s parameters, attention=%s", stage, len(samples),
+             f"{counts['trainable']:,}", f"{counts['trainable'] + counts['frozen']:,}", info["attention"])
+
+    encoder = Encoder(processor, template, num_image_tokens(model.get_base_model() if t.lora and stage == "sft"
+                                                            else model), cfg.model.model_max_length,
+                      Path(manifest["image_root"]))
+    ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, kind,
+                 {"base_model": base, "stage": stage, "template": template}, dtype)
+    if d.main:
+        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
+    return run

@@ -1,0 +1,89 @@
+"""The whole chain through the launcher's local executor, on the tiny preset and a small synthetic
+HAM10000: what `make demo` does, smaller."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medlava.data.samples import read_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+
+
+def scalars(run: Path, tag: str) -> list[float]:
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
+    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "demo", "--config", str(TINY), "--executor", "local",
+           "--output-root", str(tmp / "runs"), "run_id=t1", f"data.root={tmp / 'ham'}",
+           "data.synthetic.n_lesions=60", "align.epochs=1", "train.epochs=3", "eval.n_bootstrap=50"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp / "runs" / "tiny", out.stdout
+
+
+def test_demo_prints_where_outputs_are(demo):
+    runs, stdout = demo
+    for stage in ("prepare", "align", "sft", "infer", "eval"):
+        assert str(runs / stage / "t1") in stdout
+        assert (runs / stage / "t1" / "COMPLETE.json").exists()
+        assert (runs / stage / "t1" / "config.yaml").exists()
+
+
+def test_sft_logs_falling_loss_and_the_required_scalars(demo):
+    runs, _ = demo
+    sft = runs / "sft" / "t1"
+    loss = scalars(sft, "train/loss")
+    assert len(loss) >= 5 and loss[-1] < loss[0]
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert len(scalars(sft, tag)) == len(loss)
+    assert all(v > 0 for v in scalars(sft, "train/tokens_per_s"))
+    assert scalars(runs / "align" / "t1", "train/loss")  # align logs too
+
+
+def test_sft_trains_lora_and_projector_only(demo):
+    runs, _ = demo
+    info = json.loads((runs / "sft" / "t1" / "train_info.json").read_text())
+    p = info["parameters"]
+    assert 0 < p["trainable"] < p["frozen"] and info["attention"] == "sdpa"
+    ckpt = runs / "sft" / "t1" / json.loads((runs / "sft" / "t1" / "COMPLETE.json").read_text())["checkpoint"]
+    assert (ckpt / "adapter_config.json").exists() and json.loads((ckpt / "medlava.json").read_text())["kind"] == "lora"
+    assert info["init_from"] and "align" in info["init_from"]
+
+
+def test_predictions_cover_each_test_sample_exactly_once(demo):
+    runs, _ = demo
+    test_ids = [s["id"] for s in read_samples(runs / "prepare" / "t1" / "test.jsonl")]
+    pred = pd.read_csv(runs / "infer" / "t1" / "predictions.csv", keep_default_na=False)
+    assert sorted(pred["id"]) == sorted(test_ids) and pred["id"].is_unique
+    score_cols = [c for c in pred.columns if c.startswith("score_")]
+    assert len(score_cols) == 7
+    assert (pred[score_cols].sum(axis=1) - 1).abs().max() < 1e-5
+    chunks = sorted((runs / "infer" / "t1" / "chunks").glob("answers-*.jsonl"))
+    assert len(chunks) == 2
+    answers = [json.loads(l) for l in (runs / "infer" / "t1" / "answers.jsonl").read_text().splitlines()]
+    assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(answers[0])
+
+
+def test_metrics_hold_accuracy_f1_auc_and_confusion(demo):
+    runs, _ = demo
+    ev = runs / "eval" / "t1"
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "macro_auc", "balanced_accuracy"):
+        assert m[key] is not None and 0 <= m[key] <= 1
+    cm = pd.read_csv(ev / "confusion.csv", index_col=0)
+    assert cm.values.sum() == m["n"]
+    assert (ev / "confusion.png").stat().st_size > 1000
