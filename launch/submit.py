@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit: {e}", file=sys.stderr)
         return 1
     print("\nOutputs:")
-    for j in jobs:
-        print(f"  {j.stage:8s} {run_dirs[j.name]}")
+    for stage, path in dict((j.stage, run_dirs[j.name]) for j in jobs).items():
+        print(f"  {stage:8s} {path}")
     last = run_dirs[jobs[-1].name]
     if (last / "metrics.json").exists():
         m = json.loads((last / "metrics.json").read_text())

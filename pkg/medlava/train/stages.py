@@ -71,6 +71,7 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     base = base_model_path(cfg.model)
     model, processor = load_model(base, cfg.model, dtype), load_processor(base, cfg.model)
 
+    torch.manual_seed(t.seed)  # LoRA's random init must be the same on every rank and every run of a seed
     init = None
     if stage == "align":
         template, kind = "plain", "projector"

@@ -1,0 +1,102 @@
+"""Training: 2-process DDP (gloo) under torchrun, exact resume after a kill, checkpoint reload."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+
+
+def _losses(run: Path) -> dict[int, float]:
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
+    base = ["--config", str(TINY), f"output_root={tmp / 'runs'}", f"data.root={tmp / 'ham'}",
+            "data.synthetic.n_lesions=60"]
+    subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
+                   capture_output=True)
+    return tmp, env, base
+
+
+def _sft(prepared, run_id, *extra, popen=False):
+    tmp, env, base = prepared
+    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={run_id}", "train.init_from=none",
+           "train.batch_size=4", *extra]
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "runs" / "tiny" / "sft" / run_id
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"]
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_weights_and_loss_curve(prepared):
+    args = ("train.max_steps=24", "train.save_every=4", "train.grad_accum=2")
+    whole = _sft(prepared, "whole", *args)
+
+    proc = _sft(prepared, "killed", *args, popen=True)
+    ckpts = prepared[0] / "runs" / "tiny" / "sft" / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step-000008").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = ckpts.parent
+    assert not (run / "COMPLETE.json").exists(), "the run finished before it could be killed"
+    steps_done = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert 8 <= steps_done < 24
+
+    resumed = _sft(prepared, "killed", *args)
+    a, b = _final_weights(whole), _final_weights(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la, lb = _losses(whole), _losses(resumed)
+    assert sorted(la) == sorted(lb) == list(range(1, 25))
+    assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(la)], rel=1e-4)
+
+
+def test_two_process_ddp_trains_and_its_checkpoint_reloads(prepared):
+    tmp, env, base = prepared
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "medlava", "sft", *base, "run_id=ddp", "train.init_from=none", "train.epochs=3",
+                          "train.batch_size=4"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp / "runs" / "tiny" / "sft" / "ddp"
+    info = json.loads((run / "COMPLETE.json").read_text())
+    assert info["world_size"] == 2
+    losses = _losses(run)
+    first, last = [losses[s] for s in sorted(losses)[:3]], [losses[s] for s in sorted(losses)[-3:]]
+    assert sum(last) < sum(first)
+
+    from medlava.config import load_config
+    from medlava.models.llava import load_for_inference
+    cfg = load_config(TINY, [f"data.root={tmp / 'ham'}"])
+    os.environ["MEDLAVA_CACHE"] = env["MEDLAVA_CACHE"]
+    model, _, _ = load_for_inference(cfg.model, run / info["checkpoint"], torch.float32)
+    trained = _final_weights(run)
+    proj = {k.split("modules_to_save.default.")[1]: v for k, v in trained.items() if "modules_to_save" in k}
+    state = model.model.multi_modal_projector.state_dict()
+    assert proj.keys() == state.keys()
+    for k in proj:
+        torch.testing.assert_close(state[k], proj[k])
