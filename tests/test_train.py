@@ -50,23 +50,34 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "trainable.safetensors"))
 
 
-def test_killed_run_resumes_to_the_same_weights_and_loss_curve(prepared):
-    args = ("train.max_steps=24", "train.save_every=4", "train.grad_accum=2")
-    whole = _sft(prepared, "whole", *args)
+ARGS = ("train.max_steps=24", "train.save_every=4", "train.grad_accum=2")
 
-    proc = _sft(prepared, "killed", *args, popen=True)
-    ckpts = prepared[0] / "runs" / "tiny" / "sft" / "killed" / "checkpoints"
+
+@pytest.fixture(scope="module")
+def whole(prepared):
+    return _sft(prepared, "whole", *ARGS)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGUSR2, 75)])
+def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, whole, sig, code):
+    """SIGKILL: resume from the last periodic checkpoint. SIGUSR2 (SLURM's pre-timeout signal): the loop
+    saves a checkpoint at the step it stopped and exits with EXIT_REQUEUE (75)."""
+    run_id = f"interrupted-{sig.name}"
+    proc = _sft(prepared, run_id, *ARGS, popen=True)
+    ckpts = prepared[0] / "runs" / "tiny" / "sft" / run_id / "checkpoints"
     deadline = time.time() + 120
     while not (ckpts / "step-000008").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    assert proc.wait() == code
     run = ckpts.parent
-    assert not (run / "COMPLETE.json").exists(), "the run finished before it could be killed"
+    assert not (run / "COMPLETE.json").exists(), "the run finished before it could be interrupted"
     steps_done = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     assert 8 <= steps_done < 24
+    if sig == signal.SIGUSR2:  # the step it stopped at was saved, not only the last periodic one
+        assert max(_losses(run)) == steps_done
 
-    resumed = _sft(prepared, "killed", *args)
+    resumed = _sft(prepared, run_id, *ARGS)
     a, b = _final_weights(whole), _final_weights(resumed)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:

@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from medlava import signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, barrier
 from medlava.models.inputs import SampleDataset, collate
@@ -45,6 +46,14 @@ def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int) -> list[int
     return order[d.rank :: d.world_size][skip:]
 
 
+def _any_rank(flag: bool, d: Dist) -> bool:
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _reduce_mean(value: float, d: Dist) -> float:
     if d.world_size == 1:
         return value
@@ -55,7 +64,11 @@ def _reduce_mean(value: float, d: Dist) -> float:
 
 def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, run: Path, d: Dist,
           kind: str, manifest: dict, dtype: torch.dtype) -> Path:
-    """Train `model` (trainable params already chosen) and return the final checkpoint directory."""
+    """Train `model` (trainable params already chosen) and return the final checkpoint directory.
+
+    On a stop request (SIGUSR2 on any rank) every rank stops at the same step, rank 0 saves a
+    checkpoint, and the process exits with signals.EXIT_REQUEUE; a re-run resumes from it."""
+    signals.install()
     torch.manual_seed(t.seed + d.rank)
     # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
     for p in model.parameters():
@@ -131,11 +144,17 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                     writer.add_scalar("train/lr_projector", lrs["projector"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
-            if step == total or (t.save_every and step % t.save_every == 0):
+            stop = _any_rank(signals.requested(), d) and step < total
+            if stop or step == total or (t.save_every and step % t.save_every == 0):
                 if d.main:
                     ckpt = save_checkpoint(run, step, model, processor, kind, manifest, optimizer, scheduler,
                                            {"total": total})
                 barrier()
+            if stop:
+                log.warning("stop requested: checkpoint saved at step %d of %d; exiting for requeue", step, total)
+                if writer:
+                    writer.close()
+                raise SystemExit(signals.EXIT_REQUEUE)
     bar.close()
     if writer:
         writer.close()
