@@ -112,6 +112,8 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "none"
+    """none: plain DDP. zero2/zero3(_offload): DeepSpeed ZeRO, config generated from this section."""
     train_vision: bool = False
     train_projector: bool = True
     train_llm: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,20 @@ def setup() -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local, device)
+
+
+def ensure_process_group(d: Dist) -> None:
+    """A one-process group when not started by torchrun: DeepSpeed needs one (else it probes for MPI)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", d.local_rank)):
+        os.environ.setdefault(key, str(value))
+    dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world_size)
 
 
 def barrier() -> None:

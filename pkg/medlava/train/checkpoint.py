@@ -11,12 +11,14 @@ import json
 import os
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from medlava.distributed import Dist, barrier
 from medlava.models.llava import MANIFEST, PROJECTOR_FILE, save_projector
 from medlava.runs import is_complete, read_result
 
@@ -29,48 +31,82 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
 
 
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _gathered(model: torch.nn.Module, engine):
+    """Under ZeRO-3 parameters are sharded: gather the trainable ones (all of them for a full
+    fine-tune) for the duration of the save."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return nullcontext()
+    import deepspeed
+    params = [p for p in model.parameters() if p.requires_grad] if any(
+        not p.requires_grad for p in model.parameters()) else list(model.parameters())
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor, kind: str, manifest: dict,
-                    optimizer: torch.optim.Optimizer, scheduler, extra: dict) -> Path:
-    """Write checkpoints/step-N atomically. `model` is unwrapped (no DDP); rank 0 only."""
+                    optimizer, scheduler, extra: dict, d: Dist, engine=None) -> Path:
+    """Write checkpoints/step-N atomically; every rank calls it (each saves its RNG, and under DeepSpeed
+    its optimizer shard). `model` is unwrapped (no DDP / engine)."""
     final = run / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if kind == "projector":
-        save_projector(model, tmp / PROJECTOR_FILE)
-    elif kind == "lora":
-        model.save_pretrained(tmp)  # adapter + modules_to_save (the projector)
-    else:
-        model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              str(tmp / TRAINABLE))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                **extra}, tmp / STATE)
-    (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "step": step, **manifest}, indent=2))
-    if final.exists():  # a re-run of the same step after a crash between rename and COMPLETE
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(_rng_state(), tmp / f"rng-{d.rank}.pt")
+    if engine is not None:  # optimizer, scheduler and trainable weights, sharded as they are in memory
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    with _gathered(model, engine):
+        if d.main:
+            if kind == "projector":
+                save_projector(model, tmp / PROJECTOR_FILE)
+            else:  # lora: adapter + modules_to_save (the projector); full: the whole model
+                model.save_pretrained(tmp)
+            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      str(tmp / TRAINABLE))
+    if d.main:
+        processor.save_pretrained(tmp)
+        state = {"step": step, **extra}
+        if engine is None:
+            state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save(state, tmp / STATE)
+        (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "step": step, **manifest}, indent=2))
+        if final.exists():  # a re-run of the same step after a crash between rename and COMPLETE
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
     return final
 
 
-def load_resume_state(ckpt: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    weights = load_file(str(ckpt / TRAINABLE))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise RuntimeError(f"{ckpt}: cannot resume, trainable weights missing ({missing[:3]}...): "
-                           "was the run restarted with a different train.* config?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+def load_resume_state(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, d: Dist, engine=None) -> dict:
+    if engine is not None:
+        engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    else:
+        weights = load_file(str(ckpt / TRAINABLE))
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise RuntimeError(f"{ckpt}: cannot resume, trainable weights missing ({missing[:3]}...): "
+                               "was the run restarted with a different train.* config?")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
     state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    if engine is None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    rng_file = ckpt / f"rng-{d.rank}.pt"
+    if not rng_file.exists():
+        raise RuntimeError(f"{ckpt} was saved with fewer processes (no {rng_file.name}); resume with the same "
+                           "number of nodes and GPUs, or start a new run_id")
+    rng = torch.load(rng_file, weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
     return state
 
 

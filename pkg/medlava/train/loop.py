@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medlava import signals
 from medlava.config import TrainConfig
-from medlava.distributed import Dist, barrier
+from medlava.distributed import Dist, ensure_process_group
 from medlava.models.inputs import SampleDataset, collate
 from medlava.models.llava import PROJECTOR
 from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
@@ -70,32 +70,46 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
     checkpoint, and the process exits with signals.EXIT_REQUEUE; a re-run resumes from it."""
     signals.install()
     torch.manual_seed(t.seed + d.rank)
-    # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.to(d.device)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                                    else None) if d.world_size > 1 else model
-
     per_epoch = math.ceil(math.ceil(len(dataset) / d.world_size) / t.batch_size)
     if per_epoch < t.grad_accum:
         raise ValueError(f"{len(dataset)} samples make {per_epoch} micro-batches per rank, fewer than "
                          f"grad_accum={t.grad_accum}: lower batch_size or grad_accum")
     updates_per_epoch = per_epoch // t.grad_accum  # a trailing partial window is dropped, as drop_last
     total = t.max_steps or max(1, math.ceil(t.epochs * updates_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.999))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * t.warmup_ratio), total)
-    use_amp = d.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    warmup = math.ceil(total * t.warmup_ratio)
+
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    engine = None
+    if t.deepspeed != "none":
+        import deepspeed
+
+        from medlava.train.deepspeed import deepspeed_config
+        ensure_process_group(d)
+        # DeepSpeed owns mixed precision, accumulation, clipping, the optimizer and the scheduler step.
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, t),
+            config=deepspeed_config(t, dtype),
+            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total))
+        net, use_amp = engine, False
+    else:
+        # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        model.to(d.device)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
+        optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.999))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        use_amp = d.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     scaler = torch.amp.GradScaler(enabled=use_amp and dtype == torch.float16)
 
     step = 0
     done = checkpoint_dirs(run)
     if t.resume == "auto" and done:
-        state = load_resume_state(done[-1], model, optimizer, scheduler)
+        state = load_resume_state(done[-1], model, optimizer, scheduler, d, engine)
         step = state["step"]
         log.info("resumed from %s at step %d of %d", done[-1], step, total)
     pad_id = processor.tokenizer.pad_token_id
@@ -119,17 +133,25 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                 batch = {key: v.to(d.device) for key, v in next(batches).items()}
                 tokens += int(batch["attention_mask"].sum())
                 sync = k == t.grad_accum - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
-                with (nullcontext() if sync else net.no_sync()), \
-                        torch.autocast(d.device.type, dtype=dtype, enabled=use_amp):
-                    loss = net(**batch).loss
-                    scaler.scale(loss / t.grad_accum).backward()
+                if engine is not None:
+                    loss = engine(**batch).loss
+                    engine.backward(loss)
+                    engine.step()  # steps optimizer and scheduler only at the accumulation boundary
+                else:
+                    with (nullcontext() if sync else net.no_sync()), \
+                            torch.autocast(d.device.type, dtype=dtype, enabled=use_amp):
+                        loss = net(**batch).loss
+                        scaler.scale(loss / t.grad_accum).backward()
                 losses.append(loss.item())
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is not None:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = _reduce_mean(sum(losses) / len(losses), d)
             tok_s = _reduce_mean(tokens / (time.perf_counter() - tic), d) * d.world_size
@@ -146,10 +168,8 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
             stop = _any_rank(signals.requested(), d) and step < total
             if stop or step == total or (t.save_every and step % t.save_every == 0):
-                if d.main:
-                    ckpt = save_checkpoint(run, step, model, processor, kind, manifest, optimizer, scheduler,
-                                           {"total": total})
-                barrier()
+                ckpt = save_checkpoint(run, step, model, processor, kind, manifest, optimizer, scheduler,
+                                       {"total": total}, d, engine)
             if stop:
                 log.warning("stop requested: checkpoint saved at step %d of %d; exiting for requeue", step, total)
                 if writer:

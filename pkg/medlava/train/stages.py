@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,9 +47,17 @@ def set_trainable(model: torch.nn.Module, vision: bool, projector: bool, llm: bo
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     counts = {"trainable": 0, "frozen": 0}
-    for p in model.parameters():
-        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    for p in model.parameters():  # ds_numel: the full size of a ZeRO-3 sharded parameter
+        counts["trainable" if p.requires_grad else "frozen"] += getattr(p, "ds_numel", p.numel())
     return counts
+
+
+def _gathered_for_write(module: torch.nn.Module, t: TrainConfig):
+    """ZeRO-3 loads weights sharded; writing into them needs them gathered (rank 0's copy wins)."""
+    if not t.deepspeed.startswith("zero3"):
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def _lora(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
@@ -69,6 +78,13 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     samples, manifest = load_prepared(prepared, "train")
     dtype = choose_dtype(t.precision)
     base = base_model_path(cfg.model)
+    if t.deepspeed.startswith("zero3"):  # shard while loading (zero.Init): a 7B never sits whole on one rank
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from medlava.distributed import ensure_process_group
+        from medlava.train.deepspeed import deepspeed_config
+        ensure_process_group(d)
+        _keep = HfDeepSpeedConfig(deepspeed_config(t, dtype))  # noqa: F841 (read via a weakref)
     model, processor = load_model(base, cfg.model, dtype), load_processor(base, cfg.model)
 
     torch.manual_seed(t.seed)  # LoRA's random init must be the same on every rank and every run of a seed
@@ -80,7 +96,8 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
         template, kind = cfg.model.template, "lora" if t.lora else "full"
         if t.init_from != "none":
             init = checkpoint_of(resolve(cfg, t.init_from, "align"))
-            load_projector(model, init / PROJECTOR_FILE)
+            with _gathered_for_write(model.get_submodule(f"model.{PROJECTOR}"), t):
+                load_projector(model, init / PROJECTOR_FILE)
         set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
         if t.lora:
             model = _lora(model, t)
