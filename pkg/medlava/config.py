@@ -105,6 +105,9 @@ class TrainConfig(Section):
     batch_size: int = Field(4, ge=1)
     """Per device; the global batch is batch_size * grad_accum * world size."""
     grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    """Samples per optimizer step over all ranks; when set, grad_accum follows from it and the world size
+    (cluster.nodes x GPUs per node) and it must divide evenly."""
     lr: float = Field(2e-4, gt=0)
     projector_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -112,6 +115,10 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    """Batches of similar length (LLaVA's group_by_modality_length): less padding, same samples per epoch."""
+    packing: bool = False
+    """Padding-free: each micro-batch packed into one row with per-sample positions (block-diagonal mask)."""
     deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "none"
     """none: plain DDP. zero2/zero3(_offload): DeepSpeed ZeRO, config generated from this section."""
     train_vision: bool = False
@@ -172,9 +179,15 @@ class ClusterConfig(Section):
     constraint: str | None = None
     exclusive: bool = False
     container: str | None = None
+    """Apptainer image (.sif): each node's command runs in it (`apptainer exec --nv --bind ...`)."""
     array_parallelism: int = Field(16, ge=1)
+    """Job-array tasks running at once (`--array=0-(K-1)%P`)."""
+    signal_delay_s: int = Field(120, ge=0)
+    """SIGUSR2 this long before the time limit (`--signal=USR2@N`): training checkpoints and requeues."""
     sbatch_extra: list[str] = []
+    """More `#SBATCH` options, `--option=value` or `--flag` (e.g. --reservation=r1); values are quoted."""
     env: dict[str, str] = {}
+    """Job environment; overrides the submitting shell's and medlava's defaults (OMP_NUM_THREADS, NCCL_DEBUG)."""
 
 
 class Config(Section):
@@ -203,6 +216,24 @@ class Config(Section):
         if self.model.template == "plain" and self.train.lora is not None:
             raise ValueError("model.template=plain is the alignment template; sft needs a chat template "
                              "(mistral_instruct or vicuna_v1)")
+        return self
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> Config:
+        world = self.cluster.nodes * max(self.cluster.gpus_per_node, 1)
+        for key, t in (("align", self.align), ("train", self.train)):
+            if t.global_batch_size is None:
+                continue
+            per_step = t.batch_size * world
+            accum = t.global_batch_size // per_step
+            if t.global_batch_size % per_step:
+                raise ValueError(f"{key}.global_batch_size={t.global_batch_size} is not divisible by {key}.batch_size "
+                                 f"{t.batch_size} x world size {world} (cluster.nodes x GPUs per node) = {per_step}; "
+                                 "change one of them")
+            if "grad_accum" in t.model_fields_set and t.grad_accum != accum:
+                raise ValueError(f"{key}.global_batch_size={t.global_batch_size} means grad_accum={accum} at batch_size "
+                                 f"{t.batch_size} and world size {world}, but {key}.grad_accum={t.grad_accum}; set one")
+            t.grad_accum = accum
         return self
 
 

@@ -66,9 +66,35 @@ def collate(items: list[dict], pad_id: int, side: str = "right") -> dict:
     return batch
 
 
+def collate_packed(items: list[dict]) -> dict:
+    """Padding-free: the micro-batch's samples end to end in one row, positions restarting per sample.
+
+    transformers builds a block-diagonal causal mask from the position ids (varlen for flash-attn), so
+    no token attends across samples; each sample starts with an unlabelled <s>, so no loss crosses
+    a boundary either. Same samples, same loss as the padded batch, no pad tokens computed."""
+    ids = torch.tensor([t for it in items for t in it["input_ids"]])[None]
+    labels = torch.tensor([t for it in items for t in it["labels"]])[None]
+    positions = torch.cat([torch.arange(len(it["input_ids"])) for it in items])[None]
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
 class SampleDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[dict], encoder: Encoder):
         self.samples, self.encoder = samples, encoder
+        self._lengths: list[int] | None = None
+
+    def lengths(self) -> list[int]:
+        """Approximate token lengths (text tokens + image tokens) for length grouping, computed once."""
+        if self._lengths is None:
+            texts = [" ".join(str(c["value"]) for c in s["conversations"]) for s in self.samples]
+            counts = self.encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self._lengths = [len(c) + (self.encoder.n_image_tokens if s.get("image") else 0)
+                             for c, s in zip(counts, self.samples)]
+        return self._lengths
 
     def __len__(self) -> int:
         return len(self.samples)

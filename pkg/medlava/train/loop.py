@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medlava import signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, ensure_process_group
-from medlava.models.inputs import SampleDataset, collate
+from medlava.models.inputs import SampleDataset, collate, collate_packed
 from medlava.models.llava import PROJECTOR
 from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
 
@@ -38,12 +39,29 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
             for (proj, decay), ps in sorted(groups.items())]
 
 
-def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int) -> list[int]:
-    # By hand because DistributedSampler cannot start mid-epoch, which exact resume needs.
+def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size: int,
+                  lengths: list[int] | None = None) -> list[int]:
+    """This rank's sample order for an epoch, from `skip` on. By hand because DistributedSampler can
+    neither start mid-epoch (exact resume) nor group by length.
+
+    With `lengths`, batches are length-grouped as HF's group_by_length: a random permutation is cut into
+    megabatches of 50 global batches, each sorted by length, so a batch holds samples of similar length
+    (less padding) while batch order stays random."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
-    return order[d.rank :: d.world_size][skip:]
+    if lengths is None:
+        return order[d.rank :: d.world_size][skip:]
+    global_batch = batch_size * d.world_size
+    mega = global_batch * 50
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = sorted(order[i : i + mega], key=lambda j: -lengths[j])
+        batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
+    # Only the very last batch can be short; it stays last so every rank's batches stay aligned.
+    full = len(batches) - (len(batches[-1]) < global_batch)
+    perm = torch.randperm(full, generator=g).tolist() + list(range(full, len(batches)))
+    return [j for b in perm for j in batches[b][d.rank :: d.world_size]][skip:]
 
 
 def _any_rank(flag: bool, d: Dist) -> bool:
@@ -113,6 +131,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
         step = state["step"]
         log.info("resumed from %s at step %d of %d", done[-1], step, total)
     pad_id = processor.tokenizer.pad_token_id
+    collate_fn = collate_packed if t.packing else partial(collate, pad_id=pad_id, side="right")
 
     writer = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if d.main else None
     bar = tqdm(total=total, initial=step, desc=run.parent.name, disable=not d.main, dynamic_ncols=True,
@@ -122,25 +141,26 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
     while step < total:
         micro = step * t.grad_accum  # micro-batches consumed so far
         epoch, skip = divmod(micro, updates_per_epoch * t.grad_accum)
-        indices = epoch_indices(len(dataset), t.seed, epoch, d, skip * t.batch_size)
+        indices = epoch_indices(len(dataset), t.seed, epoch, d, skip * t.batch_size, t.batch_size,
+                                dataset.lengths() if t.group_by_length else None)
         loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=indices,
-                                             num_workers=t.num_workers,
-                                             collate_fn=lambda items: collate(items, pad_id, "right"))
+                                             num_workers=t.num_workers, collate_fn=collate_fn)
         batches = iter(loader)
         while step < min(total, (epoch + 1) * updates_per_epoch):
-            tic, losses, tokens = time.perf_counter(), [], 0
+            tic, losses, tokens, slots = time.perf_counter(), [], 0, 0
             for k in range(t.grad_accum):
                 batch = {key: v.to(d.device) for key, v in next(batches).items()}
-                tokens += int(batch["attention_mask"].sum())
+                real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens, slots = tokens + real, slots + batch["input_ids"].numel()
                 sync = k == t.grad_accum - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
                 if engine is not None:
-                    loss = engine(**batch).loss
+                    loss = engine(**batch, use_cache=False).loss
                     engine.backward(loss)
                     engine.step()  # steps optimizer and scheduler only at the accumulation boundary
                 else:
                     with (nullcontext() if sync else net.no_sync()), \
                             torch.autocast(d.device.type, dtype=dtype, enabled=use_amp):
-                        loss = net(**batch).loss
+                        loss = net(**batch, use_cache=False).loss
                         scaler.scale(loss / t.grad_accum).backward()
                 losses.append(loss.item())
             if engine is not None:
@@ -159,6 +179,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/grad_norm", grad_norm, step)
                 writer.add_scalar("train/tokens_per_s", tok_s, step)
+                writer.add_scalar("train/pad_fraction", 1 - tokens / slots, step)
                 writer.add_scalar("train/epoch", step / updates_per_epoch, step)
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
                 writer.add_scalar("train/lr", lrs.get("model", lrs.get("projector")), step)

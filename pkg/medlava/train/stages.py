@@ -102,6 +102,9 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
         if t.lora:
             model = _lora(model, t)
 
+    if t.packing and choose_attention(cfg.model.attn_implementation) != "flash_attention_2":
+        log.warning("train.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
+                    "block mask, which is slower than padding (bench/train.py); use it with flash-attn 2")
     counts = count_parameters(model)
     info = {"attention": choose_attention(cfg.model.attn_implementation), "dtype": str(dtype), "template": template,
             "world_size": d.world_size, "device": str(d.device), "samples": len(samples), "parameters": counts,

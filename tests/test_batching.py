@@ -1,0 +1,96 @@
+"""Length grouping and padding-free packing: same samples, same loss, less padding."""
+
+import random
+
+import pytest
+import torch
+
+from medlava.config import TinyModelConfig
+from medlava.distributed import Dist
+from medlava.models.inputs import collate, collate_packed
+from medlava.models.llava import num_image_tokens
+from medlava.models.templates import encode, render
+from medlava.models.tiny import build_tiny
+from medlava.train.loop import epoch_indices
+
+CPU = torch.device("cpu")
+
+
+def _items(model, processor, n, seed=0):
+    tok, rng = processor.tokenizer, random.Random(seed)
+    words = ["lesion", "border", "colour", "benign", "melanoma", "the", "is", "irregular", "left", "of"]
+    items = []
+    for i in range(n):
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+        conv = [{"from": "human", "value": "<image>\nDescribe the lesion."}, {"from": "gpt", "value": answer}]
+        enc = encode(render("mistral_instruct", conv), tok, tok.convert_tokens_to_ids("<image>"),
+                     num_image_tokens(model), 512)
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        items.append({"input_ids": enc.input_ids, "labels": enc.labels,
+                      "pixel_values": torch.randn(3, 32, 32, generator=g)})
+    return items
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(TinyModelConfig())
+    return model.eval(), processor
+
+
+def _token_loss(model, batch):
+    """Summed token loss, so batches of different layout are comparable exactly."""
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def test_packed_batch_gives_the_padded_batch_loss(tiny):
+    model, processor = tiny
+    items = _items(model, processor, 5)
+    padded = _token_loss(model, collate(items, processor.tokenizer.pad_token_id, "right"))
+    packed_batch = collate_packed(items)
+    assert packed_batch["input_ids"].shape == (1, sum(len(i["input_ids"]) for i in items))
+    packed = _token_loss(model, packed_batch)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
+    # and the model's own mean loss agrees too
+    mean_packed = model(**collate_packed(items), use_cache=False).loss
+    mean_padded = model(**collate(items, processor.tokenizer.pad_token_id, "right"), use_cache=False).loss
+    torch.testing.assert_close(mean_packed, mean_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_does_not_leak_across_samples(tiny):
+    model, processor = tiny
+    a, b = _items(model, processor, 2, seed=3)
+    with torch.no_grad():
+        alone = model(**collate_packed([b]), use_cache=False).logits[0]
+        after_a = model(**collate_packed([a, b]), use_cache=False).logits[0, len(a["input_ids"]):]
+    torch.testing.assert_close(after_a, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_length_grouping_keeps_every_sample_once_and_cuts_padding(world):
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(1000)]
+    bs = 8
+
+    def pad_fraction(grouped):
+        per_rank = [epoch_indices(len(lengths), 0, 0, Dist(r, world, r, CPU), 0, bs, lengths if grouped else None)
+                    for r in range(world)]
+        seen = sorted(j for idx in per_rank for j in idx)
+        assert seen == sorted(list(range(1000)) + list(range(1000))[: (-1000) % world])
+        slots = real = 0
+        for idx in per_rank:
+            for k in range(0, len(idx), bs):
+                batch = [lengths[j] for j in idx[k : k + bs]]
+                slots, real = slots + max(batch) * len(batch), real + sum(batch)
+        return 1 - real / slots
+
+    random_pad, grouped_pad = pad_fraction(False), pad_fraction(True)
+    assert random_pad > 0.3 and grouped_pad < 0.05
+    # deterministic per (seed, epoch), different across epochs
+    d = Dist(0, world, 0, CPU)
+    assert epoch_indices(1000, 0, 1, d, 0, bs, lengths) == epoch_indices(1000, 0, 1, d, 0, bs, lengths)
+    assert epoch_indices(1000, 0, 1, d, 0, bs, lengths) != epoch_indices(1000, 0, 2, d, 0, bs, lengths)
+    assert epoch_indices(1000, 0, 1, d, 16, bs, lengths) == epoch_indices(1000, 0, 1, d, 0, bs, lengths)[16:]
