@@ -73,3 +73,9 @@ def test_submit_dry_run_prints_config_and_commands(tmp_path):
     assert "--chunk-idx 0" in cmds[3] and "--merge-only" in cmds[4]
     assert all("run_id=r1" in c for c in cmds)
     assert not (tmp_path / "tiny").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    cfg = load_config(path)
+    assert cfg.name
