@@ -1,12 +1,16 @@
-"""A synthetic HAM10000 in the real release's layout, for the tiny preset and the tests.
+"""A synthetic HAM10000 in the real release's layout, for the tiny preset, benchmarks and tests.
 
-Each class has its own lesion colour and shape, so a tiny model can learn it; images of one lesion
-look alike (same lesion, new jitter), as the real dataset's several images per lesion do.
+Each class has its own lesion colour and shape, so a tiny model can learn it; the images of one lesion share
+its skin, colour, place and size and differ by small jitter and noise, as the real release's several
+images per lesion do.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -14,86 +18,120 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from medlava.data.ham10000 import CLASSES, COLUMNS, IMAGE_DIRS, METADATA
 from medlava.io import InputError
 
-CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-# Real lesion counts per class (REFERENCE.md), floored so every class has several lesions.
-_WEIGHTS = np.array([327, 514, 1099, 115, 1113, 6705, 142], dtype=float)
-_COLOURS = {"akiec": (200, 90, 60), "bcc": (230, 170, 190), "bkl": (150, 110, 60), "df": (120, 80, 120),
-            "mel": (40, 25, 20), "nv": (110, 70, 40), "vasc": (200, 20, 40)}
-_SHAPES = {"akiec": "square", "bcc": "ring", "bkl": "triangle", "df": "diamond", "mel": "blob", "nv": "ellipse",
-           "vasc": "cross"}
-_LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot",
-                  "unknown", "neck", "scalp", "hand", "ear", "genital", "acral")
-MARKER = ".medlava-synthetic"
+log = logging.getLogger(__name__)
+
+MARKER = ".medlava-synthetic.json"
+"""Written last inside the temp tree: a root holding it is a complete synthetic dataset."""
+FIRST_IMAGE = 24306  # the real release's image ids run ISIC_0024306 .. ISIC_0034320
+
+# Frequencies of the real release (REFERENCE.md, Tschandl et al. 2018), used as sampling weights.
+_DX_WEIGHTS = np.array([327, 514, 1099, 115, 1113, 6705, 142], dtype=float)  # in CLASSES order
+_DX_TYPES = {"histo": 5340, "follow_up": 3704, "consensus": 902, "confocal": 69}
+_SEXES = {"male": 5406, "female": 4552, "unknown": 57}
+_LOCALIZATIONS = {"back": 2192, "lower extremity": 2077, "trunk": 1404, "upper extremity": 1118, "abdomen": 1022,
+                  "face": 745, "chest": 407, "foot": 319, "unknown": 234, "neck": 168, "scalp": 128, "hand": 90,
+                  "ear": 56, "genital": 48, "acral": 7}
+_MISSING_AGE = 0.03  # the real rate is 0.6%; higher so small sets have some
+
+_COLOURS = {"akiec": (205, 95, 70), "bcc": (235, 120, 170), "bkl": (165, 125, 60), "df": (125, 80, 125),
+            "mel": (45, 30, 30), "nv": (115, 75, 45), "vasc": (190, 20, 50)}
+_SHAPES = {
+    "akiec": lambda d, x, y, r, c, _: d.rectangle((x - r, y - r, x + r, y + r), fill=c),
+    "bcc": lambda d, x, y, r, c, _: d.ellipse((x - r, y - r, x + r, y + r), outline=c, width=max(2, round(r / 3))),
+    "bkl": lambda d, x, y, r, c, _: d.regular_polygon((x, y, r), 3, fill=c),
+    "df": lambda d, x, y, r, c, _: d.regular_polygon((x, y, r), 4, rotation=45, fill=c),
+    # an irregular border: 8 vertices at the lesion's own radii
+    "mel": lambda d, x, y, r, c, radii: d.polygon(
+        [(x + r * k * np.cos(a), y + r * k * np.sin(a)) for k, a in zip(radii, np.linspace(0, 2 * np.pi, 9)[:-1])],
+        fill=c),
+    "nv": lambda d, x, y, r, c, _: d.ellipse((x - r, y - 0.7 * r, x + r, y + 0.7 * r), fill=c),
+    "vasc": lambda d, x, y, r, c, _: (d.rectangle((x - r, y - r / 3, x + r, y + r / 3), fill=c),
+                                      d.rectangle((x - r / 3, y - r, x + r / 3, y + r), fill=c)),
+}
 
 
-def _draw(dx: str, size: int, rng: np.random.Generator, centre: tuple[float, float], radius: float) -> Image.Image:
-    skin = np.array([224, 180, 150]) + rng.normal(0, 8, 3)
-    pixels = np.clip(skin + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
-    im = Image.fromarray(pixels)
-    d = ImageDraw.Draw(im)
-    cx, cy = (c + rng.normal(0, 0.03) for c in centre)
-    cx, cy, r = cx * size, cy * size, radius * size * rng.uniform(0.9, 1.1)
-    colour = tuple(int(np.clip(c + rng.normal(0, 10), 0, 255)) for c in _COLOURS[dx])
-    shape = _SHAPES[dx]
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "square":
-        d.rectangle(box, fill=colour)
-    elif shape == "ring":
-        d.ellipse(box, outline=colour, width=max(2, int(r / 3)))
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
-    elif shape == "diamond":
-        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
-    elif shape == "blob":
-        pts = [(cx + r * rng.uniform(0.6, 1.2) * np.cos(a), cy + r * rng.uniform(0.6, 1.2) * np.sin(a))
-               for a in np.linspace(0, 2 * np.pi, 9)[:-1]]
-        d.polygon(pts, fill=colour)
-    elif shape == "ellipse":
-        d.ellipse((cx - r, cy - 0.7 * r, cx + r, cy + 0.7 * r), fill=colour)
-    else:  # cross
-        w = r / 3
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
-    return im
+def _choice(rng: np.random.Generator, freq: dict[str, int]) -> str:
+    p = np.array(list(freq.values()), dtype=float)
+    return str(rng.choice(list(freq), p=p / p.sum()))
+
+
+def _lesions_per_class(n_lesions: int) -> np.ndarray:
+    """The real skew, but every class gets a floor of lesions so each split can hold some; sums to n_lesions."""
+    floor = min(n_lesions // len(CLASSES), max(3, n_lesions // 20))
+    share = _DX_WEIGHTS / _DX_WEIGHTS.sum() * (n_lesions - floor * len(CLASSES))
+    counts = floor + np.floor(share).astype(int)
+    counts[CLASSES.index("nv")] += n_lesions - counts.sum()
+    return counts
+
+
+def _draw(dx: str, lesion: dict, size: int, rng: np.random.Generator) -> Image.Image:
+    im = Image.new("RGB", (size, size), lesion["skin"])
+    x, y = (lesion["centre"] + rng.normal(0, 0.03, 2)) * size
+    r = lesion["radius"] * size * rng.uniform(0.9, 1.1)
+    _SHAPES[dx](ImageDraw.Draw(im), x, y, r, lesion["colour"], lesion["radii"])
+    noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _build(tmp: Path, n_lesions: int, max_images_per_lesion: int, image_size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dxs = np.repeat(CLASSES, _lesions_per_class(n_lesions))
+    n_images = rng.integers(1, max_images_per_lesion + 1, n_lesions)
+    image_nos = FIRST_IMAGE + rng.permutation(n_images.sum())  # ids not in class order, as in the real release
+    part_2_from = FIRST_IMAGE + (n_images.sum() + 1) // 2  # lower half of the ids in part 1, as in the release
+    for d in IMAGE_DIRS[:2]:
+        (tmp / d).mkdir()
+    rows = []
+    for dx, lesion_no, lesion_images in zip(dxs, rng.permutation(n_lesions),
+                                            np.split(image_nos, np.cumsum(n_images)[:-1])):
+        lesion = {"skin": tuple(int(v) for v in np.array([224, 180, 150]) + rng.normal(0, 10, 3)),
+                  "colour": tuple(int(v) for v in np.clip(np.array(_COLOURS[dx]) + rng.normal(0, 8, 3), 0, 255)),
+                  "centre": rng.uniform(0.35, 0.65, 2), "radius": rng.uniform(0.15, 0.3),
+                  "radii": rng.uniform(0.6, 1.2, 8)}
+        meta = {"lesion_id": f"HAM_{lesion_no:07d}", "dx": dx, "dx_type": _choice(rng, _DX_TYPES),
+                "age": None if rng.random() < _MISSING_AGE else float(5 * rng.integers(0, 18)),
+                "sex": _choice(rng, _SEXES), "localization": _choice(rng, _LOCALIZATIONS)}
+        for image_no in lesion_images:
+            image_id = f"ISIC_{image_no:07d}"
+            folder = IMAGE_DIRS[0] if image_no < part_2_from else IMAGE_DIRS[1]
+            _draw(dx, lesion, image_size, rng).save(tmp / folder / f"{image_id}.jpg", quality=92)
+            rows.append({"image_id": image_id, **meta})
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(tmp / METADATA, index=False)
 
 
 def make_synthetic_ham10000(root: Path, n_lesions: int = 150, max_images_per_lesion: int = 3,
                             image_size: int = 64, seed: int = 0) -> Path:
-    """Write `root/HAM10000_metadata.csv` and `root/HAM10000_images_part_{1,2}/ISIC_*.jpg`; idempotent."""
+    """Write `root/HAM10000_metadata.csv` and `root/HAM10000_images_part_{1,2}/ISIC_*.jpg`, deterministic for
+    `seed`. Built in a temp dir beside `root` and renamed into place; a complete one at `root` is reused."""
     root = Path(root)
-    if (root / MARKER).exists():
+    params = {"n_lesions": n_lesions, "max_images_per_lesion": max_images_per_lesion, "image_size": image_size,
+              "seed": seed}
+    if n_lesions < 2 * len(CLASSES) or max_images_per_lesion < 1 or image_size < 16:
+        raise ValueError(f"synthetic HAM10000 needs n_lesions >= {2 * len(CLASSES)}, max_images_per_lesion >= 1 "
+                         f"and image_size >= 16; got {params}")
+    if (root / MARKER).is_file():
+        made = json.loads((root / MARKER).read_text())
+        if made != params:
+            log.warning("%s already holds a synthetic HAM10000 made with %s; reusing it, not %s", root, made, params)
         return root
-    if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root} exists and is not a synthetic HAM10000 written by medlava; refusing to "
-                         "overwrite it. Point data.root elsewhere or remove data.synthetic")
-    rng = np.random.default_rng(seed)
-    floor = max(3, n_lesions // 20)
-    counts = np.maximum(floor, np.floor(_WEIGHTS / _WEIGHTS.sum() * n_lesions)).astype(int)
-    counts[CLASSES.index("nv")] += max(0, n_lesions - counts.sum())
-    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows, image_no = [], 24306
-    for dx, n in zip(CLASSES, counts):
-        for _ in range(n):
-            lesion = f"HAM_{rng.integers(0, 10**7):07d}"
-            centre, radius = tuple(rng.uniform(0.35, 0.65, 2)), rng.uniform(0.15, 0.3)
-            age = float(rng.integers(1, 17) * 5) if rng.random() > 0.03 else None
-            sex = rng.choice(["male", "female", "unknown"], p=[0.53, 0.45, 0.02])
-            loc = rng.choice(_LOCALIZATIONS)
-            dx_type = rng.choice(["histo", "follow_up", "consensus", "confocal"], p=[0.53, 0.37, 0.09, 0.01])
-            for _ in range(int(rng.integers(1, max_images_per_lesion + 1))):
-                image_id = f"ISIC_{image_no:07d}"
-                image_no += 1
-                part = tmp / ("HAM10000_images_part_1" if image_no % 2 else "HAM10000_images_part_2")
-                part.mkdir(parents=True, exist_ok=True)
-                _draw(dx, image_size, rng, centre, radius).save(part / f"{image_id}.jpg", quality=92)
-                rows.append({"lesion_id": lesion, "image_id": image_id, "dx": dx, "dx_type": dx_type, "age": age,
-                             "sex": sex, "localization": loc})
-    pd.DataFrame(rows).to_csv(tmp / "HAM10000_metadata.csv", index=False)
-    (tmp / MARKER).write_text(f"seed={seed} n_lesions={n_lesions}\n")
-    if root.exists():
-        root.rmdir()
-    os.replace(tmp, root)
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+        raise InputError(f"{root} exists and is not a synthetic HAM10000 written by medlava (no {MARKER}); "
+                         "refusing to overwrite it. Point data.root at a new directory, or drop data.synthetic "
+                         "to use the data there")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        _build(tmp, n_lesions, max_images_per_lesion, image_size, seed)
+        (tmp / MARKER).write_text(json.dumps(params) + "\n")
+        try:
+            os.replace(tmp, root)  # atomic; replaces an empty directory, fails on a full one
+        except OSError:
+            if not (root / MARKER).is_file():  # another process finished first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
