@@ -6,9 +6,9 @@ sft:   LoRA on the language model (peft), or a full fine-tune; projector and vis
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from medlava.config import Config, TrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
+from medlava.io import atomic_write_json
 from medlava.models.inputs import Encoder, SampleDataset
 from medlava.models.llava import (
     PROJECTOR,
@@ -71,36 +72,61 @@ def _lora(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
+@dataclass
+class StageModel:
+    """The model a training stage trains, with what it was built from."""
+    model: torch.nn.Module
+    processor: object
+    template: str
+    kind: str  # projector | lora | full: what its checkpoints hold
+    dtype: torch.dtype
+    base: str
+    zero3_config: object = None  # HfDeepSpeedConfig: transformers reads it through a weakref while it lives
+
+
+def init_checkpoint(cfg: Config, stage: str) -> Path | None:
+    """The aligned projector sft starts from (train.init_from), or None."""
+    if stage == "align" or cfg.train.init_from == "none":
+        return None
+    return checkpoint_of(resolve(cfg, cfg.train.init_from, "align"))
+
+
+def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageModel:
+    """Load the base model and choose what trains, as `stage` does (check-model builds it this way too)."""
     t = cfg.align if stage == "align" else cfg.train
-    run = start_run(cfg, stage, d.rank)
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
-    samples, manifest = load_prepared(prepared, "train")
     dtype = choose_dtype(t.precision)
     base = base_model_path(cfg.model)
+    zero3 = None
     if t.deepspeed.startswith("zero3"):  # shard while loading (zero.Init): a 7B never sits whole on one rank
         from transformers.integrations import HfDeepSpeedConfig
 
         from medlava.distributed import ensure_process_group
         from medlava.train.deepspeed import deepspeed_config
         ensure_process_group(d)
-        _keep = HfDeepSpeedConfig(deepspeed_config(t, dtype))  # noqa: F841 (read via a weakref)
+        zero3 = HfDeepSpeedConfig(deepspeed_config(t, dtype))
     model, processor = load_model(base, cfg.model, dtype), load_processor(base, cfg.model)
 
     torch.manual_seed(t.seed)  # LoRA's random init must be the same on every rank and every run of a seed
-    init = None
     if stage == "align":
-        template, kind = "plain", "projector"
         set_trainable(model, vision=False, projector=True, llm=False)
-    else:
-        template, kind = cfg.model.template, "lora" if t.lora else "full"
-        if t.init_from != "none":
-            init = checkpoint_of(resolve(cfg, t.init_from, "align"))
-            with _gathered_for_write(model.get_submodule(f"model.{PROJECTOR}"), t):
-                load_projector(model, init / PROJECTOR_FILE)
-        set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
-        if t.lora:
-            model = _lora(model, t)
+        return StageModel(model, processor, "plain", "projector", dtype, base, zero3)
+    if init is not None:
+        with _gathered_for_write(model.get_submodule(f"model.{PROJECTOR}"), t):
+            load_projector(model, init / PROJECTOR_FILE)
+    set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
+    if t.lora:
+        model = _lora(model, t)
+    return StageModel(model, processor, cfg.model.template, "lora" if t.lora else "full", dtype, base, zero3)
+
+
+def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
+    t = cfg.align if stage == "align" else cfg.train
+    run = start_run(cfg, stage, d.rank)
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    samples, manifest = load_prepared(prepared, "train")
+    init = init_checkpoint(cfg, stage)
+    built = build_model(cfg, stage, d, init)
+    model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
     if t.packing and choose_attention(cfg.model.attn_implementation) != "flash_attention_2":
         log.warning("train.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
@@ -110,15 +136,14 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
             "world_size": d.world_size, "device": str(d.device), "samples": len(samples), "parameters": counts,
             "prepared": str(prepared), "init_from": str(init) if init else None}
     if d.main:
-        (run / "train_info.json").write_text(json.dumps(info, indent=2))
+        atomic_write_json(run / "train_info.json", info)
     log.info("%s: %d samples, %s trainable of %s parameters, attention=%s", stage, len(samples),
              f"{counts['trainable']:,}", f"{counts['trainable'] + counts['frozen']:,}", info["attention"])
 
-    encoder = Encoder(processor, template, num_image_tokens(model.get_base_model() if t.lora and stage == "sft"
-                                                            else model), cfg.model.model_max_length,
+    encoder = Encoder(processor, template, num_image_tokens(model), cfg.model.model_max_length,
                       Path(manifest["image_root"]))
-    ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, kind,
-                 {"base_model": base, "stage": stage, "template": template}, dtype)
+    ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
+                 {"base_model": built.base, "stage": stage, "template": template}, dtype)
     if d.main:
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
     return run
