@@ -21,7 +21,7 @@ class JobFailed(RuntimeError):
 def _run_task(job: Job, idx: int | None, log_dir: Path, echo: bool, env: dict[str, str]) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (f"{job.name}.log" if idx is None else f"{job.name}_{idx}.log")
-    with log_path.open("ab") as log, subprocess.Popen(job.task_argv(idx), stdout=subprocess.PIPE,
+    with log_path.open("ab") as log, subprocess.Popen(job.argv(idx), stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT, env=env) as proc:
         for line in proc.stdout:
             log.write(line)
@@ -41,8 +41,8 @@ def run_local(jobs: list[Job], run_dirs: dict[str, Path], parallelism: int, env_
         atomic_write_json(log_dir / f"{job.name}.launch.json",
                           {"executor": "local", "commands": [job.shell(i) for i in
                                                              (range(job.array) if job.array else [None])]})
-        print(f"==> {job.name}: {job.shell() if job.array is None else job.shell(0) + ' (task 0 of ' + str(job.array) + ')'}",
-              flush=True)
+        first = job.shell() if job.array is None else f"{job.shell(0)} (task 0 of {job.array})"
+        print(f"==> {job.name}: {first}", flush=True)
         if job.array is None:
             _run_task(job, None, log_dir, echo=True, env=env)
             continue

@@ -1,0 +1,283 @@
+"""launch/submit.py against a real SLURM cluster (.ci/slurm-up.sh: two nodes n1/n2, 1 CPU each, no GPUs,
+no sacct): 2-node torchrun training, the pre-timeout signal with requeue and exact resume, an infer job
+array, a pipeline in dependency order, the plain sbatch scripts, monitoring, and refusals."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medlava.cluster.monitor import job_states, scontrol_fields, wait
+from medlava.data.samples import read_samples
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    shutil.which("sinfo") is None,
+    reason="no SLURM client (sinfo) on PATH: start the local cluster with `bash .ci/slurm-up.sh` (as root)")]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+SUBMIT = ROOT / "launch" / "submit.py"
+PY = sys.executable
+WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
+TRAIN = ["train.init_from=none", "train.max_steps=12", "train.batch_size=4", "train.save_every=4"]
+
+
+@dataclass
+class Site:
+    tmp: Path
+    env: dict[str, str]
+    base: list[str]
+
+    @property
+    def runs(self) -> Path:
+        return self.tmp / "runs"
+
+    def submit(self, *args: str, check: bool = True, root: Path | None = None,
+               config: Path = TINY) -> subprocess.CompletedProcess:
+        cmd = [PY, str(SUBMIT), *args, "--config", str(config), "--executor", "slurm", "--cpus-per-task", "1",
+               "--time", "10", "--output-root", str(root or self.runs), *self.base]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=self.tmp, env=self.env)
+        if check:
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+
+def record(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "slurm" / "submissions.json").read_text())
+
+
+def show(job_id: str) -> dict[str, str]:
+    return scontrol_fields(subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                                  check=True).stdout.splitlines()[0])
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"]
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def losses(run: Path) -> dict[int, float]:
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def node_log(run: Path, job_id: str, task: int) -> str:
+    return (run / "slurm" / f"{job_id}_{task}_log.err").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Site:
+    up = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
+    if up.returncode != 0 or not up.stdout.strip():
+        pytest.fail(f"sinfo is on PATH but the cluster does not answer ({up.stderr.strip()}): "
+                    "run `bash .ci/slurm-up.sh` as root")
+    tmp = tmp_path_factory.mktemp("slurm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["MEDLAVA_CACHE"] = str(tmp / "cache")  # jobs inherit the submitting environment (sbatch --export=ALL)
+    base = [f"data.root={tmp / 'ham'}", "data.synthetic.n_lesions=40"]
+    local = ["--config", str(TINY), f"output_root={tmp / 'runs'}", *base]
+    subprocess.run([PY, "-m", "medlava", "prepare", *local, "run_id=p"], env=env, check=True, capture_output=True)
+    # The tiny model cache, built once here: two ranks building it at once can race (models/tiny.py).
+    subprocess.run([PY, "-c", "from medlava.config import load_config; from medlava.models.tiny import "
+                    f"tiny_checkpoint; tiny_checkpoint(load_config({str(TINY)!r}).model.tiny)"], env=env, check=True,
+                   capture_output=True)
+    return Site(tmp, env, base)
+
+
+@pytest.fixture(scope="module")
+def two_node_sft(site: Site) -> tuple[Path, str, float]:
+    t0 = time.time()
+    site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=mn", *TRAIN)
+    run = site.runs / "tiny" / "sft" / "mn"
+    (entry,) = record(run)
+    wait([entry["job_id"]], WAIT)
+    return run, entry["job_id"], time.time() - t0
+
+
+def test_two_node_sft_trains_two_torchrun_processes_and_completes(site, two_node_sft):
+    run, job_id, seconds = two_node_sft
+    info = show(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2"
+    for task, node in ((0, "n1"), (1, "n2")):  # one torchrun per node, meeting on the first node
+        log = node_log(run, job_id, task)
+        assert f"[medlava node task {node} (node {task} of 2)]" in log
+        assert f"--nnodes=2 --node_rank={task} --rdzv_backend=c10d --rdzv_endpoint=n1:" in log
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert json.loads((run / "train_info.json").read_text())["world_size"] == 2
+    assert (run / "checkpoints" / "step-000012" / "trainable.safetensors").exists()
+    assert sorted(losses(run)) == list(range(1, 13))
+    # The run directory records the job: id, the sbatch script submitit wrote, the command lines.
+    (entry,) = record(run)
+    script = Path(entry["sbatch_script"])
+    assert script == run / "slurm" / f"{job_id}_submission.sh" and script.exists()
+    assert entry["submit_command"].startswith(PY) and "sft" in entry["submit_command"]
+    assert "--nnodes=2" in entry["task_command"]
+    # --dry-run prints exactly that script.
+    dry = site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=mn", *TRAIN, "--dry-run").stdout
+    printed = dry.split("# ---- job 1/1: sft", 1)[1].split("\n", 1)[1].split("\n# each of the 2 srun tasks")[0]
+    assert printed == script.read_text().rstrip()
+    # status and logs find the run by its id
+    status = subprocess.run([PY, str(SUBMIT), "status", "mn", "--output-root", str(site.runs)],
+                            capture_output=True, text=True, check=True).stdout
+    assert f"job {job_id}" in status and "COMPLETED" in status
+    logs = subprocess.run([PY, str(SUBMIT), "logs", "mn", "--job", "sft", "--task", "1", "--output-root",
+                           str(site.runs)], capture_output=True, text=True, check=True).stdout
+    assert "[medlava node task n2 (node 1 of 2)]" in logs
+    print(f"2-node sft: {seconds:.0f} s from submission to COMPLETED")
+
+
+def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_node_sft):
+    """SLURM's pre-timeout signal (what --signal=USR2@N sends), by hand: the workers checkpoint, the job
+    requeues itself, runs again with the same run_id, resumes, and ends where an uninterrupted run ends."""
+    t0 = time.time()
+    site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=sig", *TRAIN)
+    run = site.runs / "tiny" / "sft" / "sig"
+    job_id = record(run)[0]["job_id"]
+    deadline = time.time() + WAIT
+    while not (run / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert show(job_id)["JobState"] == "RUNNING", "the job ended before it could be signalled"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait([job_id], WAIT)
+    info = show(job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    head = node_log(run, job_id, 0)
+    assert "SIGUSR2: stopping the workers (SIGUSR2 ->" in head
+    assert f"requeued job {job_id}" in head and "workers stopped (exit 1)" in head  # torchrun survived USR2
+    assert f"job {job_id} restart 1:" in head and f"job {job_id} restart 1:" in node_log(run, job_id, 1)
+    logs = head + node_log(run, job_id, 1)
+    stopped = int(logs.split("checkpoint saved at step ")[1].split()[0])
+    assert 4 <= stopped < 12 and (run / "checkpoints" / f"step-{stopped:06d}").exists()
+    assert f"resumed from {run / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped} of 12" in logs
+    assert sorted(losses(run)) == list(range(1, 13))
+    a, b = final_weights(two_node_sft[0]), final_weights(run)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    print(f"USR2 + requeue + resume: {time.time() - t0:.0f} s, stopped at step {stopped}")
+
+
+def test_infer_chunks_run_as_one_job_array_and_merge_covers_every_sample_once(site, two_node_sft):
+    t0 = time.time()
+    site.submit("infer", "--chunks", "4", "--array-parallelism", "2", "run_id=mn")
+    run = site.runs / "tiny" / "infer" / "mn"
+    chunks, merge = record(run)
+    assert (chunks["name"], chunks["array"], merge["name"]) == ("infer-chunks", 4, "infer-merge")
+    assert merge["after"] == {"infer-chunks": chunks["job_id"]}
+    wait([chunks["job_id"], merge["job_id"]], WAIT)
+    tasks = job_states(chunks["job_id"])  # one job id, four array tasks
+    assert sorted(t.job_id for t in tasks) == [f"{chunks['job_id']}_{i}" for i in range(4)]
+    assert all(t.state == "COMPLETED" for t in tasks) and show(merge["job_id"])["JobState"] == "COMPLETED"
+    assert "#SBATCH --array=0-3%2" in Path(chunks["sbatch_script"]).read_text()
+    for i in range(4):
+        assert f"--chunk-idx {i}" in (run / "slurm" / f"{chunks['job_id']}_{i}_0_log.err").read_text()
+        assert (run / "chunks" / f"answers-{i:04d}-of-0004.jsonl").exists()
+    test_ids = [s["id"] for s in read_samples(site.runs / "tiny" / "prepare" / "p" / "test.jsonl")]
+    pred = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    assert sorted(pred["id"]) == sorted(test_ids) and pred["id"].is_unique
+    assert (run / "COMPLETE.json").exists()
+    status = subprocess.run([PY, str(SUBMIT), "status", str(run)], capture_output=True, text=True, check=True).stdout
+    assert "(array of 4)" in status and "COMPLETED x4" in status
+    print(f"infer array of 4 + merge: {time.time() - t0:.0f} s")
+
+
+def test_plain_sbatch_scripts_run_the_same_array_and_merge(site, two_node_sft):
+    sbatch = ROOT / "jobs" / "sbatch"
+    common = [str(TINY), "plain", f"output_root={site.runs}", *site.base,
+              f"infer.checkpoint={two_node_sft[0]}"]
+    env = {**site.env, "PYTHON": PY}
+
+    def sbatch_id(*args: str) -> str:
+        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--chdir={site.tmp}", *args],
+                             capture_output=True, text=True, env=env, check=True)
+        return out.stdout.strip().split(";")[0]
+
+    array = sbatch_id("--array=0-1%2", str(sbatch / "infer_array.sbatch"), *common)
+    merge = sbatch_id(f"--dependency=afterok:{array}", str(sbatch / "stage.sbatch"), "infer", *common,
+                      "infer.chunks=2", "--merge-only")
+    states = wait([array, merge], WAIT)
+    assert [t.state for t in states[array]] == ["COMPLETED"] * 2 and states[merge][0].state == "COMPLETED"
+    run = site.runs / "tiny" / "infer" / "plain"
+    test_ids = [s["id"] for s in read_samples(site.runs / "tiny" / "prepare" / "p" / "test.jsonl")]
+    pred = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    assert sorted(pred["id"]) == sorted(test_ids) and pred["id"].is_unique
+    assert sorted(p.name for p in (run / "chunks").glob("answers-*")) == [
+        f"answers-{i:04d}-of-0002.jsonl" for i in range(2)]
+
+
+def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, two_node_sft):
+    """A fresh output root (so prepare is needed) whose path holds spaces, quotes, `;` and `$(...)`: it must
+    reach SLURM and the jobs as data."""
+    weird = site.tmp / "we'ird dir; $(touch INJECTED) \"q\""
+    weird.mkdir()
+    recipe = weird / "my recipe.yaml"
+    shutil.copy(TINY, recipe)
+    t0 = time.time()
+    out = site.submit("pipeline", "run_id=pl", "--chunks", "2", "align.max_steps=4", "train.max_steps=4",
+                      "align.batch_size=4", "train.batch_size=4", "eval.n_bootstrap=20", config=recipe,
+                      root=weird / "runs")
+    submit_s = time.time() - t0
+    runs = weird / "runs" / "tiny"
+    stage_of = {"prepare": "prepare", "align": "align", "sft": "sft", "infer-chunks": "infer",
+                "infer-merge": "infer", "eval": "eval"}
+    names = list(stage_of)
+    entries = {e["name"]: e for stage in dict.fromkeys(stage_of.values()) for e in record(runs / stage / "pl")}
+    assert list(entries) == names
+    ids = [entries[n]["job_id"] for n in names]
+    assert all(i in out.stdout for i in ids)  # printed
+    assert not all(t.done for t in job_states(ids[-1])), "submit must return before the chain has run"
+    for prev, name in zip(names, names[1:]):
+        assert entries[name]["after"] == {prev: entries[prev]["job_id"]}
+    wait(ids, WAIT)
+    ends: dict[str, str] = {}
+    for name, job_id in zip(names, ids):
+        tasks = [scontrol_fields(line) for line in subprocess.run(["scontrol", "show", "job", "-o", job_id],
+                                                          capture_output=True, text=True).stdout.splitlines()]
+        assert {t["JobState"] for t in tasks} == {"COMPLETED"}, (name, tasks)
+        if ends:  # starts only after the job before it ended (ISO times compare as text)
+            assert min(t["StartTime"] for t in tasks) >= list(ends.values())[-1], name
+        ends[name] = max(t["EndTime"] for t in tasks)
+        assert tasks[0]["Comment"] == str(runs / stage_of[name] / "pl")  # the path reached SLURM intact
+        assert (runs / stage_of[name] / "pl" / "COMPLETE.json").exists()
+    assert json.loads((runs / "eval" / "pl" / "metrics.json").read_text())["n"] > 0
+    assert not list(site.tmp.rglob("INJECTED")) and not (ROOT / "INJECTED").exists()
+    print(f"pipeline of 6 jobs: submitted in {submit_s:.1f} s, done after {time.time() - t0:.0f} s")
+
+
+def test_cancel_stops_a_run_that_is_still_queued(site):
+    site.submit("prepare", "run_id=later", 'cluster.sbatch_extra=["--begin=now+3600"]')
+    run = site.runs / "tiny" / "prepare" / "later"
+    (entry,) = record(run)
+    assert "#SBATCH --begin=now+3600" in Path(entry["sbatch_script"]).read_text()
+    assert show(entry["job_id"])["JobState"] == "PENDING"
+    out = subprocess.run([PY, str(SUBMIT), "cancel", "later", "--output-root", str(site.runs)],
+                         capture_output=True, text=True, check=True)
+    assert f"cancelled {entry['job_id']}" in out.stdout
+    wait([entry["job_id"]], 60)
+    assert show(entry["job_id"])["JobState"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpus", "1"], "--gpus 1 (cluster.gpus_per_node): partition debug has at most 0 GPUs per node"),
+    (["--nodes", "3"], "sft needs 3 nodes with 0 GPUs and 1 CPUs; partition debug has 2 such nodes"),
+    (["--partition", "gpu"], "partition 'gpu' does not exist; sinfo lists: debug"),
+    (["--mem", "100T"], "cluster.mem=100T: nodes of partition debug have at most"),
+])
+def test_submission_the_partition_cannot_run_is_refused_before_the_queue(site, args, needle):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    out = site.submit("sft", *args, "run_id=refused", check=False)
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+    assert not (site.runs / "tiny" / "sft" / "refused").exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
