@@ -15,7 +15,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from medlava.eval.classification import classification_metrics, confusion, encode, weighted_metrics
 from medlava.eval.plots import plot_confusion, plot_roc
-from medlava.eval.report import evaluate_closed
+from medlava.eval.closed import evaluate_closed
 from medlava.io import InputError
 
 ABC = ["a", "b", "c"]

@@ -82,3 +82,20 @@ def plot_roc(
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
     return atomic_savefig(fig, path, dpi=150)
+
+
+def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: str, xlabel: str) -> Path:
+    """Horizontal bars, one per named value in [0, 1] (per-group accuracy, per-label F1); None shows as n/a."""
+    names = list(values)
+    fig = _figure(7.0, 1.2 + 0.32 * max(len(names), 1))
+    ax = fig.add_subplot()
+    heights = [v if v is not None else 0.0 for v in values.values()]
+    ax.barh(range(len(names)), heights, color="#4c72b0")
+    for i, v in enumerate(values.values()):
+        ax.text(min(v or 0.0, 0.92) + 0.01, i, "n/a" if v is None else f"{v:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    return atomic_savefig(fig, path, dpi=150)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,9 @@ from tqdm import tqdm
 from medlava.config import Config
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
+from medlava.eval.normalize import map_answer
 from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks
+from medlava.infer.questions import read_questions
 from medlava.infer.score import choice_token_ids, generate, score_choices
 from medlava.io import atomic_write_jsonl, atomic_write_text
 from medlava.models.inputs import Encoder
@@ -39,10 +41,12 @@ def reference(sample: dict) -> str:
     return gpt[-1] if gpt else ""
 
 
-def match_choice(text: str, choices: list[str]) -> str:
-    """Exact choice after case/punctuation folding, else '' (counted as unmapped by eval)."""
-    folded = re.sub(r"[^\w\s]", "", text.lower()).strip()
-    return next((c for c in choices if c.lower() == folded), "")
+# Meta fields that are the answer or the question's structure, not per-sample attributes to split by.
+_NOT_META = {"task", "choices", "answer", "label"}
+
+
+def scalar_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in _NOT_META and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
 def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, encoder: Encoder, model_id: str,
@@ -56,49 +60,74 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
     tok = processor.tokenizer
     for start in tqdm(range(0, len(todo), inf.batch_size), desc=f"chunk {idx}/{k}", unit="batch"):
         batch = todo[start : start + inf.batch_size]
-        prompts = [encoder.prompt_item(s) for s in batch]
         metas = [s.get("meta") or {} for s in batch]
-        closed = [m.get("task") == "closed" and m.get("choices") for m in metas]
+        # Closed questions with choices are scored by option likelihood (mode score); the rest generate.
+        scored = [i for i, m in enumerate(metas) if inf.mode == "score" and m.get("task") == "closed" and m.get("choices")]
+        free = [i for i in range(len(batch)) if i not in scored]
         texts: list[str] = [""] * len(batch)
         scores: list[dict | None] = [None] * len(batch)
-        if inf.mode == "score" and all(closed):
-            logps = score_choices(model, prompts, [[choice_token_ids(tok, c) for c in m["choices"]] for m in metas],
+        if scored:
+            logps = score_choices(model, [encoder.prompt_item(batch[i]) for i in scored],
+                                  [[choice_token_ids(tok, c) for c in metas[i]["choices"]] for i in scored],
                                   tok.pad_token_id, device)
-            for i, (m, lp) in enumerate(zip(metas, logps)):
+            for i, lp in zip(scored, logps):
                 probs = torch.softmax(torch.tensor(lp), 0).tolist()
-                scores[i] = dict(zip(m["choices"], probs))
-                texts[i] = m["choices"][max(range(len(probs)), key=probs.__getitem__)]
-        else:
-            texts = generate(model, prompts, tok, device, inf.max_new_tokens, inf.num_beams, inf.temperature)
+                scores[i] = dict(zip(metas[i]["choices"], probs))
+                texts[i] = metas[i]["choices"][max(range(len(probs)), key=probs.__getitem__)]
+        if free:
+            out = generate(model, [encoder.prompt_item(batch[i]) for i in free], tok, device, inf.max_new_tokens,
+                           inf.num_beams, inf.temperature)
+            for i, text in zip(free, out):
+                texts[i] = text
         rows = []
         for s, m, text, sc in zip(batch, metas, texts, scores):
-            prediction = match_choice(text, m["choices"]) if m.get("choices") else text
+            md = {"reference": reference(s), "task": m.get("task", "open"), "choices": m.get("choices"), "scores": sc,
+                  "chunk": idx, "mode": "score" if sc else "generate", "meta": scalar_meta(m)}
+            if m.get("choices") and sc is None:  # free text mapped to a choice, or left unmapped ("")
+                mapped = map_answer(text, m["choices"])
+                md.update(prediction=mapped.choice or "", normalized=mapped.status)
+            else:
+                md["prediction"] = text
             rows.append({"question_id": s["id"], "prompt": question_text(s), "text": text,
                          "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}#{s['id']}").hex,
-                         "model_id": model_id,
-                         "metadata": {"prediction": prediction, "reference": reference(s),
-                                      "task": m.get("task", "open"), "choices": m.get("choices"), "scores": sc,
-                                      "chunk": idx, "mode": "score" if sc else "generate"}})
+                         "model_id": model_id, "metadata": md})
         writer.write(rows)
     writer.finish()
 
 
 def predictions_frame(rows: list[dict]) -> pd.DataFrame:
+    """The predictions.csv contract (id, prediction, reference, task, score_<choice>) plus the prompt, the raw
+    answer text and each scalar meta field as `meta_<key>` (answer_type, modality, ... for eval's splits)."""
     records = []
     for r in rows:
         md = r["metadata"]
         rec = {"id": r["question_id"], "prediction": md["prediction"], "reference": md["reference"],
-               "task": md["task"]}
+               "task": md["task"], "prompt": r["prompt"], "text": r["text"]}
+        rec.update({f"meta_{k}": v for k, v in (md.get("meta") or {}).items()})
         for choice, p in (md.get("scores") or {}).items():
             rec[f"score_{choice}"] = p
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
-def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
-    run = start_run(cfg, "infer", d.rank)
+def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
+    """(samples, image root, class list, where they came from) for a question file or a prepared split."""
+    if cfg.infer.questions:
+        path = Path(cfg.infer.questions)
+        samples = read_questions(path)
+        choice_sets = {tuple(s["meta"].get("choices") or ()) for s in samples}
+        classes = list(choice_sets.pop()) if len(choice_sets) == 1 and () not in choice_sets else None
+        root = Path(cfg.infer.image_root) if cfg.infer.image_root else path.parent
+        return samples, root, classes, {"questions": str(path)}
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, cfg.infer.split)
+    return samples, Path(manifest["image_root"]), manifest.get("choices"), {"samples": str(prepared),
+                                                                          "split": cfg.infer.split}
+
+
+def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+    run = start_run(cfg, "infer", d.rank)
+    samples, image_root, classes, origin = load_inputs(cfg)
     folder = run / "chunks"
     todo = [] if merge_only else ([chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     todo = [i for i in todo if not chunk_path(folder, i, cfg.infer.chunks).exists()]
@@ -108,7 +137,7 @@ def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bo
         model, processor, model_id = load_for_inference(cfg.model, ckpt, choose_dtype("auto"))
         model.to(d.device)
         encoder = Encoder(processor, cfg.model.template, num_image_tokens(model), cfg.model.model_max_length,
-                          Path(manifest["image_root"]))
+                          image_root)
         for i in todo:
             answer_chunk(cfg, samples, i, model, processor, encoder, model_id, folder, d.device)
     if chunk_idx is not None and not merge_only:
@@ -118,7 +147,10 @@ def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bo
     buf = io.StringIO()
     predictions_frame(rows).to_csv(buf, index=False)
     atomic_write_text(run / "predictions.csv", buf.getvalue())
+    normalized = dict(Counter(r["metadata"]["normalized"] for r in rows if "normalized" in r["metadata"]))
     mark_complete(run, {"predictions": "predictions.csv", "answers": "answers.jsonl", "n": len(rows),
-                        "split": cfg.infer.split, "chunks": cfg.infer.chunks, "classes": manifest.get("choices")})
+                        "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, **origin})
+    if normalized:
+        log.info("infer: free-text answers mapped to choices: %s (unmapped answers score as wrong)", normalized)
     log.info("infer: %d answers merged from %d chunks into %s", len(rows), cfg.infer.chunks, run)
     return run

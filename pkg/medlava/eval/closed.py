@@ -58,8 +58,7 @@ def evaluate_closed(
         cm = confusion(df, classes)
     except InputError as e:  # add the file to the message
         raise InputError(f"{predictions_csv}: {e}") from None
-    metrics["source"] = str(predictions_csv)
-    metrics["excluded_rows"] = excluded
+    metrics.update(family="classification", source=str(predictions_csv), excluded_rows=excluded)
 
     k = len(enc.classes)
     per_sample = pd.DataFrame({

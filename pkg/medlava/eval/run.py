@@ -1,0 +1,112 @@
+"""Score any predictions.csv: pick the metric family from its `task` column, write the metrics
+directory, and format the summary table people read first."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medlava.config import EvalConfig
+from medlava.eval.closed import CLASSIFICATION_TASKS, evaluate_closed, read_predictions
+from medlava.io import InputError
+
+HEADLINES = {
+    "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
+    "vqa": ("n_closed", "closed_accuracy", "closed_unparsed", "closed_substring_accuracy", "n_open",
+            "open_exact_match", "open_token_recall", "open_token_f1", "open_bleu"),
+    "report": ("n", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
+               "chexpert_rules_f1_macro_14", "chexpert_rules_f1_micro_5", "chexpert_rules_f1_macro_5",
+               "bertscore_f1", "chexbert_similarity", "empty_predictions"),
+}
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    csv: Path
+    classes: list[str] | None
+    vocab: list[str]
+    vocab_source: str | None
+
+
+def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
+    """What to score for `source` (an infer run directory or a predictions CSV): the CSV, the class list the
+    infer run recorded, and the closed-answer vocabulary (eval.closed_vocab, else the train split of the
+    prepared samples the infer run answered from, when it has one)."""
+    from medlava.eval.vqa import load_closed_vocab
+
+    source = Path(source)
+    csv = source / "predictions.csv" if source.is_dir() else source
+    if not csv.exists():
+        raise FileNotFoundError(f"{csv} does not exist: give an infer run directory or a predictions CSV")
+    result = json.loads((source / "COMPLETE.json").read_text()) if (source / "COMPLETE.json").exists() else {}
+    vocab_path = Path(cfg.closed_vocab) if cfg.closed_vocab else None
+    if vocab_path is None and result.get("samples"):
+        train = Path(result["samples"]) / "train.jsonl"
+        vocab_path = train if train.exists() else None
+    vocab = load_closed_vocab(vocab_path) if vocab_path else []
+    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None)
+
+
+def family_of(tasks: Sequence[str], path: Path) -> str:
+    """report rows -> report; any open rows -> vqa (closed rows scored with them); closed/label -> classification."""
+    present = {str(t) for t in tasks}
+    if "report" in present:
+        if present != {"report"}:
+            raise InputError(f"{path}: report rows are mixed with {sorted(present - {'report'})}; score them from "
+                             "separate files (or set eval.family)")
+        return "report"
+    if "open" in present:
+        return "vqa"
+    if present and present <= set(CLASSIFICATION_TASKS):
+        return "classification"
+    raise InputError(f"{path}: cannot tell the metric family from tasks {sorted(present)}; expected "
+                     "closed/label, open (+closed) or report, or set eval.family")
+
+
+def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
+             vocab: list[str] | None = None, vocab_source: str | None = None) -> dict[str, Any]:
+    """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content."""
+    predictions_csv = Path(predictions_csv)
+    if cfg.family == "classification":
+        return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
+    df = read_predictions(predictions_csv)
+    missing = [c for c in ("id", "prediction", "reference") if c not in df.columns]
+    if missing:
+        raise InputError(f"{predictions_csv}: missing required column(s) {missing}; have {list(df.columns)}")
+    if "task" not in df.columns and cfg.family == "auto":
+        raise InputError(f"{predictions_csv}: no `task` column to pick the metrics from; add it or set eval.family")
+    family = cfg.family if cfg.family != "auto" else family_of(df["task"].fillna("").unique(), predictions_csv)
+    if family == "classification":
+        return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
+    if family == "vqa":
+        from medlava.eval.vqa import evaluate_vqa
+
+        return evaluate_vqa(df, out_dir, vocab or [], vocab_source, str(predictions_csv), cfg.n_bootstrap,
+                            cfg.error_dump)
+    from medlava.eval.radiology import evaluate_reports
+
+    if "task" in df.columns:
+        df = df[df["task"].fillna("report") == "report"].reset_index(drop=True)
+    return evaluate_reports(df, out_dir, cfg, str(predictions_csv))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """The family's headline numbers, one per line, with 95% intervals where they were computed."""
+    ci = metrics.get("ci95") or {}
+    rows = [(k, _cell(metrics[k]), "" if not ci.get(k) else f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]")
+            for k in HEADLINES.get(metrics.get("family", ""), ()) if k in metrics]
+    width = max((len(k) for k, _, _ in rows), default=6)
+    lines = [f"{'metric':<{width}}  {'value':>10}  95% CI", "-" * (width + 28)]
+    lines += [f"{k:<{width}}  {v:>10}  {c}".rstrip() for k, v, c in rows]
+    return "\n".join(lines)

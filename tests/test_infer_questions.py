@@ -1,0 +1,164 @@
+"""infer on a LLaVA-Med question file: killed mid-chunk by SIGKILL and re-run (every id once, nothing
+answered twice or lost), free text mapped to choices by the normaliser, meta carried to predictions.csv,
+and the result scored by `medlava eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from medlava.config import load_config
+from medlava.distributed import Dist
+from medlava.eval.normalize import map_answer
+from medlava.infer.chunks import chunk_of, chunk_path, partial_path
+from medlava.infer.stage import run_infer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory) -> Path:
+    """30 questions: HAM10000 closed with choices, SLAKE-like closed yes/no and open, one without an image."""
+    root = tmp_path_factory.mktemp("q")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        name = f"img/{i:03d}.png"
+        (root / "img").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
+        if i % 3 == 0:
+            rows.append({"question_id": f"h{i}", "image": name, "text": "What is the lesion type?",
+                         "choices": HAM, "answer": HAM[i % 7], "answer_type": "CLOSED", "modality": "dermoscopy"})
+        elif i % 3 == 1:
+            rows.append({"question_id": f"y{i}", "image": name, "text": "Is there a pleural effusion?",
+                         "answer": "Yes" if i % 2 else "No", "answer_type": "CLOSED", "modality": "X-Ray",
+                         "content_type": "Abnormality"})
+        else:
+            rows.append({"question_id": i, "image": name if i != 29 else "", "text": "Which organ is shown?",
+                         "answer": "left lung", "answer_type": "OPEN", "modality": "CT", "content_type": "Organ",
+                         "triple": ["vhead", "_", "_"]})
+    path = root / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One tiny checkpoint for the module (MEDLAVA_CACHE), built by whichever test runs first."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _overrides(out: Path, questions: Path, run_id: str, **extra) -> list[str]:
+    items = {"output_root": out, "run_id": run_id, "infer.questions": questions, "infer.checkpoint": "base",
+             "infer.chunks": 2, "infer.batch_size": 2, "infer.max_new_tokens": 4, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, cache):
+    env = {**os.environ, "MEDLAVA_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    # The child writes two batches, then half of the next row, and is SIGKILLed there: the state a kill
+    # during a write leaves (complete rows fsynced, a torn last line, no finished chunk file).
+    hook = tmp_path / "killable.py"
+    hook.write_text(textwrap.dedent("""
+        import sys, time
+        from medlava.infer import chunks
+        original, calls = chunks.ChunkWriter.write, []
+        def write(self, rows):
+            original(self, rows)
+            calls.append(len(rows))
+            if len(calls) == 2:
+                self._f.write('{"question_id": "torn-'); self._f.flush()
+                print("WRITING", flush=True)
+                time.sleep(600)
+        chunks.ChunkWriter.write = write
+        from medlava.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    args = ["infer", "--config", str(TINY), *_overrides(tmp_path / "runs", questions, "k1")]
+    child = subprocess.Popen([sys.executable, str(hook), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    lines = []
+    for line in child.stdout:  # blocks until the child prints; the deadline guards a hung child
+        lines.append(line)
+        if line.rstrip().endswith("WRITING") or time.monotonic() > deadline:  # after tqdm's \r output
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+
+    run = tmp_path / "runs" / "tiny" / "infer" / "k1"
+    first = chunk_path(run / "chunks", 0, 2)
+    torn = partial_path(first).read_text()
+    assert not first.exists() and torn.endswith('"torn-') and not (run / "predictions.csv").exists()
+    before = [json.loads(line) for line in torn.splitlines()[:-1]]
+    assert len(before) == 4  # two batches of two
+
+    out = subprocess.run([sys.executable, "-m", "medlava", *args], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ids = [str(json.loads(line)["question_id"]) for line in questions.read_text().splitlines()]
+    pred = pd.read_csv(run / "predictions.csv", dtype={"id": str}, keep_default_na=False)
+    assert sorted(pred["id"]) == sorted(ids) and pred["id"].is_unique
+    answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert [str(a["question_id"]) for a in answers] == ids  # the question file's order
+    chunk0 = [json.loads(line) for line in first.read_text().splitlines()]
+    assert chunk0[:4] == before  # the rows written before the kill were kept, not recomputed
+    assert {str(r["question_id"]) for r in chunk0} == {i for i in ids if chunk_of(i, 2) == 0}
+    assert not partial_path(first).exists()
+    # Closed questions with choices were scored (probabilities over the 7 classes), the rest generated.
+    scored = pred[pred["id"].str.startswith("h")]
+    cols = [f"score_{c}" for c in HAM]
+    assert np.allclose(scored[cols].astype(float).sum(axis=1), 1, atol=1e-5)
+    assert (scored["prediction"] == scored[cols].astype(float).idxmax(axis=1).str[6:]).all()
+    assert {a["metadata"]["mode"] for a in answers if not str(a["question_id"]).startswith("h")} == {"generate"}
+    assert json.loads((run / "COMPLETE.json").read_text())["questions"] == str(questions)
+
+
+def test_generate_mode_normalises_choices_and_carries_meta(tmp_path, questions, cache, monkeypatch):
+    monkeypatch.setenv("MEDLAVA_CACHE", str(cache))
+    cfg = load_config(TINY, _overrides(tmp_path / "runs", questions, "g1", **{"infer.mode": "generate",
+                                                                              "infer.chunks": 1,
+                                                                              "infer.batch_size": 8}))
+    run = run_infer(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    pred = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False).set_index("id")
+    statuses = {}
+    for a in answers:
+        md, qid = a["metadata"], str(a["question_id"])
+        if md["choices"]:
+            mapped = map_answer(a["text"], md["choices"])
+            assert md["prediction"] == (mapped.choice or "") and md["normalized"] == mapped.status
+            statuses[mapped.status] = statuses.get(mapped.status, 0) + 1
+        else:
+            assert md["prediction"] == a["text"] and "normalized" not in md
+        assert pred.loc[qid, "prediction"] == md["prediction"] and pred.loc[qid, "text"] == a["text"]
+    assert json.loads((run / "COMPLETE.json").read_text())["normalized"] == statuses
+    assert not [c for c in pred.columns if c.startswith("score_")]
+    assert pred.loc["y1", "meta_answer_type"] == "CLOSED" and pred.loc["y1", "meta_modality"] == "X-Ray"
+    assert pred.loc["2", "meta_content_type"] == "Organ" and "meta_triple" not in pred.columns  # lists left out
+    assert pred.loc["y1", "prompt"] == "Is there a pleural effusion?" and pred.loc["y1", "task"] == "closed"
+
+    # The same predictions through the scoring command: open rows make it the VQA family.
+    from medlava.cli import main
+
+    assert main(["eval", "--predictions", str(run), "--out", str(tmp_path / "ev"), "--n-bootstrap", "20"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["family"] == "vqa" and m["n_closed"] == 20 and m["n_open"] == 10
+    assert set(m["by_group"]["modality"]) == {"CT", "X-Ray", "dermoscopy"}
+    per = pd.read_csv(tmp_path / "ev" / "per_sample.csv", dtype={"id": str}, keep_default_na=False)
+    assert sorted(per["id"]) == sorted(pred.index)
