@@ -20,6 +20,7 @@ from medlava.data import images as images_mod
 from medlava.data.ham10000 import (CLASSES, COLUMNS, IMAGE_DIRS, METADATA, QUESTION, find_images, prepare_ham10000,
                                    read_metadata)
 from medlava.data.images import load_image, resolve_image
+from medlava.data.problems import REASONS
 from medlava.data.splits import check_no_group_leak, grouped_split, read_split_file
 from medlava.data.synthetic import MARKER, make_synthetic_ham10000
 from medlava.io import InputError, read_jsonl
@@ -279,7 +280,7 @@ def test_prepare_writes_samples_in_the_design_schema(ham, meta, tmp_path):
     assert QUESTION == "What is the lesion type? Choose one of: akiec, bcc, bkl, df, mel, nv, vasc."
     assert any(r["meta"]["age"] is None for r in all_rows)  # missing ages stay null, not imputed
     assert summary["dataset"] == "ham10000" and summary["image_root"] == str(ham.resolve())
-    assert summary["choices"] == list(CLASSES) and summary["skipped"] == {"missing_image": 0}
+    assert summary["choices"] == list(CLASSES) and summary["skipped"] == dict.fromkeys(REASONS, 0)
     for split, counts in summary["class_counts"].items():
         assert list(counts) == list(CLASSES) and all(n > 0 for n in counts.values())  # every class in every split
         assert counts == {dx: sum(r["meta"]["label"] == dx for r in rows[split]) for dx in CLASSES}
@@ -329,7 +330,8 @@ def test_prepare_missing_image_is_an_error_or_a_counted_skip(ham_copy, meta, tmp
     with pytest.raises(InputError, match=rf"{METADATA}:12: image {gone} not found.*skip_missing_images=true"):
         prepare_ham10000(ham_copy, tmp_path / "out")
     summary = prepare_ham10000(ham_copy, tmp_path / "out", skip_missing=True)
-    assert summary["skipped"] == {"missing_image": 1} and sum(summary["splits"].values()) == len(meta) - 1
+    assert summary["skipped"] == {**dict.fromkeys(REASONS, 0), "missing_image": 1}
+    assert sum(summary["splits"].values()) == len(meta) - 1
     ids = {r["id"] for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}
     assert gone not in ids and len(ids) == len(meta) - 1
 

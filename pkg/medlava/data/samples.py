@@ -15,8 +15,11 @@ def validate_sample(row: dict, where: str) -> dict:
     if not isinstance(convs, list) or not convs or not all(isinstance(c, dict) and "value" in c for c in convs):
         raise InputError(f"{where} (id {row['id']}): `conversations` must be a list of {{from, value}} turns")
     meta = row.get("meta") or {}
-    if meta.get("task") == "closed" and not meta.get("choices"):
-        raise InputError(f"{where} (id {row['id']}): a closed question needs meta.choices")
+    choices = meta.get("choices")
+    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
+                                or not all(isinstance(c, str) and c.strip() for c in choices)):
+        # A closed question without choices is allowed (SLAKE's non-evident ones): infer generates its answer.
+        raise InputError(f"{where} (id {row['id']}): meta.choices must be a list of at least two non-empty strings")
     return row
 
 

@@ -1,0 +1,23 @@
+"""One registry: dataset name (data.dataset) -> the adapter that reads it as distributed. Each adapter is
+`load(cfg, problems, out_dir) -> Loaded`; modules are imported only when their dataset is prepared."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from medlava.config import Config
+from medlava.data.prepare import Loaded
+from medlava.data.problems import Problems
+
+DATASETS = {
+    "ham10000": "medlava.data.ham10000",
+    "slake": "medlava.data.slake",
+    "mimic_cxr": "medlava.data.mimic_cxr",
+    "chexpert_plus": "medlava.data.chexpert_plus",
+    "llava_med": "medlava.data.llava_med",
+}
+
+
+def load_dataset(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
+    return importlib.import_module(DATASETS[cfg.data.dataset]).load(cfg, problems, Path(out_dir))
