@@ -1,0 +1,153 @@
+"""`medlava compare`: classification results of several runs side by side (the seeds' results table), printed
+and written as Markdown, CSV and a bar chart.
+
+    medlava compare runs/ham10000-cnn/cnn/RUN runs/ham10000-llava-med-lora/eval/RUN --out results/
+    medlava compare cnn=runs/tiny/cnn/t1 llava=runs/tiny/infer/t1
+
+A RUN is an eval run (or its metrics.json), or anything with a predictions.csv (a cnn or infer run, or the CSV
+itself), which is scored here in memory with the same metrics `eval` computes; nothing is written into it.
+`LABEL=PATH` names a column; the default label is the path's <name>/<stage>/<run-id>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medlava.eval.classification import classification_metrics, score_classes
+from medlava.eval.closed import CLASSIFICATION_TASKS, read_predictions
+from medlava.io import InputError, atomic_savefig, atomic_write_text
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
+TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
+          "macro_auc": "Macro-AUC"}
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    source: Path
+    metrics: dict[str, Any]
+
+
+def _label(path: Path) -> str:
+    parts = path.resolve().parts
+    if path.name in ("metrics.json", "predictions.csv"):
+        parts = parts[:-1]
+    return "/".join(parts[-3:])
+
+
+def _from_predictions(csv: Path, classes: list[str] | None, n_bootstrap: int) -> dict[str, Any]:
+    df = read_predictions(csv)
+    if "task" in df.columns:
+        df = df[df["task"].isin(CLASSIFICATION_TASKS)].reset_index(drop=True)
+    if df.empty:
+        raise InputError(f"{csv}: no closed/label rows to score")
+    classes = classes or score_classes(df) or sorted(df["reference"].dropna().unique().tolist())
+    try:
+        return classification_metrics(df, classes, n_bootstrap=n_bootstrap)
+    except InputError as e:
+        raise InputError(f"{csv}: {e}") from None
+
+
+def load_result(arg: str, n_bootstrap: int = 1000) -> Result:
+    """`[LABEL=]PATH` -> its classification metrics (read from metrics.json, or computed from predictions)."""
+    label, path = arg.split("=", 1) if "=" in arg and not Path(arg).exists() else ("", arg)
+    path = Path(path)
+    label = label or _label(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give an eval, cnn or infer run directory, a metrics.json "
+                                "or a predictions.csv")
+    metrics_json = path / "metrics.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if metrics_json is not None and metrics_json.exists():
+        metrics = json.loads(metrics_json.read_text())
+        if metrics.get("family", "classification") != "classification":
+            raise InputError(f"{metrics_json}: {metrics['family']} metrics; compare lines up classification runs "
+                             "(accuracy, macro-F1, AUC)")
+        return Result(label, metrics_json, metrics)
+    csv = path / "predictions.csv" if path.is_dir() else path
+    if not csv.exists():
+        raise FileNotFoundError(f"{path} holds neither metrics.json nor predictions.csv: is the run complete?")
+    complete = csv.parent / "COMPLETE.json"
+    classes = json.loads(complete.read_text()).get("classes") if complete.exists() else None
+    return Result(label, csv, _from_predictions(csv, classes, n_bootstrap))
+
+
+def table(results: list[Result]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"run": r.label, "n": r.metrics.get("n")}
+        ci = r.metrics.get("ci95") or {}
+        for m in METRICS:
+            row[m] = r.metrics.get(m)
+            lo_hi = ci.get(m) or (None, None)
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo_hi
+        row["source"] = str(r.source)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(value: Any, low: Any, high: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and not pd.isna(low) else "")
+
+
+def markdown(df: pd.DataFrame) -> str:
+    head = ["Run", "n", *(TITLES[m] for m in METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in df.to_dict("records"):
+        cells = [row["run"], str(row["n"]), *(_cell(row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nBrackets: bootstrap 95% intervals. Macro-AUC is one-vs-rest from the class scores.\n"
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(METRICS), 3.6))
+    width = 0.8 / len(df)
+    x = np.arange(len(METRICS))
+    for i, row in enumerate(df.to_dict("records")):
+        values = [row[m] if row[m] is not None and not pd.isna(row[m]) else 0.0 for m in METRICS]
+        bars = ax.bar(x + (i - (len(df) - 1) / 2) * width, values, width, label=row["run"])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [TITLES[m] for m in METRICS])
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=150)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="medlava compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="eval/cnn/infer run, metrics.json or predictions.csv")
+    p.add_argument("--out", type=Path, default=Path("comparison"),
+                   help="directory for comparison.md, comparison.csv and comparison.png (default: ./comparison)")
+    p.add_argument("--n-bootstrap", type=int, default=1000,
+                   help="resamples for the intervals of runs scored here from predictions.csv (0: none)")
+    args = p.parse_args(argv)
+    try:
+        results = [load_result(a, args.n_bootstrap) for a in args.runs]
+    except (InputError, FileNotFoundError) as e:
+        print(f"medlava compare: {e}", file=sys.stderr)
+        return 2
+    df = table(results)
+    text = markdown(df)
+    atomic_write_text(args.out / "comparison.md", text)
+    atomic_write_text(args.out / "comparison.csv", df.to_csv(index=False))
+    plot(df, args.out / "comparison.png")
+    print(text + f"-> {args.out}/comparison.md, comparison.csv, comparison.png")
+    return 0

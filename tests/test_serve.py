@@ -1,0 +1,216 @@
+"""`medlava serve`: headless Chromium uploads an image and reads the class and probabilities the page shows,
+which equal `medlava predict` on the same image and metadata; an oversized file, a non-image and decompression
+bombs are refused with a clear message; uploads never outlive their request's temporary directory."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from medlava.models.cnn import CnnClassifier, Item, MetaEncoder, new_spec, save_cnn
+from medlava.predict import CnnPredictor
+from medlava.serve.app import create_app
+from PIL import Image, ImageDraw
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def lesion(path: Path, colour=(115, 75, 45), size=(80, 60), fmt=None) -> Path:
+    im = Image.new("RGB", size, (224, 180, 150))
+    ImageDraw.Draw(im).ellipse((20, 12, 60, 46), fill=colour)
+    im.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A metadata CNN checkpoint. Random weights: the page must show what predict computes, whatever that is;
+    the head is scaled up so the classes' probabilities differ visibly."""
+    torch.manual_seed(0)
+    meta = MetaEncoder.fit([{"age": 40, "sex": "female", "localization": "back"},
+                            {"age": 70, "sex": "male", "localization": "face"},
+                            {"age": 55, "sex": "male", "localization": "scalp"}])
+    spec = new_spec("resnet18", CLASSES, 32, [16], 0.0, meta)
+    model = CnnClassifier(spec)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(8)
+        model.meta["joint"][0].weight.mul_(5)
+    return save_cnn(tmp_path_factory.mktemp("serve") / "ck", model, spec, {"stage": "test"})
+
+
+@pytest.fixture
+def client(checkpoint, tmp_path, monkeypatch):
+    """The app with a 1 MB limit; temp files go to tmp/, the working directory is cwd/ (both must stay empty)."""
+    for d in ("tmp", "cwd"):
+        (tmp_path / d).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    predictor = CnnPredictor(checkpoint, torch.device("cpu"))
+    yield create_app(predictor, max_upload_mb=1).test_client(), predictor
+    assert list((tmp_path / "tmp").iterdir()) == [] and list((tmp_path / "cwd").iterdir()) == []
+
+
+def post(client, data: bytes, name: str = "lesion.jpg", content_type: str = "image/jpeg", **form):
+    return client.post("/predict", data={"image": (io.BytesIO(data), name, content_type), **form},
+                       content_type="multipart/form-data")
+
+
+def test_page_lists_the_model_and_its_metadata_choices(client):
+    c, predictor = client
+    page = c.get("/").get_data(as_text=True)
+    assert "resnet18 + patient metadata" in page and str(predictor.checkpoint) in page
+    assert re.findall(r'<option value="([^"]+)">', page) == ["unknown", "female", "male", "unknown", "back", "face",
+                                                              "scalp"]
+    assert "Up to 1 MB" in page
+
+
+def test_upload_gives_predict_s_probabilities(client, tmp_path):
+    c, predictor = client
+    data = lesion(tmp_path / "a.jpg").read_bytes()
+    r = post(c, data, age="62", sex="male", localization="face")
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    shown = dict(body["probabilities"])
+    assert [k for k, _ in body["probabilities"]] == CLASSES and body["prediction"] == max(shown, key=shown.get)
+    meta = {"age": 62.0, "sex": "male", "localization": "face"}
+    ref = predictor.probabilities([Item("a", tmp_path, "a.jpg", meta)])[0]
+    np.testing.assert_allclose([shown[k] for k in CLASSES], ref, atol=1e-6)
+    bare = dict(post(c, data).get_json()["probabilities"])  # no metadata: median age, "unknown"
+    assert max(abs(bare[k] - shown[k]) for k in CLASSES) > 1e-3
+
+
+def _png(mode: str, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")  # all zeros: a few kB on disk, `size` pixels once decoded
+    return buf.getvalue()
+
+
+def _truncated_jpeg(tmp: Path) -> bytes:
+    data = lesion(tmp / "t.jpg", size=(300, 300)).read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("make, name, form, status, needle", [
+    (lambda: os.urandom(2**20 + 10_000), "big.jpg", {}, 413, "big.jpg is larger than the 1 MB upload limit"),
+    (lambda: os.urandom(3 * 2**20), "huge.jpg", {}, 413, "the upload is larger than the 1 MB limit"),
+    (lambda: b"Patient notes: lesion on the back, 6 mm.\n", "notes.jpg", {}, 415,
+     "notes.jpg is not an image: its content is none of JPEG, PNG, BMP, TIFF, WEBP"),
+    (lambda: _png("1", (12000, 12000)), "bomb.png", {}, 413, "declares too many pixels, a decompression bomb?"),
+    (lambda: _png("1", (8200, 8200)), "bomb2.png", {}, 413,
+     "bomb2.png is 8200x8200 = 67,240,000 pixels, over the 67,108,864-pixel limit, a decompression bomb?"),
+    (lambda: _png("RGB", (1, 1)).replace(b"PNG", b"PNX"), "x.png", {}, 415, "x.png is not an image"),
+    (None, "anim.gif", {}, 415, "anim.gif is a GIF image; accepted: JPEG, PNG, BMP, TIFF, WEBP"),
+    ("truncated", "cut.jpg", {}, 400, "cut.jpg is a JPEG file that cannot be decoded; re-export it"),
+    (lambda: b"", "empty.jpg", {}, 400, "empty.jpg is empty"),
+    ("ok", "a.jpg", {"age": "sixty"}, 400, "age 'sixty' is not a number of years from 0 to 120"),
+    ("ok", "a.jpg", {"age": "300"}, 400, "age '300' is not a number of years from 0 to 120"),
+    ("ok", "a.jpg", {"sex": "other"}, 400, "sex 'other' is not one the model knows (unknown, female, male)"),
+])
+def test_refused_uploads_say_why(client, tmp_path, make, name, form, status, needle):
+    c, _ = client
+    if make is None:
+        buf = io.BytesIO()
+        Image.new("P", (8, 8)).save(buf, "GIF")
+        data = buf.getvalue()
+    elif make == "truncated":
+        data = _truncated_jpeg(tmp_path)
+    elif make == "ok":
+        data = lesion(tmp_path / "a.jpg").read_bytes()
+    else:
+        data = make()
+    r = post(c, data, name, **form)
+    assert r.status_code == status and needle in r.get_json()["error"], r.get_json()
+
+
+def test_a_request_without_a_file_is_refused(client):
+    r = client[0].post("/predict", data={"age": "50"}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "no image in the request" in r.get_json()["error"]
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                           ".ci/run installs them)")
+def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_path, monkeypatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
+    image = lesion(tmp_path / "lesion.jpg", colour=(45, 30, 30))
+    server = subprocess.Popen([sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                              cwd=tmp_path)
+    driver = None
+    try:
+        line, deadline = "", time.time() + 180
+        while "http://" not in line and time.time() < deadline and server.poll() is None:
+            line = server.stdout.readline()
+        url = re.search(r"http://\S+/", line)
+        assert url, f"no URL from medlava serve: {line!r} {server.stderr.read() if server.poll() is not None else ''}"
+        url = url.group(0)
+        assert url.startswith("http://127.0.0.1:")  # localhost unless --host says otherwise
+
+        options = Options()
+        options.binary_location = str(CHROMIUM)
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,760",
+                     f"--user-data-dir={tmp_path / 'profile'}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+        driver.get(url)
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        driver.find_element(By.ID, "age").send_keys("45")
+        Select(driver.find_element(By.ID, "sex")).select_by_value("female")
+        Select(driver.find_element(By.ID, "localization")).select_by_value("back")
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "predicted-class").text)
+        shown_class = driver.find_element(By.ID, "predicted-class").text
+        rows = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
+        shown = {r.get_attribute("data-class"): float(r.find_element(By.CLASS_NAME, "prob").text) for r in rows}
+        widths = {r.get_attribute("data-class"): r.find_element(By.CLASS_NAME, "fill").get_attribute("style")
+                  for r in rows}
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert list(shown) == CLASSES
+        assert driver.find_element(By.CSS_SELECTOR, "#bars .row.top").get_attribute("data-class") == shown_class
+
+        notes = tmp_path / "notes.jpg"
+        notes.write_text("not an image at all")
+        driver.find_element(By.ID, "file").send_keys(str(notes))
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        error = driver.find_element(By.ID, "error").text
+        assert "notes.jpg is not an image" in error and driver.find_element(By.ID, "predicted-class").text == ""
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(30)
+    assert Image.open(tmp_path / "page.png").size[0] >= 1000
+
+    # `medlava predict` on the same image with the same metadata
+    pd.DataFrame([{"image": "lesion.jpg", "age": 45, "sex": "female", "localization": "back"}]).to_csv(
+        tmp_path / "one.csv", index=False)
+    out = subprocess.run([sys.executable, "-m", "medlava", "predict", "--checkpoint", str(checkpoint), "--images",
+                          str(tmp_path / "one.csv"), "--out", str(tmp_path / "p.csv"), "--device", "cpu"],
+                         capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "p.csv").iloc[0]
+    assert shown_class == row["prediction"]
+    for c in CLASSES:
+        assert shown[c] == pytest.approx(row[f"score_{c}"], abs=5e-5)  # the page shows 4 decimals
+        width = float(re.fullmatch(r"width: ([\d.]+)%;", widths[c])[1])  # the bar's length, in percent
+        assert width == pytest.approx(100 * row[f"score_{c}"], abs=0.006)
+    assert len({round(v, 2) for v in shown.values()}) > 2  # the classes are told apart, not all alike
