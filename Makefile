@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medlava-installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,metrics,cnn,serve,data]'
 	# DeepSpeed builds against the installed torch, so it comes second and without build isolation.
 	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	touch $@

@@ -1,8 +1,15 @@
-"""`medlava STAGE --config FILE [key=value ...]`: run one stage in this process (what a job executes)."""
+"""`medlava STAGE --config FILE [key=value ...]`: run one stage in this process (what a job executes).
+
+Tools with their own options: `medlava doctor`, `medlava check-model`, `medlava convert`, and the scoring
+commands `medlava eval --predictions CSV --out DIR`, `medlava metrics`, `medlava label-reports`; `medlava predict`,
+`medlava serve` and `medlava compare` (each takes --help).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import sys
@@ -11,7 +18,10 @@ from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
 from medlava.runs import new_run_id
 
-STAGES = ("prepare", "align", "sft", "infer", "eval")
+STAGES = ("prepare", "align", "sft", "infer", "eval", "cnn")
+TOOLS = {"doctor": "medlava.doctor", "check-model": "medlava.models.check", "convert": "medlava.models.convert",
+         "export": "medlava.models.export", "predict": "medlava.predict", "serve": "medlava.serve.app",
+         "compare": "medlava.compare"}
 
 
 def run_stage(stage: str, cfg: Config, chunk_idx: int | None = None, merge_only: bool = False) -> None:
@@ -29,6 +39,9 @@ def run_stage(stage: str, cfg: Config, chunk_idx: int | None = None, merge_only:
             if stage == "infer":
                 from medlava.infer.stage import run_infer
                 run_infer(cfg, d, chunk_idx, merge_only)
+            elif stage == "cnn":
+                from medlava.train.cnn import run_cnn
+                run_cnn(cfg, d)
             else:
                 from medlava.train.stages import run_training_stage
                 run_training_stage(cfg, stage, d)
@@ -36,12 +49,25 @@ def run_stage(stage: str, cfg: Config, chunk_idx: int | None = None, merge_only:
             distributed.teardown()
 
 
+def _has_config(argv: list[str]) -> bool:
+    return any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medlava", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:  # each tool parses its own options; the stage parser stays as it is
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    if argv and argv[0] in ("metrics", "label-reports") or (argv[:1] == ["eval"] and not _has_config(argv)):
+        from medlava.eval.cli import main as scoring_main  # `medlava eval --predictions ...` needs no config
+        return scoring_main(argv)
+    parser = argparse.ArgumentParser(prog="medlava", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", required=True, help="YAML recipe (jobs/configs/*.yaml)")
     parser.add_argument("--chunk-idx", type=int, help="infer: answer only this chunk (a job-array task)")
     parser.add_argument("--merge-only", action="store_true", help="infer: merge finished chunks and stop")
+    parser.add_argument("--check", action="store_true",
+                        help="prepare: list every problem in the data in one pass, write no samples; exit 1 if any")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-4")
     args = parser.parse_intermixed_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -56,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.run_id = new_run_id()
         if args.chunk_idx is not None and not 0 <= args.chunk_idx < cfg.infer.chunks:
             raise ConfigError(f"--chunk-idx {args.chunk_idx} is outside 0..{cfg.infer.chunks - 1} (infer.chunks)")
+        if args.check:
+            if args.stage != "prepare":
+                raise ConfigError(f"--check is an option of prepare, not {args.stage}")
+            from medlava.stages import run_prepare
+            report = json.loads((run_prepare(cfg, check=True) / "prepare_report.json").read_text())
+            return 0 if report["ok"] else 1
         run_stage(args.stage, cfg, args.chunk_idx, args.merge_only)
     except (ConfigError, InputError, FileNotFoundError) as e:
         print(f"medlava {args.stage}: {e}", file=sys.stderr)

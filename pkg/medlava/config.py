@@ -72,15 +72,101 @@ class SyntheticDataConfig(Section):
     seed: int = 0
 
 
+SkipReason = Literal["missing_image", "unreadable_image", "oversized_image", "image_outside_root", "bad_record",
+                     "unknown_label", "duplicate_id", "empty_report", "missing_section", "missing_report", "non_utf8"]
+"""Kinds of bad sample (medlava.data.problems.REASONS describes each)."""
+
+
+class SlakeConfig(Section):
+    source: Literal["local", "hf"] = "local"
+    """local: train.json, validate.json (or validation.json), test.json and imgs/ under data.root.
+    hf: a local copy of BoKelvin/SLAKE read with `datasets` (save_to_disk output, or the hub repo's data files);
+    images under data.image_root (default data.root/imgs)."""
+    language: Literal["en", "zh", "all"] = "en"
+    """Keep questions whose q_lang is this (the English test set has 1,061)."""
+    instruction: str = ""
+    """Appended to every question, e.g. 'Answer with a single word or phrase.' (lmms-eval's slake_en)."""
+    kg: Literal["none", "triple", "facts"] = "none"
+    """Knowledge in the prompt: triple = the question's own KG triple; facts = matching rows of KG/en_*.csv."""
+    kg_max_facts: int = Field(5, ge=1)
+    mask: Literal["none", "crop", "masked"] = "none"
+    """Condition on imgs/*/mask.png: crop to the mask's bounding box, or black out the background."""
+    mask_margin: float = Field(0.05, ge=0, le=0.5)
+    """Crop margin, as a fraction of the box size on each side."""
+    debug_images: int = Field(8, ge=0)
+    """With a mask: how many side-by-side images (source | mask | what the model sees) to write to debug/."""
+
+
+class MimicCxrConfig(Section):
+    image_layout: Literal["official", "flat"] = "official"
+    """official: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (MIMIC-CXR-JPG); flat: images/{study_id}-{dicom_id}.png (seed 003)."""
+    views: list[str] = ["PA", "AP"]
+    """ViewPosition values kept (frontal only by default)."""
+    section: Literal["findings", "impression", "findings_impression"] = "findings"
+    """What the model is trained to write."""
+    prompt: str = "Describe the findings of the chest X-ray."
+    split: Literal["official", "grouped"] = "official"
+    """official: mimic-cxr-2.0.0-split.csv (validate -> val); grouped: data.split_ratios by subject_id."""
+    reports_root: str | None = None
+    """Folder holding files/pXX/... report .txt files; default data.root."""
+
+
+class LlmQAConfig(Section):
+    base_url: str
+    """An OpenAI-compatible endpoint, e.g. http://node12:8000/v1 (a vLLM server)."""
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (never written to configs or logs); unset: no key is sent."""
+    max_retries: int = Field(5, ge=0)
+    requests_per_minute: float = Field(60.0, gt=0)
+    concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    cache_dir: str | None = None
+    """Answers kept on disk by request hash, so a re-run costs nothing; default <output_root>/<name>/qa-cache."""
+
+
+class ChexpertPlusConfig(Section):
+    csv: str = "df_chexpert_plus_240401.csv"
+    """The report/image table, relative to data.root; images under data.image_root (default data.root)."""
+    generator: Literal["rules", "llm"] = "rules"
+    """rules: deterministic questions from the labeled findings (presence, location, severity); llm: `llm`."""
+    qa_per_report: int = Field(5, ge=1)
+    llm: LlmQAConfig | None = None
+    frontal_only: bool = True
+    split: Literal["grouped", "official"] = "grouped"
+    """grouped: data.split_ratios by deid_patient_id; official: the CSV's split column (train, valid -> val)."""
+
+
+class LlavaMedConfig(Section):
+    train_file: str = "llava_med_instruct_60k.json"
+    """A LLaVA-Med JSON (alignment or instruct), relative to data.root; images under data.image_root
+    (default data.root/images), split by data.split_ratios grouped by PMC article."""
+    eval_file: str | None = None
+    """llava_med_eval_qa50_qa.jsonl (question file) as the test split."""
+
+
 class DataConfig(Section):
-    dataset: Literal["ham10000"] = "ham10000"
+    dataset: Literal["ham10000", "slake", "mimic_cxr", "chexpert_plus", "llava_med"] = "ham10000"
     root: str
-    """Raw dataset as distributed (for HAM10000: HAM10000_metadata.csv + image folders)."""
+    """Raw dataset as distributed (HAM10000: HAM10000_metadata.csv + image folders; the others: their sections)."""
+    image_root: str | None = None
+    """Where images are, when not where the dataset puts them under root (see each dataset's section)."""
     synthetic: SyntheticDataConfig | None = None
     """Generate a synthetic dataset at `root` when it does not exist (tiny preset, tests)."""
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_file: str | None = None
     skip_missing_images: bool = False
+    skip: list[SkipReason] = []
+    """Kinds of bad sample to skip and count in prepare_report.json instead of stopping (`--check` lists all)."""
+    verify_images: Literal["decode", "header", "none"] = "decode"
+    """decode: every image decoded once (finds truncated files); header: size only; none."""
+    workers: int = Field(8, ge=1)
+    """Threads decoding images while checking them."""
+    slake: SlakeConfig = SlakeConfig()
+    mimic_cxr: MimicCxrConfig = MimicCxrConfig()
+    chexpert_plus: ChexpertPlusConfig = ChexpertPlusConfig()
+    llava_med: LlavaMedConfig = LlavaMedConfig()
     seed: int = 0
     samples: str = "latest"
     """Prepared samples for train/infer: `latest` (newest complete prepare run) or a directory."""
@@ -89,6 +175,32 @@ class DataConfig(Section):
     def _ratios(self) -> DataConfig:
         if any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:
             raise ValueError(f"data.split_ratios must be >= 0 and sum to 1, got {list(self.split_ratios)}")
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_options(self) -> DataConfig:
+        for key in ("slake", "mimic_cxr", "chexpert_plus", "llava_med"):
+            if key != self.dataset and getattr(self, key) != type(getattr(self, key))():
+                raise ValueError(f"data.{key} is set but data.dataset is {self.dataset}; set data.dataset={key} "
+                                 f"or remove data.{key}")
+        if self.synthetic is not None and self.dataset != "ham10000":
+            raise ValueError("data.synthetic generates HAM10000 only; remove it for data.dataset="
+                             f"{self.dataset} (tests build the other layouts with medlava.data.synthetic_*)")
+        official = (self.dataset == "slake" or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
+                    or (self.dataset == "chexpert_plus" and self.chexpert_plus.split == "official"))
+        if self.split_file and official:
+            raise ValueError(f"data.split_file is set but {self.dataset} uses its official split; remove it"
+                             + ("" if self.dataset == "slake" else f" or set data.{self.dataset}.split=grouped"))
+        if self.split_file and self.dataset == "llava_med":
+            raise ValueError("data.split_file is not read for llava_med (its split is by data.split_ratios)")
+        if self.dataset == "llava_med" and self.llava_med.eval_file and self.split_ratios[2] > 0:
+            raise ValueError("data.llava_med.eval_file is the test split; set data.split_ratios' test share to 0 "
+                             f"(e.g. [0.95, 0.05, 0.0]), got {list(self.split_ratios)}")
+        if self.dataset == "chexpert_plus" and self.chexpert_plus.generator == "llm" and self.chexpert_plus.llm is None:
+            raise ValueError("data.chexpert_plus.generator=llm needs data.chexpert_plus.llm "
+                             "(base_url and model of an OpenAI-compatible endpoint)")
+        if self.skip_missing_images and "missing_image" not in self.skip:
+            self.skip = [*self.skip, "missing_image"]  # the older switch for one reason
         return self
 
 
@@ -157,15 +269,99 @@ class InferConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     num_beams: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)
+    questions: str | None = None
+    """A LLaVA-Med question file (JSONL: question_id, image, text [, answer, answer_type, choices, ...]) to
+    answer instead of a prepared split (then `split` and data.samples are not used)."""
+    image_root: str | None = None
+    """Image folder of `questions` (LLaVA-Med's --image-folder); default: the question file's folder."""
 
 
 class EvalConfig(Section):
     predictions: str = "latest"
     """`latest` (newest complete infer run) or a run directory / predictions.csv."""
     n_bootstrap: int = Field(1000, ge=0)
+    family: Literal["auto", "classification", "vqa", "report"] = "auto"
+    """auto: from the `task` column: closed/label -> classification, open (with closed) -> vqa, report -> report."""
+    closed_vocab: str | None = None
+    """VQA candidate routing fallback: a JSON list of answers or a sample JSONL (its closed answers);
+    default: the train split of the prepared samples the predictions came from, when there is one."""
+    error_dump: int = Field(50, ge=0)
+    """How many of the worst samples errors.csv lists, with their prompts."""
+    uncertain_as_positive: bool = False
+    """Report label F1: count an uncertain CheXpert label as positive (f1chexbert's rrg mode) instead of negative."""
+    bertscore_model: str | None = None
+    """BERTScore encoder: a local directory or cached hub id (CXR-Report-Metric: distilroberta-base); unset: skipped."""
+    bertscore_layers: int | None = Field(None, ge=1)
+    """Layer whose embeddings BERTScore compares; unset: bert-score's tuned layer for a known model name."""
+    bertscore_baseline: str | None = None
+    """bert-score baseline TSV for this model to rescale with (CXR-Report-Metric rescales); unset: raw scores."""
+    chexbert_checkpoint: str | None = None
+    """CheXbert weights (chexbert.pth) for CheXbert-embedding similarity; unset: skipped."""
+    chexbert_tokenizer: str = "bert-base-uncased"
+    """Tokenizer of the CheXbert checkpoint: a local directory or cached hub id."""
+    batch_size: int = Field(32, ge=1)
+    """Batch size of the model-based metrics (BERTScore, CheXbert)."""
+
+
+class CnnConfig(Section):
+    """The `cnn` stage: a timm image classifier, optionally with a patient-metadata branch, trained on the
+    prepared samples (seed 000: resnet18 from scratch; seed 004: EfficientNetV2-S + metadata, two phases)."""
+
+    arch: str = "resnet18"
+    """A timm model name: resnet18, tf_efficientnetv2_s, ... (`timm.list_models()`)."""
+    pretrained: str | None = None
+    """Local weights file of that timm model (.safetensors/.pth) to start from; unset: random init. Nothing
+    is downloaded at run time."""
+    metadata: bool = False
+    """Age (normalised with training statistics), sex and localization (embedded) concatenated with the image
+    features before the head."""
+    head_hidden: list[int] = []
+    """Hidden widths of the classifier head (seed 004: [512, 128]); empty: one linear layer."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    image_size: int = Field(224, ge=16)
+    augment: bool = True
+    """Dermoscopy augmentations: flips, any rotation, scale jitter, colour jitter (training only)."""
+    epochs: int = Field(50, ge=1)
+    frozen_epochs: int = Field(0, ge=0)
+    """Phase 1: the backbone is frozen for this many epochs; only the head (and metadata branch) train."""
+    unfreeze_fraction: float = Field(1.0, gt=0, le=1)
+    """Phase 2: the last fraction of the backbone's layer groups (timm's blocks) trains; 1 = all of it."""
+    batch_size: int = Field(32, ge=1)
+    """Per device."""
+    lr: float = Field(1e-3, gt=0)
+    finetune_lr: float | None = Field(None, gt=0)
+    """Learning rate of phase 2; unset: lr."""
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Per phase: cosine decay to 0 over the phase's epochs, or constant."""
+    class_balance: Literal["none", "weights", "sampler"] = "none"
+    """weights: loss weighted by inverse class frequency; sampler: batches drawn class-balanced."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    patience: int | None = Field(10, ge=1)
+    """Early stopping: stop after this many epochs (within a phase) without a better validation macro-F1."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 autocast on GPUs that have it, else fp16 with loss scaling; fp32 on CPU."""
+    predict_split: Literal["val", "test"] = "test"
+    """The split the best checkpoint answers into predictions.csv."""
+    num_workers: int = Field(4, ge=0)
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _phases(self) -> CnnConfig:
+        if self.frozen_epochs >= self.epochs:
+            raise ValueError(f"cnn.frozen_epochs={self.frozen_epochs} leaves no epoch to fine-tune in "
+                             f"(cnn.epochs={self.epochs}); raise epochs or lower frozen_epochs")
+        if self.finetune_lr is not None and self.frozen_epochs == 0:
+            raise ValueError("cnn.finetune_lr is the rate after the frozen epochs, but cnn.frozen_epochs=0: "
+                             "set cnn.lr instead")
+        return self
 
 
 class ClusterConfig(Section):
+    # `cluster.time=30`, `cluster.partition=2080` arrive from YAML as numbers; SLURM wants their text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
     executor: Literal["auto", "local", "slurm"] = "auto"
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
@@ -205,6 +401,7 @@ class Config(Section):
     """The sft stage."""
     infer: InferConfig = InferConfig()
     eval: EvalConfig = EvalConfig()
+    cnn: CnnConfig = CnnConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")

@@ -7,39 +7,45 @@ import logging
 from pathlib import Path
 
 from medlava.config import Config
-from medlava.runs import mark_complete, read_result, resolve, start_run
+from medlava.runs import mark_complete, resolve, start_run
 
 log = logging.getLogger(__name__)
 
 
-def run_prepare(cfg: Config) -> Path:
-    from medlava.data.ham10000 import prepare_ham10000
-    from medlava.data.synthetic import make_synthetic_ham10000
+def run_prepare(cfg: Config, check: bool = False) -> Path:
+    """The dataset named by data.dataset -> sample JSONL in the run directory. With `check`, nothing is
+    written but prepare_report.json: every problem is listed (printed, and `ok` false when there are any)."""
+    from medlava.data.prepare import finish
+    from medlava.data.problems import Problems
+    from medlava.data.registry import load_dataset
+    from medlava.io import InputError, atomic_write_json
 
     run = start_run(cfg, "prepare")
-    root = Path(cfg.data.root)
-    if cfg.data.synthetic is not None and not root.exists():
-        s = cfg.data.synthetic
-        make_synthetic_ham10000(root, n_lesions=s.n_lesions, max_images_per_lesion=s.max_images_per_lesion,
-                                image_size=s.image_size, seed=s.seed)
-        log.info("wrote a synthetic HAM10000 (%d lesions) to %s", s.n_lesions, root)
-    summary = prepare_ham10000(root, run, ratios=cfg.data.split_ratios, seed=cfg.data.seed,
-                               split_file=Path(cfg.data.split_file) if cfg.data.split_file else None,
-                               skip_missing=cfg.data.skip_missing_images)
-    mark_complete(run, {"splits": summary["splits"], "skipped": summary.get("skipped")})
+    problems = Problems(check=check, skip=set(cfg.data.skip))
+    try:
+        summary = finish(load_dataset(cfg, problems, run), run, problems, cfg.data.verify_images, cfg.data.workers)
+    except InputError as e:
+        if not check:
+            raise
+        problems.fatal(e)  # the source could not be read on: what was found before still counts
+        atomic_write_json(run / "prepare_report.json", {**problems.report(), "dataset": cfg.data.dataset})
+    if check:
+        print(f"medlava prepare --check ({cfg.data.dataset}, {cfg.data.root}): {problems.render()}", flush=True)
+        log.info("check: %s (report: %s)", "ok" if problems.ok else "problems found", run / "prepare_report.json")
+        return run
+    mark_complete(run, {"splits": summary["splits"], "skipped": {k: v for k, v in summary["skipped"].items() if v}})
     log.info("prepare: %s samples in %s", summary["splits"], run)
     return run
 
 
 def run_eval(cfg: Config) -> Path:
-    from medlava.eval.report import evaluate_closed
+    from medlava.eval.run import eval_inputs, evaluate, summary_table
 
     run = start_run(cfg, "eval")
     source = resolve(cfg, cfg.eval.predictions, "infer")
-    csv = source if source.suffix == ".csv" else source / "predictions.csv"
-    classes = read_result(source).get("classes") if source.is_dir() else None
-    metrics = evaluate_closed(csv, run, classes=classes, n_bootstrap=cfg.eval.n_bootstrap)
-    mark_complete(run, {"metrics": "metrics.json", "predictions": str(csv)})
-    log.info("eval: accuracy %.3f, macro-F1 %.3f, macro-AUC %s -> %s", metrics["accuracy"], metrics["macro_f1"],
-             f"{metrics['macro_auc']:.3f}" if metrics.get("macro_auc") is not None else "n/a", run)
+    inputs = eval_inputs(source, cfg.eval)
+    metrics = evaluate(inputs.csv, run, cfg.eval, inputs.classes, inputs.vocab, inputs.vocab_source)
+    mark_complete(run, {"metrics": "metrics.json", "predictions": str(inputs.csv), "family": metrics["family"]})
+    print(summary_table(metrics), flush=True)
+    log.info("eval: %s metrics of %s -> %s", metrics["family"], inputs.csv, run)
     return run

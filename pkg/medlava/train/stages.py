@@ -15,7 +15,7 @@ import torch
 
 from medlava.config import Config, TrainConfig
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist
+from medlava.distributed import Dist, barrier
 from medlava.io import atomic_write_json
 from medlava.models.inputs import Encoder, SampleDataset
 from medlava.models.llava import (
@@ -125,6 +125,9 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, "train")
     init = init_checkpoint(cfg, stage)
+    if d.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
+        base_model_path(cfg.model)
+    barrier()
     built = build_model(cfg, stage, d, init)
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
