@@ -417,3 +417,4 @@ def test_missing_pretrained_file_is_refused_with_the_fix(trained):
                   env=trained["env"], check=False)
     assert out.returncode == 2
     assert "cnn.pretrained=/nowhere/w.safetensors does not exist" in out.stderr and "cnn.pretrained=null" in out.stderr
+    assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nofile").exists()  # refused before a run starts

@@ -237,6 +237,9 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 def run_cnn(cfg: Config, d: Dist) -> Path:
     c = cfg.cnn
+    if c.pretrained and not Path(c.pretrained).is_file():
+        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
+                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
     signals.install()
     run = start_run(cfg, "cnn", d.rank)
     prepared = resolve(cfg, cfg.data.samples, "prepare")
@@ -252,9 +255,6 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
     train_items, val_items = splits["train"], splits["val"]
     if not val_items:
         raise InputError(f"{prepared}/val.jsonl is empty: early stopping needs a validation split")
-    if c.pretrained and not Path(c.pretrained).is_file():
-        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
-                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
 
     # -- model, loss, precision ------------------------------------------------------------------------------
     torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
