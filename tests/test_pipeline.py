@@ -48,9 +48,10 @@ def test_sft_logs_falling_loss_and_the_required_scalars(demo):
     sft = runs / "sft" / "t1"
     loss = scalars(sft, "train/loss")
     assert len(loss) >= 5 and loss[-1] < loss[0]
-    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s"):
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/data_wait_fraction"):
         assert len(scalars(sft, tag)) == len(loss)
-    assert all(v > 0 for v in scalars(sft, "train/tokens_per_s"))
+    assert all(v > 0 for v in scalars(sft, "train/tokens_per_s") + scalars(sft, "train/samples_per_s"))
+    assert all(0 <= v < 1 for v in scalars(sft, "train/data_wait_fraction"))
     assert scalars(runs / "align" / "t1", "train/loss")  # align logs too
 
 

@@ -49,6 +49,24 @@ def ensure_process_group(d: Dist) -> None:
     dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world_size)
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when it is true on one (e.g. a stop signal that reached one node first)."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: list[float], d: Dist) -> list[float]:
+    """Each value's mean over ranks, in one all-reduce."""
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world_size).tolist()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

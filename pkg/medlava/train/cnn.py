@@ -33,7 +33,7 @@ from tqdm import tqdm
 from medlava import signals
 from medlava.config import CnnConfig, Config
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist, barrier
+from medlava.distributed import Dist, any_rank, barrier, mean_over_ranks
 from medlava.eval.classification import classification_metrics
 from medlava.io import InputError, atomic_savefig, atomic_write_json, atomic_write_text
 from medlava.models.cnn import (
@@ -161,22 +161,6 @@ def phase_plan(model: CnnClassifier, c: CnnConfig) -> list[dict]:
                    "unfreeze_fraction": c.unfreeze_fraction,
                    **set_phase(model, frozen=False, unfreeze_fraction=c.unfreeze_fraction)})
     return phases
-
-
-def _any_rank(flag: bool, d: Dist) -> bool:
-    if d.world_size == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _mean_over_ranks(value: float, d: Dist) -> float:
-    if d.world_size == 1:
-        return value
-    t = torch.tensor([value], device=d.device)
-    dist.all_reduce(t)
-    return t.item() / d.world_size
 
 
 def gather_proba(model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfig, d: Dist,
@@ -356,7 +340,7 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
             scaler.update()
             scheduler.step()
             loop["step"] += 1
-            losses.append(_mean_over_ranks(loss.item(), d))
+            losses.append(mean_over_ranks([loss.item()], d)[0])
             step = epoch * steps_per_epoch + loop["step"]
             if writer:
                 writer.add_scalar("train/loss", losses[-1], step)
@@ -365,7 +349,7 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
                 writer.add_scalar("train/images_per_s", images_per_s, step)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if loop["step"] < steps_per_epoch and _any_rank(signals.requested(), d):
+            if loop["step"] < steps_per_epoch and any_rank(signals.requested(), d):
                 save(f"epoch-{epoch:03d}-step-{loop['step']:05d}")
                 log.warning("stop requested: checkpoint saved %d steps into epoch %d; exiting for requeue",
                             loop["step"], epoch + 1)
@@ -403,7 +387,7 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
                  " (best)" if loop["best"] == name else f" (best {loop['best_f1']:.4f}, {loop['best']})")
         if patience_out:
             log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
-        if not loop["done"] and _any_rank(signals.requested(), d):
+        if not loop["done"] and any_rank(signals.requested(), d):
             log.warning("stop requested: checkpoint %s saved; exiting for requeue", name)
             raise SystemExit(signals.EXIT_REQUEUE)
     if writer:

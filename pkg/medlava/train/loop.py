@@ -13,14 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from medlava import signals
 from medlava.config import TrainConfig
-from medlava.distributed import Dist, ensure_process_group
+from medlava.distributed import Dist, any_rank, ensure_process_group, mean_over_ranks
 from medlava.models.inputs import SampleDataset, collate, collate_packed
 from medlava.models.llava import PROJECTOR
 from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
@@ -62,22 +61,6 @@ def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size:
     full = len(batches) - (len(batches[-1]) < global_batch)
     perm = torch.randperm(full, generator=g).tolist() + list(range(full, len(batches)))
     return [j for b in perm for j in batches[b][d.rank :: d.world_size]][skip:]
-
-
-def _any_rank(flag: bool, d: Dist) -> bool:
-    if d.world_size == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _reduce_mean(value: float, d: Dist) -> float:
-    if d.world_size == 1:
-        return value
-    t = torch.tensor([value], device=d.device)
-    dist.all_reduce(t)
-    return t.item() / d.world_size
 
 
 def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, run: Path, d: Dist,
@@ -144,12 +127,17 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
         indices = epoch_indices(len(dataset), t.seed, epoch, d, skip * t.batch_size, t.batch_size,
                                 dataset.lengths() if t.group_by_length else None)
         loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=indices,
-                                             num_workers=t.num_workers, collate_fn=collate_fn)
+                                             num_workers=t.num_workers, collate_fn=collate_fn,
+                                             pin_memory=d.device.type == "cuda")
         batches = iter(loader)
         while step < min(total, (epoch + 1) * updates_per_epoch):
-            tic, losses, tokens, slots = time.perf_counter(), [], 0, 0
+            tic, losses, tokens, slots, samples, waited = time.perf_counter(), [], 0, 0, 0, 0.0
             for k in range(t.grad_accum):
-                batch = {key: v.to(d.device) for key, v in next(batches).items()}
+                wait = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - wait  # > 0 when the loader cannot keep up (more num_workers)
+                batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
+                samples += int((batch["position_ids"] == 0).sum()) if t.packing else len(batch["input_ids"])
                 real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 tokens, slots = tokens + real, slots + batch["input_ids"].numel()
                 sync = k == t.grad_accum - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
@@ -173,12 +161,16 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = _reduce_mean(sum(losses) / len(losses), d)
-            tok_s = _reduce_mean(tokens / (time.perf_counter() - tic), d) * d.world_size
+            seconds = time.perf_counter() - tic
+            loss_value, tok_s, samples_s, wait_fraction = mean_over_ranks(
+                [sum(losses) / len(losses), tokens / seconds, samples / seconds, waited / seconds], d)
+            tok_s, samples_s = tok_s * d.world_size, samples_s * d.world_size
             if writer and (step % t.log_every == 0 or step == total):
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/grad_norm", grad_norm, step)
                 writer.add_scalar("train/tokens_per_s", tok_s, step)
+                writer.add_scalar("train/samples_per_s", samples_s, step)
+                writer.add_scalar("train/data_wait_fraction", wait_fraction, step)
                 writer.add_scalar("train/pad_fraction", 1 - tokens / slots, step)
                 writer.add_scalar("train/epoch", step / updates_per_epoch, step)
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -187,7 +179,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                     writer.add_scalar("train/lr_projector", lrs["projector"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
-            stop = _any_rank(signals.requested(), d) and step < total
+            stop = any_rank(signals.requested(), d) and step < total
             if stop or step == total or (t.save_every and step % t.save_every == 0):
                 ckpt = save_checkpoint(run, step, model, processor, kind, manifest, optimizer, scheduler,
                                        {"total": total}, d, engine)
