@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -134,14 +135,26 @@ def test_every_skip_reason_is_a_config_choice():
 
 
 @pytest.mark.parametrize("pad", [True, False])
-@pytest.mark.parametrize("size", [(600, 450), (450, 600), (336, 336), (90, 120)])
-def test_fast_pixel_values_equal_the_processors(pad, size):
+@pytest.mark.parametrize("size", [(600, 450), (450, 600), (336, 336), (90, 120), (601, 449)])
+def test_fast_pixel_values_match_the_processors(pad, size):
     processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                        do_pad=pad)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
     got = pixel_values(image, processor)
-    assert got.shape == expected.shape == (3, 336, 336) and (got - expected).abs().max() < 1e-5
+    assert got.shape == expected.shape == (3, 336, 336)
+    # torch's uint8 resize may round a pixel to the neighbouring 8-bit level; nothing more, and rarely
+    level = (1 / 255 / torch.tensor(processor.image_std)).view(3, 1, 1)
+    off = (got - expected).abs() > 1e-5
+    assert ((got - expected).abs() <= level + 1e-5).all() and off.float().mean() < 0.02
+
+
+def test_fast_pixel_values_defer_to_a_processor_they_do_not_model():
+    processor = LlavaImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                       resample=Image.Resampling.LANCZOS)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 80, 3), dtype=np.uint8))
+    expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(pixel_values(image, processor), expected)
 
 
 def test_slake_check_with_masks_writes_nothing(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from medlava.data.images import load_image, resolve_image
+from medlava.data.images import load_image, pixel_values, resolve_image
 from medlava.models.templates import IGNORE_INDEX, Encoded, encode, render
 
 
@@ -25,7 +25,7 @@ class Encoder:
         if not sample.get("image"):
             return None
         image = load_image(resolve_image(self.image_root, sample["image"]), sample_id=str(sample["id"]))
-        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixel_values(image, self.processor.image_processor)
 
     def _encode(self, sample: dict, generation: bool) -> Encoded:
         segments = render(self.template, sample["conversations"], str(sample["id"]), add_generation_prompt=generation)
