@@ -5,6 +5,7 @@
     python launch/submit.py sft --config ... --executor slurm --nodes 2 --gpus 8 --partition gpu --time 24:00:00
     python launch/submit.py infer --config ... --chunks 16 --dry-run     # print config, sbatch scripts, commands
     python launch/submit.py pipeline --config ...    # [prepare ->] align -> sft -> infer array -> eval, afterok
+    python launch/submit.py prepare --config ... --check   # list every problem in the data; write no samples
     python launch/submit.py demo --config jobs/configs/tiny.yaml --executor local   # the chain on this machine
     python launch/submit.py status [RUN]     # RUN: a run id (all its stages) or a run directory
     python launch/submit.py logs RUN [--job NAME] [--task N]
@@ -20,6 +21,7 @@ import json
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -55,6 +57,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--array-parallelism", type=int, help="cluster.array_parallelism: array tasks at once")
     p.add_argument("--output-root", help="where run directories go (a shared file system on clusters)")
     p.add_argument("--chunks", type=int, help="infer: split the answers into this many job-array tasks")
+    p.add_argument("--check", action="store_true",
+                   help="prepare: report every problem in the data in one pass (prepare_report.json), write no "
+                        "samples; the job fails if there is any")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, sbatch scripts and command lines; submit nothing")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=2e-4")
@@ -103,6 +108,9 @@ def stages_of(stage: str, cfg: Config) -> tuple[str, ...]:
 def launch(argv: list[str]) -> int:
     args = parse(argv)
     overrides = cli_overrides(args)
+    if args.check and args.stage != "prepare":
+        print(f"submit: --check is an option of prepare, not {args.stage}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -124,6 +132,8 @@ def launch(argv: list[str]) -> int:
     # Jobs may start in another directory or after the recipe was moved: they get its absolute path.
     config_path = str(Path(args.config).absolute()) if executor == "slurm" else args.config
     jobs = stage_jobs(stages_of(args.stage, cfg), config_path, overrides, cfg)
+    if args.check:
+        jobs = [replace(j, args=[*j.args, "--check"]) for j in jobs]
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
     if executor == "slurm":
         return launch_slurm(args, jobs, run_dirs, cfg, config_path)

@@ -258,3 +258,24 @@ def test_node_task_stops_torchrun_workers_on_usr2_and_asks_for_a_requeue(tmp_pat
     steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     assert 2 <= steps[-1] < 40 and not (ckpts.parent / "COMPLETE.json").exists()
     assert f"checkpoint saved at step {steps[-1]} of 40" in err, err
+
+
+def test_prepare_check_through_the_launcher(tmp_path):
+    from medlava.data.synthetic import make_synthetic_ham10000
+
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    next(root.glob("HAM10000_images_part_*/*.jpg")).unlink()
+    common = ["--config", str(TINY), "data.synthetic=null", f"data.root={root}", "--output-root", str(tmp_path / "o"),
+              "run_id=c"]
+    dry = submit("prepare", "--check", "--executor", "slurm", "--dry-run", "--cpus-per-task", "1", *common,
+                 cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    (job,) = scripts(dry.stdout)
+    assert any(" -m medlava prepare " in line and line.endswith(" --check") for line in job), job
+    out = submit("prepare", "--check", "--executor", "local", *common, cwd=tmp_path)
+    run = tmp_path / "o" / "tiny" / "prepare" / "c"
+    report = json.loads((run / "prepare_report.json").read_text())
+    assert out.returncode == 1 and report["error_counts"] == {"missing_image": 1}
+    assert not (run / "train.jsonl").exists()
+    refused = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)
+    assert refused.returncode == 2 and "--check is an option of prepare" in refused.stderr
