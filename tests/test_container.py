@@ -38,12 +38,13 @@ def constraint(name: str) -> str:
 
 def test_versions_file_is_the_only_source_of_pins_and_constraints_agree():
     v = versions()
-    assert set(v) == {"CUDA_IMAGE", "TORCH_VERSION", "TORCH_CUDA", "FLASH_ATTN_VERSION", "LLAVA_MED_COMMIT"}
+    assert set(v) == {"CUDA_IMAGE", "TORCH_VERSION", "TORCHVISION_VERSION", "TORCH_CUDA", "FLASH_ATTN_VERSION",
+                      "LLAVA_MED_COMMIT"}
     text = DEF.read_text()
     assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", text)) == set(v), "every pin used, and only these"
     assert "arguments" not in sections(text), "defaults in %arguments would be a second place for pins"
     assert not re.search(r"==\s*[0-9]", text) and not re.search(r"@[0-9a-f]{7,}", text), "a literal pin in the def"
-    assert constraint("torch") == v["TORCH_VERSION"]
+    assert constraint("torch") == v["TORCH_VERSION"] and constraint("torchvision") == v["TORCHVISION_VERSION"]
     assert constraint("flash-attn") == v["FLASH_ATTN_VERSION"]
     assert re.fullmatch(r"[0-9a-f]{40}", v["LLAVA_MED_COMMIT"])
     cuda = re.search(r":(\d+)\.(\d+)", v["CUDA_IMAGE"])  # nvidia/cuda:12.8.1-... <-> cu128
@@ -57,12 +58,15 @@ def test_def_builds_from_the_cuda_image_installs_medlava_pinned_and_tests_it():
     files = [line.split() for line in s["files"].splitlines() if line.strip()]
     assert ["constraints.txt", "/opt/medlava/src/constraints.txt"] in files and ["pkg", "/opt/medlava/src/pkg"] in files
     post = s["post"]
-    assert '"torch=={{ TORCH_VERSION }}" --index-url "https://download.pytorch.org/whl/{{ TORCH_CUDA }}"' in post
-    assert "-c /opt/medlava/src/constraints.txt" in post and '"/opt/medlava/src[gpu,metrics]"' in post
+    joined = post.replace("\\\n", " ")  # continuation lines as the shell reads them
+    assert re.search(r'"torch==\{\{ TORCH_VERSION \}\}" "torchvision==\{\{ TORCHVISION_VERSION \}\}"\s+'
+                     r'--index-url "https://download.pytorch.org/whl/\{\{ TORCH_CUDA \}\}"', joined)
+    extras = re.search(r'"/opt/medlava/src\[([a-z,]+)\]"', post).group(1).split(",")
+    assert "-c /opt/medlava/src/constraints.txt" in post and {"gpu", "metrics", "data", "cnn"} <= set(extras)
     assert '"flash-attn=={{ FLASH_ATTN_VERSION }}"' in post
     assert "--no-deps \"git+https://github.com/microsoft/LLaVA-Med.git@{{ LLAVA_MED_COMMIT }}\"" in post
     test = s["test"]
-    for needle in ("torch.version.cuda", "torch.cuda.is_available()", "import flash_attn",
+    for needle in ("torch.version.cuda", "torch.cuda.is_available()", "import flash_attn", "{{ TORCHVISION_VERSION }}",
                    'version("flash-attn") == "{{ FLASH_ATTN_VERSION }}"', "{{ LLAVA_MED_COMMIT }}",
                    "import medlava.cli", "medlava --help"):
         assert needle in test, needle
@@ -94,6 +98,21 @@ def test_binds_cover_data_output_cache_and_recipe_without_nesting(tmp_path):
                                     str(tmp_path / "hf")])
     with pytest.raises(ValueError, match="cannot contain ':' or ','"):
         bind_paths(load_config(TINY, [f"output_root={tmp_path / 'a:b'}"]), str(TINY), {})
+
+
+def test_binds_cover_the_checkpoints_images_and_weights_the_recipe_names(tmp_path):
+    for d in ("data", "models/llava-med", "scratch/imgs", "weights"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "weights" / "effnet.safetensors").write_bytes(b"")
+    cfg = load_config(TINY, [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}",
+                             f"model.name_or_path={tmp_path / 'models/llava-med'}",
+                             f"infer.image_root={tmp_path / 'scratch/imgs'}",
+                             f"cnn.pretrained={tmp_path / 'weights/effnet.safetensors'}",
+                             "train.init_from=latest", "eval.bertscore_model=roberta-large"])
+    binds = set(bind_paths(cfg, str(TINY), {"MEDLAVA_CACHE": str(tmp_path / "out" / "cache")}))
+    # a file binds its folder; `latest` and a hub id are not paths here, so nothing is bound for them
+    assert {str(tmp_path / "models/llava-med"), str(tmp_path / "scratch/imgs"), str(tmp_path / "weights")} <= binds
+    assert not any(b.endswith(("latest", "roberta-large")) for b in binds)
 
 
 def test_container_command_wraps_the_same_torchrun_line(tmp_path):

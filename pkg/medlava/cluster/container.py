@@ -35,15 +35,36 @@ def cache_dirs(env: Mapping[str, str]) -> list[Path]:
     return dirs
 
 
+# Config keys that may name a local file or folder (elsewhere they hold a hub id, `latest` or `none`).
+PATH_KEYS = ("model.name_or_path", "data.image_root", "data.split_file", "data.samples", "data.mimic_cxr.reports_root",
+             "data.chexpert_plus.llm.cache_dir", "align.init_from", "train.init_from", "infer.checkpoint",
+             "infer.questions", "infer.image_root", "eval.predictions", "eval.closed_vocab", "eval.bertscore_model",
+             "eval.bertscore_baseline", "eval.chexbert_checkpoint", "eval.chexbert_tokenizer", "cnn.pretrained")
+
+
+def config_paths(cfg: Config) -> list[Path]:
+    """The existing files and folders the recipe names under PATH_KEYS (a file stands for its folder)."""
+    out = []
+    for key in PATH_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, str) and value and Path(value).exists():
+            path = Path(value).absolute()
+            out.append(path if path.is_dir() else path.parent)
+    return out
+
+
 def bind_paths(cfg: Config, config_path: str, env: Mapping[str, str]) -> tuple[str, ...]:
-    """Data, output and cache roots and the recipe's folder, absolute, without paths nested in another.
-    A data root that prepare will generate binds its parent; the submission makes missing output and cache
-    folders (Apptainer refuses to bind a path that does not exist)."""
+    """Data, output and cache roots, the recipe's folder and every local path the recipe names (checkpoints,
+    image roots, weights), absolute, without paths nested in another. A data root that prepare will generate
+    binds its parent; the submission makes missing output and cache folders (Apptainer refuses to bind a
+    path that does not exist)."""
     data = Path(cfg.data.root).absolute()
     if not data.exists():
         data = data.parent
     paths = [data, Path(cfg.output_root).absolute(), Path(config_path).absolute().parent,
-             *(p.absolute() for p in cache_dirs(env))]
+             *(p.absolute() for p in cache_dirs(env)), *config_paths(cfg)]
     problems = [f"{p}: Apptainer bind paths cannot contain ':' or ','" for p in paths if {":", ","} & set(str(p))]
     if not data.exists():
         problems.append(f"data.root {cfg.data.root} does not exist, nor its parent folder")
