@@ -14,25 +14,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medlava.config import LlmQAConfig, load_config
+from medlava.config import LlmQAConfig
 from medlava.data.qa import LlmQA, QAGenerationError, RateLimit, rules_qa
 from medlava.data.synthetic_chexpert_plus import CSV, make_synthetic_chexpert_plus
-from medlava.io import InputError, read_jsonl
-from medlava.stages import run_prepare
+from medlava.io import InputError
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+from prepared import prepare_dataset, rows
+
 SECRET = "sk-test-not-a-real-key-4242"
 
 
 def prepare(tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
-    cfg = load_config(TINY, ["data.dataset=chexpert_plus", "data.synthetic=null", f"data.root={root}",
-                             f"data.image_root={root / 'PNG'}", "data.split_ratios=[0.5,0.25,0.25]",
-                             f"output_root={tmp / 'runs'}", f"run_id={run_id}", *overrides])
-    return run_prepare(cfg)
-
-
-def rows(run: Path) -> dict[str, list[dict]]:
-    return {s: list(read_jsonl(run / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    return prepare_dataset("chexpert_plus", tmp, root, f"data.image_root={root / 'PNG'}",
+                           "data.split_ratios=[0.5,0.25,0.25]", *overrides, run_id=run_id)
 
 
 @pytest.fixture(scope="module")

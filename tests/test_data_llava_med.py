@@ -9,26 +9,17 @@ import json
 import shutil
 import struct
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from medlava.config import load_config
 from medlava.data.synthetic_llava_med import ALIGNMENT, INSTRUCT, QA50, make_synthetic_llava_med
-from medlava.io import InputError, read_jsonl
-from medlava.stages import run_prepare
+from medlava.io import InputError
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+from prepared import prepare_dataset, rows
 
-
-def prepare(tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
-    cfg = load_config(TINY, ["data.dataset=llava_med", "data.synthetic=null", f"data.root={root}",
-                             f"output_root={tmp / 'runs'}", f"run_id={run_id}", *overrides])
-    return run_prepare(cfg)
-
-
-def rows(run: Path) -> dict[str, list[dict]]:
-    return {s: list(read_jsonl(run / f"{s}.jsonl")) for s in ("train", "val", "test")}
+prepare = partial(prepare_dataset, "llava_med")
 
 
 @pytest.fixture(scope="module")

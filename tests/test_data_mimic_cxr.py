@@ -6,29 +6,20 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from medlava.config import load_config
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, SPLIT, report_path
 from medlava.data.reports import sections, target_text
 from medlava.data.synthetic_mimic import make_synthetic_mimic
-from medlava.io import InputError, read_jsonl
-from medlava.stages import run_prepare
+from medlava.io import InputError
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+from prepared import prepare_dataset, rows
 
-
-def prepare(tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
-    cfg = load_config(TINY, ["data.dataset=mimic_cxr", "data.synthetic=null", f"data.root={root}",
-                             f"output_root={tmp / 'runs'}", f"run_id={run_id}", *overrides])
-    return run_prepare(cfg)
-
-
-def rows(run: Path) -> dict[str, list[dict]]:
-    return {s: list(read_jsonl(run / f"{s}.jsonl")) for s in ("train", "val", "test")}
+prepare = partial(prepare_dataset, "mimic_cxr")
 
 
 @pytest.fixture(scope="module")

@@ -6,29 +6,20 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medlava.config import load_config
 from medlava.data.slake import closed_choices
 from medlava.data.synthetic_slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
-from medlava.io import InputError, read_jsonl
-from medlava.stages import run_prepare
+from medlava.io import InputError
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+from prepared import prepare_dataset, rows
 
-
-def prepare(tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
-    cfg = load_config(TINY, ["data.dataset=slake", "data.synthetic=null", f"data.root={root}",
-                             f"output_root={tmp / 'runs'}", f"run_id={run_id}", *overrides])
-    return run_prepare(cfg)
-
-
-def rows(run: Path) -> dict[str, list[dict]]:
-    return {s: list(read_jsonl(run / f"{s}.jsonl")) for s in ("train", "val", "test")}
+prepare = partial(prepare_dataset, "slake")
 
 
 @pytest.fixture(scope="module")

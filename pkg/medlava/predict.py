@@ -148,6 +148,20 @@ def load_predictor(path: Path, device: torch.device, question: str = QUESTION,
     return VlmPredictor(ckpt, device, question, choices)
 
 
+def add_predictor_args(p: argparse.ArgumentParser) -> None:
+    """The options `medlava predict` and `medlava serve` share: which model, where it runs, what it is asked."""
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint directory, or a complete cnn / sft / align run directory")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--question", default=QUESTION, help="VLM: the closed question whose options are scored")
+    p.add_argument("--choices", default=",".join(CLASSES), help="VLM: comma-separated answer options (the classes)")
+
+
+def predictor_from_args(args: argparse.Namespace) -> CnnPredictor | VlmPredictor:
+    return load_predictor(args.checkpoint, choose_device(args.device), args.question,
+                          [c.strip() for c in args.choices.split(",") if c.strip()])
+
+
 # -- inputs ---------------------------------------------------------------------------------------------------
 
 def _unique_ids(items: list[Item], where: Path) -> list[Item]:
@@ -250,20 +264,15 @@ def predictions_frame(items: Sequence[Item], probs: np.ndarray, classes: Sequenc
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medlava predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint directory, or a complete cnn / sft / align run directory")
+    add_predictor_args(p)
     p.add_argument("--images", required=True, type=Path, help="a folder of images, or a CSV listing them")
     p.add_argument("--image-root", type=Path, help="where a CSV's image paths start (default: the CSV's folder)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--question", default=QUESTION, help="VLM: the closed question asked of every image")
-    p.add_argument("--choices", default=",".join(CLASSES), help="VLM: comma-separated answer options (the classes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        predictor = load_predictor(args.checkpoint, choose_device(args.device), args.question,
-                                   [c.strip() for c in args.choices.split(",") if c.strip()])
+        predictor = predictor_from_args(args)
         items = read_inputs(args.images, args.image_root, predictor.classes)
         frame = predictions_frame(items, predictor.probabilities(items, args.batch_size), predictor.classes)
         atomic_write_text(args.out, frame.to_csv(index=False))

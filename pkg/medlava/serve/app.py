@@ -22,10 +22,9 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.serving import make_server
 
-from medlava.data.ham10000 import CLASSES, QUESTION
 from medlava.io import InputError
 from medlava.models.cnn import Item
-from medlava.predict import CnnPredictor, VlmPredictor, choose_device, load_predictor
+from medlava.predict import CnnPredictor, VlmPredictor, add_predictor_args, predictor_from_args
 from medlava.serve.uploads import FORMATS, UploadError, save_upload
 
 log = logging.getLogger(__name__)
@@ -101,19 +100,14 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medlava serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint directory, or a complete cnn / sft / align run directory")
+    add_predictor_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
-    p.add_argument("--question", default=QUESTION, help="VLM: the closed question whose options are scored")
-    p.add_argument("--choices", default=",".join(CLASSES), help="VLM: comma-separated answer options (the classes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        predictor = load_predictor(args.checkpoint, choose_device(args.device), args.question,
-                                   [c.strip() for c in args.choices.split(",") if c.strip()])
+        predictor = predictor_from_args(args)
     except (InputError, FileNotFoundError) as e:
         print(f"medlava serve: {e}", file=sys.stderr)
         return 2
