@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from medlava.config import ModelConfig, TinyModelConfig
-from medlava.models.llava import load_processor
+from medlava.models.llava import enable_activation_checkpointing, load_processor
 from medlava.models.tiny import build_tiny, tiny_checkpoint
 
 
@@ -39,8 +39,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         for name, p in model.named_parameters():
             p.requires_grad = "multi_modal_projector" in name or "language_model.layers.1." in name
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            enable_activation_checkpointing(model)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         ids = torch.tensor([[1] + [model.config.image_token_id] * 16 + list(range(10, 40))])
         pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, pixel_values=pixels, labels=ids, use_cache=False).loss.backward()

@@ -60,6 +60,16 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype) -> LlavaForCondi
     return model
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant, which works with frozen inputs and DDP)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+
+
 def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
     vc = model.config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2

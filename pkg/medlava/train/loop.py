@@ -21,7 +21,7 @@ from medlava import signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, any_rank, ensure_process_group, mean_over_ranks
 from medlava.models.inputs import SampleDataset, collate, collate_packed
-from medlava.models.llava import PROJECTOR
+from medlava.models.llava import PROJECTOR, enable_activation_checkpointing
 from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
     warmup = math.ceil(total * t.warmup_ratio)
 
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+        enable_activation_checkpointing(model)
     engine = None
     if t.deepspeed != "none":
         import deepspeed
