@@ -94,3 +94,29 @@ def test_length_grouping_keeps_every_sample_once_and_cuts_padding(world):
     assert epoch_indices(1000, 0, 1, d, 0, bs, lengths) == epoch_indices(1000, 0, 1, d, 0, bs, lengths)
     assert epoch_indices(1000, 0, 1, d, 0, bs, lengths) != epoch_indices(1000, 0, 2, d, 0, bs, lengths)
     assert epoch_indices(1000, 0, 1, d, 16, bs, lengths) == epoch_indices(1000, 0, 1, d, 0, bs, lengths)[16:]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_bad_image_in_a_loader_worker_surfaces_as_the_input_error_naming_it(tiny, tmp_path, packed):
+    import numpy as np
+    from PIL import Image
+
+    from medlava.io import InputError
+    from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
+
+    _, processor = tiny
+    for i in range(4):
+        Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "2.png").write_bytes((tmp_path / "2.png").read_bytes()[:60])  # truncated mid-file
+    conv = [{"from": "human", "value": "<image>\nDescribe the lesion."}, {"from": "gpt", "value": "benign"}]
+    samples = [{"id": f"s{i}", "image": f"{i}.png", "conversations": conv} for i in range(4)]
+    dataset = SampleDataset(samples, Encoder(processor, "mistral_instruct", 16, 256, tmp_path))
+    fn = collate_packed if packed else lambda items: collate(items, processor.tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=fn)
+    first, second = list(loader)
+    raise_batch_error(first)  # a good batch passes
+    assert first["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(InputError) as e:
+        raise_batch_error(second)
+    assert str(e.value).startswith(f"image {tmp_path / '2.png'} (sample s2) cannot be read")
+    assert "Traceback" not in str(e.value)

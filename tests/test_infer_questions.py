@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,3 +163,20 @@ def test_generate_mode_normalises_choices_and_carries_meta(tmp_path, questions, 
     assert set(m["by_group"]["modality"]) == {"CT", "X-Ray", "dermoscopy"}
     per = pd.read_csv(tmp_path / "ev" / "per_sample.csv", dtype={"id": str}, keep_default_na=False)
     assert sorted(per["id"]) == sorted(pred.index)
+
+
+def test_a_bad_image_stops_infer_with_the_message_not_a_traceback(tmp_path, questions, cache):
+    rows = [json.loads(line) for line in questions.read_text().splitlines()][:6]
+    for r in rows:
+        shutil.copy(questions.parent / r["image"], tmp_path / Path(r["image"]).name)
+        r["image"] = Path(r["image"]).name
+    (tmp_path / rows[4]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    bad = tmp_path / "questions.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "MEDLAVA_CACHE": str(cache)}
+    args = _overrides(tmp_path / "runs", bad, "b1", **{"infer.chunks": 1, "infer.num_workers": 2})
+    out = subprocess.run([sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"medlava infer: image {tmp_path / rows[4]['image']} (sample {rows[4]['question_id']}) cannot be read" \
+        in out.stderr and "Traceback" not in out.stderr

@@ -264,6 +264,8 @@ class InferConfig(Section):
     """`latest` (newest complete sft run), `base` (the model as configured) or a checkpoint dir."""
     chunks: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(2, ge=0)
+    """DataLoader processes preparing the next batches (decode, resize, tokenise) while the model answers."""
     mode: Literal["score", "generate"] = "score"
     """score: closed questions answered by option log-likelihood; generate: free text."""
     max_new_tokens: int = Field(32, ge=1)

@@ -21,7 +21,7 @@ from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
 from medlava.infer.score import choice_token_ids, generate, score_choices
 from medlava.io import atomic_write_jsonl, atomic_write_text
-from medlava.models.inputs import Encoder
+from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import choose_dtype, load_for_inference, num_image_tokens
 from medlava.runs import mark_complete, resolve, start_run
 from medlava.train.checkpoint import checkpoint_of
@@ -58,7 +58,12 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
     writer = ChunkWriter(final)
     todo = [s for s in samples if chunk_of(s["id"], k) == idx and str(s["id"]) not in writer.done_ids]
     tok = processor.tokenizer
-    for start in tqdm(range(0, len(todo), inf.batch_size), desc=f"chunk {idx}/{k}", unit="batch"):
+    # Workers decode and preprocess the next batches while the model answers this one.
+    loader = torch.utils.data.DataLoader(SampleDataset(todo, encoder, prompts=True), batch_size=inf.batch_size,
+                                         num_workers=inf.num_workers, collate_fn=list)
+    for start, prompts in zip(range(0, len(todo), inf.batch_size),
+                              tqdm(loader, desc=f"chunk {idx}/{k}", unit="batch"), strict=True):
+        raise_batch_error(prompts)
         batch = todo[start : start + inf.batch_size]
         metas = [s.get("meta") or {} for s in batch]
         # Closed questions with choices are scored by option likelihood (mode score); the rest generate.
@@ -67,7 +72,7 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
         texts: list[str] = [""] * len(batch)
         scores: list[dict | None] = [None] * len(batch)
         if scored:
-            logps = score_choices(model, [encoder.prompt_item(batch[i]) for i in scored],
+            logps = score_choices(model, [prompts[i] for i in scored],
                                   [[choice_token_ids(tok, c) for c in metas[i]["choices"]] for i in scored],
                                   tok.pad_token_id, device)
             for i, lp in zip(scored, logps):
@@ -75,7 +80,7 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
                 scores[i] = dict(zip(metas[i]["choices"], probs))
                 texts[i] = metas[i]["choices"][max(range(len(probs)), key=probs.__getitem__)]
         if free:
-            out = generate(model, [encoder.prompt_item(batch[i]) for i in free], tok, device, inf.max_new_tokens,
+            out = generate(model, [prompts[i] for i in free], tok, device, inf.max_new_tokens,
                            inf.num_beams, inf.temperature)
             for i, text in zip(free, out):
                 texts[i] = text

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from medlava.data.images import load_image, pixel_values, resolve_image
+from medlava.io import InputError
 from medlava.models.templates import IGNORE_INDEX, Encoded, encode, render
 
 
@@ -45,7 +46,21 @@ class Encoder:
         return {"input_ids": enc.input_ids, "pixel_values": self.pixel_values(sample), "id": sample["id"]}
 
 
+def item_error(items: list[dict]) -> dict | None:
+    """The first bad-input error among `items` (see SampleDataset), as a batch that carries only it."""
+    return next(({"error": it["error"]} for it in items if "error" in it), None)
+
+
+def raise_batch_error(batch: dict | list[dict]) -> None:
+    """Re-raise, in the main process, a bad-input error a DataLoader worker met."""
+    error = item_error(batch) if isinstance(batch, list) else batch if "error" in batch else None
+    if error:
+        raise InputError(error["error"])
+
+
 def collate(items: list[dict], pad_id: int, side: str = "right") -> dict:
+    if error := item_error(items):
+        return error
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -72,6 +87,8 @@ def collate_packed(items: list[dict]) -> dict:
     transformers builds a block-diagonal causal mask from the position ids (varlen for flash-attn), so
     no token attends across samples; each sample starts with an unlabelled <s>, so no loss crosses
     a boundary either. Same samples, same loss as the padded batch, no pad tokens computed."""
+    if error := item_error(items):
+        return error
     ids = torch.tensor([t for it in items for t in it["input_ids"]])[None]
     labels = torch.tensor([t for it in items for t in it["labels"]])[None]
     positions = torch.cat([torch.arange(len(it["input_ids"])) for it in items])[None]
@@ -83,8 +100,15 @@ def collate_packed(items: list[dict]) -> dict:
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[dict], encoder: Encoder):
+    """Training items (or, with `prompts`, generation/scoring prompts) of `samples`, built in DataLoader workers.
+
+    A bad image or sample comes back as {"error": message}: raised in a worker, torch would re-raise it buried
+    in a traceback (and as RuntimeError when the exception takes other arguments). The collators pass it on
+    and raise_batch_error raises it in the main process, so the user sees the message that names the file."""
+
+    def __init__(self, samples: list[dict], encoder: Encoder, prompts: bool = False):
         self.samples, self.encoder = samples, encoder
+        self.make = encoder.prompt_item if prompts else encoder.train_item
         self._lengths: list[int] | None = None
 
     def lengths(self) -> list[int]:
@@ -100,4 +124,7 @@ class SampleDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return self.encoder.train_item(self.samples[i])
+        try:
+            return self.make(self.samples[i])
+        except InputError as e:
+            return {"error": str(e)}

@@ -20,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medlava import signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, any_rank, ensure_process_group, mean_over_ranks
-from medlava.models.inputs import SampleDataset, collate, collate_packed
+from medlava.models.inputs import SampleDataset, collate, collate_packed, raise_batch_error
 from medlava.models.llava import PROJECTOR, enable_activation_checkpointing
 from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
 
@@ -135,6 +135,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
                 wait = time.perf_counter()
                 batch = next(batches)
                 waited += time.perf_counter() - wait  # > 0 when the loader cannot keep up (more num_workers)
+                raise_batch_error(batch)
                 batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
                 samples += int((batch["position_ids"] == 0).sum()) if t.packing else len(batch["input_ids"])
                 real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
