@@ -6,6 +6,8 @@
     python launch/submit.py infer --config ... --chunks 16 --dry-run     # print config, sbatch scripts, commands
     python launch/submit.py pipeline --config ...    # [prepare ->] align -> sft -> infer array -> eval, afterok
     python launch/submit.py prepare --config ... --check   # list every problem in the data; write no samples
+    python launch/submit.py sft --config ... --check --executor slurm --partition gpu --gpus 8
+        # `medlava doctor` in a short one-node job with the stage's partition, GPUs and container; prints its screen
     python launch/submit.py demo --config jobs/configs/tiny.yaml --executor local   # the chain on this machine
     python launch/submit.py status [RUN]     # RUN: a run id (all its stages) or a run directory
     python launch/submit.py logs RUN [--job NAME] [--task N]
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from medlava.cluster.jobs import CHAIN, stage_jobs
+from medlava.cluster.jobs import CHAIN, Job, stage_jobs
 from medlava.cluster.local import JobFailed, run_local
 from medlava.config import Config, ConfigError, dump_config, load_config
 from medlava.runs import latest_complete, new_run_id, stage_root
@@ -58,8 +60,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-root", help="where run directories go (a shared file system on clusters)")
     p.add_argument("--chunks", type=int, help="infer: split the answers into this many job-array tasks")
     p.add_argument("--check", action="store_true",
-                   help="prepare: report every problem in the data in one pass (prepare_report.json), write no "
-                        "samples; the job fails if there is any")
+                   help="check instead of running: prepare reports every problem in the data in one pass "
+                        "(prepare_report.json, no samples written); any other stage runs `medlava doctor` in a "
+                        "one-node job on the stage's partition, GPUs and container, waits, and prints its screen. "
+                        "Exit 1 when a check fails")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, sbatch scripts and command lines; submit nothing")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=2e-4")
@@ -105,11 +109,21 @@ def stages_of(stage: str, cfg: Config) -> tuple[str, ...]:
     return CHAIN
 
 
+def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
+    """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
+    limit: what the stage's environment can run, seen from where it will run."""
+    args = ["doctor", "--output-root", cfg.output_root, "--gpus", str(job.gpus_per_node)]
+    doctor = Job("doctor", "doctor", args, gpus_per_node=job.gpus_per_node)
+    short = cfg.cluster.model_copy(update={"time": "15", "signal_delay_s": min(cfg.cluster.signal_delay_s, 60)})
+    return [doctor], cfg.model_copy(update={"cluster": short})
+
+
 def launch(argv: list[str]) -> int:
     args = parse(argv)
     overrides = cli_overrides(args)
-    if args.check and args.stage != "prepare":
-        print(f"submit: --check is an option of prepare, not {args.stage}", file=sys.stderr)
+    if args.check and args.stage in ("demo", "pipeline"):
+        print(f"submit: --check checks one stage; give the stage (prepare for the data, a training stage for the "
+              f"nodes), not {args.stage}", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, overrides)
@@ -132,8 +146,10 @@ def launch(argv: list[str]) -> int:
     # Jobs may start in another directory or after the recipe was moved: they get its absolute path.
     config_path = str(Path(args.config).absolute()) if executor == "slurm" else args.config
     jobs = stage_jobs(stages_of(args.stage, cfg), config_path, overrides, cfg)
-    if args.check:
+    if args.check and args.stage == "prepare":
         jobs = [replace(j, args=[*j.args, "--check"]) for j in jobs]
+    elif args.check:
+        jobs, cfg = doctor_job(jobs[0], cfg)
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
     if executor == "slurm":
         return launch_slurm(args, jobs, run_dirs, cfg, config_path)
@@ -150,6 +166,8 @@ def launch(argv: list[str]) -> int:
     except JobFailed as e:
         print(f"submit: {e}", file=sys.stderr)
         return 1
+    if args.check:  # the screen or the data report was the output
+        return 0
     print("\nOutputs:")
     for stage, path in dict((j.stage, run_dirs[j.name]) for j in jobs).items():
         print(f"  {stage:8s} {path}")
@@ -193,6 +211,8 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
     except slurm.SubmitError as e:
         print(f"submit: {e}", file=sys.stderr)
         return 1
+    if args.check and args.stage != "prepare":
+        return show_doctor(jobs[0], ids[jobs[0].name], run_dirs[jobs[0].name])
     print(f"submitted {len(jobs)} job(s), run id {cfg.run_id}" + (", each after the one before succeeds:"
                                                                    if len(jobs) > 1 else ":"))
     for job in jobs:
@@ -203,6 +223,21 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
           f"logs:   python launch/submit.py logs {cfg.run_id} --output-root {root} --job {jobs[-1].name}\n"
           f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(cfg.output_root) / cfg.name))}")
     return 0
+
+
+def show_doctor(job: Job, job_id: str, run_dir: Path) -> int:
+    """Wait for the doctor job and print the screen it wrote; 1 if it found a failure (or did not run)."""
+    from medlava.cluster import monitor as mon
+
+    print(f"submitted the check as job {job_id}; waiting for it to run (Ctrl-C leaves it queued; "
+          f"python launch/submit.py logs {run_dir} shows its screen later)", flush=True)
+    (state,) = mon.wait([job_id], timeout=7 * 24 * 3600, poll=5)[job_id]
+    err, out = mon.log_files(run_dir, {"job_id": job_id, "array": None}, 0)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    screen = "\n".join(line for line in text.splitlines() if not line.startswith("submitit "))  # its own log lines
+    print(f"==> medlava doctor on {state.nodes} (job {job_id}, {state.state}) <==")
+    print(screen or f"(no screen; the job's log is {err})")
+    return 0 if state.state == "COMPLETED" else 1
 
 
 def monitor(argv: list[str]) -> int:

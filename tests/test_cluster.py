@@ -277,5 +277,21 @@ def test_prepare_check_through_the_launcher(tmp_path):
     report = json.loads((run / "prepare_report.json").read_text())
     assert out.returncode == 1 and report["error_counts"] == {"missing_image": 1}
     assert not (run / "train.jsonl").exists()
-    refused = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)
-    assert refused.returncode == 2 and "--check is an option of prepare" in refused.stderr
+
+
+def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_path):
+    common = ["--config", str(TINY), "--output-root", str(tmp_path / "o"), "run_id=d"]
+    dry = submit("sft", "--check", "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
+                 "--cpus-per-task", "1", "--time", "24:00:00", *common, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    (job,) = scripts(dry.stdout)  # one job, whatever the stage's node count
+    options = sbatch_options(job)
+    assert options["--nodes"] == "1" and options["--time"] == "15" and options["--job-name"] == "tiny.doctor"
+    assert any(line.endswith(f"-m medlava doctor --output-root {tmp_path / 'o'} --gpus 0") for line in job), job
+    # locally the same command prints doctor's screen; a GPU count this machine lacks fails it
+    ok = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)
+    assert ok.returncode == 0 and "OK    python" in ok.stdout and ok.stdout.rstrip().endswith(" 0 FAIL")
+    failed = submit("sft", "--check", "--executor", "local", "--gpus", "1", *common[:-1], "run_id=d2", cwd=tmp_path)
+    assert failed.returncode == 1 and "the job asked for 1 per node" in failed.stdout
+    refused = submit("pipeline", "--check", "--executor", "local", *common, cwd=tmp_path)
+    assert refused.returncode == 2 and "--check checks one stage" in refused.stderr

@@ -20,6 +20,7 @@ from medlava.doctor import (
     OK,
     WARN,
     check_apptainer,
+    check_gpus,
     check_caches,
     check_output_root,
     check_packages,
@@ -232,3 +233,12 @@ def test_kernels_are_tried_on_the_gpu():
     assert bf16.status == (OK if torch.cuda.is_bf16_supported() else WARN) and "cuda:0" in bf16.detail
     fa = doctor.check_flash_attn({})
     assert (fa.status, "matches SDPA" in fa.detail) == (OK, True) or fa.detail.startswith("not installed")
+
+
+def test_fewer_gpus_than_the_job_asked_for_is_a_failure(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert check_gpus(0).status == WARN
+    failed = check_gpus(2)
+    assert failed.status == FAIL and "0 CUDA GPU(s) visible (CUDA_VISIBLE_DEVICES='')" in failed.detail
+    assert "asked for 2 per node" in failed.detail and "--nv" in failed.fix

@@ -281,3 +281,15 @@ def test_submission_the_partition_cannot_run_is_refused_before_the_queue(site, a
     assert out.returncode == 2 and needle in out.stderr, out.stderr
     assert not (site.runs / "tiny" / "sft" / "refused").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_stage_check_runs_doctor_on_a_node_of_the_partition_and_prints_its_screen(site):
+    out = site.submit("sft", "--check", "--gpus", "0", "run_id=chk")
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("==> medlava doctor on n"))
+    assert "COMPLETED" in lines[header]
+    screen = lines[header + 1 :]
+    assert screen[0].startswith("OK    python") and screen[-1].endswith(" 0 FAIL")
+    assert any(line.startswith("WARN  slurm") and "debug" in line for line in screen)  # asked from the node
+    (entry,) = record(site.runs / "tiny" / "doctor" / "chk")
+    assert entry["name"] == "doctor" and entry["nodes"] == 1

@@ -143,15 +143,20 @@ def check_torch(pins: Mapping[str, SpecifierSet]) -> Check:
                  f"distributed: {', '.join(backends)}")
 
 
-def check_gpus() -> Check:
+def check_gpus(expected: int = 0) -> Check:
+    """What GPUs this process sees; FAIL when fewer than `expected` (what the job asked for per node)."""
     import torch
 
-    if not torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        why = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+    if count < expected:
+        return Check("gpus", FAIL, f"{count} CUDA GPU(s) visible{why}, the job asked for {expected} per node",
+                     "check the partition's GPUs (sinfo -o '%P %G') and --gpus; in a container pass --nv")
+    if not count:
         return Check("gpus", WARN, f"no CUDA GPU visible{why}: only the tiny preset is practical",
-                     "run on a GPU node: srun --gres=gpu:1 medlava doctor (or launch/submit.py --check)")
-    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+                     "run on a GPU node: srun --gres=gpu:1 medlava doctor (or launch/submit.py STAGE --check)")
+    props = [torch.cuda.get_device_properties(i) for i in range(count)]
     kinds: dict[str, int] = {}
     for p in props:
         key = f"{p.name} ({p.total_memory / GiB:.0f} GiB, sm_{p.major}{p.minor})"
@@ -413,7 +418,7 @@ def _guard(name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
 
 
 def run_checks(output_root: Path | str = "runs", constraints: Path | None = None,
-               env: Mapping[str, str] | None = None) -> list[Check]:
+               env: Mapping[str, str] | None = None, expected_gpus: int = 0) -> list[Check]:
     """All checks, in screen order. `env` defaults to os.environ (cache variables are read from it)."""
     env = os.environ if env is None else env
     pins_problem, pins = check_pins_file(constraints)
@@ -423,7 +428,7 @@ def run_checks(output_root: Path | str = "runs", constraints: Path | None = None
     checks += [pins_problem] if pins_problem else []
     checks += _guard("packages", lambda: check_packages(pins))
     checks += _guard("torch", lambda: check_torch(pins))
-    checks += _guard("gpus", check_gpus)
+    checks += _guard("gpus", lambda: check_gpus(expected_gpus))
     checks += _guard("bf16", check_bf16)
     checks += _guard("flash-attn", lambda: check_flash_attn(pins))
     checks += _guard("deepspeed", lambda: check_deepspeed(pins))
@@ -451,11 +456,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output-root", default="runs", help="where run directories will go (default: runs)")
     p.add_argument("--constraints", type=Path,
                    help=f"pin file to compare versions with (default {DEFAULT_CONSTRAINTS})")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs the job will use here: fewer visible is a FAIL")
     p.add_argument("--json", action="store_true", help="print the checks as JSON (for scripts and launchers)")
     args = p.parse_args(argv)
     # Libraries that print while imported (DeepSpeed's accelerator notice) must not corrupt the screen or the JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        checks = run_checks(args.output_root, args.constraints)
+        checks = run_checks(args.output_root, args.constraints, expected_gpus=args.gpus)
     if args.json:
         print(json.dumps({"ok": all(c.status != FAIL for c in checks), "checks": [asdict(c) for c in checks]},
                          indent=2))
