@@ -34,6 +34,7 @@ from medlava.config import Config, ConfigError, dump_config, load_config
 from medlava.runs import latest_complete, new_run_id, stage_root
 
 MONITOR = ("status", "logs", "cancel")
+VLM_STAGES = ("align", "sft", "infer")
 # Command-line flags that set cluster.* keys.
 CLUSTER_FLAGS = {"nodes": int, "gpus": int, "partition": str, "account": str, "qos": str, "time": str, "mem": str,
                  "cpus_per_task": int, "constraint": str, "container": str, "array_parallelism": int}
@@ -150,6 +151,13 @@ def launch(argv: list[str]) -> int:
         jobs = [replace(j, args=[*j.args, "--check"]) for j in jobs]
     elif args.check:
         jobs, cfg = doctor_job(jobs[0], cfg)
+    try:
+        for j in jobs:
+            if j.stage in VLM_STAGES:
+                cfg.vlm(j.stage)
+    except ConfigError as e:
+        print(f"submit: {e}", file=sys.stderr)
+        return 2
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
     if executor == "slurm":
         return launch_slurm(args, jobs, run_dirs, cfg, config_path)

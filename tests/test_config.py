@@ -79,3 +79,17 @@ def test_submit_dry_run_prints_config_and_commands(tmp_path):
 def test_every_shipped_recipe_validates(path):
     cfg = load_config(path)
     assert cfg.name
+
+
+def test_a_cnn_recipe_needs_no_model_but_vlm_stages_say_what_is_missing(tmp_path):
+    recipe = ROOT / "jobs" / "configs" / "tiny_cnn.yaml"
+    assert load_config(recipe).model is None
+    for argv in ([sys.executable, str(ROOT / "launch" / "submit.py"), "pipeline", "--executor", "local", "--dry-run"],
+                 [sys.executable, "-m", "medlava", "infer"]):
+        out = subprocess.run([*argv, "--config", str(recipe), f"output_root={tmp_path}"], capture_output=True,
+                             text=True, cwd=tmp_path)
+        assert out.returncode == 2 and "has no `model:` section" in out.stderr and "Traceback" not in out.stderr
+    assert not list(tmp_path.iterdir())  # refused before any run directory
+    cnn = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cnn", "--config", str(recipe),
+                          "--executor", "local", "--dry-run", f"output_root={tmp_path}"], capture_output=True, text=True)
+    assert cnn.returncode == 0, cnn.stderr

@@ -393,7 +393,8 @@ class Config(Section):
     output_root: str = "runs"
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
-    model: ModelConfig
+    model: ModelConfig | None = None
+    """The VLM that align, sft and infer run; a CNN-only recipe leaves it out."""
     data: DataConfig
     # Sections default to their class defaults only, so `align.lr=...` on a recipe without an
     # `align:` section means the same as writing the section out.
@@ -412,10 +413,17 @@ class Config(Section):
         if a.train_llm or a.lora is not None or a.train_vision or not a.train_projector:
             raise ValueError("align trains the projector only: align.train_projector=true and "
                              "align.train_llm/train_vision=false, align.lora=null")
-        if self.model.template == "plain" and self.train.lora is not None:
+        if self.model and self.model.template == "plain" and self.train.lora is not None:
             raise ValueError("model.template=plain is the alignment template; sft needs a chat template "
                              "(mistral_instruct or vicuna_v1)")
         return self
+
+    def vlm(self, stage: str) -> ModelConfig:
+        """The model section, which `stage` needs: a ConfigError naming the fix when the recipe has none."""
+        if self.model is None:
+            raise ConfigError(f"{stage} runs a VLM, but this recipe ({self.name}) has no `model:` section; add one "
+                              "with model.name_or_path (a LLaVA checkpoint) or model.tiny")
+        return self.model
 
     @model_validator(mode="after")
     def _global_batch(self) -> Config:

@@ -131,6 +131,7 @@ def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
 
 
 def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+    m = cfg.vlm("infer")
     run = start_run(cfg, "infer", d.rank)
     samples, image_root, classes, origin = load_inputs(cfg)
     folder = run / "chunks"
@@ -139,9 +140,9 @@ def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bo
     if todo:
         ref = cfg.infer.checkpoint
         ckpt = None if ref == "base" else checkpoint_of(resolve(cfg, ref, "sft"))
-        model, processor, model_id = load_for_inference(cfg.model, ckpt, choose_dtype("auto"))
+        model, processor, model_id = load_for_inference(m, ckpt, choose_dtype("auto"))
         model.to(d.device)
-        encoder = Encoder(processor, cfg.model.template, num_image_tokens(model), cfg.model.model_max_length,
+        encoder = Encoder(processor, m.template, num_image_tokens(model), m.model_max_length,
                           image_root)
         for i in todo:
             answer_chunk(cfg, samples, i, model, processor, encoder, model_id, folder, d.device)

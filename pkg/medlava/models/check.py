@@ -215,6 +215,7 @@ def _step(name: str, fn: Callable):
 def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> Report:
     rep = Report()
     t: TrainConfig = cfg.align if stage == "align" else cfg.train
+    vlm = cfg.vlm(stage)
 
     def line(key: str, text: str) -> None:
         out(f"{key:<11}{text}")
@@ -227,8 +228,8 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     line("", f"{type(base_model).__name__}: {vc.model_type} {vc.num_hidden_layers}×{vc.hidden_size} "
          f"({vc.image_size}px, patch {vc.patch_size}, feature layer {c.vision_feature_layer}) → projector "
          f"{c.projector_hidden_act} → {tc.model_type} {tc.num_hidden_layers}×{tc.hidden_size}, vocab {tc.vocab_size}")
-    line("attention", f"{c._attn_implementation} (model.attn_implementation={cfg.model.attn_implementation} → "
-         f"{choose_attention(cfg.model.attn_implementation)})")
+    line("attention", f"{c._attn_implementation} (model.attn_implementation={vlm.attn_implementation} → "
+         f"{choose_attention(vlm.attn_implementation)})")
     line("dtype", f"{next(base_model.parameters()).dtype} (precision={t.precision}); stage {stage}, "
          f"template {b.template}")
     for note in b.notes:
@@ -249,10 +250,10 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     for setup in dict.fromkeys([chosen, "none", "zero2", "zero3", "zero3_offload"]):
         rep.memory[setup] = estimate_memory(trainable, frozen, b.dtype, setup, gpus, tc.hidden_size,
                                             tc.num_hidden_layers, tc.vocab_size, t.batch_size,
-                                            cfg.model.model_max_length, t.gradient_checkpointing)
+                                            vlm.model_max_length, t.gradient_checkpointing)
     m = rep.memory[chosen]
     line("memory/GPU", f"{size(m.total)} with {m.setup} on {gpus} GPU(s), micro-batch {t.batch_size} × "
-         f"{cfg.model.model_max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
+         f"{vlm.model_max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
     line("", f"= weights {size(m.weights)} + grads {size(m.grads)} + optimizer {size(m.optimizer)} + activations "
          f"{size(m.activations)}" + (f"; {size(m.cpu)} in CPU memory" if m.cpu else ""))
     line("", "others: " + ", ".join(f"train.deepspeed={k} {size(v.total)}" for k, v in rep.memory.items()
@@ -260,7 +261,7 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
 
     with tempfile.TemporaryDirectory() as tmp:
         sample, image_root, source = _step("sample", lambda: pick_sample(cfg, Path(tmp)))
-        encoder = Encoder(b.processor, b.template, num_image_tokens(base_model), cfg.model.model_max_length, image_root)
+        encoder = Encoder(b.processor, b.template, num_image_tokens(base_model), vlm.model_max_length, image_root)
         tok = b.processor.tokenizer
         batch = _step("sample", lambda: collate([encoder.train_item(sample)], tok.pad_token_id, "right"))
         prompt = _step("sample", lambda: encoder.prompt_item(sample))

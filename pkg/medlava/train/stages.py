@@ -94,8 +94,9 @@ def init_checkpoint(cfg: Config, stage: str) -> Path | None:
 def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageModel:
     """Load the base model and choose what trains, as `stage` does (check-model builds it this way too)."""
     t = cfg.align if stage == "align" else cfg.train
+    m = cfg.vlm(stage)
     dtype = choose_dtype(t.precision)
-    base = base_model_path(cfg.model)
+    base = base_model_path(m)
     zero3 = None
     if t.deepspeed.startswith("zero3"):  # shard while loading (zero.Init): a 7B never sits whole on one rank
         from transformers.integrations import HfDeepSpeedConfig
@@ -104,7 +105,7 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
         from medlava.train.deepspeed import deepspeed_config
         ensure_process_group(d)
         zero3 = HfDeepSpeedConfig(deepspeed_config(t, dtype))
-    model, processor = load_model(base, cfg.model, dtype), load_processor(base, cfg.model)
+    model, processor = load_model(base, m, dtype), load_processor(base, m)
 
     torch.manual_seed(t.seed)  # LoRA's random init must be the same on every rank and every run of a seed
     if stage == "align":
@@ -116,26 +117,27 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
     set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
     if t.lora:
         model = _lora(model, t)
-    return StageModel(model, processor, cfg.model.template, "lora" if t.lora else "full", dtype, base, zero3)
+    return StageModel(model, processor, m.template, "lora" if t.lora else "full", dtype, base, zero3)
 
 
 def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     t = cfg.align if stage == "align" else cfg.train
+    m = cfg.vlm(stage)
     run = start_run(cfg, stage, d.rank)
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, "train")
     init = init_checkpoint(cfg, stage)
     if d.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
-        base_model_path(cfg.model)
+        base_model_path(m)
     barrier()
     built = build_model(cfg, stage, d, init)
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
-    if t.packing and choose_attention(cfg.model.attn_implementation) != "flash_attention_2":
+    if t.packing and choose_attention(m.attn_implementation) != "flash_attention_2":
         log.warning("train.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
                     "block mask, which is slower than padding (bench/train.py); use it with flash-attn 2")
     counts = count_parameters(model)
-    info = {"attention": choose_attention(cfg.model.attn_implementation), "dtype": str(dtype), "template": template,
+    info = {"attention": choose_attention(m.attn_implementation), "dtype": str(dtype), "template": template,
             "world_size": d.world_size, "device": str(d.device), "samples": len(samples), "parameters": counts,
             "prepared": str(prepared), "init_from": str(init) if init else None}
     if d.main:
@@ -143,7 +145,7 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     log.info("%s: %d samples, %s trainable of %s parameters, attention=%s", stage, len(samples),
              f"{counts['trainable']:,}", f"{counts['trainable'] + counts['frozen']:,}", info["attention"])
 
-    encoder = Encoder(processor, template, num_image_tokens(model), cfg.model.model_max_length,
+    encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length,
                       Path(manifest["image_root"]))
     ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
                  {"base_model": built.base, "stage": stage, "template": template}, dtype)
