@@ -29,7 +29,8 @@ TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
-TRAIN = ["train.init_from=none", "train.max_steps=12", "train.batch_size=4", "train.save_every=4"]
+STEPS = 24  # the USR2 test signals after step 4: the other 20 are the margin for a slow signal under load
+TRAIN = ["train.init_from=none", f"train.max_steps={STEPS}", "train.batch_size=4", "train.save_every=4"]
 
 
 @dataclass
@@ -116,8 +117,8 @@ def test_two_node_sft_trains_two_torchrun_processes_and_completes(site, two_node
         assert f"--nnodes=2 --node_rank={task} --rdzv_backend=c10d --rdzv_endpoint=n1:" in log
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert json.loads((run / "train_info.json").read_text())["world_size"] == 2
-    assert (run / "checkpoints" / "step-000012" / "trainable.safetensors").exists()
-    assert sorted(losses(run)) == list(range(1, 13))
+    assert (run / "checkpoints" / f"step-{STEPS:06d}" / "trainable.safetensors").exists()
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
     # The run directory records the job: id, the sbatch script submitit wrote, the command lines.
     (entry,) = record(run)
     script = Path(entry["sbatch_script"])
@@ -159,9 +160,9 @@ def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_no
     assert f"job {job_id} restart 1:" in head and f"job {job_id} restart 1:" in node_log(run, job_id, 1)
     logs = head + node_log(run, job_id, 1)
     stopped = int(logs.split("checkpoint saved at step ")[1].split()[0])
-    assert 4 <= stopped < 12 and (run / "checkpoints" / f"step-{stopped:06d}").exists()
-    assert f"resumed from {run / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped} of 12" in logs
-    assert sorted(losses(run)) == list(range(1, 13))
+    assert 4 <= stopped < STEPS and (run / "checkpoints" / f"step-{stopped:06d}").exists()
+    assert f"resumed from {run / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped} of {STEPS}" in logs
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
     a, b = final_weights(two_node_sft[0]), final_weights(run)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
