@@ -123,7 +123,9 @@ def _model_config(checkpoint: Path, manifest: dict):
     run_config = checkpoint.parent.parent / "config.yaml"
     if run_config.exists():
         try:
-            return load_config(run_config).model
+            model = load_config(run_config).model
+            if model is not None:  # a VLM checkpoint's run always has one; a hand-edited config may not
+                return model
         except ConfigError as e:
             log.warning("%s does not load (%s); using the checkpoint's manifest only", run_config, e)
     return ModelConfig(name_or_path=manifest["base_model"], template=manifest["template"])
