@@ -220,7 +220,7 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
         print(f"submit: {e}", file=sys.stderr)
         return 1
     if args.check and args.stage != "prepare":
-        return show_doctor(jobs[0], ids[jobs[0].name], run_dirs[jobs[0].name])
+        return show_doctor(ids[jobs[0].name], run_dirs[jobs[0].name])
     print(f"submitted {len(jobs)} job(s), run id {cfg.run_id}" + (", each after the one before succeeds:"
                                                                    if len(jobs) > 1 else ":"))
     for job in jobs:
@@ -233,7 +233,7 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
     return 0
 
 
-def show_doctor(job: Job, job_id: str, run_dir: Path) -> int:
+def show_doctor(job_id: str, run_dir: Path) -> int:
     """Wait for the doctor job and print the screen it wrote; 1 if it found a failure (or did not run)."""
     from medlava.cluster import monitor as mon
 
