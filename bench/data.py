@@ -121,5 +121,6 @@ def main() -> None:
                 base = base or rate
                 print(f"| {name} | {w} | {rate:.0f} | {rate / max(w, 1):.0f} | {rate / base:.2f}x |", flush=True)
 
+
 if __name__ == "__main__":
     main()

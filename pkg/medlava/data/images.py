@@ -94,23 +94,22 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return out
 
 
-def _fast_path_fits(p) -> bool:
-    """Whether `pixel_values` knows every step `p` would take (CLIP/LLaVA processors as LLaVA-Med ships them)."""
-    size, crop = getattr(p, "size", None) or {}, getattr(p, "crop_size", None) or {}
-    return (getattr(p, "do_resize", False) and getattr(p, "do_center_crop", False) and getattr(p, "do_rescale", False)
-            and getattr(p, "do_normalize", False) and _TORCH_MODES.get(_resample(p)) is not None
-            and bool(size.get("shortest_edge")) and bool(crop.get("height")) and bool(crop.get("width"))
-            and max(crop["height"], crop["width"]) <= size["shortest_edge"])
+_TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
-def _resample(p) -> Image.Resampling | None:
+def _fast_resample(p) -> Image.Resampling | None:
+    """`p`'s resample filter when `pixel_values` knows every step `p` would take (CLIP/LLaVA processors as
+    LLaVA-Med ships them), else None."""
     try:
-        return Image.Resampling(int(getattr(p, "resample", -1)))
+        resample = Image.Resampling(int(getattr(p, "resample", -1)))
     except (TypeError, ValueError):
         return None
-
-
-_TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
+    size, crop = getattr(p, "size", None) or {}, getattr(p, "crop_size", None) or {}
+    fits = (getattr(p, "do_resize", False) and getattr(p, "do_center_crop", False) and getattr(p, "do_rescale", False)
+            and getattr(p, "do_normalize", False) and resample in _TORCH_MODES
+            and bool(size.get("shortest_edge")) and bool(crop.get("height")) and bool(crop.get("width"))
+            and max(crop["height"], crop["width"]) <= size["shortest_edge"])
+    return resample if fits else None
 
 
 def pixel_values(image: Image.Image, image_processor) -> torch.Tensor:
@@ -122,7 +121,8 @@ def pixel_values(image: Image.Image, image_processor) -> torch.Tensor:
     is the trade transformers' own fast processors make. Hand-written because those need torchvision, which the
     LLaVA path does not install. A processor configured otherwise is simply called."""
     p = image_processor
-    if not _fast_path_fits(p):
+    resample = _fast_resample(p)
+    if resample is None:
         return p(images=[image], return_tensors="pt")["pixel_values"][0]
     image = image if image.mode == "RGB" else image.convert("RGB")
     if getattr(p, "do_pad", False):
@@ -133,10 +133,10 @@ def pixel_values(image: Image.Image, image_processor) -> torch.Tensor:
     short = p.size["shortest_edge"]
     size = (short, short) if h == w else (short, int(short * w / h)) if h < w else (int(short * h / w), short)
     if size[0] > h:  # upscaling a small image: rare and cheap, so Pillow's own kernel, exactly
-        a = np.asarray(Image.fromarray(a).resize(size[::-1], resample=_resample(p)))
+        a = np.asarray(Image.fromarray(a).resize(size[::-1], resample=resample))
     x = torch.from_numpy(np.array(a, copy=not a.flags.writeable)).permute(2, 0, 1)[None]  # channels-last view
     if size[0] < h:
-        x = F.interpolate(x, size=size, mode=_TORCH_MODES[_resample(p)], antialias=True, align_corners=False)
+        x = F.interpolate(x, size=size, mode=_TORCH_MODES[resample], antialias=True, align_corners=False)
     ch, cw = p.crop_size["height"], p.crop_size["width"]
     top, left = (size[0] - ch) // 2, (size[1] - cw) // 2
     x = x[0, :, top : top + ch, left : left + cw].to(torch.float32, memory_format=torch.contiguous_format)
