@@ -30,51 +30,12 @@ from medlava.config import TinyModelConfig  # noqa: E402
 from medlava.infer.score import choice_token_ids, generate, score_choices  # noqa: E402
 from medlava.models.llava import num_image_tokens  # noqa: E402
 from medlava.models.templates import encode, render  # noqa: E402
-from medlava.models.tiny import build_tiny, build_tokenizer  # noqa: E402
+from medlava.models.tiny import build_tiny  # noqa: E402
+
+from sizing import llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402  (bench/sizing.py)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 QUESTION = "What is the lesion type? Choose one of: akiec, bcc, bkl, df, mel, nv, vasc."
-
-
-def llava_med_v15(layers: int | None, device: torch.device, dtype: torch.dtype):
-    """A random-initialised model with LLaVA-Med v1.5's shapes: CLIP ViT-L/14-336 + 2-layer GELU projector +
-    Mistral-7B (32 layers, 4096 wide, GQA 32/8, 14336 MLP, 32k vocabulary); `layers` shortens both stacks."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
-
-    tok = build_tokenizer(512)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers or 24,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False, sliding_window=None)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
-    return model.eval(), tok, 336
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Dense matmul FLOP/s this device reaches in `dtype` (the denominator of the compute floor)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps = 50 if device.type == "cuda" else 5
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     single_rate = timed(gen, prompts[: args.n_single], 1)
     batched_rate = timed(gen, prompts[: args.n], args.batch_size)
 
-    lm = params(model.model.language_model) + params(model.lm_head) - model.model.language_model.embed_tokens.weight.numel()
-    vision = params(model.model.vision_tower) + params(model.model.multi_modal_projector)
+    lm = lm_params(model)
+    vision = sum(vision_params(model))
     prompt_len, avg_new = len(enc.input_ids), sum(produced) / len(produced)
     flops_score = 2 * vision * (n_img + 1) + 2 * lm * (prompt_len + sum(len(c) for c in choices))
     flops_gen = 2 * vision * (n_img + 1) + 2 * lm * (prompt_len + avg_new)
