@@ -89,8 +89,8 @@ def test_printed_loss_mask_and_image_span_are_the_collators(tiny, tmp_path):
     assert int(m.group(3)) == num_image_tokens(model) == 16
     loss_positions = [i for i, y in enumerate(labels) if y != IGNORE_INDEX]
     assert _expand(m.group(4)) == loss_positions and int(m.group(5)) == len(loss_positions)
-    assert processor.tokenizer.decode([ids[i] for i in loss_positions]) == " A test pattern.</s>"
-    rendered = "<s>[INST] <image×16>\\nWhat is shown in this image? [/INST]⟦ A test pattern.</s>⟧"
+    assert processor.tokenizer.decode([ids[i] for i in loss_positions]) == " A test pattern. </s>"  # LLaVA-Med conv_mistral_instruct
+    rendered = "<s>[INST] <image×16>\\nWhat is shown in this image? [/INST]⟦ A test pattern. </s>⟧"
     assert rendered in [row.strip() for row in lines]
 
 
@@ -109,7 +109,7 @@ def test_generation_is_the_models_greedy_answer(tiny, tmp_path):
                              max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
     want = tok.decode(out[0, len(prompt["input_ids"]):], skip_special_tokens=True).strip()
     assert report.generated == want and any(repr(want) in row for row in lines if row.startswith("generate"))
-    assert report.loss > 0 and f"{report.loss:.4f} on 13 tokens" in "\n".join(lines)
+    assert report.loss > 0 and f"{report.loss:.4f} on 14 tokens" in "\n".join(lines)
 
 
 def test_align_stage_trains_the_projector_only(tiny, capsys):
@@ -168,5 +168,5 @@ def test_sample_comes_from_the_prepared_data_when_there_is_one(tiny, tmp_path):
     assert f"sample     {first['id']}: first train sample of {prepared}" in lines
     processor = load_processor(base_model_path(cfg.model), cfg.model)
     answer = processor.tokenizer.decode([report.input_ids[i] for i in report.loss_positions])
-    assert answer == " " + first["conversations"][1]["value"] + "</s>"
+    assert answer == " " + first["conversations"][1]["value"] + " </s>"
     assert len(report.image_positions) == 16

@@ -70,7 +70,10 @@ def test_vqa_metrics_by_hand():
     assert m["n_closed"] == 4 and m["closed_accuracy"] == 0.5 and m["closed_unparsed"] == 1
     assert m["closed_routes"] == {"yes_no": 2, "options": 1, "vocab": 1, "exact": 0}
     assert m["closed_yes_no_accuracy"] == 0.5
-    assert m["closed_substring_accuracy"] == 0.75  # LLaVA-Med v1.0 counts "normal" as containing "no"
+    assert m["closed_substring_accuracy"] == 0.75  # a substring score counts "normal" as containing "no"
+    # LLaVA-Med v1.0's scorer: c1 and c2 ("no" in "normal") right; c3, c4 name no yes/no word -> wrong
+    assert m["llava_med_closed_accuracy"] == 0.5
+    assert m["llava_med_open_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["closed_exact_accuracy"] == 0.5      # c1, c3 ("the liver" -> "liver" after article removal)
     # open: o1 exact; recall o1 2/2, o2 2/3 (upper, lobe), o3 0; F1 o2: P 2/4 (upper lobe of lung), R 2/3
     assert m["open_exact_match"] == pytest.approx(1 / 3)

@@ -7,9 +7,10 @@ import torch
 
 from medlava.config import TinyModelConfig
 from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks, partial_path
-from medlava.infer.score import choice_token_ids, generate, score_choices
+from medlava.infer.score import generate, score_choices
 from medlava.io import InputError
 from medlava.models.llava import num_image_tokens
+from medlava.models.inputs import Encoder
 from medlava.models.templates import encode, render
 from medlava.models.tiny import build_tiny
 
@@ -95,8 +96,11 @@ def test_option_scoring_with_shared_prompt_matches_one_pass_per_choice(tiny):
     # Prompts of different lengths (left padding) and choice lists of different sizes and token lengths.
     prompts = [_prompt(processor, model, "What is the lesion type?", 0),
                _prompt(processor, model, "Is this a melanocytic nevus or a melanoma, given the border?", 1)]
-    choices = [[choice_token_ids(tok, c) for c in ["akiec", "bcc", "nv", "vascular lesion"]],
-               [choice_token_ids(tok, c) for c in ["yes", "no"]]]
+    encoder = Encoder(processor, "mistral_instruct", num_image_tokens(model), 512, ".")
+    sample = {"id": "q", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
+    choices = [[encoder.answer_ids(sample, c) for c in ["akiec", "bcc", "nv", "vascular lesion"]],
+               [encoder.answer_ids(sample, c) for c in ["yes", "no"]]]
+    assert tok.decode(choices[1][0]) == " yes </s>"  # LLaVA-Med's conv_mistral_instruct answer
     got = score_choices(model, prompts, choices, tok.pad_token_id, torch.device("cpu"))
     want = [[_naive_logp(model, p, c) for c in cs] for p, cs in zip(prompts, choices)]
     assert [len(g) for g in got] == [4, 2]

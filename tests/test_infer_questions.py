@@ -24,7 +24,9 @@ from medlava.config import load_config
 from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
 from medlava.infer.chunks import chunk_of, chunk_path, partial_path
+from medlava.infer.questions import question_sample
 from medlava.infer.stage import run_infer
+from medlava.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -117,6 +119,10 @@ def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, 
     assert sorted(pred["id"]) == sorted(ids) and pred["id"].is_unique
     answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
     assert [str(a["question_id"]) for a in answers] == ids  # the question file's order
+    # LLaVA-Med's run_eval.py asserts gt_ids == pred_ids: the ids come back as the question file has them.
+    question_ids = [json.loads(line)["question_id"] for line in questions.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == question_ids and 2 in question_ids and "h0" in question_ids
+    assert all(isinstance(a["text"], str) for a in answers)
     chunk0 = [json.loads(line) for line in first.read_text().splitlines()]
     assert chunk0[:4] == before  # the rows written before the kill were kept, not recomputed
     assert {str(r["question_id"]) for r in chunk0} == {i for i in ids if chunk_of(i, 2) == 0}
@@ -180,3 +186,12 @@ def test_a_bad_image_stops_infer_with_the_message_not_a_traceback(tmp_path, ques
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"medlava infer: image {tmp_path / rows[4]['image']} (sample {rows[4]['question_id']}) cannot be read" \
         in out.stderr and "Traceback" not in out.stderr
+
+
+def test_question_keeps_its_id_type_and_gets_the_image_first():
+    """As LLaVA-Med's model_vqa.py: `<image>` out of the text and first (its qa50 questions end with it)."""
+    s = question_sample({"question_id": 3, "image": "a.png", "text": "What is shown?\n<image>"}, "q.jsonl row 1")
+    assert s["question_id"] == 3 and s["id"] == "3"
+    assert s["conversations"][0]["value"] == "<image>\nWhat is shown?"
+    with pytest.raises(InputError, match="row 1: `question_id` must be a string or an integer"):
+        question_sample({"question_id": 1.5, "text": "q"}, "q.jsonl row 1")

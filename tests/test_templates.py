@@ -1,4 +1,5 @@
-"""Token layout and loss mask of every template, pinned on the tiny tokenizer."""
+"""Token layout and loss mask of every template, pinned on the tiny tokenizer (test_templates_reference.py holds
+them to the original LLaVA / LLaVA-Med code)."""
 
 import pytest
 
@@ -29,10 +30,10 @@ def test_mistral_instruct_layout_and_loss_mask(tok):
     image_id = tok.convert_tokens_to_ids("<image>")
     assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
     full = _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>")
-    assert full == "<s>[INST] <IMG>\nWhat is the lesion type? [/INST] nv</s>"
+    assert full == "<s>[INST] <IMG>\nWhat is the lesion type? [/INST] nv </s>"  # LLaVA-Med's " a </s>"
     # Only the answer and its </s> carry loss (the model must learn to stop).
     labelled = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
-    assert _text(tok, labelled) == " nv</s>"
+    assert _text(tok, labelled) == " nv </s>"
     assert all(l == t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX)
     # Image tokens: exactly N_IMG, contiguous, where the placeholder stood, never labelled.
     pos = [i for i, t in enumerate(enc.input_ids) if t == image_id]
@@ -44,7 +45,8 @@ def test_mistral_instruct_layout_and_loss_mask(tok):
 def test_mistral_multi_turn_masks_every_prompt(tok):
     conv = CONV + [{"from": "human", "value": "Is it benign?"}, {"from": "gpt", "value": "yes"}]
     enc = _enc(tok, "mistral_instruct", conv)
-    assert _text(tok, enc.input_ids).endswith("[/INST] nv</s>[INST] Is it benign? [/INST] yes</s>")
+    # One string, encoded whole: no space is put after </s> between turns.
+    assert _text(tok, enc.input_ids).endswith("[/INST] nv </s>[INST] Is it benign? [/INST] yes </s>")
     labelled = [t if l != IGNORE_INDEX else None for t, l in zip(enc.input_ids, enc.labels)]
     spans, cur = [], []
     for t in labelled:
@@ -53,7 +55,7 @@ def test_mistral_multi_turn_masks_every_prompt(tok):
         elif t is not None:
             cur.append(t)
     spans.append(_text(tok, cur))
-    assert spans == [" nv</s>", " yes</s>"]
+    assert spans == [" nv </s>", " yes </s>"]
 
 
 def test_vicuna_v1_layout(tok):
@@ -76,10 +78,13 @@ def test_generation_prompt_ends_where_the_answer_starts(tok):
     assert train.input_ids[: len(enc.input_ids)] == enc.input_ids  # no train/inference skew
 
 
-def test_image_placeholder_anywhere_in_the_turn(tok):
-    conv = [{"from": "human", "value": "Look: <image> what is it?"}, {"from": "gpt", "value": "mel"}]
-    enc = _enc(tok, "mistral_instruct", conv)
-    assert _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>") == "<s>[INST] Look: <IMG> what is it? [/INST] mel</s>"
+def test_image_placeholder_is_moved_first_as_the_original_does(tok):
+    # LLaVA's preprocess_multimodal: taken out of the text (outer spaces trimmed) and put first with a newline.
+    for value in ("Look: <image> what is it?", "Look:  what is it?\n<image>"):
+        conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "mel"}]
+        enc = _enc(tok, "mistral_instruct", conv)
+        assert _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>") == \
+            "<s>[INST] <IMG>\nLook:  what is it? [/INST] mel </s>"
 
 
 def test_truncation_that_would_cut_the_image_fails_loudly(tok):
@@ -99,4 +104,7 @@ def test_bad_conversations_are_refused(tok):
     with pytest.raises(InputError, match="no answer to train on"):
         _enc(tok, "mistral_instruct", CONV[:1])
     with pytest.raises(InputError, match="one image per sample"):
-        _enc(tok, "mistral_instruct", [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}])
+        _enc(tok, "mistral_instruct", [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "x"},
+                                       {"from": "human", "value": "<image>b"}, {"from": "gpt", "value": "y"}])
+    with pytest.raises(InputError, match="one image-caption pair"):
+        _enc(tok, "plain", [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}])

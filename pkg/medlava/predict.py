@@ -88,18 +88,22 @@ class VlmPredictor:
         self.question, self.classes, self.max_new_tokens = question, list(choices), max_new_tokens
         self.title = f"LLaVA ({manifest['kind']} checkpoint, {self.template} template)"
 
-    def _prompt(self, item: Item, question: str) -> dict:
+    def _encoder(self, root: Path):
         from medlava.models.inputs import Encoder
 
-        encoder = Encoder(self.processor, self.template, self.n_image_tokens, self.max_length, item.root)
-        return encoder.prompt_item({"id": item.id, "image": item.rel,
-                                    "conversations": [{"from": "human", "value": "<image>\n" + question}]})
+        return Encoder(self.processor, self.template, self.n_image_tokens, self.max_length, root)
+
+    def _prompt(self, item: Item, question: str) -> dict:
+        turns = [{"from": "human", "value": "<image>\n" + question}]
+        return self._encoder(item.root).prompt_item({"id": item.id, "image": item.rel, "conversations": turns})
 
     def probabilities(self, items: Sequence[Item], batch_size: int = 8) -> np.ndarray:
-        from medlava.infer.score import choice_token_ids, score_choices
+        from medlava.infer.score import score_choices
 
         tok = self.processor.tokenizer
-        options = [choice_token_ids(tok, c) for c in self.classes]
+        question = {"id": "options", "image": "options",  # only tokenized: the options follow any image alike
+                    "conversations": [{"from": "human", "value": "<image>\n" + self.question}]}
+        options = [self._encoder(Path(".")).answer_ids(question, c) for c in self.classes]
         out = []
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]

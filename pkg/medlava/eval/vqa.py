@@ -1,6 +1,7 @@
 """VQA metrics, SLAKE / VQA-RAD style: CLOSED questions by accuracy after candidate routing, OPEN
-questions by exact match, token recall (LLaVA-Med's open metric), token F1 and BLEU; split by
-answer_type, content_type and modality; the worst samples dumped with their prompts.
+questions by exact match, token recall, token F1 and BLEU; split by answer_type, content_type and modality;
+the worst samples dumped with their prompts. Beside them, the `llava_med_*` family reproduces LLaVA-Med v1.0's
+own scorer exactly (eval/llava_med_vqa.py): the numbers to compare with LLaVA-Med's published tables.
 
 Closed routing (the first that applies; the route is recorded per sample and counted):
 - `yes_no`: the reference is yes/no -> the answer's yes/no word (normalize.yes_no);
@@ -8,8 +9,8 @@ Closed routing (the first that applies; the route is recorded per sample and cou
 - `vocab`: a closed-answer vocabulary (from the train split) plus the reference -> the candidate named;
 - `exact`: no vocabulary -> the normalised answer itself.
 An answer that names no candidate is unparsed: wrong, and counted (`closed_unparsed`), never guessed.
-LLaVA-Med v1.0's own closed score (reference substring of the answer, so "no" is found in "normal") is
-reported beside it as `closed_substring_accuracy` for comparison with published numbers.
+`closed_substring_accuracy` (the reference a substring of the answer, so "no" is found in "normal") shows what
+a lenient score makes of the same answers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medlava.eval import llava_med_vqa
 from medlava.eval.normalize import ChoiceMatcher, normalize_text, yes_no
 from medlava.eval.plots import plot_bars
 from medlava.eval.text import corpus_bleu, exact_match, pair_scores, token_f1, token_recall
@@ -152,6 +154,10 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
     per["exact"] = [exact_match(p, r) for p, r in zip(pred, ref)]
     per["token_recall"] = [token_recall(p, r) for p, r in zip(pred, ref)]
     per["token_f1"] = [token_f1(p, r) for p, r in zip(pred, ref)]
+    # LLaVA-Med scores the raw answer text (its answers.jsonl `text`), not an answer mapped to a choice.
+    raw = df["text"].fillna("").astype(str) if "text" in df.columns else pred
+    per["llava_med_closed_hit"] = [c and llava_med_vqa.closed_hit(t, r) for t, r, c in zip(raw, ref, closed)]
+    per["llava_med_open_recall"] = [llava_med_vqa.open_scores(t, r)[2] for t, r in zip(raw, ref)]
     opened = ~closed
     scores = pair_scores([normalize_text(p) for p in pred[opened]], [normalize_text(r) for r in ref[opened]])
     per.loc[opened, "bleu"] = scores["sentence_bleu_4"]
@@ -169,9 +175,14 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
             closed_yes_no_accuracy=float(yn["correct"].mean()) if len(yn) else None,
             closed_exact_accuracy=float(c["exact"].mean()),
             closed_substring_accuracy=float(c["substring"].mean()),
+            llava_med_closed_accuracy=float(c["llava_med_closed_hit"].mean()),
         )
     if len(o):
         metrics.update(open_bleu=float(o["bleu"].mean()), open_bleu_1=corpus_bleu(scores["bleu_stats"], 1))
+        f1, precision, recall = np.mean([llava_med_vqa.open_scores(t, r) for t, r in zip(raw[opened], ref[opened])],
+                                        axis=0)
+        metrics.update(llava_med_open_recall=float(recall), llava_med_open_precision=float(precision),
+                       llava_med_open_f1=float(f1))
     metrics["ci95"] = {name: _mean_ci(part[col].to_numpy(float), n_bootstrap, seed) for name, part, col in (
         ("closed_accuracy", c, "correct"), ("open_exact_match", o, "exact"), ("open_token_recall", o, "token_recall"),
         ("open_token_f1", o, "token_f1"))}
@@ -181,7 +192,9 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
     metrics["conventions"] = {
         "normalisation": "lower case, punctuation and articles removed (SQuAD)",
         "closed_accuracy": "routed: yes_no, options from the question, train vocabulary, else exact; unparsed = wrong",
-        "open_token_recall": "share of reference tokens found in the answer (LLaVA-Med v1.0's open recall)",
+        "open_token_recall": "share of reference tokens found in the answer",
+        "llava_med": "llava_med_*: LLaVA-Med v1.0's run_eval.py on the raw answer text (closed: yes/no accuracy, "
+                     "open: recall, as in its papers' tables)",
         "open_bleu": "mean sentence BLEU (sacrebleu, effective order); open_bleu_1: corpus BLEU-1",
     }
     return metrics, per

@@ -1,7 +1,8 @@
 """LLaVA-Med question files (`model_vqa.py --question-file`) as samples infer can answer.
 
-A row is `{"question_id", "image", "text"}` (LLaVA-Med adds the image placeholder itself, so `text` has
-none) plus optional fields read when present: the reference (`answer`, else `gt_answer` / `gpt4_answer`),
+A row is `{"question_id", "image", "text"}` (LLaVA-Med puts the image placeholder first itself, so `text` may
+have none; `question_id` keeps its type for answers.jsonl) plus optional fields read when present: the
+reference (`answer`, else `gt_answer` / `gpt4_answer`),
 `answer_type` (SLAKE / VQA-RAD CLOSED or OPEN -> task), `task`, `choices`, and any other scalar fields,
 kept as meta (e.g. `content_type`, `modality`, which eval splits by).
 """
@@ -21,6 +22,8 @@ def question_sample(row: dict, where: str) -> dict:
     if "question_id" not in row or not isinstance(row.get("text"), str):
         raise InputError(f"{where}: a question needs `question_id` and a `text` string (LLaVA-Med question file); "
                          f"got keys {sorted(row)}")
+    if not isinstance(row["question_id"], (str, int)) or isinstance(row["question_id"], bool):
+        raise InputError(f"{where}: `question_id` must be a string or an integer, got {row['question_id']!r}")
     qid = str(row["question_id"])
     choices = row.get("choices")
     if choices is not None and (not isinstance(choices, list) or len(choices) < 2
@@ -32,8 +35,8 @@ def question_sample(row: dict, where: str) -> dict:
         raise InputError(f"{where} (question {qid}): task {task!r} is not one of {list(_TASKS)}")
     image = row.get("image") or None
     text = row["text"].strip()
-    if image and "<image>" not in text:
-        text = "<image>\n" + text
+    if image:  # as model_vqa.py: the placeholder leads, wherever the file had it (qa50's questions end with it)
+        text = "<image>\n" + text.replace("<image>", "").strip()
     meta = {k: v for k, v in row.items() if k not in _OWN and (v is None or isinstance(v, (str, int, float, bool)))}
     meta["task"] = task
     answer = next((row[k] for k in ANSWER_KEYS if row.get(k) is not None), None)
@@ -41,7 +44,8 @@ def question_sample(row: dict, where: str) -> dict:
         meta["answer"] = str(answer)
     if choices:
         meta["choices"] = [c.strip() for c in choices]
-    return {"id": qid, "image": image, "conversations": [{"from": "human", "value": text}], "meta": meta}
+    return {"id": qid, "question_id": row["question_id"], "image": image,
+            "conversations": [{"from": "human", "value": text}], "meta": meta}
 
 
 def read_questions(path: Path) -> list[dict]:

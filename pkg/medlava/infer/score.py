@@ -8,11 +8,6 @@ import torch
 from medlava.models.inputs import collate
 
 
-def choice_token_ids(tokenizer, choice: str) -> list[int]:
-    # The same text the template puts after the prompt in training: " answer</s>".
-    return tokenizer(" " + choice.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
 @torch.no_grad()
 def score_choices(model, prompts: list[dict], choices: list[list[list[int]]], pad_id: int,
                   device: torch.device) -> list[list[float]]:

@@ -19,7 +19,7 @@ from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
 from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
-from medlava.infer.score import choice_token_ids, generate, score_choices
+from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl, atomic_write_text
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import choose_dtype, load_for_inference, num_image_tokens
@@ -73,7 +73,7 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
         scores: list[dict | None] = [None] * len(batch)
         if scored:
             logps = score_choices(model, [prompts[i] for i in scored],
-                                  [[choice_token_ids(tok, c) for c in metas[i]["choices"]] for i in scored],
+                                  [[encoder.answer_ids(batch[i], c) for c in metas[i]["choices"]] for i in scored],
                                   tok.pad_token_id, device)
             for i, lp in zip(scored, logps):
                 probs = torch.softmax(torch.tensor(lp), 0).tolist()
@@ -93,7 +93,8 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
                 md.update(prediction=mapped.choice or "", normalized=mapped.status)
             else:
                 md["prediction"] = text
-            rows.append({"question_id": s["id"], "prompt": question_text(s), "text": text,
+            # question_id as the question file has it (int or str): LLaVA-Med's eval compares ids with ==.
+            rows.append({"question_id": s.get("question_id", s["id"]), "prompt": question_text(s), "text": text,
                          "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}#{s['id']}").hex,
                          "model_id": model_id, "metadata": md})
         writer.write(rows)

@@ -45,6 +45,19 @@ class Encoder:
         enc = self._encode(sample, generation=True)
         return {"input_ids": enc.input_ids, "pixel_values": self.pixel_values(sample), "id": sample["id"]}
 
+    def answer_ids(self, sample: dict, answer: str) -> list[int]:
+        """The tokens the template puts after the prompt when `answer` is the reply (option scoring):
+        " nv </s>" for mistral_instruct, " nv</s>" for vicuna_v1, "nv\n" for plain."""
+        turns = list(sample["conversations"])
+        if turns[-1].get("from") in ("gpt", "assistant"):
+            turns = turns[:-1]
+        full = self._encode({**sample, "conversations": turns + [{"from": "gpt", "value": answer}]}, generation=False)
+        prompt = self._encode(sample, generation=True).input_ids
+        if full.input_ids[: len(prompt)] != prompt:
+            raise InputError(f"sample {sample['id']}: the prompt tokenizes differently when the answer {answer!r} "
+                             "follows it, so its likelihood cannot be scored after the prompt alone")
+        return full.input_ids[len(prompt):]
+
 
 def item_error(items: list[dict]) -> dict | None:
     """The first bad-input error among `items` (see SampleDataset), as a batch that carries only it."""

@@ -3,7 +3,8 @@
 
 Architecture as LLaVA-Med v1.5 (CLIP vision tower, 2-layer GELU projector, Mistral LM, feature layer -2,
 CLS dropped); the tokenizer is a byte-level BPE trained here on a fixed corpus because no hub download
-is possible, with LLaVA-Med's special tokens (`<s>`, `</s>`, `<unk>`) plus `<image>` and `<pad>`.
+is possible, with LLaVA-Med's special tokens (`<s>`, `</s>`, `<unk>`) plus `<image>` and `<pad>`, and `<s>` put
+in front of a text as Mistral's tokenizer does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
     LlavaConfig,
@@ -28,6 +29,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from medlava.config import TinyModelConfig
 
+FORMAT = 2  # of what build_tiny makes; part of the cache key, so a change rebuilds cached checkpoints
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 # Words the tiny tokenizer should hold whole: templates, the HAM10000 question and class names.
 _CORPUS = [
@@ -52,6 +54,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # Like Mistral's tokenizer (add_bos_token), a text encodes as <s> + its tokens: LLaVA's tokenizer_image_token
+    # and loss masks count on it.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
                                    padding_side="right", model_max_length=2048)
@@ -90,7 +95,7 @@ def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, Lla
 
 def tiny_checkpoint(cfg: TinyModelConfig) -> Path:
     """Path of the tiny checkpoint for `cfg`, written (atomically) on first use; keyed by the config."""
-    key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**cfg.model_dump(), "format": FORMAT}, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / "tiny-llava" / key
     if (path / "config.json").exists():
         return path

@@ -1,0 +1,92 @@
+"""What medlava is held to the original LLaVA / LLaVA-Med code on: the tokenizers and the samples.
+
+Shared by the tests and by tests/reference/regenerate.py, which ran the original functions on exactly these to
+write tests/reference/*.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import LlamaTokenizer
+
+from medlava.models.tiny import build_tokenizer
+
+DATA = Path(__file__).parent / "data"
+REFERENCE = Path(__file__).parent / "reference"
+N_IMAGE = 16  # image tokens per placeholder in medlava (the original keeps one IMAGE_TOKEN_INDEX)
+
+
+@functools.cache
+def tokenizer(name: str):
+    """`tiny`: the tiny model's; `mistral`: Mistral-7B's real one, configured as its tokenizer_config.json
+    (add_bos_token, legacy), LLaVA training's model_max_length 2048 and `<image>` added as medlava's converter adds it."""
+    if name == "tiny":
+        return build_tokenizer(512)
+    if name == "mistral":
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(DATA / "mistral-7b-tokenizer.model", Path(tmp) / "tokenizer.model")
+            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=True,
+                                                 model_max_length=2048)
+        tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        tok.pad_token = tok.unk_token  # as LLaVA's train.py and LLaVA-Med's checkpoint set it
+        return tok
+    raise ValueError(name)
+
+
+TOKENIZERS = ("tiny", "mistral")
+TEMPLATES = ("mistral_instruct", "vicuna_v1", "plain")
+
+
+def _conv(*values: str) -> list[dict]:
+    return [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]
+
+
+# (name, has_image, conversations): single-turn, multi-turn and image-less samples; the image placeholder
+# first, last (as LLaVA-Med's qa50 and instruct data have it) and mid-sentence; untrimmed text; numbers.
+CASES = [
+    ("first", True, _conv("<image>\nWhat is the lesion type?", "nv")),
+    ("last", True, _conv("What is shown in the image?\n<image>", "A chest x-ray, PA view.")),
+    ("middle", True, _conv("Look: <image> what is it?", "mel")),
+    ("untrimmed", True, _conv("  <image>  Describe the mass.  ", " It is 3.5 cm, left-sided.\nNo effusion. ")),
+    ("multi_turn", True, _conv("Which organ is shown?\n<image>", "The liver.", "Is it enlarged?", "Yes, mildly (18 cm).",
+                               "What else?", "A 2-cm cyst in segment IV; no ascites.")),
+    ("text_only", False, _conv("Is a melanocytic nevus benign?", "Usually, yes.")),
+    ("text_only_multi_turn", False, _conv("What does CT stand for?", "Computed tomography.", "And MRI?",
+                                          "Magnetic resonance imaging.")),
+]
+# Option lists scored by likelihood after the first case's question.
+CHOICES = [["yes", "no"], ["akiec", "bcc", "vascular lesion"], ["3.5 cm", "Left lung.", "T2-weighted MRI"]]
+
+
+def applies(template: str, has_image: bool, conversations: list[dict]) -> bool:
+    """plain (alignment) takes one image-caption pair, as LLaVA's preprocess_plain asserts."""
+    return template != "plain" or (has_image and len(conversations) == 2)
+
+
+_WORDS = ["yes", "no", "Yes", "No.", "not", "none", "normal", "abnormal", "left", "right", "lung", "lungs", "the", "a",
+          "an", "liver", "CT", "MRI", "x-ray", "T2-weighted", "one", "two", "three", "zero", "ten", "1", "2", "3.5",
+          "1,000", "10,5", "e.g.", "cm.", "(left)", "[right]", "lesion;", "lobe,", "upper/lower", "dont", "don't",
+          "isnt", "it's", "well-defined", "?", "!", "-", "\"mass\"", "<b>", "50%", "x", "pleural effusion",
+          "know", "nodule", "nodules", "mid-line", "a.m.", "3 . 5", ", ", " . ", "right-sided"]
+
+
+def scorer_cases(n: int = 600, seed: int = 12) -> list[tuple[str, str]]:
+    """(prediction, reference) pairs: random word strings mixing yes/no, numbers, number words, punctuation,
+    articles, contractions and repeats, plus repeats of the reference inside the prediction."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        ref = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4)))
+        pred = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 8)))
+        if rng.random() < 0.3:
+            pred = f"{pred} {ref} {ref}" if rng.random() < 0.5 else f"{ref}{rng.choice(['', '.', ',', '!'])}"
+        if rng.random() < 0.2:
+            pred = pred.upper()
+        pairs.append((pred, ref))
+    return pairs
