@@ -209,6 +209,25 @@ def test_refused_before_the_queue_with_the_reason(tmp_path, args, needle):
     assert not (tmp_path / "o").exists(), "nothing may be written (or queued) for a refused submission"
 
 
+@pytest.mark.parametrize("args, key", [
+    (['cluster.qos="normal\\ntouch INJECTED #"'], "qos"),
+    (["--account", "proj\ntouch INJECTED"], "account"),
+    (["--constraint", "a100\r\n#SBATCH --uid=0"], "constraint"),
+    (['cluster.mem="1G\\n"'], "mem"),
+    (['cluster.partition="gpu\\x1b[2J"'], "partition"),
+    (["--time", "30\t"], "time"),
+    (['cluster.sbatch_extra=["--reservation=r\\ntouch INJECTED"]'], "sbatch_extra"),
+    (['cluster.env={NCCL_DEBUG: "INFO\\u0085"}'], "env"),
+])
+def test_control_characters_in_cluster_strings_are_refused_naming_the_key(tmp_path, args, key):
+    """A newline in a cluster value would end its `#SBATCH` line and put a shell line into the job script."""
+    out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
+                 "--output-root", str(tmp_path / "o"), "run_id=n", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout
+    assert f"cluster.{key} value " in out.stderr and "holds a control character" in out.stderr, out.stderr
+    assert "#SBATCH" not in out.stdout and not list(tmp_path.rglob("INJECTED"))
+
+
 @pytest.mark.parametrize("flag", [["--nodes", "2"], ["--container", "x.sif"]])
 def test_local_executor_refuses_what_needs_slurm(tmp_path, flag):
     out = submit("sft", "--config", str(TINY), "--executor", "local", *flag, cwd=tmp_path)
