@@ -98,6 +98,22 @@ def test_ham10000_check_reports_all_bad_rows(tmp_path, capsys):
     assert f"{HAM_METADATA}:4: unknown dx 'melanoma'" in out and f"{HAM_METADATA}:7: age 'old'" in out
 
 
+def test_check_refuses_an_image_whose_padded_square_is_too_large(tmp_path, capsys):
+    """60000x1 is within the pixel count, but LLaVA's pad aspect would make it a 60000^2 square (10 GB)."""
+    import resource
+
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    wide = sorted(root.glob("HAM10000_images_part_*/*.jpg"))[3]
+    Image.new("RGB", (60000, 1)).save(wide, "JPEG")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert cli(tmp_path, "--check", f"data.root={root}", "run_id=w") == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s): oversized_image 1" in out
+    assert (f"{wide} is 60000x1: padded to a square it would be 60000x60000 = 3,600,000,000 pixels, over the "
+            "67,108,864-pixel limit (the longest side may be at most 8192); downscale it") in out
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # kB: nothing padded
+
+
 def test_bad_data_is_a_message_not_a_traceback(broken_mimic, tmp_path, capsys):
     root, _ = broken_mimic
     code = cli(tmp_path, "data.dataset=mimic_cxr", f"data.root={root}", "data.mimic_cxr.section=impression", "run_id=x")

@@ -180,3 +180,20 @@ def test_a_bad_image_stops_infer_with_the_message_not_a_traceback(tmp_path, ques
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"medlava infer: image {tmp_path / rows[4]['image']} (sample {rows[4]['question_id']}) cannot be read" \
         in out.stderr and "Traceback" not in out.stderr
+
+
+def _infer(tmp_path: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDLAVA_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_an_image_too_large_once_padded_is_refused(tmp_path, cache):
+    """9000x1 is within the pixel count; padded to a square (model.image_aspect=pad) it is 9000^2 pixels."""
+    Image.new("RGB", (9000, 1)).save(tmp_path / "wide.png")
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": "w1", "image": "wide.png", "text": "What is shown?"}) + "\n")
+    out = _infer(tmp_path, cache, *_overrides(tmp_path / "runs", q, "w", **{"infer.chunks": 1}))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava infer: image {tmp_path / 'wide.png'} (sample w1) is 9000x1: padded to a square it would be "
+            "9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit") in out.stderr, out.stderr[-3000:]

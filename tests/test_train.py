@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,26 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
     la, lb = _losses(whole), _losses(resumed)
     assert sorted(la) == sorted(lb) == list(range(1, 25))
     assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(la)], rel=1e-4)
+
+
+def test_training_refuses_an_image_too_large_once_padded(tmp_path):
+    """Images not checked by prepare (data.verify_images=none): the first too-wide one stops sft with its name."""
+    from medlava.data.synthetic import make_synthetic_ham10000
+    from PIL import Image
+
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    for path in root.glob("HAM10000_images_part_*/*.jpg"):
+        Image.new("RGB", (1, 9000)).save(path, "JPEG")  # padded to a square: 9000^2 pixels each
+    env = {**os.environ, "MEDLAVA_CACHE": str(tmp_path / "cache")}
+    base = ["--config", str(TINY), f"output_root={tmp_path / 'runs'}", f"data.root={root}", "data.synthetic=null",
+            "data.verify_images=none"]
+    subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
+                   capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=w", "train.init_from=none",
+                          "train.batch_size=2", "train.max_steps=1"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava sft: image \S+\.jpg \(sample \S+\) is 1x9000: padded to a square it would be "
+                     r"9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit", out.stderr), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["none", "zero2", "zero3"])

@@ -81,6 +81,8 @@ def _open(path: Path, sample_id: str | None, decode: bool) -> Image.Image | None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("oversized_image", f"image {path}{who} is over the {MAX_PIXELS:,}-pixel limit, a "
                        f"decompression bomb? ({e}); downscale it or remove the sample") from None
+    except BadImage:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on broken files
         raise BadImage("unreadable_image", f"image {path}{who} cannot be read ({type(e).__name__}: {e}); "
                        "re-export or remove it") from None
