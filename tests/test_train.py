@@ -93,6 +93,18 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
     assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(la)], rel=1e-4)
 
 
+def test_a_run_directory_is_reused_only_to_resume_it(prepared, whole):
+    tmp, env, base = prepared
+    before = sorted(p.name for p in (whole / "checkpoints").iterdir())
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "train.init_from=none",
+                          "train.batch_size=4", *ARGS, "train.resume=never"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
+            "choose another run_id, or leave it unset for a new one (or train.resume=auto to continue it)"
+            in out.stderr), out.stderr[-3000:]
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == before
+
+
 def test_training_refuses_an_image_too_large_once_padded(tmp_path):
     """Images not checked by prepare (data.verify_images=none): the first too-wide one stops sft with its name."""
     from medlava.data.synthetic import make_synthetic_ham10000

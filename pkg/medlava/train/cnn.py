@@ -225,7 +225,8 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
         raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
                                 f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
     signals.install()
-    run = start_run(cfg, "cnn", d.rank)
+    run = start_run(cfg, "cnn", d.rank, "always" if c.resume == "auto" else "never",
+                    " (or cnn.resume=auto to continue it)")
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     splits: dict[str, list[Item]] = {}
     for split in dict.fromkeys(("train", "val", c.predict_split)):
