@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +92,47 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
     la, lb = _losses(whole), _losses(resumed)
     assert sorted(la) == sorted(lb) == list(range(1, 25))
     assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(la)], rel=1e-4)
+
+
+def test_a_stray_copy_in_checkpoints_does_not_stop_a_resume(prepared):
+    run = _sft(prepared, "bak", "train.max_steps=2", "train.save_every=2")
+    shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
+    (run / "COMPLETE.json").unlink()
+    tmp, env, base = prepared
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "train.init_from=none",
+                          "train.batch_size=4", "train.max_steps=4", "train.save_every=2"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2 of 4" in out.stderr, out.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-100.bak"]
+
+
+SLOW_RANK = """
+import sys, time
+from medlava.train import checkpoint
+rng_state = checkpoint._rng_state
+def slow_rng_state():  # rank 1 writes its RNG file 3 s after the others (a slow shared file system)
+    time.sleep(3)
+    return rng_state()
+if __import__("os").environ["RANK"] == "1":
+    checkpoint._rng_state = slow_rng_state
+from medlava.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepared, tmp_path):
+    tmp, env, base = prepared
+    driver = tmp_path / "slow_rank.py"
+    driver.write_text(SLOW_RANK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(driver), "sft", *base, "run_id=slow-rank", "train.init_from=none", "train.batch_size=4",
+                          "train.max_steps=2", "train.save_every=1"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpts = tmp / "runs" / "tiny" / "sft" / "slow-rank" / "checkpoints"
+    for step in ("step-000001", "step-000002"):
+        assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in (ckpts / step).iterdir()}
+    assert not list(ckpts.glob(".*.tmp"))
 
 
 def test_a_run_directory_is_reused_only_to_resume_it(prepared, whole):
