@@ -112,9 +112,11 @@ def stages_of(stage: str, cfg: Config) -> tuple[str, ...]:
 
 def pinned_checkpoint(stages: tuple[str, ...], cfg: Config) -> str:
     """`infer.checkpoint=latest` resolved once, here, for every job: each array task resolving it itself would
-    answer with a newer sft run that completes while the array runs. This launch's own sft run when it has one."""
-    if "sft" in stages:
-        return str((stage_root(cfg, "sft") / cfg.run_id).absolute())
+    answer with a newer sft run that completes while the array runs. As `latest` prefers the sft run of the same
+    run id, so does this: this launch's own, or one started with that id and not finished yet."""
+    own = stage_root(cfg, "sft") / cfg.run_id
+    if "sft" in stages or (own / "run.json").exists():
+        return str(own.absolute())
     return str(latest_complete(cfg, "sft").absolute())
 
 
