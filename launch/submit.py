@@ -110,6 +110,16 @@ def stages_of(stage: str, cfg: Config) -> tuple[str, ...]:
     return CHAIN
 
 
+def pinned_checkpoint(stages: tuple[str, ...], cfg: Config) -> str:
+    """`infer.checkpoint=latest` resolved once, here, for every job: each array task resolving it itself would
+    answer with a newer sft run that completes while the array runs. As `latest` prefers the sft run of the same
+    run id, so does this: this launch's own, or one started with that id and not finished yet."""
+    own = stage_root(cfg, "sft") / cfg.run_id
+    if "sft" in stages or (own / "run.json").exists():
+        return str(own.absolute())
+    return str(latest_complete(cfg, "sft").absolute())
+
+
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
     """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
     limit: what the stage's environment can run, seen from where it will run."""
@@ -146,7 +156,15 @@ def launch(argv: list[str]) -> int:
         return 2
     # Jobs may start in another directory or after the recipe was moved: they get its absolute path.
     config_path = str(Path(args.config).absolute()) if executor == "slurm" else args.config
-    jobs = stage_jobs(stages_of(args.stage, cfg), config_path, overrides, cfg)
+    stages = stages_of(args.stage, cfg)
+    if "infer" in stages and cfg.infer.checkpoint == "latest" and not args.check:
+        try:
+            cfg.infer.checkpoint = pinned_checkpoint(stages, cfg)
+        except FileNotFoundError as e:
+            print(f"submit: refused: infer.checkpoint=latest: {e}", file=sys.stderr)
+            return 2
+        overrides.append(f"infer.checkpoint={yaml_str(cfg.infer.checkpoint)}")
+    jobs = stage_jobs(stages, config_path, overrides, cfg)
     if args.check and args.stage == "prepare":
         jobs = [replace(j, args=[*j.args, "--check"]) for j in jobs]
     elif args.check:

@@ -3,6 +3,8 @@ array, GPUs), quoting, refusals, and the node task's signal path on a real local
 
 import json
 import os
+import re
+import runpy
 import shlex
 import signal
 import subprocess
@@ -135,7 +137,15 @@ def test_dry_run_multi_node_runs_one_torchrun_per_node(tmp_path):
                                   '--rdzv_endpoint="${HEAD}":"${PORT}" --rdzv_id="${SLURM_JOB_ID}" -m medlava sft ')
 
 
+def complete_sft_run(output_root: Path, run_id: str) -> Path:
+    run = output_root / "tiny" / "sft" / run_id
+    run.mkdir(parents=True)
+    (run / "COMPLETE.json").write_text('{"checkpoint": "checkpoints/step-000001"}')
+    return run
+
+
 def test_dry_run_array_then_dependent_merge(tmp_path):
+    sft = complete_sft_run(tmp_path, "s1")
     out = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--chunks", "4",
                  "--array-parallelism", "2", "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=r3",
                  cwd=tmp_path)
@@ -143,9 +153,31 @@ def test_dry_run_array_then_dependent_merge(tmp_path):
     array, merge = scripts(out.stdout)
     a, m = sbatch_options(array), sbatch_options(merge)
     assert a["--array"] == "0-3%2" and a["--output"].endswith("/slurm/%A_%a_0_log.out")
-    assert array[-1].endswith('infer.chunks=4 --chunk-idx "${SLURM_ARRAY_TASK_ID}"')
+    assert array[-1].endswith(f'infer.chunks=4 infer.checkpoint={sft} --chunk-idx "${{SLURM_ARRAY_TASK_ID}}"')
     assert "--array" not in m and m["--dependency"] == "afterok:<infer-chunks job id>"
-    assert m["--kill-on-invalid-dep"] == "yes" and merge[-1].endswith("--merge-only")
+    assert m["--kill-on-invalid-dep"] == "yes" and merge[-1].endswith(f"infer.checkpoint={sft} --merge-only")
+
+
+def test_latest_checkpoint_is_resolved_once_at_submit_time(tmp_path):
+    """Every array task and the merge answer with the sft run that was newest at submission, whatever completes
+    while they run; a launch that trains its own sft run pins that one."""
+    complete_sft_run(tmp_path, "older")
+    time.sleep(0.05)
+    newest = complete_sft_run(tmp_path, "newer")
+    out = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--chunks", "3",
+                 "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=i", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(section[-1]) for section in scripts(out.stdout)]
+    assert [c.count(f"infer.checkpoint={newest}") for c in commands] == [1, 1]  # the array's and the merge's
+    assert f"checkpoint: {newest}" in out.stdout  # the resolved config says so too
+    chain = submit("pipeline", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
+                   "--output-root", str(tmp_path), "run_id=p", cwd=tmp_path)
+    assert chain.returncode == 0, chain.stderr
+    assert all(f"infer.checkpoint={tmp_path / 'tiny' / 'sft' / 'p'}" in s[-1] for s in scripts(chain.stdout))
+    refused = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
+                     "--output-root", str(tmp_path / "empty"), cwd=tmp_path)
+    assert refused.returncode == 2 and "submit: refused: infer.checkpoint=latest: no complete `sft` run" in \
+        refused.stderr
 
 
 def test_gpu_multi_node_script_and_environment():
@@ -209,10 +241,39 @@ def test_refused_before_the_queue_with_the_reason(tmp_path, args, needle):
     assert not (tmp_path / "o").exists(), "nothing may be written (or queued) for a refused submission"
 
 
+@pytest.mark.parametrize("args, key", [
+    (['cluster.qos="normal\\ntouch INJECTED #"'], "qos"),
+    (["--account", "proj\ntouch INJECTED"], "account"),
+    (["--constraint", "a100\r\n#SBATCH --uid=0"], "constraint"),
+    (['cluster.mem="1G\\n"'], "mem"),
+    (['cluster.partition="gpu\\x1b[2J"'], "partition"),
+    (["--time", "30\t"], "time"),
+    (['cluster.sbatch_extra=["--reservation=r\\ntouch INJECTED"]'], "sbatch_extra"),
+    (['cluster.env={NCCL_DEBUG: "INFO\\u0085"}'], "env"),
+])
+def test_control_characters_in_cluster_strings_are_refused_naming_the_key(tmp_path, args, key):
+    """A newline in a cluster value would end its `#SBATCH` line and put a shell line into the job script."""
+    out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
+                 "--output-root", str(tmp_path / "o"), "run_id=n", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout
+    assert f"cluster.{key} value " in out.stderr and "holds a control character" in out.stderr, out.stderr
+    assert "#SBATCH" not in out.stdout and not list(tmp_path.rglob("INJECTED"))
+
+
 @pytest.mark.parametrize("flag", [["--nodes", "2"], ["--container", "x.sif"]])
 def test_local_executor_refuses_what_needs_slurm(tmp_path, flag):
     out = submit("sft", "--config", str(TINY), "--executor", "local", *flag, cwd=tmp_path)
     assert out.returncode == 2 and "use --executor slurm" in out.stderr
+
+
+def test_launches_in_the_same_second_get_different_run_ids(tmp_path, capsys):
+    main = runpy.run_path(str(SUBMIT))["main"]  # in this process: 20 launches well within a second or two
+    ids = []
+    for _ in range(20):
+        assert main(["prepare", "--config", str(TINY), "--executor", "local", "--dry-run",
+                     "--output-root", str(tmp_path)]) == 0
+        ids.append(re.search(r"# executor: local; run id (\S+);", capsys.readouterr().out)[1])
+    assert len(set(ids)) == 20, ids
 
 
 def test_is_worker_tells_workers_from_torchrun_and_apptainer():

@@ -98,6 +98,38 @@ def test_ham10000_check_reports_all_bad_rows(tmp_path, capsys):
     assert f"{HAM_METADATA}:4: unknown dx 'melanoma'" in out and f"{HAM_METADATA}:7: age 'old'" in out
 
 
+def test_check_refuses_an_image_whose_padded_square_is_too_large(tmp_path, capsys):
+    """60000x1 is within the pixel count, but LLaVA's pad aspect would make it a 60000^2 square (10 GB)."""
+    import resource
+
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    wide = sorted(root.glob("HAM10000_images_part_*/*.jpg"))[3]
+    Image.new("RGB", (60000, 1)).save(wide, "JPEG")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert cli(tmp_path, "--check", f"data.root={root}", "run_id=w") == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s): oversized_image 1" in out
+    assert (f"{wide} is 60000x1: padded to a square it would be 60000x60000 = 3,600,000,000 pixels, over the "
+            "67,108,864-pixel limit (the longest side may be at most 8192); downscale it") in out
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # kB: nothing padded
+
+
+def test_a_finished_run_directory_is_not_started_again(tmp_path, capsys):
+    """Two launches sharing a run_id must not share (and overwrite) one directory; an unfinished one (a check,
+    a killed or requeued job) is continued."""
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    assert cli(tmp_path, "--check", f"data.root={root}", "run_id=same") == 0
+    assert cli(tmp_path, f"data.root={root}", "run_id=same") == 0
+    run = tmp_path / "runs" / "tiny" / "prepare" / "same"
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli(tmp_path, f"data.root={root}", "data.split_ratios=[0.5,0.25,0.25]", "run_id=same") == 2
+    started = json.loads((run / "run.json").read_text())["started"]
+    assert (f"medlava prepare: {run} already holds a complete prepare run (started {started}): choose another "
+            "run_id, or leave it unset for a new one") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
 def test_bad_data_is_a_message_not_a_traceback(broken_mimic, tmp_path, capsys):
     root, _ = broken_mimic
     code = cli(tmp_path, "data.dataset=mimic_cxr", f"data.root={root}", "data.mimic_cxr.section=impression", "run_id=x")

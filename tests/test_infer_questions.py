@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,3 +196,122 @@ def test_question_keeps_its_id_type_and_gets_the_image_first():
     assert s["conversations"][0]["value"] == "<image>\nWhat is shown?"
     with pytest.raises(InputError, match="row 1: `question_id` must be a string or an integer"):
         question_sample({"question_id": 1.5, "text": "q"}, "q.jsonl row 1")
+
+
+def _infer(tmp_path: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDLAVA_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_an_image_too_large_once_padded_is_refused(tmp_path, cache):
+    """9000x1 is within the pixel count; padded to a square (model.image_aspect=pad) it is 9000^2 pixels."""
+    Image.new("RGB", (9000, 1)).save(tmp_path / "wide.png")
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": "w1", "image": "wide.png", "text": "What is shown?"}) + "\n")
+    out = _infer(tmp_path, cache, *_overrides(tmp_path / "runs", q, "w", **{"infer.chunks": 1}))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava infer: image {tmp_path / 'wide.png'} (sample w1) is 9000x1: padded to a square it would be "
+            "9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit") in out.stderr, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory, questions, cache) -> tuple[Path, list[str]]:
+    """A finished infer run of the question file (2 chunks, base model, option scoring); (run, its overrides)."""
+    tmp = tmp_path_factory.mktemp("answered")
+    args = _overrides(tmp / "runs", questions, "a")
+    out = _infer(tmp, cache, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "runs" / "tiny" / "infer" / "a", args
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed_with_the_old_chunks(tmp_path, answered, cache):
+    run, args = answered
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.parent.name != "logs"}
+    out = _infer(tmp_path, cache, *args, "infer.mode=generate", "infer.max_new_tokens=8")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava infer: the answers in {run / 'chunks'} were made with other settings (infer.max_new_tokens: "
+            "4 then, 8 now; infer.mode: 'score' then, 'generate' now); one answer file must come from one model "
+            "and one setting: use a new run_id") in out.stderr, out.stderr[-3000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.parent.name != "logs"} == files
+    source = json.loads((run / "chunks" / "source.json").read_text())
+    assert source["infer.checkpoint"] == "base" and source["infer.mode"] == "score"
+
+
+def test_a_damaged_chunk_file_is_named_not_a_traceback(tmp_path, answered, cache):
+    run, args = answered
+    copy = tmp_path / "runs" / "tiny" / "infer" / "d"
+    shutil.copytree(run, copy)
+    last = chunk_path(copy / "chunks", 1, 2)
+    lines = last.read_text().splitlines(keepends=True)
+    last.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2] + "\n")  # a torn, newline-ended row
+    args = [a for a in args if not a.startswith(("run_id=", "output_root="))]
+    out = _infer(tmp_path, cache, *args, f"output_root={tmp_path / 'runs'}", "run_id=d", "--merge-only")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava infer: {last}:{len(lines)}: not a JSON answer row (" in out.stderr
+            and "the chunk file is damaged; delete it and run chunk 1 again (--chunk-idx 1), then merge"
+            in out.stderr and "Traceback" not in out.stderr), out.stderr[-3000:]
+
+
+def test_a_question_longer_than_the_model_s_context_is_refused(tmp_path, cache):
+    q = tmp_path / "q.jsonl"
+    Image.new("RGB", (40, 48)).save(tmp_path / "a.png")
+    long = "Describe every finding in this image, in order, " * 40
+    q.write_text(json.dumps({"question_id": "long1", "image": "a.png", "text": long}) + "\n")
+    out = _infer(tmp_path, cache, *_overrides(tmp_path / "runs", q, "l", **{"infer.chunks": 1,
+                                                                           "infer.mode": "generate"}))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava infer: sample long1: the prompt is \d+ tokens \(image tokens included\), over "
+                     r"model.model_max_length=256; .* Shorten the question or raise model.model_max_length",
+                     out.stderr), out.stderr[-3000:]
+
+
+def _sft_run(runs: Path, run_id: str, seed: int) -> Path:
+    """A complete sft run whose checkpoint is the tiny base model with a projector drawn from `seed`."""
+    from medlava.models.llava import MANIFEST, PROJECTOR_FILE, base_model_path, load_model, load_processor
+    from medlava.models.llava import save_projector
+
+    m = load_config(TINY).model
+    base = base_model_path(m)
+    model = load_model(base, m, torch.float32)
+    torch.manual_seed(seed)
+    for p in model.model.multi_modal_projector.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    run = runs / "tiny" / "sft" / run_id
+    ckpt = run / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    save_projector(model, ckpt / PROJECTOR_FILE)
+    load_processor(base, m).save_pretrained(ckpt)
+    (ckpt / MANIFEST).write_text(json.dumps({"kind": "projector", "step": 1, "base_model": base, "stage": "sft",
+                                             "template": m.template}))
+    (run / "COMPLETE.json").write_text(json.dumps({"checkpoint": "checkpoints/step-000001"}))
+    return run
+
+
+def test_one_run_s_chunks_come_from_one_checkpoint(tmp_path, questions, cache, monkeypatch):
+    """A newer sft run completing while the chunks are answered (each resolving `latest` itself, as the plain
+    sbatch scripts do) is refused for the rest; a chunk file from another model copied in is refused by the merge."""
+    monkeypatch.setenv("MEDLAVA_CACHE", str(cache))
+    runs = tmp_path / "runs"
+    older = _sft_run(runs, "older", seed=1)
+    common = [*_overrides(runs, questions, "x"), "infer.checkpoint=latest"]
+    first = _infer(tmp_path, cache, *common, "--chunk-idx", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    time.sleep(0.05)
+    newer = _sft_run(runs, "newer", seed=2)
+    late = _infer(tmp_path, cache, *common, "--chunk-idx", "1")
+    assert late.returncode == 2, late.stderr[-3000:]
+    a, b = (str((r / "checkpoints" / "step-000001").absolute()) for r in (older, newer))
+    assert f"infer.checkpoint: '{a}' then, '{b}' now" in late.stderr, late.stderr[-3000:]
+
+    other = _infer(tmp_path, cache, *_overrides(runs, questions, "y"), f"infer.checkpoint={newer}", "--chunk-idx", "1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    chunks = runs / "tiny" / "infer" / "x" / "chunks"
+    shutil.copy(chunk_path(runs / "tiny" / "infer" / "y" / "chunks", 1, 2), chunks)
+    merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
+    assert merged.returncode == 2, merged.stderr[-3000:]
+    n0 = len(chunk_path(chunks, 0, 2).read_text().splitlines())
+    assert (f"chunks in {chunks} hold answers of 2 models ({a}: {n0} answers, {b}: {30 - n0} answers)" in merged.stderr
+            or f"chunks in {chunks} hold answers of 2 models ({b}: {30 - n0} answers, {a}: {n0} answers)"
+            in merged.stderr), merged.stderr[-3000:]
+    assert not (runs / "tiny" / "infer" / "x" / "answers.jsonl").exists()

@@ -3,12 +3,18 @@ which equal `medlava predict` on the same image and metadata; an oversized file,
 bombs are refused with a clear message; uploads never outlive their request's temporary directory."""
 
 import io
+import json
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +220,105 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
         width = float(re.fullmatch(r"width: ([\d.]+)%;", widths[c])[1])  # the bar's length, in percent
         assert width == pytest.approx(100 * row[f"score_{c}"], abs=0.006)
     assert len({round(v, 2) for v in shown.values()}) > 2  # the classes are told apart, not all alike
+
+
+# -- `medlava serve` over HTTP ---------------------------------------------------------------------------------
+
+def _multipart(name: str, data: bytes, **fields: str) -> tuple[bytes, str]:
+    """A multipart/form-data body, by hand: the standard library has no encoder and the test needs no package."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def http_post(url: str, name: str, data: bytes, timeout: float = 60, **fields: str) -> tuple[int, dict]:
+    body, content_type = _multipart(name, data, **fields)
+    request = urllib.request.Request(url + "predict", data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    """`medlava serve` as a user starts it (127.0.0.1, its default), with a 1 MB upload limit and connections
+    closed after 2 s idle; (its URL, its process)."""
+    tmp = tmp_path_factory.mktemp("served")
+    with (tmp / "stderr.txt").open("w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint),
+                                   "--port", "0", "--device", "cpu", "--max-upload-mb", "1", "--timeout", "2"],
+                                  stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=tmp)
+    try:
+        line, deadline = "", time.monotonic() + 180
+        while "http://" not in line and server.poll() is None and time.monotonic() < deadline:
+            if select.select([server.stdout], [], [], 1)[0]:
+                line = server.stdout.readline()
+        url = re.search(r"http://\S+/", line)
+        assert url, f"no URL from medlava serve: {line!r} {(tmp / 'stderr.txt').read_text()[-3000:]}"
+        assert url[0].startswith("http://127.0.0.1:")
+        yield url[0], server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_served_an_idle_half_sent_request_blocks_nobody_and_is_closed(served, tmp_path):
+    url, _ = served
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    idle = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:  # headers promise 100 kB, then nothing more comes
+        idle.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=")
+        tic = time.monotonic()
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and "resnet18" in r.read().decode()
+        status, body = http_post(url, "a.jpg", lesion(tmp_path / "a.jpg").read_bytes(), timeout=30)
+        assert status == 200 and len(body["probabilities"]) == len(CLASSES), body
+        assert time.monotonic() - tic < 10, "another request waited for the idle one"
+        assert idle.recv(1024) == b""  # the server hung up on it (after --timeout 2 s idle), well within 30 s
+        assert time.monotonic() - tic < 15
+    finally:
+        idle.close()
+
+
+def test_served_refuses_an_image_whose_padded_square_is_too_large_without_allocating_it(served):
+    url, server = served
+    before = peak_rss_mb(server.pid)
+    data = _png("RGB", (65536, 1))  # a few hundred bytes; padded to a square: 65536^2 x 3 bytes = 12 GB
+    status, body = http_post(url, "wide.png", data, timeout=30)
+    assert len(data) < 1000 and status == 413, body
+    assert body["error"].startswith("wide.png is 65536x1: padded to a square it would be 65536x65536 = "
+                                    "4,294,967,296 pixels, over the 67,108,864-pixel limit"), body
+    assert peak_rss_mb(server.pid) - before < 100
+
+
+def test_served_accepts_a_phone_s_multi_picture_jpeg(served):
+    url, _ = served
+    photo = Image.new("RGB", (80, 60), (224, 180, 150))
+    ImageDraw.Draw(photo).ellipse((20, 12, 60, 46), fill=(115, 75, 45))
+    buf = io.BytesIO()
+    photo.save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (40, 30))])  # photo + a preview
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    status, body = http_post(url, "IMG_0001.JPG", buf.getvalue(), timeout=30)
+    assert status == 200 and body["file"] == "IMG_0001.JPG", body
+    jpeg = io.BytesIO()
+    photo.save(jpeg, "JPEG")  # the same photo alone: the first picture is what was classified
+    assert body["probabilities"] == http_post(url, "one.jpg", jpeg.getvalue(), timeout=30)[1]["probabilities"]
+
+
+def test_served_errors_do_not_show_server_paths(served, tmp_path):
+    url, _ = served
+    status, body = http_post(url, "cut.jpg", _truncated_jpeg(tmp_path), timeout=30)
+    assert status == 400 and body["error"].startswith("cut.jpg is a JPEG file that cannot be decoded"), body
+    assert "medlava-serve-" not in body["error"] and tempfile.gettempdir() not in body["error"], body
+    assert "image cut.jpg cannot be read" in body["error"], body

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +92,79 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
     la, lb = _losses(whole), _losses(resumed)
     assert sorted(la) == sorted(lb) == list(range(1, 25))
     assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(la)], rel=1e-4)
+
+
+def test_a_stray_copy_in_checkpoints_does_not_stop_a_resume(prepared):
+    run = _sft(prepared, "bak", "train.max_steps=2", "train.save_every=2")
+    shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
+    (run / "COMPLETE.json").unlink()
+    tmp, env, base = prepared
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "train.init_from=none",
+                          "train.batch_size=4", "train.max_steps=4", "train.save_every=2"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2 of 4" in out.stderr, out.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-100.bak"]
+
+
+SLOW_RANK = """
+import sys, time
+from medlava.train import checkpoint
+rng_state = checkpoint._rng_state
+def slow_rng_state():  # rank 1 writes its RNG file 3 s after the others (a slow shared file system)
+    time.sleep(3)
+    return rng_state()
+if __import__("os").environ["RANK"] == "1":
+    checkpoint._rng_state = slow_rng_state
+from medlava.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepared, tmp_path):
+    tmp, env, base = prepared
+    driver = tmp_path / "slow_rank.py"
+    driver.write_text(SLOW_RANK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(driver), "sft", *base, "run_id=slow-rank", "train.init_from=none", "train.batch_size=4",
+                          "train.max_steps=2", "train.save_every=1"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpts = tmp / "runs" / "tiny" / "sft" / "slow-rank" / "checkpoints"
+    for step in ("step-000001", "step-000002"):
+        assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in (ckpts / step).iterdir()}
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+def test_a_run_directory_is_reused_only_to_resume_it(prepared, whole):
+    tmp, env, base = prepared
+    before = sorted(p.name for p in (whole / "checkpoints").iterdir())
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "train.init_from=none",
+                          "train.batch_size=4", *ARGS, "train.resume=never"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
+            "choose another run_id, or leave it unset for a new one (or train.resume=auto to continue it)"
+            in out.stderr), out.stderr[-3000:]
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == before
+
+
+def test_training_refuses_an_image_too_large_once_padded(tmp_path):
+    """Images not checked by prepare (data.verify_images=none): the first too-wide one stops sft with its name."""
+    from medlava.data.synthetic import make_synthetic_ham10000
+    from PIL import Image
+
+    root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
+    for path in root.glob("HAM10000_images_part_*/*.jpg"):
+        Image.new("RGB", (1, 9000)).save(path, "JPEG")  # padded to a square: 9000^2 pixels each
+    env = {**os.environ, "MEDLAVA_CACHE": str(tmp_path / "cache")}
+    base = ["--config", str(TINY), f"output_root={tmp_path / 'runs'}", f"data.root={root}", "data.synthetic=null",
+            "data.verify_images=none"]
+    subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
+                   capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=w", "train.init_from=none",
+                          "train.batch_size=2", "train.max_steps=1"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava sft: image \S+\.jpg \(sample \S+\) is 1x9000: padded to a square it would be "
+                     r"9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit", out.stderr), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["none", "zero2", "zero3"])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -386,6 +387,18 @@ class ClusterConfig(Section):
     """More `#SBATCH` options, `--option=value` or `--flag` (e.g. --reservation=r1); values are quoted."""
     env: dict[str, str] = {}
     """Job environment; overrides the submitting shell's and medlava's defaults (OMP_NUM_THREADS, NCCL_DEBUG)."""
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info) -> Any:
+        # A newline would end an `#SBATCH` line and start a shell line of the job script (and the #SBATCH
+        # lines after it would be ignored); no SLURM value needs a control character.
+        texts = value if isinstance(value, list) else [*value, *value.values()] if isinstance(value, dict) else [value]
+        for text in texts:
+            if isinstance(text, str) and re.search(r"[\x00-\x1f\x7f-\x9f]", text):
+                raise ValueError(f"cluster.{info.field_name} value {text!r} holds a control character (newline, tab, "
+                                 "...); SLURM values are one line of printable text: remove it")
+        return value
 
 
 class Config(Section):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
-from medlava.config import Config, dump_config
+from medlava.config import Config, ConfigError, dump_config
 from medlava.io import atomic_write_json, atomic_write_text
 
 COMPLETE = "COMPLETE.json"
@@ -21,7 +23,8 @@ STAGES = ("prepare", "align", "sft", "infer", "eval")
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
+    """The time, for reading, and 32 random bits, so two launches in the same second get different ids."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def stage_root(cfg: Config, stage: str) -> Path:
@@ -34,9 +37,20 @@ def run_dir(cfg: Config, stage: str) -> Path:
     return stage_root(cfg, stage) / cfg.run_id
 
 
-def start_run(cfg: Config, stage: str, rank: int = 0) -> Path:
-    """Create the run directory; rank 0 records the resolved config and how it was started."""
+def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "unfinished", "always"] = "unfinished",
+              hint: str = "") -> Path:
+    """Create the run directory; rank 0 records the resolved config and how it was started.
+
+    A directory an earlier launch started (it has run.json) is continued only as `reuse` allows: `unfinished`,
+    one without COMPLETE.json (a requeued or re-run job); `always`, a complete one too (training with
+    resume=auto, infer's chunks); `never`. Otherwise ConfigError, with `hint` saying how to continue it."""
     path = run_dir(cfg, stage)
+    if rank == 0 and (path / "run.json").exists():
+        complete = is_complete(path)
+        if reuse == "never" or (reuse == "unfinished" and complete):
+            started = json.loads((path / "run.json").read_text()).get("started", "?")
+            raise ConfigError(f"{path} already holds a {'complete' if complete else 'started'} {stage} run (started "
+                              f"{started}): choose another run_id, or leave it unset for a new one{hint}")
     (path / "logs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_text(path / "config.yaml", dump_config(cfg))

@@ -3,6 +3,7 @@ and the fast path from a decoded image to pixel values (pad to square, resize, n
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +40,17 @@ def resolve_image(root: Path, rel: str) -> Path:
     return path
 
 
+def padded_too_large(width: int, height: int) -> str | None:
+    """Why an image of this size is refused although its pixel count is within MAX_PIXELS (None: it is not).
+    Padding to a square (LLaVA's `pad` aspect) allocates max(w, h)^2 pixels: a 65536x1 PNG of 132 bytes
+    would take 12 GB once padded."""
+    side = max(width, height)
+    if side * side <= MAX_PIXELS:
+        return None
+    return (f"{width}x{height}: padded to a square it would be {side}x{side} = {side * side:,} pixels, over the "
+            f"{MAX_PIXELS:,}-pixel limit (the longest side may be at most {math.isqrt(MAX_PIXELS)})")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _WIDE_MODES:
         # Pillow clips 16-bit/float pixels at 255 when converting (a 16-bit radiograph turns white), so
@@ -62,10 +74,15 @@ def _open(path: Path, sample_id: str | None, decode: bool) -> Image.Image | None
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels")
+                if problem := padded_too_large(im.width, im.height):
+                    raise BadImage("oversized_image", f"image {path}{who} is {problem}; downscale it or remove "
+                                   "the sample")
                 return _to_rgb(im) if decode else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("oversized_image", f"image {path}{who} is over the {MAX_PIXELS:,}-pixel limit, a "
                        f"decompression bomb? ({e}); downscale it or remove the sample") from None
+    except BadImage:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on broken files
         raise BadImage("unreadable_image", f"image {path}{who} cannot be read ({type(e).__name__}: {e}); "
                        "re-export or remove it") from None
@@ -88,6 +105,8 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     w, h = image.size
     if w == h:
         return image
+    if problem := padded_too_large(w, h):  # load_image refuses these first; any other image must not get by
+        raise BadImage("oversized_image", f"an image of {problem}; downscale it")
     side = max(w, h)
     out = Image.new("RGB", (side, side), fill)
     out.paste(image, ((side - w) // 2, (side - h) // 2))

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 REASONS = {
     "missing_image": "an image file named by a sample is not there",
     "unreadable_image": "an image file is corrupt, truncated or not an image",
-    "oversized_image": "an image is over the decompression-bomb pixel limit",
+    "oversized_image": "an image is over the decompression-bomb pixel limit, or would be once padded to a square",
     "image_outside_root": "an image path leaves the image root (../ or an absolute path elsewhere)",
     "bad_record": "a malformed JSON line or a record without the fields the format needs",
     "unknown_label": "a label, answer type, view or language outside the known set",

@@ -3,6 +3,9 @@
 A sample's chunk is a hash of its id, so it is the same on every run whatever the order or number of
 samples. A chunk is answered into `<name>.partial.jsonl` (appended and flushed per batch; a re-run skips
 the ids already there and drops a torn last line) and renamed to `<name>.jsonl` when whole.
+
+`source.json` beside them records what the answers were made with (the resolved checkpoint, model, inputs
+and answering settings); a task or merge with other settings is refused, so one answer file never mixes two.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
+from medlava.config import ConfigError
 from medlava.io import InputError
+
+SOURCE = "source.json"
 
 
 def chunk_of(sample_id: str, chunks: int) -> int:
@@ -47,6 +54,31 @@ def read_partial(path: Path) -> list[dict]:
     return rows
 
 
+def check_source(folder: Path, source: dict, claim: bool = False) -> None:
+    """Refuse when the chunks in `folder` were answered with settings other than `source` (flat, dotted config
+    keys); with `claim`, record `source` first if nothing is recorded (the first of the array's tasks wins)."""
+    path = folder / SOURCE
+    if claim and not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{SOURCE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(source, indent=2) + "\n")
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a task that lost the race compares with the winner's
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    changed = [f"{k}: {recorded.get(k)!r} then, {source.get(k)!r} now" for k in sorted(set(recorded) | set(source))
+               if recorded.get(k) != source.get(k)]
+    if changed:
+        raise ConfigError(f"the answers in {folder} were made with other settings ({'; '.join(changed)}); one "
+                          f"answer file must come from one model and one setting: use a new run_id, or delete "
+                          f"{folder} to answer everything again")
+
+
 class ChunkWriter:
     def __init__(self, final: Path):
         self.final, self.partial = final, partial_path(final)
@@ -77,8 +109,12 @@ def merge_chunks(folder: Path, chunks: int, expected_ids: list[str]) -> list[dic
     for i in range(chunks):
         path = chunk_path(folder, i, chunks)
         with path.open(encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not a JSON answer row ({e.msg}): the chunk file is damaged; "
+                                     f"delete it and run chunk {i} again (--chunk-idx {i}), then merge") from None
                 qid = str(row["question_id"])
                 if qid in by_id:
                     dupes.append(qid)
@@ -89,4 +125,9 @@ def merge_chunks(folder: Path, chunks: int, expected_ids: list[str]) -> list[dic
     if dupes or missing or extra:
         raise InputError(f"chunks in {folder} do not cover the split exactly once: {len(dupes)} answered twice "
                          f"{dupes[:5]}, {len(missing)} missing {missing[:5]}, {len(extra)} unknown {extra[:5]}")
+    models = Counter(str(row.get("model_id")) for row in by_id.values())
+    if len(models) > 1:
+        raise InputError(f"chunks in {folder} hold answers of {len(models)} models ("
+                         + ", ".join(f"{m}: {n} answers" for m, n in models.most_common())
+                         + "); a merged answer file must come from one model: answer again under a new run_id")
     return [by_id[i] for i in expected]

@@ -17,13 +17,13 @@ from medlava.config import Config
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
-from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks
+from medlava.infer.chunks import ChunkWriter, check_source, chunk_of, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
 from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl, atomic_write_text
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import choose_dtype, load_for_inference, num_image_tokens
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.train.checkpoint import checkpoint_of
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,34 @@ def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
                                                                           "split": cfg.infer.split}
 
 
+def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
+    """What decides the answers, as flat config keys: the checkpoint `latest` resolves to now, the model
+    section, the inputs and the answering settings (not chunks, batch size or workers)."""
+    ref, inf = cfg.infer.checkpoint, cfg.infer
+    ckpt = "base" if ref == "base" else str(checkpoint_of(resolve(cfg, ref, "sft")).absolute())
+    model = cfg.vlm("infer").model_dump(mode="json")
+    source = {"infer.checkpoint": ckpt, **{f"model.{k}": v for k, v in model.items()},
+              **{f"infer.{k}": getattr(inf, k) for k in ("mode", "max_new_tokens", "num_beams", "temperature")},
+              "infer.image_root": str(image_root.absolute())}
+    if "samples" in origin:
+        source |= {"data.samples": str(Path(origin["samples"]).absolute()), "infer.split": origin["split"]}
+    else:
+        source["infer.questions"] = str(Path(origin["questions"]).absolute())
+    return source
+
+
 def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
     m = cfg.vlm("infer")
-    run = start_run(cfg, "infer", d.rank)
     samples, image_root, classes, origin = load_inputs(cfg)
-    folder = run / "chunks"
+    source = answer_source(cfg, image_root, origin)
+    folder = run_dir(cfg, "infer") / "chunks"
+    check_source(folder, source)  # before start_run records a config the chunks were not made with
+    run = start_run(cfg, "infer", d.rank, "always")  # chunk tasks and the merge share it
     todo = [] if merge_only else ([chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     todo = [i for i in todo if not chunk_path(folder, i, cfg.infer.chunks).exists()]
     if todo:
-        ref = cfg.infer.checkpoint
-        ckpt = None if ref == "base" else checkpoint_of(resolve(cfg, ref, "sft"))
+        check_source(folder, source, claim=True)
+        ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
         model, processor, model_id = load_for_inference(m, ckpt, choose_dtype("auto"))
         model.to(d.device)
         encoder = Encoder(processor, m.template, num_image_tokens(model), m.model_max_length,

@@ -119,6 +119,10 @@ def encode(segments: Sequence[Segment], tokenizer, image_token_id: int, n_image_
             labels[lo:hi] = ids[lo:hi]
     if n_images > 1:
         raise InputError(f"sample {sample_id}: {n_images} <image> placeholders; one image per sample is supported")
+    if len(ids) > max_length and not any(s.loss for s in segments):  # a prompt: its end is the question's end
+        raise InputError(f"sample {sample_id}: the prompt is {len(ids)} tokens (image tokens included), over "
+                         f"model.model_max_length={max_length}; cut, the model would answer a question it never "
+                         "saw whole. Shorten the question or raise model.model_max_length")
     if len(ids) > max_length:
         last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
         if last_image >= max_length:

@@ -6,6 +6,9 @@ code as `medlava predict`, so both give the same probabilities for the same imag
 Uploads are checked (medlava.serve.uploads) and exist only in a per-request temporary directory. The server
 binds to 127.0.0.1 unless --host says otherwise and has no authentication: to use it from another machine,
 forward the port (ssh -L 8000:localhost:8000 HOST) rather than binding to a public address.
+
+It runs on waitress: requests are read in full by an event loop before a worker thread sees them, so a slow or
+idle client holds no thread and blocks nobody, and a connection idle for --timeout seconds is closed.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import argparse
 import logging
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 from flask import Flask, jsonify, render_template, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.serving import make_server
 
 from medlava.io import InputError
 from medlava.models.cnn import Item
@@ -60,6 +63,9 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
     app = Flask(__name__)
     limit = int(max_upload_mb * 2**20)
     app.config["MAX_CONTENT_LENGTH"] = limit + FORM_ALLOWANCE
+    # One model call at a time: torch already spreads one over every core, and concurrent calls would only
+    # multiply the activations' memory. Reading requests and checking uploads stay concurrent.
+    model_lock = threading.Lock()
 
     @app.get("/")
     def index():
@@ -73,14 +79,22 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
         name = Path(upload.filename).name  # only ever shown back as text
         with tempfile.TemporaryDirectory(prefix="medlava-serve-") as tmp:
             path = save_upload(upload.stream, Path(tmp), limit, name)
-            item = Item(name, Path(tmp), path.name, form_meta(request.form, predictor))
-            probs = predictor.probabilities([item])[0]
-            pairs = [[c, float(v)] for c, v in zip(predictor.classes, probs, strict=True)]  # a list keeps class order
-            result = {"file": name, "prediction": predictor.classes[int(np.argmax(probs))], "probabilities": pairs}
-            if isinstance(predictor, VlmPredictor):
-                question = request.form.get("question", "").strip() or predictor.question
-                result.update(question=question, answer=predictor.answer(item, question))
+            try:
+                result = answer(Item(name, Path(tmp), path.name, form_meta(request.form, predictor)))
+            except InputError as e:  # its message names our temporary file: the sender knows it as `name`
+                raise InputError(str(e).replace(str(path), name).replace(tmp, "(upload)")) from None
         return jsonify(result)
+
+    def answer(item: Item) -> dict:
+        with model_lock:
+            probs = predictor.probabilities([item])[0]
+        pairs = [[c, float(v)] for c, v in zip(predictor.classes, probs, strict=True)]  # a list keeps class order
+        result = {"file": item.id, "prediction": predictor.classes[int(np.argmax(probs))], "probabilities": pairs}
+        if isinstance(predictor, VlmPredictor):
+            question = request.form.get("question", "").strip() or predictor.question
+            with model_lock:
+                result.update(question=question, answer=predictor.answer(item, question))
+        return result
 
     @app.errorhandler(UploadError)
     def refused(e: UploadError):
@@ -104,6 +118,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted")
+    p.add_argument("--threads", type=int, default=4, help="worker threads answering requests")
+    p.add_argument("--timeout", type=int, default=30,
+                   help="seconds a connection may stay idle (mid-request included) before it is closed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -113,14 +130,24 @@ def main(argv: list[str]) -> int:
         return 2
     if args.host not in LOCAL_HOSTS:
         log.warning("binding to %s: the page is reachable from other machines and has no authentication", args.host)
-    server = make_server(args.host, args.port, create_app(predictor, args.max_upload_mb))
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"medlava serve: {predictor.title} ({predictor.checkpoint}) at http://{host}:{server.server_port}/ "
+    from waitress.server import create_server
+
+    app = create_app(predictor, args.max_upload_mb)
+    # waitress buffers a request body before the app sees it: bound that too (the app's own limit, which
+    # answers with its clear message, is half of it).
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads, channel_timeout=args.timeout,
+                           cleanup_interval=max(1, min(args.timeout // 2, 30)),
+                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"], ident="medlava")
+    # one listening socket, or several (a name such as localhost resolving to IPv4 and IPv6)
+    host, port = (server.effective_listen if hasattr(server, "effective_listen")
+                  else [(server.effective_host, server.effective_port)])[0]
+    host = f"[{host}]" if ":" in host else host
+    print(f"medlava serve: {predictor.title} ({predictor.checkpoint}) at http://{host}:{port}/ "
           "(Ctrl-C stops it)", flush=True)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
     return 0

@@ -11,10 +11,13 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
-from medlava.data.images import MAX_PIXELS, load_image
+from medlava.data.images import MAX_PIXELS, load_image, padded_too_large
 from medlava.io import InputError
 
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+# Pillow's name for a JPEG with more pictures after the first (phone cameras: depth maps, previews); the first
+# picture is the photo, and it decodes as a JPEG.
+SAME_AS = {"MPO": "JPEG"}
 
 
 class UploadError(ValueError):
@@ -36,7 +39,7 @@ def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                fmt, (width, height) = im.format, im.size
+                fmt, (width, height) = SAME_AS.get(im.format, im.format), im.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadError(413, f"{name} declares too many pixels, a decompression bomb? ({e}); refused") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
@@ -47,10 +50,13 @@ def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str) -> Path:
     if width * height > MAX_PIXELS:
         raise UploadError(413, f"{name} is {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel "
                           "limit, a decompression bomb?; refused (downscale a real photo before sending it)")
+    if problem := padded_too_large(width, height):
+        raise UploadError(413, f"{name} is {problem}; refused (downscale it before sending it)")
     path = Path(folder) / f"upload{FORMATS[fmt]}"
     path.write_bytes(data)
     try:
         load_image(path)  # every pixel: a truncated or corrupt file is refused here, not inside the model
-    except InputError as e:
-        raise UploadError(400, f"{name} is a {fmt} file that cannot be decoded; re-export it ({e})") from None
+    except InputError as e:  # its message names our temporary file: the sender knows it as `name`
+        raise UploadError(400, f"{name} is a {fmt} file that cannot be decoded; re-export it "
+                          f"({str(e).replace(str(path), name)})") from None
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,8 +28,10 @@ STATE = "trainer_state.pt"
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
+    """checkpoints/step-N, oldest first; anything else there (a user's step-100.bak copy) is not ours."""
     root = run / "checkpoints"
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name)] if root.exists() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _rng_state() -> dict:
@@ -74,6 +77,8 @@ def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor, kin
             state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         torch.save(state, tmp / STATE)
         (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "step": step, **manifest}, indent=2))
+    barrier()  # every rank's RNG file is in tmp before it becomes step-N: renamed earlier, a slow rank's is lost
+    if d.main:
         if final.exists():  # a re-run of the same step after a crash between rename and COMPLETE
             shutil.rmtree(final)
         os.replace(tmp, final)

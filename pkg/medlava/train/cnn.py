@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 import shutil
 import sys
 import time
@@ -194,7 +195,8 @@ def val_metrics(items: list[Item], probs: np.ndarray, classes: list[str]) -> dic
 def checkpoint_dirs(run: Path) -> list[Path]:
     """epoch-E (after E epochs) and epoch-E-step-S (stopped S steps into the next), oldest first."""
     root = run / "checkpoints"
-    found = [p for p in root.glob("epoch-*") if (p / STATE).exists()] if root.exists() else []
+    found = [p for p in root.glob("epoch-*") if re.fullmatch(r"epoch-\d+(-step-\d+)?", p.name) and (p / STATE).exists()
+             ] if root.exists() else []
     return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split("-")[1::2]))
 
 
@@ -225,7 +227,8 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
         raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
                                 f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
     signals.install()
-    run = start_run(cfg, "cnn", d.rank)
+    run = start_run(cfg, "cnn", d.rank, "always" if c.resume == "auto" else "never",
+                    " (or cnn.resume=auto to continue it)")
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     splits: dict[str, list[Item]] = {}
     for split in dict.fromkeys(("train", "val", c.predict_split)):

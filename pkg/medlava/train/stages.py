@@ -123,7 +123,8 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
 def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     t = cfg.align if stage == "align" else cfg.train
     m = cfg.vlm(stage)
-    run = start_run(cfg, stage, d.rank)
+    run = start_run(cfg, stage, d.rank, "always" if t.resume == "auto" else "never",
+                    f" (or {'align' if stage == 'align' else 'train'}.resume=auto to continue it)")
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, "train")
     init = init_checkpoint(cfg, stage)
