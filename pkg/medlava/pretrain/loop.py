@@ -47,6 +47,26 @@ def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
     return steps
 
 
+def contrastive_step(net: torch.nn.Module, model: ClipModule, batch: dict, loss_fn: ClipLoss, optimizer, scheduler,
+                     scaler: torch.amp.GradScaler, p: PretrainConfig, d: Dist, amp: torch.dtype | None) -> tuple:
+    """One optimizer step on a batch; (this rank's loss, gradient norm, logit scale)."""
+    raise_batch_error(batch)
+    with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
+                                                   batch["text"].to(d.device, non_blocking=True))
+        loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm).item()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    with torch.no_grad():
+        model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return loss.item(), grad_norm, scale.item()
+
+
 def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, d: Dist, manifest: dict) -> Path:
     """Train and return the final checkpoint directory (every rank calls it)."""
     per_epoch = steps_per_epoch(len(dataset), p, d)
@@ -79,32 +99,19 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
         while step < min(total, (epoch + 1) * per_epoch):
             tic = time.perf_counter()
             batch = next(batches)
-            waited = time.perf_counter() - tic
-            raise_batch_error(batch)
-            with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
-                                                           batch["text"].to(d.device, non_blocking=True))
-                loss = loss_fn(image_features.float(), text_features.float(), scale.float())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm).item()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            waited = time.perf_counter() - tic  # > 0 when the loader cannot keep up (raise num_workers)
+            loss, grad_norm, scale = contrastive_step(net, model, batch, loss_fn, optimizer, scheduler, scaler, p, d,
+                                                      amp)
             step += 1
             seconds = time.perf_counter() - tic
-            loss_value, samples_s, wait = mean_over_ranks([loss.item(), p.batch_size / seconds, waited / seconds], d)
+            loss, samples_s, wait = mean_over_ranks([loss, p.batch_size / seconds, waited / seconds], d)
             if writer and (step % p.log_every == 0 or step == total):
-                for tag, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
-                                   ("grad_norm", grad_norm), ("logit_scale", scale.item()),
-                                   ("samples_per_s", samples_s * d.world_size), ("data_wait_fraction", wait),
-                                   ("epoch", step / per_epoch)):
+                for tag, value in (("loss", loss), ("lr", optimizer.param_groups[0]["lr"]), ("grad_norm", grad_norm),
+                                   ("logit_scale", scale), ("samples_per_s", samples_s * d.world_size),
+                                   ("data_wait_fraction", wait), ("epoch", step / per_epoch)):
                     writer.add_scalar(f"train/{tag}", value, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
             stop = any_rank(signals.requested(), d) and step < total
             if stop or step == total or (p.save_every and step % p.save_every == 0):
                 ckpt = save_checkpoint(run, step, model, TokenizerFiles(model.tokenizer), "clip", manifest, optimizer,
@@ -143,7 +150,8 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
     info = {"model": p.model, "text_tower": p.text_tower, "prepared": str(prepared), "world_size": d.world_size,
             "device": str(d.device), "pairs": {"train": len(train_pairs), p.eval_split: len(eval_pairs)},
             "contrastive_batch": p.batch_size * d.world_size, "autocast": str(amp_dtype(p.precision, d.device)),
-            "parameters": sum(x.numel() for x in model.parameters()), "zero_shot_classes": task.classes if task else None}
+            "parameters": sum(x.numel() for x in model.parameters()),
+            "zero_shot_classes": task.classes if task else None}
     if d.main:
         atomic_write_json(run / "train_info.json", info)
     log.info("pretrain: %d training pairs, %s parameters, contrastive batch %d", len(train_pairs),
@@ -155,7 +163,8 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
     if d.main:
         r = metrics["retrieval"]
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
-                            "predictions": "predictions.csv" if task else None, "classes": task.classes if task else None,
+                            "predictions": "predictions.csv" if task else None,
+                            "classes": task.classes if task else None,
                             "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
                             "zero_shot_accuracy": metrics.get("accuracy")})
         log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],

@@ -105,8 +105,8 @@ def open_clip_dir(path: Path) -> Path:
         return path
     if (path / "COMPLETE.json").is_file():
         return checkpoint_of(path)
-    raise FileNotFoundError(f"model.vision_tower={path} is neither an open_clip model directory (no {OPEN_CLIP_CONFIG}) "
-                            "nor a complete pretrain run")
+    raise FileNotFoundError(f"model.vision_tower={path} is neither an open_clip model directory (no "
+                            f"{OPEN_CLIP_CONFIG}) nor a complete pretrain run")
 
 
 def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
@@ -126,7 +126,8 @@ def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
     vision = to_clip_vision_model(clip, str(source))
     config = LlavaConfig.from_pretrained(base)
     config.vision_config = vision.config
-    model = LlavaForConditionalGeneration.from_pretrained(base, config=config, ignore_mismatched_sizes=True, dtype="auto")
+    model = LlavaForConditionalGeneration.from_pretrained(base, config=config, ignore_mismatched_sizes=True,
+                                                          dtype="auto")
     model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
     processor = AutoProcessor.from_pretrained(base)
     pre, size = clip.clip.visual.preprocess_cfg, vision.config.image_size
