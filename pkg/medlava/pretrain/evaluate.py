@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from scipy.special import softmax
 from torch.utils.data import DataLoader, Subset
 
 from medlava.distributed import Dist
@@ -60,7 +59,7 @@ def zero_shot_probabilities(model: ClipModule, images: np.ndarray, task: ZeroSho
                                          num_classes_per_batch=None, device=device).float().cpu().numpy()
     scale = float(model.clip.logit_scale.exp())
     rows = [i for i, _ in task.labelled]
-    return softmax(scale * images[rows] @ weights, axis=1)
+    return torch.softmax(torch.from_numpy(scale * images[rows] @ weights), 1).numpy()
 
 
 def write_results(run: Path, model: ClipModule, pairs: list[Pair], dataset: PairDataset, task: ZeroShot | None,
