@@ -42,7 +42,7 @@ CLUSTER_FLAGS = {"nodes": int, "gpus": int, "partition": str, "account": str, "q
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=[*CHAIN, "cnn", "demo", "pipeline"])
+    p.add_argument("stage", choices=[*CHAIN, "cnn", "pretrain", "demo", "pipeline"])
     p.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/tiny.yaml")
     p.add_argument("--executor", choices=["local", "slurm"],
                    help="default: cluster.executor, else slurm when sbatch is on PATH, else local")

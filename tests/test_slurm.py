@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
@@ -168,6 +169,25 @@ def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_no
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     print(f"USR2 + requeue + resume: {time.time() - t0:.0f} s, stopped at step {stopped}")
+
+
+def test_two_node_pretrain_gathers_features_across_the_nodes(site):
+    """The contrastive stage as a 2-node job: one torchrun per node, features gathered with gradients over both."""
+    site.submit("pretrain", "--nodes", "2", "--gpus", "0", "run_id=clip", "pretrain.max_steps=6",
+                "pretrain.batch_size=8", config=TINY_PRETRAIN)
+    run = site.runs / "tiny" / "pretrain" / "clip"
+    (entry,) = record(run)
+    wait([entry["job_id"]], WAIT)
+    info = show(entry["job_id"])
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "n[1-2]", info
+    for task in (0, 1):
+        assert f"--nnodes=2 --node_rank={task} --rdzv_backend=c10d" in node_log(run, entry["job_id"], task)
+    train_info = json.loads((run / "train_info.json").read_text())
+    assert train_info["world_size"] == 2 and train_info["contrastive_batch"] == 16
+    assert sorted(losses(run)) == list(range(1, 7))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["family"] == "classification" and metrics["retrieval"]["n_images"] > 0
+    assert (run / "predictions.csv").exists()
 
 
 def test_infer_chunks_run_as_one_job_array_and_merge_covers_every_sample_once(site, two_node_sft):

@@ -18,7 +18,7 @@ from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
 from medlava.runs import new_run_id
 
-STAGES = ("prepare", "align", "sft", "infer", "eval", "cnn")
+STAGES = ("prepare", "align", "sft", "infer", "eval", "cnn", "pretrain")
 TOOLS = {"doctor": "medlava.doctor", "check-model": "medlava.models.check", "convert": "medlava.models.convert",
          "export": "medlava.models.export", "predict": "medlava.predict", "serve": "medlava.serve.app",
          "compare": "medlava.compare"}
@@ -42,6 +42,9 @@ def run_stage(stage: str, cfg: Config, chunk_idx: int | None = None, merge_only:
             elif stage == "cnn":
                 from medlava.train.cnn import run_cnn
                 run_cnn(cfg, d)
+            elif stage == "pretrain":
+                from medlava.pretrain.loop import run_pretrain
+                run_pretrain(cfg, d)
             else:
                 from medlava.train.stages import run_training_stage
                 run_training_stage(cfg, stage, d)

@@ -58,6 +58,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     image_aspect: Literal["pad", "crop"] = "pad"
     model_max_length: int = Field(2048, ge=16)
+    vision_tower: str | None = None
+    """An open_clip model directory (a `pretrain` checkpoint or run, or a local BiomedCLIP-style copy with
+    open_clip_config.json) whose ViT replaces the LLaVA's CLIP tower, converted exactly; the projector is
+    re-initialised when the width changes (train it with align)."""
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -361,6 +365,52 @@ class CnnConfig(Section):
         return self
 
 
+class PretrainConfig(Section):
+    """The `pretrain` stage: CLIP-style contrastive image-text pretraining with open_clip on the prepared
+    samples' image-caption pairs, evaluated by retrieval recall@K and zero-shot classification."""
+
+    model: str = "ViT-B-16"
+    """An open_clip model config (`open_clip.list_models()`, or medlava's `medlava-tiny-clip`), or
+    `local-dir:PATH`, an open_clip model directory to continue from (a pretrain checkpoint, a BiomedCLIP copy)."""
+    text_tower: str | None = None
+    """A local directory of a transformers text encoder and its tokenizer (PubMedBERT-style) to use as the text
+    tower, its weights loaded; unset: the config's own text transformer. Nothing is downloaded."""
+    context_length: int | None = Field(None, ge=8)
+    """Text tokens per caption; unset: the model config's."""
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=2)
+    """Per device; the contrastive batch is batch_size x world size (features are gathered across ranks)."""
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 autocast on GPUs that have it, else fp16 with loss scaling; fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """open_clip's set_grad_checkpointing on both towers."""
+    local_loss: bool = True
+    """open_clip ClipLoss: each rank scores its own rows against all gathered features (O(B x global B))."""
+    gather_with_grad: bool = True
+    """Gather features across ranks with gradients flowing back (open_clip's recommended multi-node setting)."""
+    prompt_templates: list[str] = []
+    """Zero-shot class prompts, `{}` standing for the class name; empty: the dataset's own (dermoscopy, chest x-ray)."""
+    eval_split: Literal["val", "test"] = "test"
+    """The split scored by retrieval and zero-shot classification after training."""
+    save_every: int | None = Field(None, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _prompts(self) -> PretrainConfig:
+        bad = [t for t in self.prompt_templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"pretrain.prompt_templates {bad} must each hold one `{{}}` for the class name")
+        return self
+
+
 class ClusterConfig(Section):
     # `cluster.time=30`, `cluster.partition=2080` arrive from YAML as numbers; SLURM wants their text.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
@@ -418,6 +468,7 @@ class Config(Section):
     infer: InferConfig = InferConfig()
     eval: EvalConfig = EvalConfig()
     cnn: CnnConfig = CnnConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from medlava.config import Config
 
 CHAIN = ("prepare", "align", "sft", "infer", "eval")
-TRAINING = ("align", "sft", "cnn")
+TRAINING = ("align", "sft", "cnn", "pretrain")
 TORCHRUN = "torch.distributed.run"  # `python -m torch.distributed.run` is torchrun, from the same interpreter
 
 

@@ -22,9 +22,14 @@ PROJECTOR = "multi_modal_projector"
 
 def base_model_path(cfg: ModelConfig) -> str:
     if cfg.name_or_path is not None:
-        return cfg.name_or_path
-    from medlava.models.tiny import tiny_checkpoint
-    return str(tiny_checkpoint(cfg.tiny))
+        base = cfg.name_or_path
+    else:
+        from medlava.models.tiny import tiny_checkpoint
+        base = str(tiny_checkpoint(cfg.tiny))
+    if cfg.vision_tower is None:
+        return base
+    from medlava.pretrain.vision_tower import llava_with_vision_tower  # an open_clip ViT (pretrain) as CLIP tower
+    return str(llava_with_vision_tower(base, cfg.vision_tower))
 
 
 def choose_attention(requested: str) -> str:
