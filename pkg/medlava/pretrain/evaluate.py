@@ -57,7 +57,7 @@ def zero_shot_probabilities(model: ClipModule, images: np.ndarray, task: ZeroSho
     """Class probabilities of each labelled pair: softmax of the scaled similarity to each class's mean prompt."""
     weights = build_zero_shot_classifier(model.clip, model.tokenizer, task.names, task.templates,
                                          num_classes_per_batch=None, device=device).float().cpu().numpy()
-    scale = float(model.clip.logit_scale.exp())
+    scale = float(model.clip.logit_scale.detach().exp())
     rows = [i for i, _ in task.labelled]
     return torch.softmax(torch.from_numpy(scale * images[rows] @ weights), 1).numpy()
 
