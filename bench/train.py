@@ -35,7 +35,7 @@ from medlava.models.llava import enable_activation_checkpointing, num_image_toke
 from medlava.models.templates import encode, render  # noqa: E402
 from medlava.models.tiny import build_tiny  # noqa: E402
 from medlava.train.loop import epoch_indices, param_groups  # noqa: E402
-from medlava.train.stages import _lora, set_trainable  # noqa: E402
+from medlava.train.vlm import _lora, set_trainable  # noqa: E402
 
 from sizing import HOPPER_BF16_PEAK, llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Submit medlava stages: parse, validate, hand the jobs to an executor (local, or SLURM through submitit).
 
-    python launch/submit.py sft --config jobs/configs/tiny.yaml --gpus 2 train.lr=2e-4
+    python launch/submit.py sft --config jobs/configs/tiny.yaml --gpus 2 sft.lr=2e-4
     python launch/submit.py sft --config ... --executor slurm --nodes 2 --gpus 8 --partition gpu --time 24:00:00
     python launch/submit.py infer --config ... --chunks 16 --dry-run     # print config, sbatch scripts, commands
     python launch/submit.py pipeline --config ...    # [prepare ->] align -> sft -> infer array -> eval, afterok
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import yaml
 
-from medlava.cluster.jobs import CHAIN, Job, stage_jobs
+from medlava.cluster.jobs import Job, stage_jobs
 from medlava.cluster.local import JobFailed, run_local
 from medlava.config import Config, ConfigError, dump_config, load_config
 from medlava.runs import latest_complete, new_run_id, stage_root
+from medlava.stages import CHAIN, STAGES
 
 MONITOR = ("status", "logs", "cancel")
-VLM_STAGES = ("align", "sft", "infer")
 # Command-line flags that set cluster.* keys.
 CLUSTER_FLAGS = {"nodes": int, "gpus": int, "partition": str, "account": str, "qos": str, "time": str, "mem": str,
                  "cpus_per_task": int, "constraint": str, "container": str, "array_parallelism": int}
@@ -42,7 +42,7 @@ CLUSTER_FLAGS = {"nodes": int, "gpus": int, "partition": str, "account": str, "q
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=[*CHAIN, "cnn", "pretrain", "demo", "pipeline"])
+    p.add_argument("stage", choices=[*STAGES, "demo", "pipeline"])
     p.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/tiny.yaml")
     p.add_argument("--executor", choices=["local", "slurm"],
                    help="default: cluster.executor, else slurm when sbatch is on PATH, else local")
@@ -67,7 +67,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "Exit 1 when a check fails")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, sbatch scripts and command lines; submit nothing")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=2e-4")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. sft.lr=2e-4")
     return p.parse_intermixed_args(argv)
 
 
@@ -171,7 +171,7 @@ def launch(argv: list[str]) -> int:
         jobs, cfg = doctor_job(jobs[0], cfg)
     try:
         for j in jobs:
-            if j.stage in VLM_STAGES:
+            if j.stage in STAGES and STAGES[j.stage].vlm:  # a --check job runs `doctor`
                 cfg.vlm(j.stage)
     except ConfigError as e:
         print(f"submit: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from medlava.config import load_config
 from medlava.io import read_jsonl
-from medlava.stages import run_prepare
+from medlava.stages.prepare import run as run_prepare
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 

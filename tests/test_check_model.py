@@ -55,7 +55,7 @@ def test_parameter_counts_equal_a_manual_count(tiny):
     vision, projector = _n(raw.model.vision_tower), _n(raw.model.multi_modal_projector)
     llm = _n(raw.model.language_model) + _n(raw.lm_head)
     assert vision + projector + llm == _n(raw)
-    tc, r = raw.config.text_config, cfg.train.lora.r
+    tc, r = raw.config.text_config, cfg.sft.lora.r
     h, q, kv, inter = tc.hidden_size, tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim, \
         tc.intermediate_size
     # LoRA adds r*(in+out) per adapted Linear: q, k, v, o, gate, up, down in every decoder layer.
@@ -150,12 +150,12 @@ def test_failures_exit_non_zero_with_the_reason(tiny, capsys, tmp_path):
     assert "FAIL       sample: InputError: sample check-model:" in err and "would cut the image tokens" in err
     assert main(["--model", str(tmp_path / "missing")]) == 1
     assert "FAIL       load:" in capsys.readouterr().err
-    assert main(["--config", str(TINY), "train.lora.rank=8"]) == 2
-    assert "train.lora.rank: unknown key. Allowed here: alpha, dropout, r, target_modules" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "sft.lora.rank=8"]) == 2
+    assert "sft.lora.rank: unknown key. Allowed here: alpha, dropout, r, target_modules" in capsys.readouterr().err
 
 
 def test_sample_comes_from_the_prepared_data_when_there_is_one(tiny, tmp_path):
-    from medlava.stages import run_prepare
+    from medlava.stages.prepare import run as run_prepare
 
     cfg, _, _, overrides = tiny
     cfg = load_config(TINY, [*overrides, f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'ham'}",

@@ -227,7 +227,7 @@ def test_signal_delay_must_fit_in_the_time_limit():
 @pytest.mark.parametrize("args, needle", [
     (["--config", "/no/such/recipe.yaml"], "config file /no/such/recipe.yaml does not exist"),
     (["--container", "/no/such/image.sif"], "container image /no/such/image.sif does not exist"),
-    (["train.global_batch_size=30"], "train.global_batch_size=30 is not divisible by train.batch_size 16 x world size 2"),
+    (["sft.global_batch_size=30"], "sft.global_batch_size=30 is not divisible by sft.batch_size 16 x world size 2"),
     (["--time", "soon"], "cluster.time 'soon' is not a SLURM time"),
     (['cluster.sbatch_extra=["--array=0-3"]'], "sets --array, which medlava sets itself"),
 ])
@@ -299,8 +299,8 @@ def test_node_task_stops_torchrun_workers_on_usr2_and_asks_for_a_requeue(tmp_pat
                    capture_output=True)
     code = ("import sys; from medlava.cluster.jobs import Job; from medlava.cluster.node_task import NodeTask; "
             "NodeTask(Job('sft', 'sft', sys.argv[1:], procs_per_node=2))()")
-    args = ["sft", *base, "run_id=s", "train.init_from=none", "train.batch_size=4", "train.max_steps=40",
-            "train.save_every=2"]
+    args = ["sft", *base, "run_id=s", "sft.init_from=none", "sft.batch_size=4", "sft.max_steps=40",
+            "sft.save_every=2"]
     task = subprocess.Popen([PY, "-c", code, *args], env=env, stderr=subprocess.PIPE, text=True)
     ckpts = tmp_path / "runs" / "tiny" / "sft" / "s" / "checkpoints"
     deadline = time.time() + 180

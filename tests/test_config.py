@@ -18,11 +18,11 @@ def test_tiny_preset_loads_and_round_trips(tmp_path):
 
 
 def test_overrides_are_typed_yaml():
-    cfg = load_config(TINY, ["train.lr=2e-4", "train.lora.target_modules=[q_proj, v_proj]", "infer.chunks=4",
-                             "train.max_steps=null"])
-    assert cfg.train.lr == pytest.approx(2e-4)
-    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.infer.chunks == 4 and cfg.train.max_steps is None
+    cfg = load_config(TINY, ["sft.lr=2e-4", "sft.lora.target_modules=[q_proj, v_proj]", "infer.chunks=4",
+                             "sft.max_steps=null"])
+    assert cfg.sft.lr == pytest.approx(2e-4)
+    assert cfg.sft.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.infer.chunks == 4 and cfg.sft.max_steps is None
 
 
 def test_override_into_absent_section_keeps_class_defaults(tmp_path):
@@ -31,15 +31,15 @@ def test_override_into_absent_section_keeps_class_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("train.lr=abc", "train.lr: Input should be a valid number"),
-    ("train.lrr=1", "train.lrr: unknown key. Did you mean train.lr?"),
+    ("sft.lr=abc", "sft.lr: Input should be a valid number"),
+    ("sft.lrr=1", "sft.lrr: unknown key. Did you mean sft.lr?"),
     ("model.template=llama9", "model.template: Input should be 'mistral_instruct', 'vicuna_v1' or 'plain'"),
     ("infer.chunks=0", "infer.chunks: Input should be greater than or equal to 1"),
-    ("train.train_llm=true", "lora and train_llm are exclusive"),
+    ("sft.train_llm=true", "lora and train_llm are exclusive"),
     ("data.split_ratios=[0.5,0.5,0.5]", "data.split_ratios must be >= 0 and sum to 1"),
     ("align.train_llm=true", "align trains the projector only"),
-    ("train.lr", "is not key=value"),
-    ("train=3", "train: Input should be a valid dictionary"),
+    ("sft.lr", "is not key=value"),
+    ("sft=3", "sft: Input should be a valid dictionary"),
 ])
 def test_bad_config_is_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -48,11 +48,21 @@ def test_bad_config_is_refused_naming_the_key(override, needle):
 
 
 def test_override_through_a_value_is_refused():
-    with pytest.raises(ConfigError, match="train.lr is a value"):
-        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="sft.lr is a value"):
+        apply_overrides({"sft": {"lr": 1}}, ["sft.lr.x=1"])
 
 
-@pytest.mark.parametrize("override", ["train.lr=abc", "train.bogus=1"])
+def test_the_old_train_section_is_refused_naming_sft(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'train.lr=1e-4': the `train:` section is now `sft:`.*"
+                                          r"write sft.lr=1e-4"):
+        load_config(TINY, ["train.lr=1e-4"])
+    old = tmp_path / "old.yaml"
+    old.write_text(TINY.read_text().replace("\nsft:", "\ntrain:"))
+    with pytest.raises(ConfigError, match=r"old.yaml: the `train:` section is now `sft:`"):
+        load_config(old)
+
+
+@pytest.mark.parametrize("override", ["sft.lr=abc", "sft.bogus=1"])
 def test_submit_dry_run_fails_at_once_naming_the_key(override):
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "sft", "--config", str(TINY),
                           "--dry-run", "--executor", "local", override], capture_output=True, text=True, cwd=ROOT)

@@ -108,7 +108,7 @@ def test_binds_cover_the_checkpoints_images_and_weights_the_recipe_names(tmp_pat
                              f"model.name_or_path={tmp_path / 'models/llava-med'}",
                              f"infer.image_root={tmp_path / 'scratch/imgs'}",
                              f"cnn.pretrained={tmp_path / 'weights/effnet.safetensors'}",
-                             "train.init_from=latest", "eval.bertscore_model=roberta-large"])
+                             "sft.init_from=latest", "eval.bertscore_model=roberta-large"])
     binds = set(bind_paths(cfg, str(TINY), {"MEDLAVA_CACHE": str(tmp_path / "out" / "cache")}))
     # a file binds its folder; `latest` and a hub id are not paths here, so nothing is bound for them
     assert {str(tmp_path / "models/llava-med"), str(tmp_path / "scratch/imgs"), str(tmp_path / "weights")} <= binds

@@ -329,7 +329,7 @@ def test_converted_checkpoint_passes_check_model(mistral):
 
     orig, out, _ = mistral
     lines: list[str] = []
-    report = check_model(config_for_model(str(out), ["train.lora.r=8"]), "sft", out=lines.append)
+    report = check_model(config_for_model(str(out), ["sft.lora.r=8"]), "sft", out=lines.append)
     clip_params = sum(v.numel() for k, v in orig["state"].items() if k.startswith(TOWER))
     assert report.counts["vision tower"] == {"trainable": 0, "frozen": clip_params}
     assert len(report.image_positions) == N_PATCHES and report.loss > 0

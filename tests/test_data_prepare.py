@@ -205,10 +205,10 @@ def test_recipes_carry_the_seed_settings():
     assert (align.data.dataset, align.data.llava_med.train_file) == ("llava_med", "llava_med_alignment_500k.json")
     assert (align.align.lr, align.align.global_batch_size, align.align.grad_accum) == (2e-3, 128, 1)
     sft = load_config(configs / "llava_med_sft.yaml")
-    assert (sft.data.llava_med.train_file, sft.train.lr, sft.train.epochs, sft.train.grad_accum) == \
-        ("llava_med_instruct_60k.json", 2e-5, 3, 2) and sft.train.train_llm and sft.train.lora is None
+    assert (sft.data.llava_med.train_file, sft.sft.lr, sft.sft.epochs, sft.sft.grad_accum) == \
+        ("llava_med_instruct_60k.json", 2e-5, 3, 2) and sft.sft.train_llm and sft.sft.lora is None
     cxp = load_config(configs / "chexpert_plus_lora.yaml")
-    assert (cxp.model.name_or_path, cxp.model.template, cxp.train.lora.r, cxp.train.lora.alpha) == \
+    assert (cxp.model.name_or_path, cxp.model.template, cxp.sft.lora.r, cxp.sft.lora.alpha) == \
         ("llava-hf/llava-1.5-7b-hf", "vicuna_v1", 64, 16) and cxp.data.chexpert_plus.qa_per_report == 5
     slake = load_config(configs / "slake_lora.yaml")
     assert slake.data.dataset == "slake" and slake.data.slake.language == "en" and slake.eval.family == "vqa"

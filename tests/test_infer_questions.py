@@ -26,8 +26,8 @@ from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
 from medlava.infer.chunks import chunk_of, chunk_path, partial_path
 from medlava.infer.questions import question_sample
-from medlava.infer.stage import run_infer
 from medlava.io import InputError
+from medlava.stages.infer import run as run_infer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"

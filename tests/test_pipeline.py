@@ -29,7 +29,7 @@ def demo(tmp_path_factory):
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
     cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "demo", "--config", str(TINY), "--executor", "local",
            "--output-root", str(tmp / "runs"), "run_id=t1", f"data.root={tmp / 'ham'}",
-           "data.synthetic.n_lesions=60", "align.epochs=1", "train.epochs=3", "eval.n_bootstrap=50"]
+           "data.synthetic.n_lesions=60", "align.epochs=1", "sft.epochs=3", "eval.n_bootstrap=50"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp / "runs" / "tiny", out.stdout

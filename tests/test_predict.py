@@ -34,7 +34,7 @@ def vlm(tmp_path_factory):
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
     base = ["--config", TINY, f"output_root={tmp / 'runs'}", f"data.root={tmp / 'ham'}", "data.synthetic.n_lesions=30"]
     medlava("prepare", *base, "run_id=p", env=env)
-    medlava("sft", *base, "run_id=s", "train.init_from=none", "train.max_steps=2", "train.batch_size=4", env=env)
+    medlava("sft", *base, "run_id=s", "sft.init_from=none", "sft.max_steps=2", "sft.batch_size=4", env=env)
     sft = tmp / "runs" / "tiny" / "sft" / "s"
     medlava("infer", *base, "run_id=i", f"infer.checkpoint={sft}", "infer.chunks=1", env=env)
     prepared = tmp / "runs" / "tiny" / "prepare" / "p"

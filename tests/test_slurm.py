@@ -31,7 +31,7 @@ SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
 STEPS = 24  # the USR2 test signals after step 4: the other 20 are the margin for a slow signal under load
-TRAIN = ["train.init_from=none", f"train.max_steps={STEPS}", "train.batch_size=4", "train.save_every=4"]
+TRAIN = ["sft.init_from=none", f"sft.max_steps={STEPS}", "sft.batch_size=4", "sft.save_every=4"]
 
 
 @dataclass
@@ -246,8 +246,8 @@ def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, tw
     recipe = weird / "my recipe.yaml"
     shutil.copy(TINY, recipe)
     t0 = time.time()
-    out = site.submit("pipeline", "run_id=pl", "--chunks", "2", "align.max_steps=4", "train.max_steps=4",
-                      "align.batch_size=4", "train.batch_size=4", "eval.n_bootstrap=20", config=recipe,
+    out = site.submit("pipeline", "run_id=pl", "--chunks", "2", "align.max_steps=4", "sft.max_steps=4",
+                      "align.batch_size=4", "sft.batch_size=4", "eval.n_bootstrap=20", config=recipe,
                       root=weird / "runs")
     submit_s = time.time() - t0
     runs = weird / "runs" / "tiny"

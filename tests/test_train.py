@@ -38,8 +38,8 @@ def prepared(tmp_path_factory):
 
 def _sft(prepared, run_id, *extra, popen=False):
     tmp, env, base = prepared
-    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={run_id}", "train.init_from=none",
-           "train.batch_size=4", *extra]
+    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={run_id}", "sft.init_from=none",
+           "sft.batch_size=4", *extra]
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -52,7 +52,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "trainable.safetensors"))
 
 
-ARGS = ("train.max_steps=24", "train.save_every=4", "train.grad_accum=2")
+ARGS = ("sft.max_steps=24", "sft.save_every=4", "sft.grad_accum=2")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
     if strategy != "none":
         pytest.importorskip("deepspeed")
     run_id = f"interrupted-{sig.name}-{strategy}"
-    args = (*ARGS, f"train.deepspeed={strategy}")
+    args = (*ARGS, f"sft.deepspeed={strategy}")
     proc = _sft(prepared, run_id, *args, popen=True)
     ckpts = prepared[0] / "runs" / "tiny" / "sft" / run_id / "checkpoints"
     deadline = time.time() + 120
@@ -174,8 +174,8 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
         pytest.importorskip("deepspeed")
     tmp, env, base = prepared
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "medlava", "sft", *base, f"run_id=ddp-{strategy}", "train.init_from=none",
-                          "train.epochs=3", "train.batch_size=4", f"train.deepspeed={strategy}"],
+                          "-m", "medlava", "sft", *base, f"run_id=ddp-{strategy}", "sft.init_from=none",
+                          "sft.epochs=3", "sft.batch_size=4", f"sft.deepspeed={strategy}"],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp / "runs" / "tiny" / "sft" / f"ddp-{strategy}"

@@ -13,43 +13,30 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
 from medlava.runs import new_run_id
+from medlava.stages import STAGES
 
-STAGES = ("prepare", "align", "sft", "infer", "eval", "cnn", "pretrain")
 TOOLS = {"doctor": "medlava.doctor", "check-model": "medlava.models.check", "convert": "medlava.models.convert",
          "export": "medlava.models.export", "predict": "medlava.predict", "serve": "medlava.serve.app",
          "compare": "medlava.compare"}
 
 
-def run_stage(stage: str, cfg: Config, chunk_idx: int | None = None, merge_only: bool = False) -> None:
+def run_stage(stage: str, cfg: Config, **options) -> Path:
+    """`stage`'s run(cfg, dist) in this process; torch.distributed is set up for the stages that need it."""
     from medlava import distributed
 
-    if stage == "prepare":
-        from medlava.stages import run_prepare
-        run_prepare(cfg)
-    elif stage == "eval":
-        from medlava.stages import run_eval
-        run_eval(cfg)
-    else:
-        d = distributed.setup()
-        try:
-            if stage == "infer":
-                from medlava.infer.stage import run_infer
-                run_infer(cfg, d, chunk_idx, merge_only)
-            elif stage == "cnn":
-                from medlava.train.cnn import run_cnn
-                run_cnn(cfg, d)
-            elif stage == "pretrain":
-                from medlava.pretrain.loop import run_pretrain
-                run_pretrain(cfg, d)
-            else:
-                from medlava.train.stages import run_training_stage
-                run_training_stage(cfg, stage, d)
-        finally:
-            distributed.teardown()
+    s = STAGES[stage]
+    if not s.distributed:
+        return s.run(cfg, None, **options)
+    d = distributed.setup()
+    try:
+        return s.run(cfg, d, **options)
+    finally:
+        distributed.teardown()
 
 
 def _has_config(argv: list[str]) -> bool:
@@ -71,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-only", action="store_true", help="infer: merge finished chunks and stop")
     parser.add_argument("--check", action="store_true",
                         help="prepare: list every problem in the data in one pass, write no samples; exit 1 if any")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-4")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=2e-4")
     args = parser.parse_intermixed_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
@@ -88,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             if args.stage != "prepare":
                 raise ConfigError(f"--check is an option of prepare, not {args.stage}")
-            from medlava.stages import run_prepare
-            report = json.loads((run_prepare(cfg, check=True) / "prepare_report.json").read_text())
+            report = json.loads((run_stage("prepare", cfg, check=True) / "prepare_report.json").read_text())
             return 0 if report["ok"] else 1
-        run_stage(args.stage, cfg, args.chunk_idx, args.merge_only)
+        options = {"chunk_idx": args.chunk_idx, "merge_only": args.merge_only} if args.stage == "infer" else {}
+        run_stage(args.stage, cfg, **options)
     except (ConfigError, InputError, FileNotFoundError) as e:
         print(f"medlava {args.stage}: {e}", file=sys.stderr)
         return 2

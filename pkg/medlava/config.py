@@ -463,7 +463,7 @@ class Config(Section):
     # `align:` section means the same as writing the section out.
     align: TrainConfig = TrainConfig()
     """The alignment stage: projector only (LLaVA's tune_mm_mlp_adapter)."""
-    train: TrainConfig = TrainConfig()
+    sft: TrainConfig = TrainConfig()
     """The sft stage."""
     infer: InferConfig = InferConfig()
     eval: EvalConfig = EvalConfig()
@@ -477,7 +477,7 @@ class Config(Section):
         if a.train_llm or a.lora is not None or a.train_vision or not a.train_projector:
             raise ValueError("align trains the projector only: align.train_projector=true and "
                              "align.train_llm/train_vision=false, align.lora=null")
-        if self.model and self.model.template == "plain" and self.train.lora is not None:
+        if self.model and self.model.template == "plain" and self.sft.lora is not None:
             raise ValueError("model.template=plain is the alignment template; sft needs a chat template "
                              "(mistral_instruct or vicuna_v1)")
         return self
@@ -492,7 +492,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _global_batch(self) -> Config:
         world = self.cluster.nodes * max(self.cluster.gpus_per_node, 1)
-        for key, t in (("align", self.align), ("train", self.train)):
+        for key, t in (("align", self.align), ("sft", self.sft)):
             if t.global_batch_size is None:
                 continue
             per_step = t.batch_size * world
@@ -509,10 +509,10 @@ class Config(Section):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=2e-4` -> (["train", "lr"], "2e-4"); values are YAML (`[a, b]`, `null`, `true`)."""
+    """`sft.lr=2e-4` -> (["sft", "lr"], "2e-4"); values are YAML (`[a, b]`, `null`, `true`)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} is not key=value (example: train.lr=2e-4)")
+        raise ConfigError(f"override {text!r} is not key=value (example: sft.lr=2e-4)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -520,9 +520,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# Sections renamed after the stage they configure: old name -> new name.
+RENAMED = {"train": "sft"}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] in RENAMED:
+            new = ".".join([RENAMED[path[0]], *path[1:]])
+            raise ConfigError(f"override {text!r}: the `{path[0]}:` section is now `{RENAMED[path[0]]}:` (named after "
+                              f"its stage); write {new}={text.partition('=')[2]}")
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -573,6 +581,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for old in RENAMED.keys() & data.keys():
+        raise ConfigError(f"{path}: the `{old}:` section is now `{RENAMED[old]}:` (sections are named after their "
+                          f"stage); rename it in the recipe")
     data = apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)

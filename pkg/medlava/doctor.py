@@ -174,13 +174,13 @@ def check_bf16() -> Check:
         got = (a.to(device, torch.bfloat16) @ b.to(device, torch.bfloat16)).double().cpu()
     except Exception as e:  # an unsupported dtype surfaces as any of several error types
         return Check("bf16", WARN, f"bf16 matmul on {device} failed: {type(e).__name__}: {e}",
-                     "train.precision=fp16 (V100/T4 have no bf16)")
+                     "sft.precision=fp16 (V100/T4 have no bf16)")
     ref = a.double() @ b.double()
     err = ((got - ref).norm() / ref.norm()).item()
     where = "cuda:0" if device == "cuda" else "CPU (no GPU to try)"
     if not math.isfinite(err) or err > 2e-2:
         return Check("bf16", WARN, f"bf16 matmul on {where} is wrong (relative error {err:.1e})",
-                     "train.precision=fp16 or fp32")
+                     "sft.precision=fp16 or fp32")
     return Check("bf16", OK, f"bf16 matmul on {where}: relative error {err:.1e}")
 
 
@@ -220,7 +220,7 @@ def check_flash_attn(pins: Mapping[str, SpecifierSet]) -> Check:
 
 def check_deepspeed(pins: Mapping[str, SpecifierSet]) -> Check:
     if importlib.util.find_spec("deepspeed") is None:
-        return Check("deepspeed", WARN, "not installed: train.deepspeed=zero2/zero3 unavailable (plain DDP works)",
+        return Check("deepspeed", WARN, "not installed: sft.deepspeed=zero2/zero3 unavailable (plain DDP works)",
                      _install_fix("deepspeed", pins))
     try:
         import deepspeed

@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from medlava.data.ham10000 import CLASSES, IMAGE_DIRS, QUESTION
-from medlava.io import InputError, atomic_write_text
+from medlava.io import InputError
+from medlava.predictions import label_frame, write_predictions
 from medlava.models.cnn import (
     Item,
     ItemDataset,
@@ -253,18 +254,8 @@ def read_inputs(path: Path, image_root: Path | None, classes: Sequence[str]) -> 
 
 
 def predictions_frame(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """The predictions.csv contract (DESIGN.md): id, prediction, reference ("" when unknown), task "label",
-    score_<class>, plus the image and each scalar meta field as meta_<key> (what eval splits by)."""
-    from medlava.infer.stage import scalar_meta
-
-    rows = []
-    for it, p in zip(items, probs, strict=True):
-        row = {"id": it.id, "prediction": classes[int(np.argmax(p))],
-               "reference": classes[it.label] if it.label >= 0 else "", "task": "label", "image": it.rel}
-        row.update({f"score_{c}": float(v) for c, v in zip(classes, p, strict=True)})
-        row.update({f"meta_{k}": v for k, v in scalar_meta(it.meta).items()})
-        rows.append(row)
-    return pd.DataFrame.from_records(rows)
+    return label_frame([it.id for it in items], [it.rel for it in items], [it.label for it in items],
+                       [it.meta for it in items], probs, classes)
 
 
 def main(argv: list[str]) -> int:
@@ -281,7 +272,7 @@ def main(argv: list[str]) -> int:
         predictor = predictor_from_args(args)
         items = read_inputs(args.images, args.image_root, predictor.classes)
         frame = predictions_frame(items, predictor.probabilities(items, args.batch_size), predictor.classes)
-        atomic_write_text(args.out, frame.to_csv(index=False))
+        write_predictions(args.out, frame)
     except (InputError, FileNotFoundError) as e:
         print(f"medlava predict: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ from medlava.config import Config, ConfigError, dump_config
 from medlava.io import atomic_write_json, atomic_write_text
 
 COMPLETE = "COMPLETE.json"
-STAGES = ("prepare", "align", "sft", "infer", "eval", "pretrain")
 
 
 def new_run_id() -> str:

@@ -37,7 +37,7 @@ def cache_dirs(env: Mapping[str, str]) -> list[Path]:
 
 # Config keys that may name a local file or folder (elsewhere they hold a hub id, `latest` or `none`).
 PATH_KEYS = ("model.name_or_path", "data.image_root", "data.split_file", "data.samples", "data.mimic_cxr.reports_root",
-             "data.chexpert_plus.llm.cache_dir", "align.init_from", "train.init_from", "infer.checkpoint",
+             "data.chexpert_plus.llm.cache_dir", "align.init_from", "sft.init_from", "infer.checkpoint",
              "infer.questions", "infer.image_root", "eval.predictions", "eval.closed_vocab", "eval.bertscore_model",
              "eval.bertscore_baseline", "eval.chexbert_checkpoint", "eval.chexbert_tokenizer", "cnn.pretrained",
              "pretrain.text_tower", "model.vision_tower")

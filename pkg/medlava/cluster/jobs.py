@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from medlava.config import Config
+from medlava.stages import STAGES
 
-CHAIN = ("prepare", "align", "sft", "infer", "eval")
-TRAINING = ("align", "sft", "cnn", "pretrain")
 TORCHRUN = "torch.distributed.run"  # `python -m torch.distributed.run` is torchrun, from the same interpreter
 
 
@@ -84,7 +83,7 @@ def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cf
             jobs.append(Job("infer-chunks", "infer", args, gpus_per_node=min(gpus, 1), array=cfg.infer.chunks,
                             after=after))
             jobs.append(Job("infer-merge", "infer", [*args, "--merge-only"], after=["infer-chunks"]))
-        elif s in TRAINING:
+        elif STAGES[s].trains:
             jobs.append(Job(s, s, args, nodes=cfg.cluster.nodes, procs_per_node=max(gpus, 1), gpus_per_node=gpus,
                             after=after))
         else:

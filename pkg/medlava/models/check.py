@@ -30,7 +30,7 @@ from medlava.models.inputs import Encoder, collate
 from medlava.models.llava import PROJECTOR, choose_attention, num_image_tokens
 from medlava.models.templates import IGNORE_INDEX
 from medlava.runs import resolve
-from medlava.train.stages import build_model, init_checkpoint
+from medlava.train.vlm import build_model, init_checkpoint
 
 GROUPS = ("vision tower", "projector", "LLM", "LoRA")
 GiB = 1024**3
@@ -63,10 +63,10 @@ def build_for_stage(cfg: Config, stage: str) -> Built:
         init = init_checkpoint(cfg, stage)
     except FileNotFoundError as e:  # normal before the chain has run; the sft job itself would stop here
         init = None
-        notes.append(f"train.init_from={cfg.train.init_from}: {e}; sft fails unless that exists by the time it starts")
+        notes.append(f"sft.init_from={cfg.sft.init_from}: {e}; sft fails unless that exists by the time it starts")
     if init is not None:
         notes.append(f"projector loaded from {init}")
-    t = cfg.align if stage == "align" else cfg.train
+    t = cfg.align if stage == "align" else cfg.sft
     built = build_model(cfg.model_copy(update={stage if stage == "align" else "train": t.model_copy(
         update={"deepspeed": "none"})}), stage, Dist(0, 1, 0, torch.device("cpu")), init)
     return Built(built.model, built.processor, built.template, built.dtype, built.base, notes)
@@ -214,7 +214,7 @@ def _step(name: str, fn: Callable):
 
 def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> Report:
     rep = Report()
-    t: TrainConfig = cfg.align if stage == "align" else cfg.train
+    t: TrainConfig = cfg.align if stage == "align" else cfg.sft
     vlm = cfg.vlm(stage)
 
     def line(key: str, text: str) -> None:
@@ -243,7 +243,7 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     frozen = sum(v["frozen"] for v in rep.counts.values())
     line("", f"{'total':<13}{trainable:>14,}{frozen:>16,}")
     if trainable == 0:
-        raise StepFailed("parameters", "nothing is trainable; check train.train_* and train.lora")
+        raise StepFailed("parameters", "nothing is trainable; check sft.train_* and sft.lora")
 
     gpus = cfg.cluster.nodes * max(1, cfg.cluster.gpus_per_node)
     chosen = t.deepspeed
@@ -256,7 +256,7 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
          f"{vlm.model_max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
     line("", f"= weights {size(m.weights)} + grads {size(m.grads)} + optimizer {size(m.optimizer)} + activations "
          f"{size(m.activations)}" + (f"; {size(m.cpu)} in CPU memory" if m.cpu else ""))
-    line("", "others: " + ", ".join(f"train.deepspeed={k} {size(v.total)}" for k, v in rep.memory.items()
+    line("", "others: " + ", ".join(f"sft.deepspeed={k} {size(v.total)}" for k, v in rep.memory.items()
                                     if k != chosen))
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,4 @@
-"""`prepare` and `eval`: the stages that hold no model. (align/sft: medlava.train.stages; infer:
-medlava.infer.stage.)"""
+"""The `prepare` stage: the raw dataset as distributed -> sample JSONL and splits in the run directory."""
 
 from __future__ import annotations
 
@@ -7,12 +6,12 @@ import logging
 from pathlib import Path
 
 from medlava.config import Config
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.runs import mark_complete, start_run
 
 log = logging.getLogger(__name__)
 
 
-def run_prepare(cfg: Config, check: bool = False) -> Path:
+def run(cfg: Config, dist=None, check: bool = False) -> Path:
     """The dataset named by data.dataset -> sample JSONL in the run directory. With `check`, nothing is
     written but prepare_report.json: every problem is listed (printed, and `ok` false when there are any)."""
     from medlava.data.prepare import finish
@@ -37,15 +36,3 @@ def run_prepare(cfg: Config, check: bool = False) -> Path:
     log.info("prepare: %s samples in %s", summary["splits"], run)
     return run
 
-
-def run_eval(cfg: Config) -> Path:
-    from medlava.eval.run import eval_inputs, evaluate, summary_table
-
-    run = start_run(cfg, "eval")
-    source = resolve(cfg, cfg.eval.predictions, "infer")
-    inputs = eval_inputs(source, cfg.eval)
-    metrics = evaluate(inputs.csv, run, cfg.eval, inputs.classes, inputs.vocab, inputs.vocab_source)
-    mark_complete(run, {"metrics": "metrics.json", "predictions": str(inputs.csv), "family": metrics["family"]})
-    print(summary_table(metrics), flush=True)
-    log.info("eval: %s metrics of %s -> %s", metrics["family"], inputs.csv, run)
-    return run

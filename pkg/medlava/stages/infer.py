@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import uuid
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -20,10 +18,12 @@ from medlava.eval.normalize import map_answer
 from medlava.infer.chunks import ChunkWriter, check_source, chunk_of, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
 from medlava.infer.score import generate, score_choices
-from medlava.io import atomic_write_jsonl, atomic_write_text
+from medlava.io import atomic_write_jsonl
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import choose_dtype, load_for_inference, num_image_tokens
+from medlava.predictions import answers_frame, scalar_meta, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
+from medlava.stages import upstream
 from medlava.train.checkpoint import checkpoint_of
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ def reference(sample: dict) -> str:
         return str(meta["answer"])
     gpt = [c["value"] for c in sample["conversations"] if c.get("from") in ("gpt", "assistant")]
     return gpt[-1] if gpt else ""
-
-
-# Meta fields that are the answer or the question's structure, not per-sample attributes to split by.
-_NOT_META = {"task", "choices", "answer", "label"}
-
-
-def scalar_meta(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in _NOT_META and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
 def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, encoder: Encoder, model_id: str,
@@ -101,21 +93,6 @@ def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, e
     writer.finish()
 
 
-def predictions_frame(rows: list[dict]) -> pd.DataFrame:
-    """The predictions.csv contract (id, prediction, reference, task, score_<choice>) plus the prompt, the raw
-    answer text and each scalar meta field as `meta_<key>` (answer_type, modality, ... for eval's splits)."""
-    records = []
-    for r in rows:
-        md = r["metadata"]
-        rec = {"id": r["question_id"], "prediction": md["prediction"], "reference": md["reference"],
-               "task": md["task"], "prompt": r["prompt"], "text": r["text"]}
-        rec.update({f"meta_{k}": v for k, v in (md.get("meta") or {}).items()})
-        for choice, p in (md.get("scores") or {}).items():
-            rec[f"score_{choice}"] = p
-        records.append(rec)
-    return pd.DataFrame.from_records(records)
-
-
 def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
     """(samples, image root, class list, where they came from) for a question file or a prepared split."""
     if cfg.infer.questions:
@@ -135,7 +112,7 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     """What decides the answers, as flat config keys: the checkpoint `latest` resolves to now, the model
     section, the inputs and the answering settings (not chunks, batch size or workers)."""
     ref, inf = cfg.infer.checkpoint, cfg.infer
-    ckpt = "base" if ref == "base" else str(checkpoint_of(resolve(cfg, ref, "sft")).absolute())
+    ckpt = "base" if ref == "base" else str(checkpoint_of(resolve(cfg, ref, upstream("infer"))).absolute())
     model = cfg.vlm("infer").model_dump(mode="json")
     source = {"infer.checkpoint": ckpt, **{f"model.{k}": v for k, v in model.items()},
               **{f"infer.{k}": getattr(inf, k) for k in ("mode", "max_new_tokens", "num_beams", "temperature")},
@@ -147,7 +124,7 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     return source
 
 
-def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
     m = cfg.vlm("infer")
     samples, image_root, classes, origin = load_inputs(cfg)
     source = answer_source(cfg, image_root, origin)
@@ -169,9 +146,7 @@ def run_infer(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bo
         return run
     rows = merge_chunks(folder, cfg.infer.chunks, [s["id"] for s in samples])
     atomic_write_jsonl(run / "answers.jsonl", rows)
-    buf = io.StringIO()
-    predictions_frame(rows).to_csv(buf, index=False)
-    atomic_write_text(run / "predictions.csv", buf.getvalue())
+    write_predictions(run / "predictions.csv", answers_frame(rows))
     normalized = dict(Counter(r["metadata"]["normalized"] for r in rows if "normalized" in r["metadata"]))
     mark_complete(run, {"predictions": "predictions.csv", "answers": "answers.jsonl", "n": len(rows),
                         "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, **origin})

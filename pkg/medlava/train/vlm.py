@@ -1,4 +1,4 @@
-"""The `align` and `sft` stages: choose what trains, then hand the model to the loop.
+"""What `align` and `sft` share: build the model, choose what trains, hand it to the loop.
 
 align: projector only on the `plain` template (LLaVA's tune_mm_mlp_adapter).
 sft:   LoRA on the language model (peft), or a full fine-tune; projector and vision tower switchable.
@@ -30,6 +30,7 @@ from medlava.models.llava import (
     num_image_tokens,
 )
 from medlava.runs import mark_complete, resolve, start_run
+from medlava.stages import STAGES, upstream
 from medlava.train.checkpoint import checkpoint_of
 from medlava.train.loop import train
 
@@ -85,15 +86,15 @@ class StageModel:
 
 
 def init_checkpoint(cfg: Config, stage: str) -> Path | None:
-    """The aligned projector sft starts from (train.init_from), or None."""
-    if stage == "align" or cfg.train.init_from == "none":
+    """The aligned projector sft starts from (sft.init_from), or None."""
+    if stage == "align" or cfg.sft.init_from == "none":
         return None
-    return checkpoint_of(resolve(cfg, cfg.train.init_from, "align"))
+    return checkpoint_of(resolve(cfg, cfg.sft.init_from, upstream("sft")))
 
 
 def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageModel:
     """Load the base model and choose what trains, as `stage` does (check-model builds it this way too)."""
-    t = cfg.align if stage == "align" else cfg.train
+    t: TrainConfig = getattr(cfg, STAGES[stage].section)
     m = cfg.vlm(stage)
     dtype = choose_dtype(t.precision)
     base = base_model_path(m)
@@ -120,8 +121,9 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
     return StageModel(model, processor, m.template, "lora" if t.lora else "full", dtype, base, zero3)
 
 
-def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
-    t = cfg.align if stage == "align" else cfg.train
+def train_vlm(cfg: Config, stage: str, d: Dist) -> Path:
+    """The align or sft stage: prepared samples -> checkpoints of what trains."""
+    t: TrainConfig = getattr(cfg, STAGES[stage].section)
     m = cfg.vlm(stage)
     run = start_run(cfg, stage, d.rank, "always" if t.resume == "auto" else "never",
                     f" (or {'align' if stage == 'align' else 'train'}.resume=auto to continue it)")
@@ -135,7 +137,7 @@ def run_training_stage(cfg: Config, stage: str, d: Dist) -> Path:
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
     if t.packing and choose_attention(m.attn_implementation) != "flash_attention_2":
-        log.warning("train.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
+        log.warning("sft.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
                     "block mask, which is slower than padding (bench/train.py); use it with flash-attn 2")
     counts = count_parameters(model)
     info = {"attention": choose_attention(m.attn_implementation), "dtype": str(dtype), "template": template,
