@@ -72,12 +72,8 @@ class VlmPredictor:
 
     def __init__(self, checkpoint: Path, device: torch.device, question: str = QUESTION,
                  choices: Sequence[str] = CLASSES, max_new_tokens: int = 64):
-        from medlava.models.llava import (
-            choose_dtype,
-            load_for_inference,
-            num_image_tokens,
-            read_manifest,
-        )
+        from medlava.models.llava import load_for_inference, num_image_tokens, read_manifest
+        from medlava.train.runtime import choose_dtype
 
         manifest = read_manifest(checkpoint)
         model_cfg = _model_config(Path(checkpoint), manifest)

@@ -43,13 +43,6 @@ def choose_attention(requested: str) -> str:
     return requested
 
 
-def choose_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 def load_processor(path: str, cfg: ModelConfig):
     processor = AutoProcessor.from_pretrained(path)
     # `pad` keeps the whole of a non-square scan (padded with the mean colour); a centre crop cuts it.

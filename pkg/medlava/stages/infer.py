@@ -20,7 +20,8 @@ from medlava.infer.questions import read_questions
 from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
-from medlava.models.llava import choose_dtype, load_for_inference, num_image_tokens
+from medlava.models.llava import load_for_inference, num_image_tokens
+from medlava.train.runtime import choose_dtype
 from medlava.predictions import answers_frame, scalar_meta, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.stages import upstream

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,16 +21,9 @@ from safetensors.torch import load_file, save_file
 from medlava.distributed import Dist, barrier
 from medlava.models.llava import MANIFEST, PROJECTOR_FILE, save_projector
 from medlava.runs import is_complete, read_result
+from medlava.train.runtime import STATE
 
 TRAINABLE = "trainable.safetensors"
-STATE = "trainer_state.pt"
-
-
-def checkpoint_dirs(run: Path) -> list[Path]:
-    """checkpoints/step-N, oldest first; anything else there (a user's step-100.bak copy) is not ours."""
-    root = run / "checkpoints"
-    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name)] if root.exists() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _rng_state() -> dict:

@@ -23,7 +23,6 @@ from medlava.models.llava import (
     PROJECTOR_FILE,
     base_model_path,
     choose_attention,
-    choose_dtype,
     load_model,
     load_processor,
     load_projector,
@@ -33,6 +32,7 @@ from medlava.runs import mark_complete, resolve, start_run
 from medlava.stages import STAGES, upstream
 from medlava.train.checkpoint import checkpoint_of
 from medlava.train.loop import train
+from medlava.train.runtime import choose_dtype
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,86 @@
+"""What the training loops (the VLM's in loop.py, the CNN's in cnn.py) share: precision and autocast, DDP
+wrapping, each rank's share of an epoch, checkpoint listing, stop-and-requeue, the progress bar and the
+TensorBoard writer."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from medlava import signals
+from medlava.distributed import Dist, any_rank
+
+log = logging.getLogger(__name__)
+STATE = "trainer_state.pt"
+"""In every checkpoint directory a loop can resume from (optimizer, scheduler, position)."""
+
+
+def choose_dtype(precision: str, without_bf16: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of `precision`; `auto` is bf16 on GPUs that have it, else `without_bf16`."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else without_bf16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast to, or None for none: always None on CPU, where autocast only slows training down."""
+    return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def grad_scaler(amp: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling, which fp16 needs and bf16 does not."""
+    return torch.amp.GradScaler(enabled=amp == torch.float16)
+
+
+def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """DDP over the ranks, or the model itself in a single process."""
+    if d.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def rank_share(order: list[int], d: Dist) -> list[int]:
+    """This rank's strided share of an epoch's order, padded to equal shards as DistributedSampler pads."""
+    order = order + order[: (-len(order)) % d.world_size]
+    return order[d.rank :: d.world_size]
+
+
+def checkpoint_dirs(run: Path, prefix: str) -> list[Path]:
+    """The complete checkpoints of `run`, `<prefix>-N` or `<prefix>-N-step-S` holding STATE, oldest first;
+    anything else there (a user's step-100.bak copy) is not ours."""
+    root = run / "checkpoints"
+    found = [p for p in root.glob(f"{prefix}-*") if re.fullmatch(rf"{prefix}-\d+(-step-\d+)?", p.name)
+             and (p / STATE).exists()] if root.exists() else []
+    return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split("-")[1::2]))
+
+
+def stop_requested(d: Dist) -> bool:
+    """A stop (SIGUSR2) requested on any rank: every rank sees it at the same step."""
+    return any_rank(signals.requested(), d)
+
+
+def exit_for_requeue(where: str) -> NoReturn:
+    log.warning("stop requested: checkpoint saved %s; exiting for requeue", where)
+    raise SystemExit(signals.EXIT_REQUEUE)
+
+
+def progress(total: int, initial: int, desc: str, d: Dist) -> tqdm:
+    """A progress bar on rank 0; in a log file (no terminal) it updates every 30 s, not every step."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=not d.main, dynamic_ncols=True,
+                mininterval=1 if sys.stderr.isatty() else 30)
+
+
+def tensorboard(run: Path, purge_step: int, d: Dist) -> SummaryWriter | None:
+    """Rank 0's writer; events after `purge_step` (from before a resume) are dropped."""
+    return SummaryWriter(str(run / "tensorboard"), purge_step=purge_step) if d.main else None
