@@ -4,7 +4,6 @@ collator's, its generation is the model's, the memory formula's numbers, and fai
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from medlava.models.check import builtin_sample, check_model, estimate_memory, m
 from medlava.models.inputs import Encoder, collate
 from medlava.models.llava import base_model_path, load_processor, num_image_tokens
 from medlava.models.templates import IGNORE_INDEX
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 GiB = 1024**3
 
 
@@ -135,7 +133,7 @@ def test_memory_formula():
     assert z3.activations == 2 * 3 * 2 * 8 * 2 + 34 * 3 * 2 * 8 + 2 * 3 * 2 * 10 * 4
     off = estimate_memory(1000, 5000, torch.bfloat16, "zero3_offload", 4, checkpointing=True, **kw)
     assert (off.weights, off.optimizer, off.cpu, off.grads) == (0, 0, 3000 + 3000, 500)
-    # Published anchor (REFERENCE.md): LLaVA-1.5-7B full fine-tune, ZeRO-3 on 8 GPUs, batch 16, checkpointing,
+    # Published anchor: LLaVA-1.5-7B full fine-tune, ZeRO-3 on 8 GPUs, batch 16, checkpointing,
     # used < 35 GB per GPU; the estimate (worst case: every sequence 2048 tokens) lands in that range.
     llm, clip, proj = 6_738_415_616, 303_507_456, 21_024_768
     full = estimate_memory(llm + proj, clip, torch.bfloat16, "zero3", 8, hidden=4096, layers=32, vocab=32000,

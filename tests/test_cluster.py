@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from medlava.cluster.gres import parse_gres
 from medlava.cluster.jobs import Rendezvous, stage_jobs, worker_argv
 from medlava.cluster.node_task import descendants, is_worker, port_for
 from medlava.cluster.slurm import (
     display_join,
     extra_parameters,
-    gpu_count,
     minutes,
     render,
     sbatch_parameters,
 )
 from medlava.config import load_config
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 
@@ -83,10 +82,13 @@ def test_slurm_time_formats(text, mins):
     assert minutes(text) == mins
 
 
-@pytest.mark.parametrize("gres, n", [("(null)", 0), ("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4),
-                                     ("gpu:a100:4(S:0,1),gpu:v100:2", 6), ("craynetwork:4,gpu:h100:8", 8)])
-def test_gpu_count_from_sinfo_gres(gres, n):
-    assert gpu_count(gres) == n
+@pytest.mark.parametrize("gres, n, kind", [
+    ("(null)", 0, ""), ("gpu:8", 8, ""), ("gpu", 1, ""), ("gpu:a100:4(S:0-1)", 4, "a100"),
+    ("gpu:a100:4,gpu:v100:2", 6, "a100+v100"), ("gpu:a100:4(S:0,1),gpu:v100:2", 6, "a100+v100"),
+    ("craynetwork:4,gpu:h100:8", 8, "h100"), ("gpu:a100:8(S:0-1),shard:8", 8, "a100"), ("shard:4,gpu:2", 2, "")])
+def test_gres_counts_every_gpu_of_a_node(gres, n, kind):
+    """One parser for doctor and the executor: a node with 4 A100s and 2 V100s has 6 GPUs (doctor said 4)."""
+    assert parse_gres(gres) == (n, kind)
 
 
 def test_sbatch_extra_is_parsed_and_managed_options_are_refused():

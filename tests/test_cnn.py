@@ -40,9 +40,8 @@ from medlava.train.cnn import (
 )
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import ROOT, TINY_CNN
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CNN = ROOT / "jobs" / "configs" / "tiny_cnn.yaml"
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 

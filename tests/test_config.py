@@ -1,13 +1,11 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from medlava.config import ConfigError, apply_overrides, dump_config, load_config
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def test_tiny_preset_loads_and_round_trips(tmp_path):

@@ -6,15 +6,13 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from medlava.cluster.container import Apptainer, apptainer_for, bind_paths
 from medlava.config import load_config
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 DEF = ROOT / "containers" / "medlava.def"
 
 

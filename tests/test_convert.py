@@ -37,7 +37,7 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             tie_word_embeddings=False)
 ARCH = {"mistral": ("LlavaMistralForCausalLM", "llava_mistral", MistralConfig, MistralForCausalLM),
         "llama": ("LlavaLlamaForCausalLM", "llava", LlamaConfig, LlamaForCausalLM)}
-# What LLaVA-Med v1.5's config.json carries besides the Mistral fields (REFERENCE.md), leftovers included.
+# What LLaVA-Med v1.5's config.json carries besides the Mistral fields, leftovers included.
 LLAVA_KEYS = {"mm_hidden_size": 128, "mm_patch_merge_type": "flat", "mm_projector_lr": None,
               "mm_projector_type": "mlp2x_gelu", "mm_resampler_type": None, "mm_use_im_patch_token": False,
               "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
@@ -137,7 +137,7 @@ def test_key_mapping_on_an_original_layout_checkpoint(mistral):
     model = LlavaForConditionalGeneration.from_pretrained(out)
     conv = model.state_dict()
     v = len(orig["tokenizer"])
-    mapping = {  # LLaVA's names -> transformers' (REFERENCE.md)
+    mapping = {  # LLaVA's names -> transformers'
         "model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",
         "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",
         "model.mm_projector.2.weight": "model.multi_modal_projector.linear_2.weight",

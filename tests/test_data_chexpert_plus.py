@@ -16,10 +16,10 @@ import pytest
 
 from medlava.config import LlmQAConfig
 from medlava.data.qa import LlmQA, QAGenerationError, RateLimit, rules_qa
-from medlava.data.synthetic_chexpert_plus import CSV, make_synthetic_chexpert_plus
+from synthetic.chexpert_plus import CSV, make_synthetic_chexpert_plus
 from medlava.io import InputError
 
-from prepared import prepare_dataset, rows
+from conftest import prepare_dataset, rows
 
 SECRET = "sk-test-not-a-real-key-4242"
 

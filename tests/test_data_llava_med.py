@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from medlava.data.synthetic_llava_med import ALIGNMENT, INSTRUCT, QA50, make_synthetic_llava_med
+from synthetic.llava_med import ALIGNMENT, INSTRUCT, QA50, make_synthetic_llava_med
 from medlava.io import InputError
 
-from prepared import prepare_dataset, rows
+from conftest import prepare_dataset, rows
 
 prepare = partial(prepare_dataset, "llava_med")
 

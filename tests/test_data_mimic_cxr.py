@@ -14,10 +14,10 @@ import pytest
 
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, SPLIT, report_path
 from medlava.data.reports import sections, target_text
-from medlava.data.synthetic_mimic import make_synthetic_mimic
+from synthetic.mimic import make_synthetic_mimic
 from medlava.io import InputError
 
-from prepared import prepare_dataset, rows
+from conftest import prepare_dataset, rows
 
 prepare = partial(prepare_dataset, "mimic_cxr")
 

@@ -21,10 +21,10 @@ from medlava.data.ham10000 import METADATA as HAM_METADATA
 from medlava.data.images import pixel_values
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, image_path, report_path
 from medlava.data.synthetic import make_synthetic_ham10000
-from medlava.data.synthetic_mimic import make_synthetic_mimic
-from medlava.data.synthetic_slake import make_synthetic_slake
+from synthetic.mimic import make_synthetic_mimic
+from synthetic.slake import make_synthetic_slake
+from conftest import TINY
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 
 
 def cli(tmp: Path, *args: str) -> int:

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from medlava.data.slake import closed_choices
-from medlava.data.synthetic_slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
+from synthetic.slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 from medlava.io import InputError
 
-from prepared import prepare_dataset, rows
+from conftest import prepare_dataset, rows
 
 prepare = partial(prepare_dataset, "slake")
 

@@ -25,12 +25,12 @@ from medlava.doctor import (
     check_output_root,
     check_packages,
     check_slurm,
-    parse_gres,
     parse_sinfo,
     read_pins,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 # What `sinfo -h -o '%P|%a|%D|%G'` prints on a mixed cluster: one line per partition and node kind.
 SINFO = """gpu*|up|4|gpu:a100:8(S:0-1)
 gpu*|up|2|gpu:h100:4
@@ -66,9 +66,7 @@ def test_sinfo_lines_become_partitions_with_their_gpus():
     assert gpu.gpus == 4 * 8 + 2 * 4
     assert parts["cpu"].gpus == 0 and not parts["cpu"].default
     assert parts["debug"].available == "down" and parts["debug"].gpus == 1
-    assert parse_gres("gpu:a100:8(S:0-1),shard:8") == (8, "a100")
-    assert parse_gres("shard:4,gpu:2") == (2, "")
-    assert parse_gres("(null)") == (0, "")
+    assert parse_sinfo("mixed|up|3|gpu:a100:4,gpu:v100:2\n")[0].nodes == [(3, 6, "a100+v100")]
 
 
 def test_slurm_cluster_reachable(tmp_path, monkeypatch):

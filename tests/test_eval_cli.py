@@ -10,9 +10,8 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from medlava.cli import main
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def predictions(path: Path) -> pd.DataFrame:

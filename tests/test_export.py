@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -12,9 +11,8 @@ from transformers import LlavaForConditionalGeneration
 from medlava.config import ModelConfig
 from medlava.models.export import export
 from medlava.models.llava import load_for_inference
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def test_exported_lora_model_matches_adapter_on_base(tmp_path, monkeypatch):

@@ -28,9 +28,8 @@ from medlava.infer.chunks import chunk_of, chunk_path, partial_path
 from medlava.infer.questions import question_sample
 from medlava.io import InputError
 from medlava.stages.infer import run as run_infer
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 

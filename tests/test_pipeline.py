@@ -12,9 +12,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medlava.data.samples import read_samples
+from conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def scalars(run: Path, tag: str) -> list[float]:

@@ -5,7 +5,6 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,9 +15,8 @@ from medlava.data.samples import read_samples
 from medlava.io import InputError
 from medlava.models.cnn import Item
 from medlava.predict import read_csv, read_folder
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def medlava(*args, env):

@@ -24,8 +24,8 @@ from medlava.pretrain.vision_tower import clip_vision_config, to_clip_vision_mod
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
+from conftest import ROOT, TINY_PRETRAIN
+
 SUBMIT = ROOT / "launch" / "submit.py"
 SAVE = "pretrain.save_every=20"
 

@@ -19,14 +19,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medlava.cluster.monitor import job_states, scontrol_fields, wait
 from medlava.data.samples import read_samples
+from conftest import ROOT, TINY, TINY_PRETRAIN
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     shutil.which("sinfo") is None,
     reason="no SLURM client (sinfo) on PATH: start the local cluster with `bash .ci/slurm-up.sh` (as root)")]
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -190,7 +190,7 @@ class DataConfig(Section):
                                  f"or remove data.{key}")
         if self.synthetic is not None and self.dataset != "ham10000":
             raise ValueError("data.synthetic generates HAM10000 only; remove it for data.dataset="
-                             f"{self.dataset} (tests build the other layouts with medlava.data.synthetic_*)")
+                             f"{self.dataset} (tests build the other layouts with tests/synthetic/)")
         official = (self.dataset == "slake" or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
                     or (self.dataset == "chexpert_plus" and self.chexpert_plus.split == "official"))
         if self.split_file and official:
@@ -455,7 +455,6 @@ class Config(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_root: str = "runs"
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 0
     model: ModelConfig | None = None
     """The VLM that align, sft and infer run; a CNN-only recipe leaves it out."""
     data: DataConfig

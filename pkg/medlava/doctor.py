@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from medlava.cluster.gres import parse_gres
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GiB = 1024**3
@@ -271,15 +272,6 @@ class Partition:
     def describe(self) -> str:
         groups = ", ".join(f"{n}×{g} {t}".rstrip() if g else f"{n} without GPUs" for n, g, t in self.nodes)
         return f"{self.name}{'*' if self.default else ''} ({self.available}: {groups})"
-
-
-def parse_gres(gres: str) -> tuple[int, str]:
-    """`gpu:a100:8(S:0-1),shard:8` -> (8, "a100"); `gpu:4` -> (4, ""); `(null)` -> (0, "")."""
-    for item in gres.split(","):
-        parts = re.sub(r"\(.*?\)", "", item).split(":")
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            return int(parts[-1]), parts[1] if len(parts) == 3 else ""
-    return 0, ""
 
 
 def parse_sinfo(text: str) -> list[Partition]:

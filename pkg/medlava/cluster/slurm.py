@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlava.cluster.container import Apptainer, apptainer_for
+from medlava.cluster.gres import parse_gres
 from medlava.cluster.jobs import Job, Rendezvous
 from medlava.cluster.node_task import NodeTask, default_env
 from medlava.config import Config
@@ -90,16 +91,6 @@ class Node:
     gres: str
 
 
-def gpu_count(gres: str) -> int:
-    """GPUs in a sinfo %G field: `gpu:8`, `gpu:a100:4(S:0-1),gpu:v100:2`, `(null)`."""
-    total = 0
-    for entry in re.sub(r"\([^)]*\)", "", gres).split(","):
-        parts = entry.strip().split(":")
-        if parts[0] == "gpu":
-            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
-    return total
-
-
 def partition_nodes(partition: str | None) -> tuple[str, list[Node]]:
     """The partition (the default one when None) and its nodes, from sinfo."""
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True)
@@ -112,7 +103,7 @@ def partition_nodes(partition: str | None) -> tuple[str, list[Node]]:
         if not defaults:
             raise ValueError(f"this cluster has no default partition: set --partition (one of {', '.join(names)})")
         partition = defaults.pop()
-    nodes = {n: Node(n, int(c), gpu_count(g), int(m.rstrip("+") or 0), g)
+    nodes = {n: Node(n, int(c), parse_gres(g)[0], int(m.rstrip("+") or 0), g)
              for n, p, c, g, m in rows if p.rstrip("*") == partition}
     if not nodes:
         raise ValueError(f"partition {partition!r} does not exist; sinfo lists: {', '.join(names) or 'none'}")

@@ -1,5 +1,5 @@
 """HAM10000 as released (`HAM10000_metadata.csv` + `HAM10000_images_part_1/2`, or one `images/` folder) ->
-closed-VQA samples (DESIGN.md JSONL), split by lesion so no lesion is in two splits."""
+closed-VQA samples (the prepared JSONL), split by lesion so no lesion is in two splits."""
 
 from __future__ import annotations
 
@@ -140,14 +140,7 @@ def prepare_ham10000(root: Path, out_dir: Path, ratios: tuple[float, float, floa
 
 
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
-    """The registry's entry: data.root as released, or a synthetic release generated there first."""
-    from medlava.data.synthetic import make_synthetic_ham10000
-
+    """The registry's entry: data.root as released (the registry writes a synthetic release there first
+    when data.synthetic is set)."""
     d = cfg.data
-    root = Path(d.root)
-    if d.synthetic is not None and not root.exists():
-        s = d.synthetic
-        make_synthetic_ham10000(root, n_lesions=s.n_lesions, max_images_per_lesion=s.max_images_per_lesion,
-                                image_size=s.image_size, seed=s.seed)
-        log.info("wrote a synthetic HAM10000 (%d lesions) to %s", s.n_lesions, root)
-    return load_ham10000(root, problems, d.split_ratios, d.seed, Path(d.split_file) if d.split_file else None)
+    return load_ham10000(Path(d.root), problems, d.split_ratios, d.seed, Path(d.split_file) if d.split_file else None)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from medlava.config import SyntheticDataConfig
 from medlava.data.ham10000 import CLASSES, COLUMNS, IMAGE_DIRS, METADATA
 from medlava.io import InputError
 
@@ -27,7 +28,7 @@ MARKER = ".medlava-synthetic.json"
 """Written last inside the temp tree: a root holding it is a complete synthetic dataset."""
 FIRST_IMAGE = 24306  # the real release's image ids run ISIC_0024306 .. ISIC_0034320
 
-# Frequencies of the real release (REFERENCE.md, Tschandl et al. 2018), used as sampling weights.
+# Frequencies of the real release (Tschandl et al. 2018), used as sampling weights.
 _DX_WEIGHTS = np.array([327, 514, 1099, 115, 1113, 6705, 142], dtype=float)  # in CLASSES order
 _DX_TYPES = {"histo": 5340, "follow_up": 3704, "consensus": 902, "confocal": 69}
 _SEXES = {"male": 5406, "female": 4552, "unknown": 57}
@@ -135,3 +136,12 @@ def make_synthetic_ham10000(root: Path, n_lesions: int = 150, max_images_per_les
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def ensure_synthetic_ham10000(root: Path, s: SyntheticDataConfig) -> None:
+    """data.synthetic: write the release at `root` when nothing is there yet (the tiny preset, `make demo`)."""
+    if root.exists():
+        return
+    make_synthetic_ham10000(root, n_lesions=s.n_lesions, max_images_per_lesion=s.max_images_per_lesion,
+                            image_size=s.image_size, seed=s.seed)
+    log.info("wrote a synthetic HAM10000 (%d lesions) to %s", s.n_lesions, root)

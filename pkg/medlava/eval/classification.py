@@ -1,6 +1,6 @@
 """Closed-question / label metrics from a predictions table (the predictions.csv contract).
 
-Conventions (see REFERENCE.md, "Scoring conventions"):
+Conventions:
 - `prediction` must equal a class name exactly (mapping free text to classes is the normaliser's job);
   anything else, empty included, is "unmapped": counted wrong, counted and reported, never dropped.
 - balanced_accuracy is the ISIC 2018 Task 3 metric: mean recall over the classes present in the

@@ -17,8 +17,6 @@ from pydantic import ValidationError
 from medlava.config import EvalConfig
 from medlava.io import InputError, atomic_write_text
 
-COMMANDS = ("eval", "metrics", "label-reports")
-
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")

@@ -1,4 +1,4 @@
-"""Samples (DESIGN.md JSONL) -> model inputs: token ids with expanded image tokens, loss labels and
+"""Samples (the prepared JSONL) -> model inputs: token ids with expanded image tokens, loss labels and
 pixel values; and the collators that pad them (right for training, left for generation)."""
 
 from __future__ import annotations

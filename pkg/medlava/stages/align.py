@@ -1,4 +1,5 @@
-"""The `align` stage: projector only on the `plain` template, vision tower and LLM frozen (LLaVA's tune_mm_mlp_adapter)."""
+"""The `align` stage: projector only on the `plain` template, vision tower and LLM frozen (LLaVA's
+tune_mm_mlp_adapter)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `cnn` stage: a CNN baseline on the prepared samples, in one plain loop.
+"""The CNN baseline's training (the `cnn` stage): setup / epoch / validate / predict over one CnnRun.
 
 Two phases (backbone frozen for cnn.frozen_epochs, then its last layer groups fine-tuned at cnn.finetune_lr),
 AdamW, mixed precision on GPUs, DDP under torchrun, early stopping on validation macro-F1, TensorBoard, a
@@ -9,14 +9,11 @@ predictions.csv for the test split in the VLM's contract, so `eval` and `compare
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
-import re
 import shutil
-import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +24,12 @@ from safetensors.torch import load_file
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from medlava import signals
 from medlava.config import CnnConfig, Config
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist, any_rank, barrier, mean_over_ranks
+from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.eval.classification import classification_metrics
 from medlava.io import InputError, atomic_savefig, atomic_write_json, atomic_write_text
 from medlava.models.cnn import (
@@ -53,10 +48,24 @@ from medlava.models.cnn import (
     set_phase,
 )
 from medlava.predict import predictions_frame
+from medlava.predictions import write_predictions
 from medlava.runs import mark_complete, resolve, start_run
+from medlava.train.runtime import (
+    STATE,
+    autocast,
+    autocast_dtype,
+    checkpoint_dirs,
+    choose_dtype,
+    exit_for_requeue,
+    grad_scaler,
+    progress,
+    rank_share,
+    stop_requested,
+    tensorboard,
+    wrap_ddp,
+)
 
 log = logging.getLogger(__name__)
-STATE = "trainer_state.pt"
 VAL_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
@@ -108,15 +117,6 @@ class Augmented(torch.utils.data.Dataset):
             return self.items[index]
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32 (always on CPU, where autocast only slows convolutions down)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, d: Dist) -> list[int]:
     """This rank's sample order for an epoch: a permutation, or class-balanced draws with replacement.
     By hand because DistributedSampler can neither draw balanced nor start mid-epoch (resume)."""
@@ -126,8 +126,7 @@ def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, d: Di
         order = torch.multinomial(weights, len(labels), replacement=True, generator=g).tolist()
     else:
         order = torch.randperm(len(labels), generator=g).tolist()
-    order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
-    return order[d.rank :: d.world_size]
+    return rank_share(order, d)
 
 
 def class_weights(labels: np.ndarray, classes: list[str]) -> torch.Tensor:
@@ -192,14 +191,6 @@ def val_metrics(items: list[Item], probs: np.ndarray, classes: list[str]) -> dic
     return {"loss": loss, **{k: m[k] for k in VAL_METRICS[1:]}}
 
 
-def checkpoint_dirs(run: Path) -> list[Path]:
-    """epoch-E (after E epochs) and epoch-E-step-S (stopped S steps into the next), oldest first."""
-    root = run / "checkpoints"
-    found = [p for p in root.glob("epoch-*") if re.fullmatch(r"epoch-\d+(-step-\d+)?", p.name) and (p / STATE).exists()
-             ] if root.exists() else []
-    return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split("-")[1::2]))
-
-
 def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -221,15 +212,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_cnn(cfg: Config, d: Dist) -> Path:
-    c = cfg.cnn
-    if c.pretrained and not Path(c.pretrained).is_file():
-        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
-                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
-    signals.install()
-    run = start_run(cfg, "cnn", d.rank, "always" if c.resume == "auto" else "never",
-                    " (or cnn.resume=auto to continue it)")
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
+def load_splits(prepared: Path, c: CnnConfig) -> tuple[dict[str, list[Item]], list[str]]:
+    """train, val and cnn.predict_split as labelled items, and the class list."""
     splits: dict[str, list[Item]] = {}
     for split in dict.fromkeys(("train", "val", c.predict_split)):
         samples, manifest = load_prepared(prepared, split)
@@ -238,179 +222,222 @@ def run_cnn(cfg: Config, d: Dist) -> Path:
                              "classification dataset such as ham10000")
         splits[split] = sample_items(samples, Path(manifest["image_root"]), manifest["choices"],
                                      prepared / f"{split}.jsonl")
-    classes = list(manifest["choices"])
-    train_items, val_items = splits["train"], splits["val"]
-    if not val_items:
+    if not splits["val"]:
         raise InputError(f"{prepared}/val.jsonl is empty: early stopping needs a validation split")
+    return splits, list(manifest["choices"])
 
-    # -- model, loss, precision ------------------------------------------------------------------------------
+
+@dataclass
+class CnnRun:
+    """Everything the CNN loop carries from step to step. `loop` is what a checkpoint stores to resume."""
+    c: CnnConfig
+    d: Dist
+    run: Path
+    prepared: Path
+    splits: dict[str, list[Item]]
+    classes: list[str]
+    spec: CnnSpec
+    model: CnnClassifier
+    meta: MetaEncoder | None
+    plan: list[dict]
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    labels: np.ndarray
+    steps_per_epoch: int
+    loop: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best_f1": -1.0, "best": None,
+                                                "bad_epochs": 0, "history": [], "done": False})
+    saved: dict | None = None  # the resumed checkpoint's optimizer state, until its phase is entered
+    writer: object = None
+    phase: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    net: nn.Module | None = None
+
+
+def setup(cfg: Config, d: Dist) -> CnnRun:
+    """The run directory, the data, the model, loss and precision, train_info.json, and a resumed state."""
+    c = cfg.cnn
+    if c.pretrained and not Path(c.pretrained).is_file():
+        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
+                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
+    run = start_run(cfg, "cnn", d.rank, "always" if c.resume == "auto" else "never",
+                    " (or cnn.resume=auto to continue it)")
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    splits, classes = load_splits(prepared, c)
     torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
-    meta = MetaEncoder.fit([it.meta for it in train_items]) if c.metadata else None
+    meta = MetaEncoder.fit([it.meta for it in splits["train"]]) if c.metadata else None
     spec = new_spec(c.arch, classes, c.image_size, c.head_hidden, c.dropout, meta)
     model = CnnClassifier(spec, c.pretrained)
     plan = phase_plan(model, c)
     model.to(d.device)
     if d.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    amp = amp_dtype(c.precision, d.device)
-    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    labels = np.array([it.label for it in train_items])
+    amp = autocast_dtype(choose_dtype(c.precision, without_bf16=torch.float16), d.device)
+    labels = np.array([it.label for it in splits["train"]])
     weight = class_weights(labels, classes).to(d.device) if c.class_balance == "weights" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
-    steps_per_epoch = math.ceil(len(train_items) / d.world_size) // c.batch_size  # full batches: BatchNorm needs > 1
+    steps_per_epoch = math.ceil(len(labels) / d.world_size) // c.batch_size  # full batches: BatchNorm needs > 1
     if steps_per_epoch == 0:
-        raise InputError(f"{len(train_items)} training samples over {d.world_size} process(es) make no full batch of "
+        raise InputError(f"{len(labels)} training samples over {d.world_size} process(es) make no full batch of "
                          f"cnn.batch_size={c.batch_size}; lower it")
     if c.frozen_epochs and not c.pretrained:
         log.warning("cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head on "
                     "random features", c.frozen_epochs)
-    info = {"arch": c.arch, "pretrained": c.pretrained, "classes": classes, "prepared": str(prepared),
-            "samples": {s: len(v) for s, v in splits.items()}, "world_size": d.world_size, "device": str(d.device),
-            "autocast": str(amp).replace("torch.", "") if amp else "fp32", "steps_per_epoch": steps_per_epoch,
-            "metadata": None if meta is None else asdict(meta),
-            "phases": plan}
+    s = CnnRun(c, d, run, prepared, splits, classes, spec, model, meta, plan, amp, grad_scaler(amp),
+               nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing), labels, steps_per_epoch)
     if d.main:
-        atomic_write_json(run / "train_info.json", info)
-
-    # -- resume ----------------------------------------------------------------------------------------------
-    loop = {"epoch": 0, "step": 0, "best_f1": -1.0, "best": None, "bad_epochs": 0, "history": [], "done": False}
-    saved = None
-    done = checkpoint_dirs(run)
+        atomic_write_json(run / "train_info.json", {
+            "arch": c.arch, "pretrained": c.pretrained, "classes": classes, "prepared": str(prepared),
+            "samples": {k: len(v) for k, v in splits.items()}, "world_size": d.world_size, "device": str(d.device),
+            "autocast": str(amp).replace("torch.", "") if amp else "fp32", "steps_per_epoch": steps_per_epoch,
+            "metadata": None if meta is None else asdict(meta), "phases": plan})
+    done = checkpoint_dirs(run, "epoch")
     if c.resume == "auto" and done:
         model.load_state_dict(load_file(str(done[-1] / WEIGHTS)))
-        saved = torch.load(done[-1] / STATE, map_location=d.device, weights_only=False)
-        loop = saved["loop"]
-        log.info("resumed from %s: epoch %d, step %d", done[-1], loop["epoch"], loop["step"])
-    writer = SummaryWriter(str(run / "tensorboard"), purge_step=loop["epoch"] * steps_per_epoch + loop["step"] + 1) \
-        if d.main else None
-    train_tf = train_transform(spec, c.augment)
+        s.saved = torch.load(done[-1] / STATE, map_location=d.device, weights_only=False)
+        s.loop = s.saved["loop"]
+        log.info("resumed from %s: epoch %d, step %d", done[-1], s.loop["epoch"], s.loop["step"])
+    s.writer = tensorboard(run, s.loop["epoch"] * steps_per_epoch + s.loop["step"] + 1, d)
+    return s
 
-    def save(name: str) -> None:
-        """Rank 0 writes the checkpoint; only the best and the newest are kept."""
-        if d.main:
-            keep = {name, loop["best"]}
-            state = {"loop": loop, "phase": phase, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-            save_cnn(run / "checkpoints" / name, model, spec, {"stage": "cnn", "classes": classes,
-                                                               "epoch": loop["epoch"]}, {STATE: state})
-            for old in checkpoint_dirs(run):
-                if old.name not in keep:
-                    shutil.rmtree(old)
-        barrier()
 
-    # -- train -----------------------------------------------------------------------------------------------
-    phase = None
-    while not loop["done"]:
-        epoch = loop["epoch"]
-        if phase != (1 if epoch < c.frozen_epochs else 2):  # a new phase: what trains, its rate, its optimizer
-            phase = 1 if epoch < c.frozen_epochs else 2
-            p = next(x for x in plan if x["phase"] == phase)
-            set_phase(model, frozen=phase == 1, unfreeze_fraction=c.unfreeze_fraction)
-            optimizer = make_optimizer(model, p["lr"], c.weight_decay)
-            scheduler = make_scheduler(optimizer, c.schedule, (p["epochs"][1] - p["epochs"][0]) * steps_per_epoch)
-            if saved is not None and saved["phase"] == phase:  # resuming inside this phase
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                scaler.load_state_dict(saved["scaler"])
-            saved = None
-            # DDP records which parameters train when it is built, so each phase gets its own wrapper.
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
-            log.info("phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)", phase,
-                     epoch, p["lr"], f"{p['parameters']['trainable']:,}",
-                     f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}", p["trainable_groups"],
-                     p["backbone_groups"])
-
-        net.train()
-        keep_frozen_statistics(model)
-        order = epoch_order(labels, c.class_balance == "sampler", c.seed, epoch, d)
-        keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][loop["step"] * c.batch_size:]
-        loader = DataLoader(Augmented(ItemDataset(train_items, train_tf, meta)), batch_size=c.batch_size,
-                            sampler=keys, num_workers=c.num_workers, drop_last=True,
-                            pin_memory=d.device.type == "cuda")
-        bar = tqdm(total=steps_per_epoch, initial=loop["step"], desc=f"epoch {epoch + 1}/{c.epochs}",
-                   disable=not d.main, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-        losses = []
-        for batch in loader:
-            tic = time.perf_counter()
-            torch.manual_seed(seed_of(c.seed, d.rank, epoch, loop["step"], -1))  # dropout, the same after a resume
-            with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = net(**model_inputs(batch, d.device))
-            loss = loss_fn(logits.float(), batch["label"].to(d.device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loop["step"] += 1
-            losses.append(mean_over_ranks([loss.item()], d)[0])
-            step = epoch * steps_per_epoch + loop["step"]
-            if writer:
-                writer.add_scalar("train/loss", losses[-1], step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                images_per_s = len(batch["label"]) * d.world_size / (time.perf_counter() - tic)
-                writer.add_scalar("train/images_per_s", images_per_s, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if loop["step"] < steps_per_epoch and any_rank(signals.requested(), d):
-                save(f"epoch-{epoch:03d}-step-{loop['step']:05d}")
-                log.warning("stop requested: checkpoint saved %d steps into epoch %d; exiting for requeue",
-                            loop["step"], epoch + 1)
-                raise SystemExit(signals.EXIT_REQUEUE)
-        bar.close()
-
-        # -- validate, early stopping, checkpoint ----------------------------------------------------------------
-        m = val_metrics(val_items, gather_proba(model, val_items, spec, c, d, amp), classes)
-        name = f"epoch-{epoch + 1:03d}"
-        if m["macro_f1"] > loop["best_f1"]:
-            loop.update(best_f1=m["macro_f1"], best=name, bad_epochs=0)
-        else:
-            loop["bad_epochs"] += 1
-        loop["history"].append({"epoch": epoch + 1, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
-                                "train_loss": float(np.mean(losses)) if losses else None,
-                                **{f"val_{k}": v for k, v in m.items()}})
-        loop.update(epoch=epoch + 1, step=0)
-        patience_out = c.patience is not None and loop["bad_epochs"] >= c.patience
-        if phase == 1 and (patience_out or loop["epoch"] == c.frozen_epochs):
-            loop.update(epoch=c.frozen_epochs, bad_epochs=0)  # on to phase 2, whose patience starts afresh
-        elif patience_out or loop["epoch"] >= c.epochs:
-            loop["done"] = True
-        save(name)
-        if writer:
-            for k, v in m.items():
-                if v is not None:
-                    writer.add_scalar(f"val/{k}", v, (epoch + 1) * steps_per_epoch)
-            writer.add_scalar("train/phase", phase, (epoch + 1) * steps_per_epoch)
-        if d.main:
-            atomic_write_text(run / "history.csv", pd.DataFrame(loop["history"]).to_csv(index=False))
-            plot_history(loop["history"], run / "curves.png")
-        log.info("epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
-                 "macro-F1 %.4f%s", epoch + 1, c.epochs, phase, loop["history"][-1]["train_loss"] or float("nan"),
-                 m["loss"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
-                 " (best)" if loop["best"] == name else f" (best {loop['best_f1']:.4f}, {loop['best']})")
-        if patience_out:
-            log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
-        if not loop["done"] and any_rank(signals.requested(), d):
-            log.warning("stop requested: checkpoint %s saved; exiting for requeue", name)
-            raise SystemExit(signals.EXIT_REQUEUE)
-    if writer:
-        writer.close()
-
-    # -- predictions of the best checkpoint ------------------------------------------------------------------
-    best = run / "checkpoints" / loop["best"]
-    model.load_state_dict(load_file(str(best / WEIGHTS)))
-    items = splits[c.predict_split]
-    probs = gather_proba(model, items, spec, c, d, amp)
-    if d.main:
-        buf = io.StringIO()
-        predictions_frame(items, probs, classes).to_csv(buf, index=False)
-        atomic_write_text(run / "predictions.csv", buf.getvalue())
-        best_row = next(h for h in loop["history"] if f"epoch-{h['epoch']:03d}" == loop["best"])
-        mark_complete(run, {"checkpoint": str(best.relative_to(run)), "predictions": "predictions.csv",
-                            "classes": classes, "samples": str(prepared), "split": c.predict_split, "n": len(items),
-                            "epochs_run": len(loop["history"]), "best_epoch": best_row["epoch"],
-                            "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}})
-        log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
-                 loop["best_f1"], len(items), c.predict_split, run / "predictions.csv")
+def save(s: CnnRun, name: str) -> None:
+    """Rank 0 writes the checkpoint; only the best and the newest are kept."""
+    if s.d.main:
+        state = {"loop": s.loop, "phase": s.phase, "optimizer": s.optimizer.state_dict(),
+                 "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict()}
+        save_cnn(s.run / "checkpoints" / name, s.model, s.spec, {"stage": "cnn", "classes": s.classes,
+                                                                  "epoch": s.loop["epoch"]}, {STATE: state})
+        for old in checkpoint_dirs(s.run, "epoch"):
+            if old.name not in {name, s.loop["best"]}:
+                shutil.rmtree(old)
     barrier()
-    return run
+
+
+def enter_phase(s: CnnRun) -> None:
+    """At a phase's first epoch (or a resume): what trains, its rate, its optimizer, its DDP wrapper."""
+    c, epoch = s.c, s.loop["epoch"]
+    s.phase = 1 if epoch < c.frozen_epochs else 2
+    p = next(x for x in s.plan if x["phase"] == s.phase)
+    set_phase(s.model, frozen=s.phase == 1, unfreeze_fraction=c.unfreeze_fraction)
+    s.optimizer = make_optimizer(s.model, p["lr"], c.weight_decay)
+    s.scheduler = make_scheduler(s.optimizer, c.schedule, (p["epochs"][1] - p["epochs"][0]) * s.steps_per_epoch)
+    if s.saved is not None and s.saved["phase"] == s.phase:  # resuming inside this phase
+        s.optimizer.load_state_dict(s.saved["optimizer"])
+        s.scheduler.load_state_dict(s.saved["scheduler"])
+        s.scaler.load_state_dict(s.saved["scaler"])
+    s.saved = None
+    s.net = wrap_ddp(s.model, s.d)  # DDP records which parameters train when it is built: one per phase
+    log.info("phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)", s.phase,
+             epoch, p["lr"], f"{p['parameters']['trainable']:,}",
+             f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}", p["trainable_groups"],
+             p["backbone_groups"])
+
+
+def train_epoch(s: CnnRun) -> list[float]:
+    """The rest of the current epoch; the per-step losses (rank means). Exits for requeue on a stop request."""
+    c, d, loop, epoch = s.c, s.d, s.loop, s.loop["epoch"]
+    s.net.train()
+    keep_frozen_statistics(s.model)
+    order = epoch_order(s.labels, c.class_balance == "sampler", c.seed, epoch, d)
+    keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][loop["step"] * c.batch_size:]
+    loader = DataLoader(Augmented(ItemDataset(s.splits["train"], train_transform(s.spec, c.augment), s.meta)),
+                        batch_size=c.batch_size, sampler=keys, num_workers=c.num_workers, drop_last=True,
+                        pin_memory=d.device.type == "cuda")
+    bar = progress(s.steps_per_epoch, loop["step"], f"epoch {epoch + 1}/{c.epochs}", d)
+    losses = []
+    for batch in loader:
+        tic = time.perf_counter()
+        torch.manual_seed(seed_of(c.seed, d.rank, epoch, loop["step"], -1))  # dropout, the same after a resume
+        with autocast(d.device, s.amp):
+            logits = s.net(**model_inputs(batch, d.device))
+        loss = s.loss_fn(logits.float(), batch["label"].to(d.device))
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+        loop["step"] += 1
+        losses.append(mean_over_ranks([loss.item()], d)[0])
+        step = epoch * s.steps_per_epoch + loop["step"]
+        if s.writer:
+            s.writer.add_scalar("train/loss", losses[-1], step)
+            s.writer.add_scalar("train/lr", s.optimizer.param_groups[0]["lr"], step)
+            s.writer.add_scalar("train/images_per_s", len(batch["label"]) * d.world_size / (time.perf_counter() - tic),
+                                step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if loop["step"] < s.steps_per_epoch and stop_requested(d):
+            save(s, f"epoch-{epoch:03d}-step-{loop['step']:05d}")
+            exit_for_requeue(f"{loop['step']} steps into epoch {epoch + 1}")
+    bar.close()
+    return losses
+
+
+def validate(s: CnnRun, losses: list[float]) -> None:
+    """Validation metrics, early stopping and the phase switch, the epoch's checkpoint, history and curves."""
+    c, loop, epoch, phase = s.c, s.loop, s.loop["epoch"], s.phase
+    val = s.splits["val"]
+    m = val_metrics(val, gather_proba(s.model, val, s.spec, c, s.d, s.amp), s.classes)
+    name = f"epoch-{epoch + 1:03d}"
+    if m["macro_f1"] > loop["best_f1"]:
+        loop.update(best_f1=m["macro_f1"], best=name, bad_epochs=0)
+    else:
+        loop["bad_epochs"] += 1
+    loop["history"].append({"epoch": epoch + 1, "phase": phase, "lr": s.optimizer.param_groups[0]["lr"],
+                            "train_loss": float(np.mean(losses)) if losses else None,
+                            **{f"val_{k}": v for k, v in m.items()}})
+    loop.update(epoch=epoch + 1, step=0)
+    patience_out = c.patience is not None and loop["bad_epochs"] >= c.patience
+    if phase == 1 and (patience_out or loop["epoch"] == c.frozen_epochs):
+        loop.update(epoch=c.frozen_epochs, bad_epochs=0)  # on to phase 2, whose patience starts afresh
+    elif patience_out or loop["epoch"] >= c.epochs:
+        loop["done"] = True
+    save(s, name)
+    if s.writer:
+        for k, v in m.items():
+            if v is not None:
+                s.writer.add_scalar(f"val/{k}", v, (epoch + 1) * s.steps_per_epoch)
+        s.writer.add_scalar("train/phase", phase, (epoch + 1) * s.steps_per_epoch)
+    if s.d.main:
+        atomic_write_text(s.run / "history.csv", pd.DataFrame(loop["history"]).to_csv(index=False))
+        plot_history(loop["history"], s.run / "curves.png")
+    log.info("epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
+             "macro-F1 %.4f%s", epoch + 1, c.epochs, phase, loop["history"][-1]["train_loss"] or float("nan"),
+             m["loss"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+             " (best)" if loop["best"] == name else f" (best {loop['best_f1']:.4f}, {loop['best']})")
+    if patience_out:
+        log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
+    if not loop["done"] and stop_requested(s.d):
+        exit_for_requeue(name)
+
+
+def predict(s: CnnRun) -> None:
+    """The best checkpoint answers cnn.predict_split into predictions.csv; the run is marked complete."""
+    best = s.run / "checkpoints" / s.loop["best"]
+    s.model.load_state_dict(load_file(str(best / WEIGHTS)))
+    items = s.splits[s.c.predict_split]
+    probs = gather_proba(s.model, items, s.spec, s.c, s.d, s.amp)
+    if s.d.main:
+        write_predictions(s.run / "predictions.csv", predictions_frame(items, probs, s.classes))
+        best_row = next(h for h in s.loop["history"] if f"epoch-{h['epoch']:03d}" == s.loop["best"])
+        mark_complete(s.run, {"checkpoint": str(best.relative_to(s.run)), "predictions": "predictions.csv",
+                              "classes": s.classes, "samples": str(s.prepared), "split": s.c.predict_split,
+                              "n": len(items), "epochs_run": len(s.loop["history"]), "best_epoch": best_row["epoch"],
+                              "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}})
+        log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
+                 s.loop["best_f1"], len(items), s.c.predict_split, s.run / "predictions.csv")
+    barrier()
+
+
+def run_cnn(cfg: Config, d: Dist) -> Path:
+    signals.install()
+    s = setup(cfg, d)
+    while not s.loop["done"]:
+        if s.phase != (1 if s.loop["epoch"] < s.c.frozen_epochs else 2):
+            enter_phase(s)
+        validate(s, train_epoch(s))
+    if s.writer:
+        s.writer.close()
+    predict(s)
+    return s.run

@@ -21,18 +21,7 @@ from medlava.distributed import Dist, ensure_process_group, mean_over_ranks
 from medlava.models.inputs import SampleDataset, collate, collate_packed, raise_batch_error
 from medlava.models.llava import PROJECTOR, enable_activation_checkpointing
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
-from medlava.train.runtime import (
-    autocast,
-    autocast_dtype,
-    checkpoint_dirs,
-    exit_for_requeue,
-    grad_scaler,
-    progress,
-    rank_share,
-    stop_requested,
-    tensorboard,
-    wrap_ddp,
-)
+from medlava.train import runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +48,7 @@ def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size:
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     if lengths is None:
-        return rank_share(order, d)[skip:]
+        return runtime.rank_share(order, d)[skip:]
     order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
     global_batch = batch_size * d.world_size
     mega = global_batch * 50
@@ -109,16 +98,18 @@ def make_trainer(model: torch.nn.Module, t: TrainConfig, d: Dist, dtype: torch.d
             model=model, model_parameters=param_groups(model, t),
             config=deepspeed_config(t, dtype),
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total))
-        return Trainer(model, engine, optimizer, scheduler, engine, None, grad_scaler(None), total, updates_per_epoch)
+        return Trainer(model, engine, optimizer, scheduler, engine, None, runtime.grad_scaler(None), total,
+                       updates_per_epoch)
     # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     model.to(d.device)
     optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.999))
-    amp = autocast_dtype(dtype, d.device)
-    return Trainer(model, wrap_ddp(model, d), optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total),
-                   None, amp, grad_scaler(amp), total, updates_per_epoch)
+    amp = runtime.autocast_dtype(dtype, d.device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    return Trainer(model, runtime.wrap_ddp(model, d), optimizer, scheduler, None, amp, runtime.grad_scaler(amp), total,
+                   updates_per_epoch)
 
 
 def optimizer_step(tr: Trainer, batches, t: TrainConfig, d: Dist) -> dict[str, float]:
@@ -139,7 +130,7 @@ def optimizer_step(tr: Trainer, batches, t: TrainConfig, d: Dist) -> dict[str, f
             tr.engine.backward(loss)
             tr.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
         else:
-            with (nullcontext() if sync else tr.net.no_sync()), autocast(d.device, tr.amp):
+            with (nullcontext() if sync else tr.net.no_sync()), runtime.autocast(d.device, tr.amp):
                 loss = tr.net(**batch, use_cache=False).loss
                 tr.scaler.scale(loss / t.grad_accum).backward()
         losses.append(loss.item())
@@ -184,14 +175,14 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
     signals.install()
     torch.manual_seed(t.seed + d.rank)
     tr = make_trainer(model, t, d, dtype, len(dataset))
-    done = checkpoint_dirs(run, "step")
+    done = runtime.checkpoint_dirs(run, "step")
     if t.resume == "auto" and done:
         tr.step = load_resume_state(done[-1], model, tr.optimizer, tr.scheduler, d, tr.engine)["step"]
         log.info("resumed from %s at step %d of %d", done[-1], tr.step, tr.total)
     collate_fn = collate_packed if t.packing else partial(collate, pad_id=processor.tokenizer.pad_token_id,
                                                           side="right")
-    writer = tensorboard(run, tr.step + 1, d)
-    bar = progress(tr.total, tr.step, run.parent.name, d)
+    writer = runtime.tensorboard(run, tr.step + 1, d)
+    bar = runtime.progress(tr.total, tr.step, run.parent.name, d)
     ckpt = done[-1] if done and tr.step >= tr.total else None
     tr.net.train()
     while tr.step < tr.total:
@@ -207,14 +198,14 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
             logged = writer if tr.step % t.log_every == 0 or tr.step == tr.total else None
             bar.set_postfix(**log_step(logged, tr, measured, d))
             bar.update(1)
-            stop = stop_requested(d) and tr.step < tr.total
+            stop = runtime.stop_requested(d) and tr.step < tr.total
             if stop or tr.step == tr.total or (t.save_every and tr.step % t.save_every == 0):
                 ckpt = save_checkpoint(run, tr.step, model, processor, kind, manifest, tr.optimizer, tr.scheduler,
                                        {"total": tr.total}, d, tr.engine)
             if stop:
                 if writer:
                     writer.close()
-                exit_for_requeue(f"at step {tr.step} of {tr.total}")
+                runtime.exit_for_requeue(f"at step {tr.step} of {tr.total}")
     bar.close()
     if writer:
         writer.close()

@@ -47,7 +47,8 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """DDP over the ranks, or the model itself in a single process."""
     if d.world_size == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    device_ids = [d.local_rank] if d.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def rank_share(order: list[int], d: Dist) -> list[int]:

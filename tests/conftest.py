@@ -1,4 +1,4 @@
-"""`prepare` run on a dataset copy a test made, and what it wrote: shared by the adapter tests."""
+"""What many tests share: the repository's paths, the tiny recipes, and `prepare` runs on synthetic data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from medlava.config import load_config
 from medlava.io import read_jsonl
 from medlava.stages.prepare import run as run_prepare
 
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+TINY_CNN = ROOT / "jobs" / "configs" / "tiny_cnn.yaml"
+TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
 
 
 def prepare_dataset(dataset: str, tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
