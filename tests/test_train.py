@@ -94,12 +94,12 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
 
 
 def test_a_stray_copy_in_checkpoints_does_not_stop_a_resume(prepared):
-    run = _sft(prepared, "bak", "train.max_steps=2", "train.save_every=2")
+    run = _sft(prepared, "bak", "sft.max_steps=2", "sft.save_every=2")
     shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
     (run / "COMPLETE.json").unlink()
     tmp, env, base = prepared
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "train.init_from=none",
-                          "train.batch_size=4", "train.max_steps=4", "train.save_every=2"], env=env,
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "sft.init_from=none",
+                          "sft.batch_size=4", "sft.max_steps=4", "sft.save_every=2"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2 of 4" in out.stderr, out.stderr[-3000:]
@@ -125,8 +125,8 @@ def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepar
     driver = tmp_path / "slow_rank.py"
     driver.write_text(SLOW_RANK)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(driver), "sft", *base, "run_id=slow-rank", "train.init_from=none", "train.batch_size=4",
-                          "train.max_steps=2", "train.save_every=1"], env=env, capture_output=True, text=True)
+                          str(driver), "sft", *base, "run_id=slow-rank", "sft.init_from=none", "sft.batch_size=4",
+                          "sft.max_steps=2", "sft.save_every=1"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpts = tmp / "runs" / "tiny" / "sft" / "slow-rank" / "checkpoints"
     for step in ("step-000001", "step-000002"):
@@ -137,11 +137,11 @@ def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepar
 def test_a_run_directory_is_reused_only_to_resume_it(prepared, whole):
     tmp, env, base = prepared
     before = sorted(p.name for p in (whole / "checkpoints").iterdir())
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "train.init_from=none",
-                          "train.batch_size=4", *ARGS, "train.resume=never"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "sft.init_from=none",
+                          "sft.batch_size=4", *ARGS, "sft.resume=never"], env=env, capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-3000:]
     assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
-            "choose another run_id, or leave it unset for a new one (or train.resume=auto to continue it)"
+            "choose another run_id, or leave it unset for a new one (or sft.resume=auto to continue it)"
             in out.stderr), out.stderr[-3000:]
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == before
 
@@ -159,8 +159,8 @@ def test_training_refuses_an_image_too_large_once_padded(tmp_path):
             "data.verify_images=none"]
     subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
                    capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=w", "train.init_from=none",
-                          "train.batch_size=2", "train.max_steps=1"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=w", "sft.init_from=none",
+                          "sft.batch_size=2", "sft.max_steps=1"], env=env, capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-3000:]
     assert re.search(r"medlava sft: image \S+\.jpg \(sample \S+\) is 1x9000: padded to a square it would be "
                      r"9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit", out.stderr), out.stderr[-3000:]

@@ -126,7 +126,7 @@ def train_vlm(cfg: Config, stage: str, d: Dist) -> Path:
     t: TrainConfig = getattr(cfg, STAGES[stage].section)
     m = cfg.vlm(stage)
     run = start_run(cfg, stage, d.rank, "always" if t.resume == "auto" else "never",
-                    f" (or {'align' if stage == 'align' else 'train'}.resume=auto to continue it)")
+                    f" (or {STAGES[stage].section}.resume=auto to continue it)")
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, "train")
     init = init_checkpoint(cfg, stage)
