@@ -4,7 +4,6 @@ and `medlava compare` read (their writers and metrics, with retrieval added to m
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from torch.utils.data import DataLoader, Subset
 
 from medlava.distributed import Dist
 from medlava.eval.closed import evaluate_closed
-from medlava.io import atomic_write_json, atomic_write_text
+from medlava.io import atomic_write_json
 from medlava.models.cnn import Item
 from medlava.models.inputs import raise_batch_error
 from medlava.predict import predictions_frame
+from medlava.predictions import write_predictions
 from medlava.pretrain.data import Pair, PairDataset, ZeroShot, collate
 from medlava.pretrain.metrics import retrieval_metrics
 from medlava.pretrain.model import ClipModule
@@ -72,9 +72,7 @@ def write_results(run: Path, model: ClipModule, pairs: list[Pair], dataset: Pair
     if task is not None:
         probs = zero_shot_probabilities(model, images, task, d.device)
         items = [Item(pairs[i].id, dataset.root, pairs[i].image, pairs[i].meta, c) for i, c in task.labelled]
-        buf = io.StringIO()
-        predictions_frame(items, probs, task.classes).to_csv(buf, index=False)
-        atomic_write_text(run / "predictions.csv", buf.getvalue())
+        write_predictions(run / "predictions.csv", predictions_frame(items, probs, task.classes))
         metrics = evaluate_closed(run / "predictions.csv", run, task.classes, n_bootstrap)
         metrics["zero_shot"] = {"class_names": task.names, "templates": task.templates, "n": len(task.labelled),
                                 "chance_balanced_accuracy": 1 / len(task.classes)}

@@ -10,32 +10,35 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from medlava import signals
 from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist, any_rank, barrier, mean_over_ranks
+from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.io import InputError, atomic_write_json
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
 from medlava.pretrain.model import ClipModule, TokenizerFiles, create, image_transform
 from medlava.runs import mark_complete, resolve, start_run
-from medlava.train.checkpoint import checkpoint_dirs, load_resume_state, save_checkpoint
-from medlava.train.cnn import amp_dtype, make_optimizer
+from medlava.train import runtime
+from medlava.train.checkpoint import load_resume_state, save_checkpoint
+from medlava.train.cnn import make_optimizer
 from medlava.train.loop import epoch_indices
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
+
+
+def amp_dtype(p: PretrainConfig, d: Dist) -> torch.dtype | None:
+    """pretrain.precision's autocast dtype (auto without bf16: fp16 with loss scaling); None on CPU."""
+    return runtime.autocast_dtype(runtime.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
 
 
 def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
@@ -51,7 +54,7 @@ def contrastive_step(net: torch.nn.Module, model: ClipModule, batch: dict, loss_
                      scaler: torch.amp.GradScaler, p: PretrainConfig, d: Dist, amp: torch.dtype | None) -> tuple:
     """One optimizer step on a batch; (this rank's loss, gradient norm, logit scale)."""
     raise_batch_error(batch)
-    with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with runtime.autocast(d.device, amp):
         image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
                                                    batch["text"].to(d.device, non_blocking=True))
         loss = loss_fn(image_features.float(), text_features.float(), scale.float())
@@ -71,24 +74,22 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     """Train and return the final checkpoint directory (every rank calls it)."""
     per_epoch = steps_per_epoch(len(dataset), p, d)
     total = p.max_steps or max(1, math.ceil(p.epochs * per_epoch))
-    amp = amp_dtype(p.precision, d.device)
-    net = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
+    amp = amp_dtype(p, d)
+    net = runtime.wrap_ddp(model, d)
     optimizer = make_optimizer(model, p.lr, p.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * p.warmup_ratio), total)
-    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
+    scaler = runtime.grad_scaler(amp)
     loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
                        rank=d.rank, world_size=d.world_size)
-    step, done = 0, checkpoint_dirs(run)
+    step, done = 0, runtime.checkpoint_dirs(run, "step")
     if p.resume == "auto" and done:
         state = load_resume_state(done[-1], model, optimizer, scheduler, d)
         step = state["step"]
         scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d of %d", done[-1], step, total)
     ckpt = done[-1] if done and step >= total else None
-    writer = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if d.main else None
-    bar = tqdm(total=total, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)
+    writer = runtime.tensorboard(run, step + 1, d)
+    bar = runtime.progress(total, step, "pretrain", d)
     net.train()
     while step < total:
         epoch, skip = divmod(step, per_epoch)
@@ -112,15 +113,12 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
                     writer.add_scalar(f"train/{tag}", value, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            stop = any_rank(signals.requested(), d) and step < total
-            if stop or step == total or (p.save_every and step % p.save_every == 0):
+            save, stop = runtime.save_or_stop(step, total, p.save_every, d)
+            if save:
                 ckpt = save_checkpoint(run, step, model, TokenizerFiles(model.tokenizer), "clip", manifest, optimizer,
                                        scheduler, {"total": total, "scaler": scaler.state_dict()}, d)
             if stop:
-                log.warning("stop requested: checkpoint saved at step %d of %d; exiting for requeue", step, total)
-                if writer:
-                    writer.close()
-                raise SystemExit(signals.EXIT_REQUEUE)
+                runtime.exit_for_requeue(f"at step {step} of {total}", writer)
     bar.close()
     if writer:
         writer.close()
@@ -149,7 +147,7 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
     task = zero_shot_task(eval_pairs, manifest.get("choices"), p.prompt_templates)
     info = {"model": p.model, "text_tower": p.text_tower, "prepared": str(prepared), "world_size": d.world_size,
             "device": str(d.device), "pairs": {"train": len(train_pairs), p.eval_split: len(eval_pairs)},
-            "contrastive_batch": p.batch_size * d.world_size, "autocast": str(amp_dtype(p.precision, d.device)),
+            "contrastive_batch": p.batch_size * d.world_size, "autocast": str(amp_dtype(p, d)),
             "parameters": sum(x.numel() for x in model.parameters()),
             "zero_shot_classes": task.classes if task else None}
     if d.main:
@@ -159,7 +157,7 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
     ckpt = train(model, PairDataset(train_pairs, root, transform, model.tokenizer), p, run, d,
                  {"stage": "pretrain", "model": p.model})
     metrics = write_results(run, model, eval_pairs, PairDataset(eval_pairs, root, transform, model.tokenizer), task,
-                            cfg.eval.n_bootstrap, d, amp_dtype(p.precision, d.device), p.batch_size, p.num_workers)
+                            cfg.eval.n_bootstrap, d, amp_dtype(p, d), p.batch_size, p.num_workers)
     if d.main:
         r = metrics["retrieval"]
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,

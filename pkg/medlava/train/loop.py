@@ -198,14 +198,12 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
             logged = writer if tr.step % t.log_every == 0 or tr.step == tr.total else None
             bar.set_postfix(**log_step(logged, tr, measured, d))
             bar.update(1)
-            stop = runtime.stop_requested(d) and tr.step < tr.total
-            if stop or tr.step == tr.total or (t.save_every and tr.step % t.save_every == 0):
+            save, stop = runtime.save_or_stop(tr.step, tr.total, t.save_every, d)
+            if save:
                 ckpt = save_checkpoint(run, tr.step, model, processor, kind, manifest, tr.optimizer, tr.scheduler,
                                        {"total": tr.total}, d, tr.engine)
             if stop:
-                if writer:
-                    writer.close()
-                runtime.exit_for_requeue(f"at step {tr.step} of {tr.total}")
+                runtime.exit_for_requeue(f"at step {tr.step} of {tr.total}", writer)
     bar.close()
     if writer:
         writer.close()

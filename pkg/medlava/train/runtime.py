@@ -71,7 +71,16 @@ def stop_requested(d: Dist) -> bool:
     return any_rank(signals.requested(), d)
 
 
-def exit_for_requeue(where: str) -> NoReturn:
+def save_or_stop(step: int, total: int, save_every: int | None, d: Dist) -> tuple[bool, bool]:
+    """(save a checkpoint now, then exit for requeue) after `step` of a step-counted loop: save at the end,
+    every `save_every` steps, and when a stop was requested on any rank before the end."""
+    stop = stop_requested(d) and step < total
+    return stop or step == total or bool(save_every and step % save_every == 0), stop
+
+
+def exit_for_requeue(where: str, writer: SummaryWriter | None = None) -> NoReturn:
+    if writer:
+        writer.close()
     log.warning("stop requested: checkpoint saved %s; exiting for requeue", where)
     raise SystemExit(signals.EXIT_REQUEUE)
 
