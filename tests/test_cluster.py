@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
+from conftest import ROOT, TINY
 from medlava.cluster.gres import parse_gres
 from medlava.cluster.jobs import Rendezvous, stage_jobs, worker_argv
 from medlava.cluster.node_task import descendants, is_worker, port_for
@@ -25,7 +25,6 @@ from medlava.cluster.slurm import (
     sbatch_parameters,
 )
 from medlava.config import load_config
-from conftest import ROOT, TINY
 
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from medlava.cli import main
+from medlava.io import InputError
+from medlava.models.convert import apply_delta, convert_original
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,10 +26,6 @@ from transformers import (
     MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
-
-from medlava.cli import main
-from medlava.io import InputError
-from medlava.models.convert import apply_delta, convert_original
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
 CLIP = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,

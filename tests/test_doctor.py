@@ -12,24 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from packaging.requirements import Requirement
-
+from conftest import ROOT
 from medlava import doctor
 from medlava.doctor import (
     FAIL,
     OK,
     WARN,
     check_apptainer,
-    check_gpus,
     check_caches,
+    check_gpus,
     check_output_root,
     check_packages,
     check_slurm,
     parse_sinfo,
     read_pins,
 )
-
-from conftest import ROOT
+from packaging.requirements import Requirement
 
 # What `sinfo -h -o '%P|%a|%D|%G'` prints on a mixed cluster: one line per partition and node kind.
 SINFO = """gpu*|up|4|gpu:a100:8(S:0-1)

@@ -2,7 +2,6 @@
 
 import pandas as pd
 import pytest
-
 from medlava.cli import main
 from medlava.eval.chexpert import OBSERVATIONS, label_report
 

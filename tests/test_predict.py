@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from medlava.data.ham10000 import CLASSES, QUESTION
 from medlava.data.samples import read_samples
 from medlava.io import InputError
 from medlava.models.cnn import Item
 from medlava.predict import read_csv, read_folder
-from conftest import TINY
-
 
 
 def medlava(*args, env):

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, TINY_PRETRAIN
 from medlava.config import ConfigError, PretrainConfig, load_config
 from medlava.io import InputError
 from medlava.pretrain.data import caption, pairs_of, zero_shot_task
@@ -23,8 +24,6 @@ from medlava.pretrain.model import build_clip, create, load_clip, model_config
 from medlava.pretrain.vision_tower import clip_vision_config, to_clip_vision_model
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import ROOT, TINY_PRETRAIN
 
 SUBMIT = ROOT / "launch" / "submit.py"
 SAVE = "pretrain.save_every=20"

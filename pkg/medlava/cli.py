@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:  # each tool parses its own options; the stage parser stays as it is
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if argv and argv[0] in ("metrics", "label-reports") or (argv[:1] == ["eval"] and not _has_config(argv)):
-        from medlava.eval.cli import main as scoring_main  # `medlava eval --predictions ...` needs no config
+        from medlava.eval.cli import (
+            main as scoring_main,  # `medlava eval --predictions ...` needs no config
+        )
         return scoring_main(argv)
     parser = argparse.ArgumentParser(prog="medlava", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
         from medlava.eval.run import eval_inputs, evaluate, summary_table
 
         if args.command == "metrics":
-            from medlava.eval.radiology import evaluate_reports, join_reports, read_reports
+            from medlava.eval.radiology import (
+                evaluate_reports,
+                join_reports,
+                read_reports,
+            )
 
             df = join_reports(read_reports(args.gt), read_reports(args.pred), args.gt, args.pred)
             metrics = evaluate_reports(df, args.out, _config(args), f"{args.gt} + {args.pred}")

@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from medlava.config import Config, ConfigError, TrainConfig, apply_overrides, format_errors, load_config
+from medlava.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_errors,
+    load_config,
+)
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
 from medlava.infer.score import generate

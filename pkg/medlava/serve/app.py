@@ -27,7 +27,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from medlava.io import InputError
 from medlava.models.cnn import Item
-from medlava.predict import CnnPredictor, VlmPredictor, add_predictor_args, predictor_from_args
+from medlava.predict import (
+    CnnPredictor,
+    VlmPredictor,
+    add_predictor_args,
+    predictor_from_args,
+)
 from medlava.serve.uploads import FORMATS, UploadError, save_upload
 
 log = logging.getLogger(__name__)

@@ -11,21 +11,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medlava.artifacts import checkpoint_of
 from medlava.config import Config
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
-from medlava.infer.chunks import ChunkWriter, check_source, chunk_of, chunk_path, merge_chunks
+from medlava.infer.chunks import (
+    ChunkWriter,
+    check_source,
+    chunk_of,
+    chunk_path,
+    merge_chunks,
+)
 from medlava.infer.questions import read_questions
 from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import load_for_inference, num_image_tokens
-from medlava.train.runtime import choose_dtype
 from medlava.predictions import answers_frame, scalar_meta, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.stages import upstream
-from medlava.train.checkpoint import checkpoint_of
+from medlava.train.runtime import choose_dtype
 
 log = logging.getLogger(__name__)
 

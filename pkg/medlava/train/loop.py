@@ -18,10 +18,15 @@ from transformers import get_cosine_schedule_with_warmup
 from medlava import signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, ensure_process_group, mean_over_ranks
-from medlava.models.inputs import SampleDataset, collate, collate_packed, raise_batch_error
+from medlava.models.inputs import (
+    SampleDataset,
+    collate,
+    collate_packed,
+    raise_batch_error,
+)
 from medlava.models.llava import PROJECTOR, enable_activation_checkpointing
-from medlava.train.checkpoint import load_resume_state, save_checkpoint
 from medlava.train import runtime
+from medlava.train.checkpoint import load_resume_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from medlava.artifacts import checkpoint_of
 from medlava.config import Config, TrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier
@@ -30,7 +31,6 @@ from medlava.models.llava import (
 )
 from medlava.runs import mark_complete, resolve, start_run
 from medlava.stages import STAGES, upstream
-from medlava.train.checkpoint import checkpoint_of
 from medlava.train.loop import train
 from medlava.train.runtime import choose_dtype
 
