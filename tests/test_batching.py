@@ -10,7 +10,7 @@ from medlava.models.inputs import collate, collate_packed
 from medlava.models.llava import num_image_tokens
 from medlava.models.templates import encode, render
 from medlava.models.tiny import build_tiny
-from medlava.train.loop import epoch_indices
+from medlava.train.sampling import epoch_indices
 
 CPU = torch.device("cpu")
 

@@ -34,11 +34,11 @@ from medlava.train.cnn import (
     Augmented,
     class_weights,
     epoch_order,
-    make_optimizer,
     sample_items,
     seed_of,
     train_transform,
 )
+from medlava.train.optim import make_optimizer
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

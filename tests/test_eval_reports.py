@@ -12,7 +12,7 @@ import pytest
 import torch
 from medlava.cli import main
 from medlava.config import EvalConfig
-from medlava.eval.chexpert import OBSERVATIONS
+from medlava.data.chexpert import OBSERVATIONS
 from medlava.eval.radiology import label_scores, report_metrics
 from medlava.eval.text import report_tokens
 from pycocoevalcap.bleu.bleu import Bleu

@@ -34,7 +34,7 @@ from medlava.models.cnn import (
     load_cnn,
     predict_proba,
 )
-from medlava.predictions import label_frame, write_predictions
+from medlava.predictions import predictions_frame, write_predictions
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -74,7 +74,7 @@ class VlmPredictor:
                  choices: Sequence[str] = CLASSES, max_new_tokens: int = 64):
         from medlava.artifacts import read_manifest
         from medlava.models.llava import load_for_inference, num_image_tokens
-        from medlava.train.runtime import choose_dtype
+        from medlava.precision import choose_dtype
 
         manifest = read_manifest(checkpoint)
         model_cfg = _model_config(Path(checkpoint), manifest)
@@ -248,11 +248,6 @@ def read_inputs(path: Path, image_root: Path | None, classes: Sequence[str]) -> 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a folder of images or a CSV listing them")
     return read_csv(path, image_root, classes)
-
-
-def predictions_frame(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    return label_frame([it.id for it in items], [it.rel for it in items], [it.label for it in items],
-                       [it.meta for it in items], probs, classes)
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medlava.config import LlmQAConfig
-from medlava.eval.chexpert import (
+from medlava.data.chexpert import (
     NEGATIVE,
     NO_FINDING,
     OBSERVATIONS,

@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "label-reports":
-            from medlava.eval.chexpert import OBSERVATIONS, labels_frame
+            from medlava.data.chexpert import OBSERVATIONS, labels_frame
             from medlava.eval.radiology import read_reports
 
             reports = read_reports(args.reports)

@@ -27,7 +27,7 @@ def base_model_path(cfg: ModelConfig) -> str:
         base = str(tiny_checkpoint(cfg.tiny))
     if cfg.vision_tower is None:
         return base
-    from medlava.pretrain.vision_tower import (
+    from medlava.models.vision_tower import (
         llava_with_vision_tower,  # an open_clip ViT (pretrain) as CLIP tower
     )
     return str(llava_with_vision_tower(base, cfg.vision_tower))

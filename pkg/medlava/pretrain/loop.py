@@ -17,7 +17,7 @@ import torch
 from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
-from medlava import signals
+from medlava import precision, signals
 from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier, mean_over_ranks
@@ -25,12 +25,12 @@ from medlava.io import InputError, atomic_write_json
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
-from medlava.pretrain.model import ClipModule, TokenizerFiles, create, image_transform
+from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
 from medlava.runs import mark_complete, resolve, start_run
 from medlava.train import runtime
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
-from medlava.train.cnn import make_optimizer
-from medlava.train.loop import epoch_indices
+from medlava.train.optim import make_optimizer
+from medlava.train.sampling import epoch_indices
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
@@ -38,7 +38,7 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
 
 def amp_dtype(p: PretrainConfig, d: Dist) -> torch.dtype | None:
     """pretrain.precision's autocast dtype (auto without bf16: fp16 with loss scaling); None on CPU."""
-    return runtime.autocast_dtype(runtime.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
+    return precision.autocast_dtype(precision.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
 
 
 def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
@@ -54,7 +54,7 @@ def contrastive_step(net: torch.nn.Module, model: ClipModule, batch: dict, loss_
                      scaler: torch.amp.GradScaler, p: PretrainConfig, d: Dist, amp: torch.dtype | None) -> tuple:
     """One optimizer step on a batch; (this rank's loss, gradient norm, logit scale)."""
     raise_batch_error(batch)
-    with runtime.autocast(d.device, amp):
+    with precision.autocast(d.device, amp):
         image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
                                                    batch["text"].to(d.device, non_blocking=True))
         loss = loss_fn(image_features.float(), text_features.float(), scale.float())
@@ -78,7 +78,7 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     net = runtime.wrap_ddp(model, d)
     optimizer = make_optimizer(model, p.lr, p.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * p.warmup_ratio), total)
-    scaler = runtime.grad_scaler(amp)
+    scaler = precision.grad_scaler(amp)
     loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
                        rank=d.rank, world_size=d.world_size)
     step, done = 0, runtime.checkpoint_dirs(run, "step")

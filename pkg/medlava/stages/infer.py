@@ -28,10 +28,10 @@ from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl
 from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
 from medlava.models.llava import load_for_inference, num_image_tokens
+from medlava.precision import choose_dtype
 from medlava.predictions import answers_frame, scalar_meta, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.stages import upstream
-from medlava.train.runtime import choose_dtype
 
 log = logging.getLogger(__name__)
 

@@ -47,23 +47,20 @@ from medlava.models.cnn import (
     save_cnn,
     set_phase,
 )
-from medlava.predict import predictions_frame
-from medlava.predictions import write_predictions
+from medlava.precision import autocast, autocast_dtype, choose_dtype, grad_scaler
+from medlava.predictions import predictions_frame, write_predictions
 from medlava.runs import mark_complete, resolve, start_run
+from medlava.train.optim import make_optimizer
 from medlava.train.runtime import (
     STATE,
-    autocast,
-    autocast_dtype,
     checkpoint_dirs,
-    choose_dtype,
     exit_for_requeue,
-    grad_scaler,
     progress,
-    rank_share,
     stop_requested,
     tensorboard,
     wrap_ddp,
 )
+from medlava.train.sampling import rank_share
 
 log = logging.getLogger(__name__)
 VAL_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
@@ -136,13 +133,6 @@ def class_weights(labels: np.ndarray, classes: list[str]) -> torch.Tensor:
                          "use class_balance=none or add samples")
     weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over what trains now; biases and norms without weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:

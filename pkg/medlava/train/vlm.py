@@ -29,10 +29,10 @@ from medlava.models.llava import (
     load_projector,
     num_image_tokens,
 )
+from medlava.precision import choose_dtype
 from medlava.runs import mark_complete, resolve, start_run
 from medlava.stages import STAGES, upstream
 from medlava.train.loop import train
-from medlava.train.runtime import choose_dtype
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from transformers import (
 
 from medlava.artifacts import atomic_dir, checkpoint_of
 from medlava.io import InputError
-from medlava.pretrain.model import OPEN_CLIP_CONFIG, ClipModule, load_clip, weights_file
+from medlava.models.clip import OPEN_CLIP_CONFIG, ClipModule, load_clip, weights_file
 from medlava.runs import is_complete
 
 log = logging.getLogger(__name__)
