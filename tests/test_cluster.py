@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY
-from medlava.cluster.gres import parse_gres
 from medlava.cluster.jobs import Rendezvous, stage_jobs, worker_argv
 from medlava.cluster.node_task import descendants, is_worker, port_for
+from medlava.cluster.sinfo import parse_gres
 from medlava.cluster.slurm import (
     display_join,
     extra_parameters,

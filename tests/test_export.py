@@ -8,8 +8,8 @@ import sys
 import torch
 from conftest import TINY
 from medlava.config import ModelConfig
-from medlava.models.export import export
 from medlava.models.llava import load_for_inference
+from medlava.tools.export import export
 from transformers import LlavaForConditionalGeneration
 
 

@@ -18,10 +18,10 @@ import torch
 from conftest import ROOT, TINY_PRETRAIN
 from medlava.config import ConfigError, PretrainConfig, load_config
 from medlava.io import InputError
-from medlava.pretrain.data import caption, pairs_of, zero_shot_task
-from medlava.pretrain.metrics import retrieval_metrics
 from medlava.models.clip import build_clip, create, load_clip, model_config
 from medlava.models.vision_tower import clip_vision_config, to_clip_vision_model
+from medlava.pretrain.data import caption, pairs_of, zero_shot_task
+from medlava.pretrain.metrics import retrieval_metrics
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

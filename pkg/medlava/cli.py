@@ -20,9 +20,9 @@ from medlava.io import InputError
 from medlava.runs import new_run_id
 from medlava.stages import STAGES
 
-TOOLS = {"doctor": "medlava.doctor", "check-model": "medlava.models.check", "convert": "medlava.models.convert",
-         "export": "medlava.models.export", "predict": "medlava.predict", "serve": "medlava.serve.app",
-         "compare": "medlava.compare"}
+TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
+         "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
+         "compare": "medlava.tools.compare"}
 
 
 def run_stage(stage: str, cfg: Config, **options) -> Path:

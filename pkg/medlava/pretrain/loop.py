@@ -22,10 +22,10 @@ from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.io import InputError, atomic_write_json
+from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
-from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
 from medlava.runs import mark_complete, resolve, start_run
 from medlava.train import runtime
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
