@@ -134,7 +134,6 @@ def run(build, items: list[dict], variant: dict, steps: int, bs: int, pad_id: in
         sync()
         seconds = min(seconds, time.perf_counter() - tic)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, opt
     return {"tokens_per_s": real / seconds, "samples_per_s": steps * bs / seconds, "pad_fraction": 1 - real / slots,
             "flops_per_s": flops / seconds, "peak_gib": peak}
 

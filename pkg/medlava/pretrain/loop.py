@@ -26,7 +26,6 @@ from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transf
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
-from medlava.runs import mark_complete, resolve, start_run
 from medlava.train import runtime
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
 from medlava.train.optim import make_optimizer
@@ -125,11 +124,11 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     return ckpt
 
 
-def run_pretrain(cfg: Config, d: Dist) -> Path:
+def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path) -> dict | None:
+    """Train on the pairs of `prepared` into `run` (resuming what is there), then score pretrain.eval_split; the
+    run's result on rank 0 (None on the others)."""
     p = cfg.pretrain
     signals.install()
-    run = start_run(cfg, "pretrain", d.rank)
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
     train_samples, manifest = load_prepared(prepared, "train")
     eval_samples, _ = load_prepared(prepared, p.eval_split)
     root = Path(manifest["image_root"])
@@ -158,14 +157,13 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
                  {"stage": "pretrain", "model": p.model})
     metrics = write_results(run, model, eval_pairs, PairDataset(eval_pairs, root, transform, model.tokenizer), task,
                             cfg.eval.n_bootstrap, d, amp_dtype(p, d), p.batch_size, p.num_workers)
-    if d.main:
-        r = metrics["retrieval"]
-        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
-                            "predictions": "predictions.csv" if task else None,
-                            "classes": task.classes if task else None,
-                            "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
-                            "zero_shot_accuracy": metrics.get("accuracy")})
-        log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],
-                 f", zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f}" if task else "", run)
     barrier()
-    return run
+    if not d.main:
+        return None
+    r = metrics["retrieval"]
+    log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],
+             f", zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f}" if task else "", run)
+    return {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
+            "predictions": "predictions.csv" if task else None, "classes": task.classes if task else None,
+            "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
+            "zero_shot_accuracy": metrics.get("accuracy")}

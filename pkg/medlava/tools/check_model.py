@@ -37,7 +37,8 @@ from medlava.models.inputs import Encoder, collate
 from medlava.models.llava import PROJECTOR, choose_attention, num_image_tokens
 from medlava.models.templates import IGNORE_INDEX
 from medlava.runs import resolve
-from medlava.train.vlm import build_model, init_checkpoint
+from medlava.stages.sft import init_checkpoint
+from medlava.train.vlm import build_model
 
 GROUPS = ("vision tower", "projector", "LLM", "LoRA")
 GiB = 1024**3
@@ -67,7 +68,7 @@ def build_for_stage(cfg: Config, stage: str) -> Built:
     loading aside: the memory estimate accounts for it)."""
     notes = []
     try:
-        init = init_checkpoint(cfg, stage)
+        init = init_checkpoint(cfg) if stage == "sft" else None
     except FileNotFoundError as e:  # normal before the chain has run; the sft job itself would stop here
         init = None
         notes.append(f"sft.init_from={cfg.sft.init_from}: {e}; sft fails unless that exists by the time it starts")

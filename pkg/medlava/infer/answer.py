@@ -1,0 +1,107 @@
+"""Answering one chunk of the questions: closed questions with choices by option likelihood (infer.mode=score),
+the rest by generation; rows in LLaVA-Med's answer-file format, appended to the chunk's partial file as each
+batch is answered, so a killed task loses at most one batch (infer/chunks.py)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from medlava.config import InferConfig, ModelConfig
+from medlava.eval.normalize import map_answer
+from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path
+from medlava.infer.score import generate, score_choices
+from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
+from medlava.models.llava import load_for_inference, num_image_tokens
+from medlava.precision import choose_dtype
+from medlava.predictions import scalar_meta
+
+
+def question_text(sample: dict) -> str:
+    return sample["conversations"][0]["value"].replace("<image>", "").strip()
+
+
+def reference(sample: dict) -> str:
+    meta = sample.get("meta") or {}
+    if "answer" in meta:
+        return str(meta["answer"])
+    gpt = [c["value"] for c in sample["conversations"] if c.get("from") in ("gpt", "assistant")]
+    return gpt[-1] if gpt else ""
+
+
+@dataclass
+class Answerer:
+    """A loaded model and how it answers (infer.* settings)."""
+    settings: InferConfig
+    model: torch.nn.Module
+    tokenizer: object
+    encoder: Encoder
+    model_id: str
+    device: torch.device
+
+    @classmethod
+    def load(cls, settings: InferConfig, model_cfg: ModelConfig, checkpoint: Path | None, image_root: Path,
+             device: torch.device) -> Answerer:
+        """The base model (checkpoint None) or a medlava checkpoint, on `device`, in the precision it has here."""
+        model, processor, model_id = load_for_inference(model_cfg, checkpoint, choose_dtype("auto"))
+        model.to(device)
+        encoder = Encoder(processor, model_cfg.template, num_image_tokens(model), model_cfg.model_max_length,
+                          image_root)
+        return cls(settings, model, processor.tokenizer, encoder, model_id, device)
+
+    def answer_chunk(self, samples: list[dict], idx: int, folder: Path) -> None:
+        """Answer the samples of chunk `idx` not answered yet, then publish the chunk."""
+        inf = self.settings
+        final = chunk_path(folder, idx, inf.chunks)
+        if final.exists():
+            return
+        writer = ChunkWriter(final)
+        todo = [s for s in samples if chunk_of(s["id"], inf.chunks) == idx and str(s["id"]) not in writer.done_ids]
+        # Workers decode and preprocess the next batches while the model answers this one.
+        loader = torch.utils.data.DataLoader(SampleDataset(todo, self.encoder, prompts=True),
+                                             batch_size=inf.batch_size, num_workers=inf.num_workers, collate_fn=list)
+        for start, prompts in zip(range(0, len(todo), inf.batch_size),
+                                  tqdm(loader, desc=f"chunk {idx}/{inf.chunks}", unit="batch"), strict=True):
+            raise_batch_error(prompts)
+            writer.write(self.answer_batch(todo[start : start + inf.batch_size], prompts, idx))
+        writer.finish()
+
+    def answer_batch(self, batch: list[dict], prompts: list[dict], idx: int) -> list[dict]:
+        inf = self.settings
+        metas = [s.get("meta") or {} for s in batch]
+        # Closed questions with choices are scored by option likelihood (mode score); the rest generate.
+        scored = [i for i, m in enumerate(metas) if inf.mode == "score" and m.get("task") == "closed" and m.get("choices")]
+        free = [i for i in range(len(batch)) if i not in scored]
+        texts: list[str] = [""] * len(batch)
+        scores: list[dict | None] = [None] * len(batch)
+        if scored:
+            logps = score_choices(self.model, [prompts[i] for i in scored],
+                                  [[self.encoder.answer_ids(batch[i], c) for c in metas[i]["choices"]] for i in scored],
+                                  self.tokenizer.pad_token_id, self.device)
+            for i, lp in zip(scored, logps):
+                probs = torch.softmax(torch.tensor(lp), 0).tolist()
+                scores[i] = dict(zip(metas[i]["choices"], probs))
+                texts[i] = metas[i]["choices"][max(range(len(probs)), key=probs.__getitem__)]
+        if free:
+            out = generate(self.model, [prompts[i] for i in free], self.tokenizer, self.device, inf.max_new_tokens,
+                           inf.num_beams, inf.temperature)
+            for i, text in zip(free, out):
+                texts[i] = text
+        return [self.row(s, m, text, sc, idx) for s, m, text, sc in zip(batch, metas, texts, scores)]
+
+    def row(self, sample: dict, meta: dict, text: str, scores: dict | None, idx: int) -> dict:
+        md = {"reference": reference(sample), "task": meta.get("task", "open"), "choices": meta.get("choices"),
+              "scores": scores, "chunk": idx, "mode": "score" if scores else "generate", "meta": scalar_meta(meta)}
+        if meta.get("choices") and scores is None:  # free text mapped to a choice, or left unmapped ("")
+            mapped = map_answer(text, meta["choices"])
+            md.update(prediction=mapped.choice or "", normalized=mapped.status)
+        else:
+            md["prediction"] = text
+        # question_id as the question file has it (int or str): LLaVA-Med's eval compares ids with ==.
+        return {"question_id": sample.get("question_id", sample["id"]), "prompt": question_text(sample), "text": text,
+                "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{self.model_id}#{sample['id']}").hex,
+                "model_id": self.model_id, "metadata": md}
