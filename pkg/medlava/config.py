@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,8 +28,34 @@ class ConfigError(ValueError):
     """A config that must not run; the message names the key and what is allowed."""
 
 
+MAX_INT = 2**31 - 1
+"""The largest integer a recipe holds: every count, size and seed is far below it, and past 2**63 torch and
+numpy cannot take one at all (a batch size of 10**26 would pass the dry-run and fail on the nodes)."""
+MAX_YAML_VALUES = 100_000
+"""Values YAML aliases may add to a recipe or override when expanded (whole recipes hold a few hundred)."""
+Seed = Annotated[int, Field(ge=0)]  # numpy's generators refuse negative seeds
+Positive = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(min_length=1)]
+
+_REPR = reprlib.Repr()  # error messages echo inputs, and an input may be megabytes long: cut it short
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+_REPR.maxlong = 40
+_short = _REPR.repr
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: no key means infinity or NaN (`lr=.inf` trains to NaN weights, `epochs=1e400` overflows)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _int_range(cls, value: Any) -> Any:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                raise ValueError(f"{_short(v)} is out of range: integers in a recipe are at most {MAX_INT:,} "
+                                 "in size; check for a typo")
+        return value
 
 
 class TinyModelConfig(Section):
@@ -46,12 +73,18 @@ class TinyModelConfig(Section):
     text_intermediate: int = Field(128, ge=8)
     vocab_size: int = Field(512, ge=300)
     head_init_std: float = Field(0.3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _shapes(self) -> TinyModelConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError(f"vision_hidden {self.vision_hidden} must be a multiple of vision_heads "
+                             f"{self.vision_heads} (each attention head gets hidden / heads dimensions)")
+        if self.text_hidden % (2 * self.text_heads):
+            raise ValueError(f"text_hidden {self.text_hidden} must be a multiple of 2 x text_heads {self.text_heads} "
+                             "(each head's dimensions are split in two halves by the rotary embedding)")
         if self.text_heads % self.text_kv_heads:
             raise ValueError("text_heads must be a multiple of text_kv_heads")
         return self
@@ -81,7 +114,7 @@ class SyntheticDataConfig(Section):
     n_lesions: int = Field(150, ge=14)
     max_images_per_lesion: int = Field(3, ge=1)
     image_size: int = Field(64, ge=16)
-    seed: int = 0
+    seed: Seed = 0
 
 
 SkipReason = Literal["missing_image", "unreadable_image", "oversized_image", "image_outside_root", "bad_record",
@@ -112,7 +145,7 @@ class SlakeConfig(Section):
 class MimicCxrConfig(Section):
     image_layout: Literal["official", "flat"] = "official"
     """official: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (MIMIC-CXR-JPG); flat: images/{study_id}-{dicom_id}.png (seed 003)."""
-    views: list[str] = ["PA", "AP"]
+    views: list[Name] = Field(["PA", "AP"], min_length=1)
     """ViewPosition values kept (frontal only by default)."""
     section: Literal["findings", "impression", "findings_impression"] = "findings"
     """What the model is trained to write."""
@@ -179,7 +212,7 @@ class DataConfig(Section):
     mimic_cxr: MimicCxrConfig = MimicCxrConfig()
     chexpert_plus: ChexpertPlusConfig = ChexpertPlusConfig()
     llava_med: LlavaMedConfig = LlavaMedConfig()
-    seed: int = 0
+    seed: Seed = 0
     samples: str = "latest"
     """Prepared samples for train/infer: `latest` (newest complete prepare run) or a directory."""
 
@@ -220,7 +253,8 @@ class LoraConfig(Section):
     r: int = Field(128, ge=1)
     alpha: int = Field(256, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[Name] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                       min_length=1)
 
 
 class TrainConfig(Section):
@@ -256,7 +290,7 @@ class TrainConfig(Section):
     """auto: continue from the newest complete checkpoint of this run (same run_id)."""
     log_every: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -329,7 +363,7 @@ class CnnConfig(Section):
     metadata: bool = False
     """Age (normalised with training statistics), sex and localization (embedded) concatenated with the image
     features before the head."""
-    head_hidden: list[int] = []
+    head_hidden: list[Positive] = []
     """Hidden widths of the classifier head (seed 004: [512, 128]); empty: one linear layer."""
     dropout: float = Field(0.0, ge=0, lt=1)
     image_size: int = Field(224, ge=16)
@@ -359,7 +393,7 @@ class CnnConfig(Section):
     """The split the best checkpoint answers into predictions.csv."""
     num_workers: int = Field(4, ge=0)
     resume: Literal["auto", "never"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _phases(self) -> CnnConfig:
@@ -408,7 +442,7 @@ class PretrainConfig(Section):
     resume: Literal["auto", "never"] = "auto"
     log_every: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _prompts(self) -> PretrainConfig:
@@ -514,15 +548,70 @@ class Config(Section):
         return self
 
 
+class RecipeYamlError(yaml.YAMLError):
+    """YAML that parses but must not load: a key given twice, an alias bomb."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the second would silently replace the
+    first) and aliases that expand past MAX_YAML_VALUES values (PyYAML shares an aliased node, so a few hundred
+    bytes of nested aliases load instantly, then cost minutes and gigabytes to validate and print)."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+        if _expanded_size(node, sizes, set()) - len(sizes) > MAX_YAML_VALUES:
+            raise RecipeYamlError(f"its YAML aliases add more than {MAX_YAML_VALUES:,} values (an alias bomb? each "
+                                  "alias copies its anchor's whole value, aliases inside it included); write the "
+                                  "values out or nest fewer aliases")
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merged mapping's keys are meant to be overridden
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise RecipeYamlError(f"key {_short(key)} is given twice, on lines {lines[key]} and {line}: the second would silently replace "
+                                      "the first; merge them into one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` holds with every alias expanded, each distinct node's count kept in `sizes`;
+    RecipeYamlError on an alias inside its own anchor."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise RecipeYamlError(f"line {node.start_mark.line + 1}: an alias refers to the value that holds it (a "
+                              "recursive YAML alias); write the value out")
+    open_.add(id(node))
+    children = [] if isinstance(node, yaml.ScalarNode) else [
+        c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+    sizes[id(node)] = 1 + sum(_expanded_size(c, sizes, open_) for c in children)
+    open_.discard(id(node))
+    return sizes[id(node)]
+
+
+def read_yaml(text: str) -> Any:
+    """`text` as YAML, through _RecipeLoader; yaml.YAMLError (RecipeYamlError included) when it must not load."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, RecursionError) as e:  # an integer of too many digits; nesting deeper than Python's stack
+        raise RecipeYamlError(f"{type(e).__name__}: {_short(str(e))}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`sft.lr=2e-4` -> (["sft", "lr"], "2e-4"); values are YAML (`[a, b]`, `null`, `true`)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} is not key=value (example: sft.lr=2e-4)")
+        raise ConfigError(f"override {_short(text)} is not key=value (example: sft.lr=2e-4)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+        raise ConfigError(f"override {_short(key)}: value {_short(raw)} is not valid YAML ({e})") from None
     return key.split("."), value
 
 
@@ -535,7 +624,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         if path[0] in RENAMED:
             new = ".".join([RENAMED[path[0]], *path[1:]])
-            raise ConfigError(f"override {text!r}: the `{path[0]}:` section is now `{RENAMED[path[0]]}:` (named after "
+            raise ConfigError(f"override {_short(text)}: the `{path[0]}:` section is now `{RENAMED[path[0]]}:` (named after "
                               f"its stage); write {new}={text.partition('=')[2]}")
         node = data
         for i, part in enumerate(path[:-1]):
@@ -543,7 +632,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+                raise ConfigError(f"override {_short(text)}: {'.'.join(path[: i + 1])} is a value, not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -571,7 +660,7 @@ def format_errors(err: ValidationError, source: str) -> str:
             hint = f" Did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
             lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
         else:
-            got = f" (got {e['input']!r})" if e["type"] not in {"missing", "value_error"} else ""
+            got = f" (got {_short(e['input'])})" if e["type"] not in {"missing", "value_error"} else ""
             lines.append(f"  {key}: {e['msg']}{got}")
     return "\n".join(lines)
 
@@ -580,9 +669,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Read YAML, apply overrides, validate. Raises ConfigError with every problem listed."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (recipes live in jobs/configs/)") from None
+    except RecipeYamlError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
