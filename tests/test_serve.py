@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -234,9 +236,10 @@ def _multipart(name: str, data: bytes, **fields: str) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def http_post(url: str, name: str, data: bytes, timeout: float = 60, **fields: str) -> tuple[int, dict]:
+def http_post(url: str, name: str, data: bytes, timeout: float = 60, headers: dict | None = None,
+              **fields: str) -> tuple[int, dict]:
     body, content_type = _multipart(name, data, **fields)
-    request = urllib.request.Request(url + "predict", data=body, headers={"Content-Type": content_type})
+    request = urllib.request.Request(url + "predict", data=body, headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -251,12 +254,13 @@ def peak_rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def served(checkpoint, tmp_path_factory):
-    """`medlava serve` as a user starts it (127.0.0.1, its default), with a 1 MB upload limit and connections
-    closed after 2 s idle; (its URL, its process)."""
+    """`medlava serve` as a user starts it (127.0.0.1, its default), with a 1 MB upload limit, connections closed
+    after 2 s idle, headers due within 3 s and 8 threads; (its URL, its process)."""
     tmp = tmp_path_factory.mktemp("served")
     with (tmp / "stderr.txt").open("w") as err:
         server = subprocess.Popen([sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint),
-                                   "--port", "0", "--device", "cpu", "--max-upload-mb", "1", "--timeout", "2"],
+                                   "--port", "0", "--device", "cpu", "--max-upload-mb", "1", "--timeout", "2",
+                                   "--header-timeout", "3", "--threads", "8"],
                                   stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=tmp)
     try:
         line, deadline = "", time.monotonic() + 180
@@ -322,3 +326,112 @@ def test_served_errors_do_not_show_server_paths(served, tmp_path):
     assert status == 400 and body["error"].startswith("cut.jpg is a JPEG file that cannot be decoded"), body
     assert "medlava-serve-" not in body["error"] and tempfile.gettempdir() not in body["error"], body
     assert "image cut.jpg cannot be read" in body["error"], body
+
+
+def reset_peak_rss(pid: int) -> float:
+    """Reset the process's peak RSS to its current RSS (Linux clear_refs); that RSS, in MB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) / 1024
+
+
+def test_served_refuses_images_larger_than_the_model_needs_and_decodes_a_few_at_once(served):
+    url, server = served
+    base = reset_peak_rss(server.pid)
+    big = _png("RGB", (8192, 8192))  # 200 kB; 200 MB decoded, and every copy (RGB, padding) as much again
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: http_post(url, f"big{i}.png", big, timeout=60), range(4)))
+    assert len(big) < 2**20 and all(status == 413 for status, _ in answers), answers
+    assert answers[0][1]["error"] == ("big0.png is 8192x8192 pixels; this server takes images of at most 4096 pixels "
+                                      "on the longest side (the model sees a few hundred): downscale it before "
+                                      "sending it")
+    assert peak_rss_mb(server.pid) - base < 100, "an image was decoded before it was refused"
+
+    # The largest accepted, eight at once on eight threads: two decoded at a time (--decode-slots 2), the model on
+    # one thread. Measured: +357 MB; +903 MB with --decode-slots 8 (glibc keeps each decoding thread's buffers).
+    base = reset_peak_rss(server.pid)
+    largest = _png("RGB", (4096, 4096))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: http_post(url, f"l{i}.png", largest, timeout=120), range(8)))
+    assert [status for status, _ in answers] == [200] * 8, answers
+    rise = peak_rss_mb(server.pid) - base
+    assert rise < 500, f"peak memory rose by {rise:.0f} MB"
+
+
+def test_served_answers_only_its_own_names_and_same_origin_posts(served, checkpoint, tmp_path):
+    url, _ = served
+    port = url.rsplit(":", 1)[1].strip("/")
+    data = lesion(tmp_path / "a.jpg").read_bytes()
+
+    def get(host: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost:9000"):  # 9000: through `ssh -L 9000:...`
+        status, page = get(host)
+        assert status == 200 and str(checkpoint) in page, host
+    # a page whose DNS name was rebound to 127.0.0.1 reaches the server under its own name
+    status, page = get(f"rebound.example:{port}")
+    assert status == 400 and str(checkpoint) not in page
+    assert json.loads(page)["error"].startswith("this server answers requests for 127.0.0.1, localhost, ::1 only, "
+                                                f"not 'rebound.example:{port}'")
+
+    # a form on another site posting here (a "simple" request: the browser sends it without asking first)
+    status, body = http_post(url, "a.jpg", data, timeout=30, headers={"Origin": "http://attacker.example"})
+    assert status == 403 and "probabilities" not in body, body
+    assert body["error"].startswith("a page of another origin (http://attacker.example) may not post here")
+    assert http_post(url, "a.jpg", data, timeout=30, headers={"Origin": "null"})[0] == 403  # sandboxed frames, files
+    status, body = http_post(url, "a.jpg", data, timeout=30, headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 200 and len(body["probabilities"]) == len(CLASSES), body  # the page itself
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""  # the socket must be non-blocking
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_served_half_sent_headers_cannot_keep_the_page_down(served):
+    """110 connections that send half a header and then a byte every 0.5 s: never idle for --timeout (2 s), more
+    than waitress's 100 connections. The page answers at once, and every one of them is closed by the headers'
+    deadline (3 s)."""
+    url, _ = served
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(110)]
+    stop = threading.Event()
+
+    def trickle():
+        for s in socks:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            s.setblocking(False)
+        while not stop.wait(0.5):
+            for s in socks:
+                try:
+                    s.send(b"a")
+                except OSError:
+                    pass
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        time.sleep(1)
+        tic = time.monotonic()
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and "resnet18" in r.read().decode()
+        assert time.monotonic() - tic < 3
+        still_open = sum(not closed_by_peer(s) for s in socks)
+        assert 0 < still_open <= 16  # the newest ones; older ones were closed by the per-client cap
+        deadline = time.monotonic() + 6
+        while not all(closed_by_peer(s) for s in socks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(closed_by_peer(s) for s in socks), "a connection outlived the headers' deadline while trickling"
+    finally:
+        stop.set()
+        sender.join()
+        for s in socks:
+            s.close()

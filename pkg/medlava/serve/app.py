@@ -3,12 +3,16 @@ in age, sex and localization (metadata CNNs) or a question (VLMs), and sees the 
 probabilities as a bar chart and, for a VLM, its free-text answer. The numbers come from the same predictor
 code as `medlava predict`, so both give the same probabilities for the same image and metadata.
 
-Uploads are checked (medlava.serve.uploads) and exist only in a per-request temporary directory. The server
-binds to 127.0.0.1 unless --host says otherwise and has no authentication: to use it from another machine,
-forward the port (ssh -L 8000:localhost:8000 HOST) rather than binding to a public address.
+Uploads are checked (medlava.serve.uploads) and exist only in a per-request temporary directory; at most
+--decode-slots of them are decoded at once. The server binds to 127.0.0.1 unless --host says otherwise and has no
+authentication: to use it from another machine, forward the port (ssh -L 8000:localhost:8000 HOST) rather than
+binding to a public address. It answers only requests addressed to this machine's names (the Host header: a page
+of another site that rebinds its DNS name to 127.0.0.1 is refused) and refuses a POST from a page of another
+origin (the Origin header that browsers send).
 
 It runs on waitress: requests are read in full by an event loop before a worker thread sees them, so a slow or
-idle client holds no thread and blocks nobody, and a connection idle for --timeout seconds is closed.
+idle client holds no thread and blocks nobody, a connection idle for --timeout seconds is closed, and
+medlava.serve.guard closes one whose headers take longer than --header-timeout and caps each client's connections.
 """
 
 from __future__ import annotations
@@ -17,26 +21,25 @@ import argparse
 import logging
 import sys
 import tempfile
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from flask import Flask, jsonify, render_template, request
+from waitress.server import create_server
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from medlava.io import InputError
 from medlava.models.cnn import Item
-from medlava.serve.uploads import FORMATS, UploadError, save_upload
-from medlava.tools.predict import (
-    CnnPredictor,
-    VlmPredictor,
-    add_predictor_args,
-    predictor_from_args,
-)
+from medlava.serve.guard import CONNECTIONS_PER_CLIENT, HEADER_TIMEOUT_S, guard
+from medlava.serve.uploads import FORMATS, MAX_SIDE, UploadError, save_upload
+from medlava.tools.predict import CnnPredictor, VlmPredictor, add_predictor_args, predictor_from_args
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")
 FORM_ALLOWANCE = 64 * 1024  # the form's text fields travel in the same request as the file
 
 
@@ -64,13 +67,33 @@ def form_meta(form: MultiDict, predictor: CnnPredictor | VlmPredictor) -> dict:
     return meta
 
 
-def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10.0) -> Flask:
+def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10.0, hosts: tuple[str, ...] = LOCAL_HOSTS,
+               max_side: int = MAX_SIDE, decode_slots: int = 2) -> Flask:
+    """The page and /predict, answering requests whose Host is one of `hosts` (lower-case names or addresses,
+    IPv6 without brackets; any port)."""
     app = Flask(__name__)
     limit = int(max_upload_mb * 2**20)
     app.config["MAX_CONTENT_LENGTH"] = limit + FORM_ALLOWANCE
-    # One model call at a time: torch already spreads one over every core, and concurrent calls would only
-    # multiply the activations' memory. Reading requests and checking uploads stay concurrent.
-    model_lock = threading.Lock()
+    # The model and the decoding of uploads run on threads of their own, whatever --threads is: one model call at
+    # a time (torch already spreads one over every core; concurrent calls would multiply the activations' memory),
+    # `decode_slots` uploads decoded at once. Bounding the threads bounds the memory: glibc keeps what a thread
+    # freed for that thread, so every worker thread that decoded a large image would keep its buffers resident.
+    model = ThreadPoolExecutor(1, thread_name_prefix="medlava-model")
+    decoder = ThreadPoolExecutor(decode_slots, thread_name_prefix="medlava-decode")
+
+    @app.before_request
+    def this_machine_and_same_origin():
+        # By hand: werkzeug's TRUSTED_HOSTS cannot match an IPv6 address (it cuts "[::1]" at its first colon).
+        if urlsplit(f"//{request.host}").hostname not in hosts:
+            return jsonify(error=f"this server answers requests for {', '.join(hosts)} only, not "
+                                 f"{request.host[:100]!r}; open it by one of those names (or start it with "
+                                 "--allowed-host NAME)"), 400
+        # Browsers send Origin with every POST; a page of another site posting here is refused (tools send none).
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin is not None and origin != f"{request.scheme}://{request.host}":
+            return jsonify(error=f"a page of another origin ({origin[:100]}) may not post here; open "
+                                 f"{request.scheme}://{request.host}/ itself"), 403
+        return None
 
     @app.get("/")
     def index():
@@ -82,23 +105,22 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
         if upload is None or not upload.filename:
             raise UploadError(400, "no image in the request; choose or drop a file")
         name = Path(upload.filename).name  # only ever shown back as text
+        question = request.form.get("question", "").strip() or getattr(predictor, "question", "")
         with tempfile.TemporaryDirectory(prefix="medlava-serve-") as tmp:
-            path = save_upload(upload.stream, Path(tmp), limit, name)
+            path = decoder.submit(save_upload, upload.stream, Path(tmp), limit, name, max_side).result()
+            item = Item(name, Path(tmp), path.name, form_meta(request.form, predictor))
             try:
-                result = answer(Item(name, Path(tmp), path.name, form_meta(request.form, predictor)))
+                result = model.submit(answer, item, question).result()
             except InputError as e:  # its message names our temporary file: the sender knows it as `name`
                 raise InputError(str(e).replace(str(path), name).replace(tmp, "(upload)")) from None
         return jsonify(result)
 
-    def answer(item: Item) -> dict:
-        with model_lock:
-            probs = predictor.probabilities([item])[0]
+    def answer(item: Item, question: str) -> dict:
+        probs = predictor.probabilities([item])[0]
         pairs = [[c, float(v)] for c, v in zip(predictor.classes, probs, strict=True)]  # a list keeps class order
         result = {"file": item.id, "prediction": predictor.classes[int(np.argmax(probs))], "probabilities": pairs}
         if isinstance(predictor, VlmPredictor):
-            question = request.form.get("question", "").strip() or predictor.question
-            with model_lock:
-                result.update(question=question, answer=predictor.answer(item, question))
+            result.update(question=question, answer=predictor.answer(item, question))
         return result
 
     @app.errorhandler(UploadError)
@@ -122,10 +144,20 @@ def main(argv: list[str]) -> int:
     add_predictor_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name this server may be reached by (the Host header; repeatable). Always allowed: "
+                        f"{', '.join(LOCAL_HOSTS)} and --host")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted")
+    p.add_argument("--max-side", type=int, default=MAX_SIDE,
+                   help="longest side of an image accepted, in pixels (decoding costs 3 bytes per pixel)")
+    p.add_argument("--decode-slots", type=int, default=2, help="uploads decoded at once")
     p.add_argument("--threads", type=int, default=4, help="worker threads answering requests")
     p.add_argument("--timeout", type=int, default=30,
                    help="seconds a connection may stay idle (mid-request included) before it is closed")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds from a request's first byte to the end of its headers before it is closed")
+    p.add_argument("--max-client-connections", type=int, default=CONNECTIONS_PER_CLIENT,
+                   help="open connections per client address; a new one closes that client's oldest idle one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -133,16 +165,18 @@ def main(argv: list[str]) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"medlava serve: {e}", file=sys.stderr)
         return 2
+    names = (*LOCAL_HOSTS, *([] if args.host in ANY_ADDRESS else [args.host]), *args.allowed_host)
+    hosts = tuple(dict.fromkeys(h.lower().strip("[]") for h in names))
     if args.host not in LOCAL_HOSTS:
-        log.warning("binding to %s: the page is reachable from other machines and has no authentication", args.host)
-    from waitress.server import create_server
-
-    app = create_app(predictor, args.max_upload_mb)
+        log.warning("binding to %s: the page is reachable from other machines and has no authentication; it answers "
+                    "requests for %s (add the names people use with --allowed-host)", args.host, ", ".join(hosts))
+    app = create_app(predictor, args.max_upload_mb, hosts, args.max_side, args.decode_slots)
     # waitress buffers a request body before the app sees it: bound that too (the app's own limit, which
     # answers with its clear message, is half of it).
     server = create_server(app, host=args.host, port=args.port, threads=args.threads, channel_timeout=args.timeout,
                            cleanup_interval=max(1, min(args.timeout // 2, 30)),
                            max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"], ident="medlava")
+    guard(server, args.header_timeout, args.max_client_connections)
     # one listening socket, or several (a name such as localhost resolving to IPv4 and IPv6)
     host, port = (server.effective_listen if hasattr(server, "effective_listen")
                   else [(server.effective_host, server.effective_port)])[0]

@@ -1,6 +1,8 @@
 """An uploaded image, checked before any model sees it: its size, its type from its content (the file name and
-the declared type are the sender's word), its pixel count from the header (decompression bombs, medlava.data.images'
-limit), then a full decode. It is written only into the request's temporary directory."""
+the declared type are the sender's word), its longest side from the header (a page's own limit, far below
+medlava.data.images' decompression-bomb limit: the model works at a few hundred pixels, and an 8192x8192 PNG of
+150 kB costs a gigabyte to decode and pad), then a full decode. It is written only into the request's temporary
+directory."""
 
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ class UploadError(ValueError):
         self.status = status
 
 
-def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str) -> Path:
+MAX_SIDE = 4096
+"""Default longest side of an upload, in pixels: a phone's 12-megapixel photo (4032x3024) passes."""
+
+
+def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str, max_side: int = MAX_SIDE) -> Path:
     """Check the upload in `stream` and write it to `folder` under a name of our own; UploadError if refused."""
     data = stream.read(limit + 1)
     if len(data) > limit:
@@ -52,6 +58,9 @@ def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str) -> Path:
                           "limit, a decompression bomb?; refused (downscale a real photo before sending it)")
     if problem := padded_too_large(width, height):
         raise UploadError(413, f"{name} is {problem}; refused (downscale it before sending it)")
+    if max(width, height) > max_side:
+        raise UploadError(413, f"{name} is {width}x{height} pixels; this server takes images of at most {max_side} "
+                          "pixels on the longest side (the model sees a few hundred): downscale it before sending it")
     path = Path(folder) / f"upload{FORMATS[fmt]}"
     path.write_bytes(data)
     try:
