@@ -33,14 +33,17 @@ def _row(i):
     return {"question_id": i, "text": "nv"}
 
 
+SOURCE = {"infer.checkpoint": "/runs/tiny/sft/r1/checkpoints/step-000010", "infer.mode": "score"}
+
+
 def test_resume_skips_answered_ids_and_repairs_a_torn_line(tmp_path):
     final = chunk_path(tmp_path, 0, 2)
-    w = ChunkWriter(final)
+    w = ChunkWriter(final, SOURCE)
     w.write([_row("a"), _row("b")])
     w._f.close()
     with partial_path(final).open("a") as f:
         f.write('{"question_id": "c", "te')  # killed mid-write
-    w2 = ChunkWriter(final)
+    w2 = ChunkWriter(final, SOURCE)
     assert w2.done_ids == {"a", "b"}
     w2.write([_row("c")])
     w2.finish()
@@ -51,24 +54,24 @@ def test_resume_skips_answered_ids_and_repairs_a_torn_line(tmp_path):
 def test_merge_covers_each_sample_exactly_once(tmp_path):
     ids = [str(i) for i in range(20)]
     for k in range(2):
-        w = ChunkWriter(chunk_path(tmp_path, k, 2))
+        w = ChunkWriter(chunk_path(tmp_path, k, 2), SOURCE)
         w.write([_row(i) for i in ids if chunk_of(i, 2) == k])
         w.finish()
-    assert [r["question_id"] for r in merge_chunks(tmp_path, 2, ids)] == ids
+    assert [r["question_id"] for r in merge_chunks(tmp_path, 2, ids, SOURCE)] == ids
     with pytest.raises(InputError, match="1 missing"):
-        merge_chunks(tmp_path, 2, ids + ["20"])
+        merge_chunks(tmp_path, 2, ids + ["20"], SOURCE)
     with pytest.raises(InputError, match="1 unknown"):
-        merge_chunks(tmp_path, 2, ids[1:])
+        merge_chunks(tmp_path, 2, ids[1:], SOURCE)
     with chunk_path(tmp_path, 1, 2).open("a") as f:
         f.write(json.dumps(_row("0")) + "\n")
     with pytest.raises(InputError, match="1 answered twice"):
-        merge_chunks(tmp_path, 2, ids)
+        merge_chunks(tmp_path, 2, ids, SOURCE)
 
 
 def test_merge_refuses_unfinished_chunks(tmp_path):
-    ChunkWriter(chunk_path(tmp_path, 0, 2)).finish()
+    ChunkWriter(chunk_path(tmp_path, 0, 2), SOURCE).finish()
     with pytest.raises(FileNotFoundError, match="1 of 2 chunks are not finished"):
-        merge_chunks(tmp_path, 2, [])
+        merge_chunks(tmp_path, 2, [], SOURCE)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Training: 2-process DDP (gloo) under torchrun, exact resume after a kill, checkpoint reload."""
 
+import hashlib
 import json
 import os
 import re
@@ -93,9 +94,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, wh
 
 
 def test_a_stray_copy_in_checkpoints_does_not_stop_a_resume(prepared):
-    run = _sft(prepared, "bak", "sft.max_steps=2", "sft.save_every=2")
-    shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
+    run = _sft(prepared, "bak", "sft.max_steps=4", "sft.save_every=2")
+    shutil.rmtree(run / "checkpoints" / "step-000004")  # as if killed after step 2's checkpoint
     (run / "COMPLETE.json").unlink()
+    shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
     tmp, env, base = prepared
     out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "sft.init_from=none",
                           "sft.batch_size=4", "sft.max_steps=4", "sft.save_every=2"], env=env,
@@ -133,16 +135,89 @@ def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepar
     assert not list(ckpts.glob(".*.tmp"))
 
 
-def test_a_run_directory_is_reused_only_to_resume_it(prepared, whole):
+def _files(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_is_never_rewritten(prepared, whole):
+    """Relaunched, with its own settings or others: refused, and nothing in it changes (its config.yaml, its
+    COMPLETE.json, whose time `latest` goes by)."""
     tmp, env, base = prepared
-    before = sorted(p.name for p in (whole / "checkpoints").iterdir())
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "sft.init_from=none",
-                          "sft.batch_size=4", *ARGS, "sft.resume=never"], env=env, capture_output=True, text=True)
+    before = _files(whole)
+    for extra in ((), ("sft.lr=0.05",), ("sft.resume=never",)):
+        out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "sft.init_from=none",
+                              "sft.batch_size=4", *ARGS, *extra], env=env, capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
+                "and a finished run is never rewritten: choose another run_id, or leave it unset for a new one"
+                in out.stderr), out.stderr[-3000:]
+    assert _files(whole) == before
+
+
+@pytest.fixture
+def stopped(prepared, whole, tmp_path):
+    """`whole` as a job killed after its last checkpoint but before COMPLETE.json: a run a relaunch continues."""
+    run = whole.parent / f"stopped-{tmp_path.name}"
+    shutil.copytree(whole, run)
+    (run / "COMPLETE.json").unlink()
+    return run
+
+
+def test_a_started_run_is_not_continued_with_resume_never(prepared, stopped):
+    tmp, env, base = prepared
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, f"run_id={stopped.name}",
+                          "sft.init_from=none", "sft.batch_size=4", *ARGS, "sft.resume=never"], env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
+    assert (f"medlava sft: {stopped} already holds a started sft run (started " in out.stderr and
             "choose another run_id, or leave it unset for a new one (or sft.resume=auto to continue it)"
             in out.stderr), out.stderr[-3000:]
-    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == before
+
+
+def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, stopped, tmp_path):
+    """Each checkpoint records what decides the weights (the sft section, the model, the training split's
+    digest); a resume with others would continue the old optimizer while config.yaml says otherwise."""
+    tmp, env, base = prepared
+    ckpt = stopped / "checkpoints" / "step-000024"
+    manifest = json.loads((ckpt / "medlava.json").read_text())
+    assert manifest["settings"]["sft.lr"] == 2e-3 and len(manifest["settings_hash"]) == 16
+    other = tmp_path / "fewer"  # the same data, one sample less (outside runs/: `latest` stays what it was)
+    shutil.copytree(tmp / "runs" / "tiny" / "prepare" / "p", other)
+    lines = (other / "train.jsonl").read_text().splitlines(keepends=True)
+    (other / "train.jsonl").write_text("".join(lines[1:]))
+    before = _files(stopped)
+    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={stopped.name}", "sft.init_from=none",
+           "sft.batch_size=4", *ARGS]
+    out = subprocess.run([*cmd, "sft.lr=0.05", "sft.lora.r=8", f"data.samples={other}", "model.model_max_length=300"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    old, new = manifest["settings"]["data.train"], hashlib.sha256((other / "train.jsonl").read_bytes()).hexdigest()
+    for changed in (f"medlava sft: {ckpt} was trained with other settings (data.train: '{old}' then, '{new}' now",
+                    "; model.model_max_length: 256 then, 300 now; sft.lora.r: 16 then, 8 now; ", "; sft.lr: 0.002 then, 0.05 now)",
+                    "; resuming it with these would mix two trainings in one set of weights: relaunch with its "
+                    f"settings ({stopped / 'config.yaml'}), or leave run_id unset to train a new run"):
+        assert changed in out.stderr, out.stderr[-3000:]
+    assert _files(stopped) == before  # config.yaml still says what the checkpoints were trained with
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # its own settings: it continues
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {ckpt} at step 24 of 24" in out.stderr and (stopped / "COMPLETE.json").exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(prepared):
+    """sft.lr=1e30 (finite, so the config takes it): the loss is NaN by the third step. Training stops there,
+    naming the step, the last finite loss and the key; no checkpoint of that step, no COMPLETE.json."""
+    tmp, env, base = prepared
+    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=nan", "sft.init_from=none",
+                          "sft.batch_size=4", "sft.max_steps=6", "sft.save_every=1", "sft.lr=1e30"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    m = re.search(r"medlava sft: training diverged: the loss is nan at step (\d+) \(the last finite loss was "
+                  r"[\d.]+ at step (\d+)\); no checkpoint of it is written and the run is not complete\. Lower "
+                  r"sft\.lr \(now 1e\+30\) and train a new run_id", out.stderr)
+    assert m and int(m[2]) == int(m[1]) - 1, out.stderr[-3000:]
+    run = tmp / "runs" / "tiny" / "sft" / "nan"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in range(1, int(m[1]))]
+    assert not (run / "COMPLETE.json").exists()
 
 
 def test_training_refuses_an_image_too_large_once_padded(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
-from medlava.runs import new_run_id
+from medlava.runs import check_reuse, new_run_id, run_dir
 from medlava.stages import OPTIONS, STAGES, CheckFailed
 
 TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
@@ -30,6 +30,9 @@ def run_stage(stage: str, cfg: Config, **options) -> Path:
     from medlava import distributed
 
     s = STAGES[stage]
+    # A run this launch may not continue is refused at once, by every rank before any of them starts it (the stage's
+    # start_run checks again): not after loading the model.
+    check_reuse(run_dir(cfg, stage), stage, *s.reuse(cfg))
     if not s.distributed:
         return s.run(cfg, None, **options)
     d = distributed.setup()
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed:
         return 1
     except (ConfigError, InputError, FileNotFoundError) as e:
-        print(f"medlava {args.stage}: {e}", file=sys.stderr)
+        who = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # which process said it first
+        print(f"medlava {args.stage}{who}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -690,3 +690,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def changed_settings(then: dict, now: dict) -> list[str]:
+    """The dotted keys whose values differ between two records of settings, as `key: old then, new now`."""
+    return [f"{k}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in sorted(set(then) | set(now))
+            if then.get(k) != now.get(k)]

@@ -36,20 +36,27 @@ def run_dir(cfg: Config, stage: str) -> Path:
     return stage_root(cfg, stage) / cfg.run_id
 
 
-def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "unfinished", "always"] = "unfinished",
-              hint: str = "") -> Path:
-    """Create the run directory; rank 0 records the resolved config and how it was started.
+def check_reuse(path: Path, stage: str, reuse: Literal["never", "unfinished"], hint: str = "") -> None:
+    """ConfigError when `path` holds a run an earlier launch started (it has run.json) that this one may not
+    continue: a complete run is never rewritten (its config, result and `latest` stay as they are); an unfinished
+    one (a requeued or re-run job) is continued unless `reuse` is `never`, with `hint` saying how to continue it."""
+    if not (path / "run.json").exists():
+        return
+    started = json.loads((path / "run.json").read_text()).get("started", "?")
+    if is_complete(path):
+        raise ConfigError(f"{path} already holds a complete {stage} run (started {started}), and a finished run is "
+                          "never rewritten: choose another run_id, or leave it unset for a new one")
+    if reuse == "never":
+        raise ConfigError(f"{path} already holds a started {stage} run (started {started}): choose another run_id, "
+                          f"or leave it unset for a new one{hint}")
 
-    A directory an earlier launch started (it has run.json) is continued only as `reuse` allows: `unfinished`,
-    one without COMPLETE.json (a requeued or re-run job); `always`, a complete one too (training with
-    resume=auto, infer's chunks); `never`. Otherwise ConfigError, with `hint` saying how to continue it."""
+
+def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "unfinished"] = "unfinished",
+              hint: str = "") -> Path:
+    """Create the run directory (check_reuse first); rank 0 records the resolved config and how it was started."""
     path = run_dir(cfg, stage)
-    if rank == 0 and (path / "run.json").exists():
-        complete = is_complete(path)
-        if reuse == "never" or (reuse == "unfinished" and complete):
-            started = json.loads((path / "run.json").read_text()).get("started", "?")
-            raise ConfigError(f"{path} already holds a {'complete' if complete else 'started'} {stage} run (started "
-                              f"{started}): choose another run_id, or leave it unset for a new one{hint}")
+    if rank == 0:
+        check_reuse(path, stage, reuse, hint)
     (path / "logs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_text(path / "config.yaml", dump_config(cfg))

@@ -23,13 +23,16 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from medlava.cluster.container import PYTHON as CONTAINER_PYTHON
 from medlava.cluster.container import Apptainer
 from medlava.cluster.jobs import Job, Rendezvous
+from medlava.cluster.logfilter import LogFilter
 from medlava.signals import EXIT_REQUEUE
 
 
@@ -130,10 +133,21 @@ def _ignore_usr2() -> None:  # runs in the child between fork and exec: SIG_IGN 
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def run_stoppable(argv: list[str], env: Mapping[str, str], log) -> tuple[int, bool]:
-    """Run `argv`; on SIGUSR2 to this process, stop its workers (see module doc). Returns (exit code,
-    whether a stop was requested)."""
+def pump(stream: IO[bytes], logfilter: LogFilter) -> None:
+    """Copy the command's stderr to ours through `logfilter`, line by line, as it comes."""
+    for raw in stream:
+        for line in logfilter.feed(raw.decode(errors="replace").rstrip("\n")):
+            print(line, file=sys.stderr, flush=True)
+    for line in logfilter.flush():
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_stoppable(argv: list[str], env: Mapping[str, str], log,
+                  logfilter: LogFilter | None = None) -> tuple[int, bool]:
+    """Run `argv`; on SIGUSR2 to this process, stop its workers (see module doc). Its stderr passes through
+    `logfilter` when given. Returns (exit code, whether a stop was requested)."""
     proc: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
     requested, sent = [], []
 
     def on_usr2(signum, frame) -> None:
@@ -144,7 +158,11 @@ def run_stoppable(argv: list[str], env: Mapping[str, str], log) -> tuple[int, bo
 
     previous = signal.signal(signal.SIGUSR2, on_usr2)
     try:
-        proc = subprocess.Popen(argv, env=dict(env), preexec_fn=_ignore_usr2)
+        proc = subprocess.Popen(argv, env=dict(env), preexec_fn=_ignore_usr2,
+                                stderr=subprocess.PIPE if logfilter else None)
+        if logfilter:
+            reader = threading.Thread(target=pump, args=(proc.stderr, logfilter), daemon=True)
+            reader.start()
         if requested and not sent:  # the signal came while the command was being started
             sent.extend(stop_workers(proc.pid))
         logged = False
@@ -157,6 +175,8 @@ def run_stoppable(argv: list[str], env: Mapping[str, str], log) -> tuple[int, bo
                 log(f"SIGUSR2: stopping the workers ({', '.join(sent)})")
                 logged = True
             if code is not None:
+                if reader:  # a worker that outlived torchrun may hold the pipe open: wait only a little
+                    reader.join(timeout=10)
                 return code, bool(sent)
     finally:
         signal.signal(signal.SIGUSR2, previous)
@@ -197,11 +217,16 @@ class NodeTask:
 
         argv = self.argv(rendezvous_from_env(env) if self.job.nodes > 1 else None)
         log(f"job {env.get('SLURM_JOB_ID')} restart {env.get('SLURM_RESTART_COUNT', 0)}: {shlex.join(argv)}")
-        code, stopped = run_stoppable(argv, {**self.env_defaults, **env, **self.env}, log)
+        logfilter = LogFilter()
+        code, stopped = run_stoppable(argv, {**self.env_defaults, **env, **self.env}, log, logfilter)
+        if logfilter.cut:
+            log(f"cut {logfilter.cut} lines of torch.distributed errors about the lost rendezvous (what every node "
+                "prints once a process of the job has failed)")
         if code == 0:
             return
-        if not stopped:
-            raise RuntimeError(f"{self.job.name} exited with {code} on {where}; see the log above")
+        if not stopped:  # the last line of the log: what failed first here
+            raise RuntimeError(f"{self.job.name} failed on {where} (exit {code}): "
+                               + (logfilter.summary() or "no error was printed; see the log above"))
         if node != "0":
             log(f"workers stopped (exit {code}); node 0 requeues the job")
             return

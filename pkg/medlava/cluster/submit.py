@@ -31,7 +31,7 @@ import yaml
 from medlava.cluster.jobs import Job, stage_jobs
 from medlava.cluster.local import JobFailed, run_local
 from medlava.config import Config, ConfigError, dump_config, load_config
-from medlava.runs import latest_complete, new_run_id, stage_root
+from medlava.runs import check_reuse, latest_complete, new_run_id, resolve, stage_root
 from medlava.stages import CHAIN, STAGES
 
 MONITOR = ("status", "logs", "cancel")
@@ -122,6 +122,21 @@ def pinned(stage: str, stages: tuple[str, ...], cfg: Config) -> str:
     return str(latest_complete(cfg, up).absolute())
 
 
+def missing_inputs(stages: tuple[str, ...], cfg: Config) -> list[str]:
+    """The upstream runs these stages would read that do not exist now (those this launch makes excepted): found
+    here, not on the nodes after the queue wait."""
+    problems = []
+    for s in stages:
+        for i in STAGES[s].inputs:
+            if i.stage in stages or not i.read(cfg):
+                continue
+            try:
+                resolve(cfg, i.value(cfg), i.stage)
+            except FileNotFoundError as e:
+                problems.append(f"{i.key}={i.value(cfg)}: {e}")
+    return list(dict.fromkeys(problems))
+
+
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
     """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
     limit: what the stage's environment can run, seen from where it will run."""
@@ -182,6 +197,15 @@ def launch(argv: list[str]) -> int:
         print(f"submit: {e}", file=sys.stderr)
         return 2
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
+    try:  # what each job would refuse when it starts, refused before anything is written or queued
+        for j in jobs:
+            if j.stage in STAGES:
+                check_reuse(run_dirs[j.name], j.stage, *STAGES[j.stage].reuse(cfg))
+        if problems := ([] if args.check else missing_inputs(stages, cfg)):
+            raise ConfigError("; ".join(problems))
+    except ConfigError as e:
+        print(f"submit: refused: {e}", file=sys.stderr)
+        return 2
     if executor == "slurm":
         return launch_slurm(args, jobs, run_dirs, cfg, config_path)
 

@@ -53,13 +53,14 @@ class Answerer:
                           image_root)
         return cls(settings, model, processor.tokenizer, encoder, model_id, device)
 
-    def answer_chunk(self, samples: list[dict], idx: int, folder: Path) -> None:
-        """Answer the samples of chunk `idx` not answered yet, then publish the chunk."""
+    def answer_chunk(self, samples: list[dict], idx: int, folder: Path, source: dict) -> None:
+        """Answer the samples of chunk `idx` not answered yet, then publish the chunk; it records `source` (what
+        decides the answers, stages.infer.answer_source)."""
         inf = self.settings
         final = chunk_path(folder, idx, inf.chunks)
         if final.exists():
             return
-        writer = ChunkWriter(final)
+        writer = ChunkWriter(final, source)
         todo = [s for s in samples if chunk_of(s["id"], inf.chunks) == idx and str(s["id"]) not in writer.done_ids]
         # Workers decode and preprocess the next batches while the model answers this one.
         loader = torch.utils.data.DataLoader(SampleDataset(todo, self.encoder, prompts=True),

@@ -5,7 +5,9 @@ samples. A chunk is answered into `<name>.partial.jsonl` (appended and flushed p
 the ids already there and drops a torn last line) and renamed to `<name>.jsonl` when whole.
 
 `source.json` beside them records what the answers were made with (the resolved checkpoint, model, inputs
-and answering settings); a task or merge with other settings is refused, so one answer file never mixes two.
+and answering settings); a task or merge with other settings is refused, so one answer file never mixes two. Each
+chunk records them too (`<name>.settings.json`, written before its first answer), and the merge compares every
+chunk's with its own: a chunk that came from elsewhere, or was answered after source.json was removed, is caught.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from medlava.config import ConfigError
-from medlava.io import InputError
+from medlava.config import ConfigError, changed_settings
+from medlava.io import InputError, atomic_write_json
 
 SOURCE = "source.json"
 
@@ -32,6 +34,22 @@ def chunk_path(folder: Path, idx: int, chunks: int) -> Path:
 
 def partial_path(final: Path) -> Path:
     return final.with_name(final.name.replace(".jsonl", ".partial.jsonl"))
+
+
+def settings_path(final: Path) -> Path:
+    return final.with_name(final.name.replace(".jsonl", ".settings.json"))
+
+
+def check_chunk(final: Path, source: dict) -> None:
+    """Refuse a chunk answered with settings other than `source`, or with none recorded."""
+    path = settings_path(final)
+    if not path.exists():
+        raise InputError(f"{final} has no record of the settings it was answered with ({path.name}): it was not "
+                         f"made by this run; delete it and answer that chunk again, or use a new run_id")
+    if changed := changed_settings(json.loads(path.read_text()), source):
+        raise ConfigError(f"{final} was answered with other settings ({'; '.join(changed)}); one answer file must "
+                          "come from one model and one setting: delete that chunk and answer it again, or use a new "
+                          "run_id")
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -71,8 +89,7 @@ def check_source(folder: Path, source: dict, claim: bool = False) -> None:
     if not path.exists():
         return
     recorded = json.loads(path.read_text())
-    changed = [f"{k}: {recorded.get(k)!r} then, {source.get(k)!r} now" for k in sorted(set(recorded) | set(source))
-               if recorded.get(k) != source.get(k)]
+    changed = changed_settings(recorded, source)
     if changed:
         raise ConfigError(f"the answers in {folder} were made with other settings ({'; '.join(changed)}); one "
                           f"answer file must come from one model and one setting: use a new run_id, or delete "
@@ -80,9 +97,13 @@ def check_source(folder: Path, source: dict, claim: bool = False) -> None:
 
 
 class ChunkWriter:
-    def __init__(self, final: Path):
+    def __init__(self, final: Path, source: dict):
         self.final, self.partial = final, partial_path(final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        if settings_path(final).exists() or self.partial.exists():
+            check_chunk(final, source)  # a partial chunk continues only with its own settings
+        else:
+            atomic_write_json(settings_path(final), source)
         self.done_ids = {str(r["question_id"]) for r in read_partial(self.partial)}
         self._f = self.partial.open("a", encoding="utf-8")
 
@@ -97,13 +118,16 @@ class ChunkWriter:
         os.replace(self.partial, self.final)
 
 
-def merge_chunks(folder: Path, chunks: int, expected_ids: list[str]) -> list[dict]:
-    """All chunk rows in `expected_ids` order; every sample must be answered exactly once."""
+def merge_chunks(folder: Path, chunks: int, expected_ids: list[str], source: dict) -> list[dict]:
+    """All chunk rows in `expected_ids` order; every sample must be answered exactly once, and every chunk with the
+    settings `source`."""
     missing_files = [str(chunk_path(folder, i, chunks)) for i in range(chunks)
                      if not chunk_path(folder, i, chunks).exists()]
     if missing_files:
         raise FileNotFoundError(f"{len(missing_files)} of {chunks} chunks are not finished: {missing_files[:5]}; "
                                 "re-run those chunks (they resume) before merging")
+    for i in range(chunks):
+        check_chunk(chunk_path(folder, i, chunks), source)
     by_id: dict[str, dict] = {}
     dupes: list[str] = []
     for i in range(chunks):

@@ -87,6 +87,7 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
         scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d of %d", done[-1], step, total)
     ckpt = done[-1] if done and step >= total else None
+    finite = None  # the last finite loss, for the message if one is not
     writer = runtime.tensorboard(run, step + 1, d)
     bar = runtime.progress(total, step, "pretrain", d)
     net.train()
@@ -112,6 +113,7 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
                     writer.add_scalar(f"train/{tag}", value, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            finite = runtime.check_finite(loss, step, finite, "pretrain.lr", p.lr)
             save, stop = runtime.save_or_stop(step, total, p.save_every, d)
             if save:
                 ckpt = save_checkpoint(run, step, model, TokenizerFiles(model.tokenizer), "clip", manifest, optimizer,
@@ -124,9 +126,16 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     return ckpt
 
 
-def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path) -> dict | None:
-    """Train on the pairs of `prepared` into `run` (resuming what is there), then score pretrain.eval_split; the
-    run's result on rank 0 (None on the others)."""
+def weight_settings(cfg: Config, prepared: Path) -> dict:
+    """What decides the weights (runtime.weight_settings): the pretrain section but what only evaluation reads, and
+    the training split's digest."""
+    return runtime.weight_settings("pretrain", cfg.pretrain, ("eval_split", "prompt_templates"),
+                                   **{"data.train": runtime.file_digest(prepared / "train.jsonl")})
+
+
+def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict) -> dict | None:
+    """Train on the pairs of `prepared` into `run` (resuming what is there; checkpoints record `settings`), then
+    score pretrain.eval_split; the run's result on rank 0 (None on the others)."""
     p = cfg.pretrain
     signals.install()
     train_samples, manifest = load_prepared(prepared, "train")
@@ -154,7 +163,7 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path) -> dict | None
     log.info("pretrain: %d training pairs, %s parameters, contrastive batch %d", len(train_pairs),
              f"{info['parameters']:,}", info["contrastive_batch"])
     ckpt = train(model, PairDataset(train_pairs, root, transform, model.tokenizer), p, run, d,
-                 {"stage": "pretrain", "model": p.model})
+                 {"stage": "pretrain", "model": p.model, **runtime.settings_record(settings)})
     metrics = write_results(run, model, eval_pairs, PairDataset(eval_pairs, root, transform, model.tokenizer), task,
                             cfg.eval.n_bootstrap, d, amp_dtype(p, d), p.batch_size, p.num_workers)
     barrier()

@@ -37,6 +37,26 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 
 
 @dataclass(frozen=True)
+class Input:
+    """A config key naming an upstream run a stage reads: `latest` (the newest complete run of `stage`), a path, or
+    one of `none` (nothing read)."""
+    key: str
+    """Dotted, e.g. `sft.init_from`."""
+    stage: str
+    none: tuple[str, ...] = ()
+    unless: str | None = None
+    """A key that, when set, is read instead (`infer.questions` replaces the prepared samples)."""
+
+    def value(self, cfg: Any, key: str | None = None) -> Any:
+        section, name = (key or self.key).split(".")
+        return getattr(getattr(cfg, section), name)
+
+    def read(self, cfg: Any) -> bool:
+        """Whether `cfg` reads this input at all."""
+        return self.value(cfg) not in self.none and not (self.unless and self.value(cfg, self.unless))
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     section: str
@@ -45,8 +65,9 @@ class Stage:
     """Runs the VLM of the `model:` section."""
     trains: bool
     """Trains: one process per GPU under torchrun, on cluster.nodes nodes; checkpoints and resumes."""
-    upstream: str | None
-    """The stage whose newest complete run `latest` means in this stage's section."""
+    inputs: tuple[Input, ...]
+    """The upstream runs it reads: the launcher refuses a launch whose inputs do not exist yet, except those the
+    launch itself makes."""
     options: tuple[str, ...] = ()
     """Names of the OPTIONS it takes."""
     array: str | None = None
@@ -62,6 +83,18 @@ class Stage:
     def __post_init__(self) -> None:
         if self.array and not {"chunk_idx", "merge_only"} <= set(self.options):
             raise ValueError(f"stage {self.name}: an array stage takes --chunk-idx and --merge-only")
+
+    @property
+    def upstream(self) -> str | None:
+        """The stage whose newest complete run `latest` means in this stage's own section."""
+        return next((i.stage for i in self.inputs if i.key.startswith(f"{self.section}.")), None)
+
+    def reuse(self, cfg: Any) -> tuple[Literal["never", "unfinished"], str]:
+        """Which run directory of an earlier launch (same run id) it continues, as runs.check_reuse takes it: an
+        unfinished one, unless its section says resume=never (then the hint names the key); never a finished one."""
+        if getattr(self.settings(cfg), "resume", "auto") == "never":
+            return "never", f" (or {self.section}.resume=auto to continue it)"
+        return "unfinished", ""
 
     @property
     def distributed(self) -> bool:
@@ -85,15 +118,17 @@ class Stage:
         return importlib.import_module(f"medlava.stages.{self.name}").run(cfg, dist, **options)
 
 
+SAMPLES = Input("data.samples", "prepare")
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "data", vlm=False, trains=False, upstream=None, options=("check",), check="stage"),
-    Stage("align", "align", vlm=True, trains=True, upstream="prepare"),
-    Stage("sft", "sft", vlm=True, trains=True, upstream="align"),  # sft.init_from=latest: the aligned projector
-    Stage("infer", "infer", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only"),
-          array="chunks", pins="checkpoint"),
-    Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
-    Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
-    Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),
+    Stage("prepare", "data", vlm=False, trains=False, inputs=(), options=("check",), check="stage"),
+    Stage("align", "align", vlm=True, trains=True, inputs=(SAMPLES,)),
+    Stage("sft", "sft", vlm=True, trains=True, inputs=(SAMPLES, Input("sft.init_from", "align", none=("none",)))),
+    Stage("infer", "infer", vlm=True, trains=False, options=("chunk_idx", "merge_only"), array="chunks",
+          pins="checkpoint", inputs=(Input("data.samples", "prepare", unless="infer.questions"),
+                                     Input("infer.checkpoint", "sft", none=("base",)))),
+    Stage("eval", "eval", vlm=False, trains=False, inputs=(Input("eval.predictions", "infer"),)),
+    Stage("cnn", "cnn", vlm=False, trains=True, inputs=(SAMPLES,)),
+    Stage("pretrain", "pretrain", vlm=False, trains=True, inputs=(SAMPLES,)),
 )}
 CHAIN = ("prepare", "align", "sft", "infer", "eval")
 """The VLM pipeline (`demo`, `pipeline`), in order."""

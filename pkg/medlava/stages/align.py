@@ -7,15 +7,19 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.runs import mark_complete, resolve, run_dir, start_run
+from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.train.vlm import train_vlm
+    from medlava.train.runtime import check_resume
+    from medlava.train.vlm import train_vlm, weight_settings
 
-    run = start_run(cfg, "align", dist.rank, "always" if cfg.align.resume == "auto" else "never",
-                    " (or align.resume=auto to continue it)")
-    ckpt, info = train_vlm(cfg, "align", dist, run, resolve(cfg, cfg.data.samples, "prepare"), init=None)
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    settings = weight_settings(cfg, "align", prepared, None)
+    check_resume(run_dir(cfg, "align"), "step", settings, cfg.align.resume)
+    run = start_run(cfg, "align", dist.rank, *STAGES["align"].reuse(cfg))
+    ckpt, info = train_vlm(cfg, "align", dist, run, prepared, None, settings)
     if dist.main:
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
     return run

@@ -7,19 +7,23 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.runs import mark_complete, resolve, run_dir, start_run
+from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.train.cnn import run_cnn
+    from medlava.train.cnn import run_cnn, weight_settings
+    from medlava.train.runtime import check_resume
 
     c = cfg.cnn
     if c.pretrained and not Path(c.pretrained).is_file():
         raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
                                 f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
-    run = start_run(cfg, "cnn", dist.rank, "always" if c.resume == "auto" else "never",
-                    " (or cnn.resume=auto to continue it)")
-    result = run_cnn(c, dist, run, resolve(cfg, cfg.data.samples, "prepare"))
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    settings = weight_settings(c, prepared)
+    check_resume(run_dir(cfg, "cnn"), "epoch", settings, c.resume)
+    run = start_run(cfg, "cnn", dist.rank, *STAGES["cnn"].reuse(cfg))
+    result = run_cnn(c, dist, run, prepared, settings)
     if dist.main:
         mark_complete(run, result)
     return run

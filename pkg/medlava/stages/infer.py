@@ -60,7 +60,7 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
     source = answer_source(cfg, image_root, origin)
     folder = run_dir(cfg, "infer") / "chunks"
     check_source(folder, source)  # before start_run records a config the chunks were not made with
-    run = start_run(cfg, "infer", d.rank, "always")  # chunk tasks and the merge share it
+    run = start_run(cfg, "infer", d.rank)  # chunk tasks and the merge share it, until it is complete
     todo = [] if merge_only else ([chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     todo = [i for i in todo if not chunk_path(folder, i, cfg.infer.chunks).exists()]
     if todo:
@@ -68,10 +68,10 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
         ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
         answerer = Answerer.load(cfg.infer, m, ckpt, image_root, d.device)
         for i in todo:
-            answerer.answer_chunk(samples, i, folder)
+            answerer.answer_chunk(samples, i, folder, source)
     if chunk_idx is not None and not merge_only:
         return run
-    rows = merge_chunks(folder, cfg.infer.chunks, [s["id"] for s in samples])
+    rows = merge_chunks(folder, cfg.infer.chunks, [s["id"] for s in samples], source)
     atomic_write_jsonl(run / "answers.jsonl", rows)
     write_predictions(run / "predictions.csv", answers_frame(rows))
     normalized = dict(Counter(r["metadata"]["normalized"] for r in rows if "normalized" in r["metadata"]))

@@ -7,14 +7,19 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.runs import mark_complete, resolve, run_dir, start_run
+from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.pretrain.loop import run_pretrain
+    from medlava.pretrain.loop import run_pretrain, weight_settings
+    from medlava.train.runtime import check_resume
 
-    run = start_run(cfg, "pretrain", dist.rank)
-    result = run_pretrain(cfg, dist, run, resolve(cfg, cfg.data.samples, "prepare"))
+    prepared = resolve(cfg, cfg.data.samples, "prepare")
+    settings = weight_settings(cfg, prepared)
+    check_resume(run_dir(cfg, "pretrain"), "step", settings, cfg.pretrain.resume)
+    run = start_run(cfg, "pretrain", dist.rank, *STAGES["pretrain"].reuse(cfg))
+    result = run_pretrain(cfg, dist, run, prepared, settings)
     if dist.main:
         mark_complete(run, result)
     return run

@@ -8,8 +8,8 @@ from pathlib import Path
 from medlava.artifacts import checkpoint_of
 from medlava.config import Config
 from medlava.distributed import Dist
-from medlava.runs import mark_complete, resolve, start_run
-from medlava.stages import upstream
+from medlava.runs import mark_complete, resolve, run_dir, start_run
+from medlava.stages import STAGES, upstream
 
 
 def init_checkpoint(cfg: Config) -> Path | None:
@@ -20,12 +20,14 @@ def init_checkpoint(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.train.vlm import train_vlm
+    from medlava.train.runtime import check_resume
+    from medlava.train.vlm import train_vlm, weight_settings
 
-    run = start_run(cfg, "sft", dist.rank, "always" if cfg.sft.resume == "auto" else "never",
-                    " (or sft.resume=auto to continue it)")
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
-    ckpt, info = train_vlm(cfg, "sft", dist, run, prepared, init_checkpoint(cfg))
+    prepared, init = resolve(cfg, cfg.data.samples, "prepare"), init_checkpoint(cfg)
+    settings = weight_settings(cfg, "sft", prepared, init)
+    check_resume(run_dir(cfg, "sft"), "step", settings, cfg.sft.resume)
+    run = start_run(cfg, "sft", dist.rank, *STAGES["sft"].reuse(cfg))
+    ckpt, info = train_vlm(cfg, "sft", dist, run, prepared, init, settings)
     if dist.main:
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
     return run

@@ -49,6 +49,7 @@ from medlava.models.cnn import (
 )
 from medlava.precision import autocast, autocast_dtype, choose_dtype, grad_scaler
 from medlava.predictions import predictions_frame, write_predictions
+from medlava.train import runtime
 from medlava.train.optim import make_optimizer
 from medlava.train.runtime import (
     STATE,
@@ -234,6 +235,7 @@ class CnnRun:
     loss_fn: nn.Module
     labels: np.ndarray
     steps_per_epoch: int
+    settings: dict  # what decides the weights (weight_settings): every checkpoint records it
     loop: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best_f1": -1.0, "best": None,
                                                 "bad_epochs": 0, "history": [], "done": False})
     saved: dict | None = None  # the resumed checkpoint's optimizer state, until its phase is entered
@@ -242,9 +244,17 @@ class CnnRun:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
     net: nn.Module | None = None
+    finite: tuple[int, float] | None = None  # the last finite training loss (step, loss)
 
 
-def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> CnnRun:
+def weight_settings(c: CnnConfig, prepared: Path) -> dict:
+    """What decides the weights (runtime.weight_settings): the cnn section but the split it answers, and the digests
+    of the training and validation splits (early stopping reads the latter)."""
+    return runtime.weight_settings("cnn", c, ("predict_split",), **{
+        f"data.{split}": runtime.file_digest(prepared / f"{split}.jsonl") for split in ("train", "val")})
+
+
+def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path, settings: dict) -> CnnRun:
     """The data, the model, loss and precision, train_info.json, and a resumed state."""
     splits, classes = load_splits(prepared, c)
     torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
@@ -266,7 +276,7 @@ def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> CnnRun:
         log.warning("cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head on "
                     "random features", c.frozen_epochs)
     s = CnnRun(c, d, run, prepared, splits, classes, spec, model, meta, plan, amp, grad_scaler(amp),
-               nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing), labels, steps_per_epoch)
+               nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing), labels, steps_per_epoch, settings)
     if d.main:
         atomic_write_json(run / "train_info.json", {
             "arch": c.arch, "pretrained": c.pretrained, "classes": classes, "prepared": str(prepared),
@@ -289,7 +299,8 @@ def save(s: CnnRun, name: str) -> None:
         state = {"loop": s.loop, "phase": s.phase, "optimizer": s.optimizer.state_dict(),
                  "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict()}
         save_cnn(s.run / "checkpoints" / name, s.model, s.spec, {"stage": "cnn", "classes": s.classes,
-                                                                  "epoch": s.loop["epoch"]}, {STATE: state})
+                                                                  "epoch": s.loop["epoch"],
+                                                                  **runtime.settings_record(s.settings)}, {STATE: state})
         for old in checkpoint_dirs(s.run, "epoch"):
             if old.name not in {name, s.loop["best"]}:
                 shutil.rmtree(old)
@@ -342,6 +353,8 @@ def train_epoch(s: CnnRun) -> list[float]:
         loop["step"] += 1
         losses.append(mean_over_ranks([loss.item()], d)[0])
         step = epoch * s.steps_per_epoch + loop["step"]
+        key = "cnn.finetune_lr" if s.phase == 2 and c.finetune_lr else "cnn.lr"
+        s.finite = runtime.check_finite(losses[-1], step, s.finite, key, getattr(c, key.split(".")[1]))
         if s.writer:
             s.writer.add_scalar("train/loss", losses[-1], step)
             s.writer.add_scalar("train/lr", s.optimizer.param_groups[0]["lr"], step)
@@ -412,10 +425,11 @@ def predict(s: CnnRun) -> dict:
             "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}}
 
 
-def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> dict:
-    """Train on `prepared` into `run` (resuming what is there), answer cnn.predict_split; the run's result."""
+def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path, settings: dict) -> dict:
+    """Train on `prepared` into `run` (resuming what is there; checkpoints record `settings`), answer
+    cnn.predict_split; the run's result."""
     signals.install()
-    s = setup(c, d, run, prepared)
+    s = setup(c, d, run, prepared, settings)
     while not s.loop["done"]:
         if s.phase != (1 if s.loop["epoch"] < s.c.frozen_epochs else 2):
             enter_phase(s)

@@ -119,8 +119,8 @@ def optimizer_step(tr: Trainer, batches, t: TrainConfig, d: Dist) -> dict[str, f
             "samples": samples, "waited": waited, "seconds": time.perf_counter() - tic}
 
 
-def log_step(writer, tr: Trainer, m: dict[str, float], d: Dist) -> dict[str, float]:
-    """Rank-averaged loss and throughput of an update, to TensorBoard; returns what the bar shows."""
+def log_step(writer, tr: Trainer, m: dict[str, float], d: Dist) -> tuple[float, dict[str, str]]:
+    """Rank-averaged loss and throughput of an update, to TensorBoard; (that loss, what the bar shows)."""
     s = m["seconds"]
     loss, tok_s, samples_s, wait_fraction = mean_over_ranks(
         [m["loss"], m["tokens"] / s, m["samples"] / s, m["waited"] / s], d)
@@ -134,7 +134,7 @@ def log_step(writer, tr: Trainer, m: dict[str, float], d: Dist) -> dict[str, flo
         writer.add_scalar("train/lr", lrs.get("model", lrs.get("projector")), step)
         if "projector" in lrs and "model" in lrs:
             writer.add_scalar("train/lr_projector", lrs["projector"], step)
-    return {"loss": f"{loss:.4f}", "tok_s": f"{tok_s:.0f}"}
+    return loss, {"loss": f"{loss:.4f}", "tok_s": f"{tok_s:.0f}"}
 
 
 def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, run: Path, d: Dist,
@@ -155,6 +155,7 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
     writer = runtime.tensorboard(run, tr.step + 1, d)
     bar = runtime.progress(tr.total, tr.step, run.parent.name, d)
     ckpt = done[-1] if done and tr.step >= tr.total else None
+    finite = None  # the last finite loss, for the message if one is not
     tr.net.train()
     while tr.step < tr.total:
         micro = tr.step * t.grad_accum  # micro-batches consumed so far
@@ -167,8 +168,10 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
         while tr.step < min(tr.total, (epoch + 1) * tr.updates_per_epoch):
             measured = optimizer_step(tr, batches, t, d)
             logged = writer if tr.step % t.log_every == 0 or tr.step == tr.total else None
-            bar.set_postfix(**log_step(logged, tr, measured, d))
+            loss, shown = log_step(logged, tr, measured, d)
+            bar.set_postfix(**shown)
             bar.update(1)
+            finite = runtime.check_finite(loss, tr.step, finite, f"{manifest['stage']}.lr", t.lr)
             save, stop = runtime.save_or_stop(tr.step, tr.total, t.save_every, d)
             if save:
                 ckpt = save_checkpoint(run, tr.step, model, processor, kind, manifest, tr.optimizer, tr.scheduler,

@@ -29,6 +29,7 @@ from medlava.models.llava import (
     num_image_tokens,
 )
 from medlava.precision import choose_dtype
+from medlava.train import runtime
 from medlava.train.loop import train
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,20 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
     return StageModel(model, processor, m.template, "lora" if t.lora else "full", dtype, base, zero3)
 
 
-def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None) -> tuple[Path, dict]:
-    """Train what `stage` (align or sft) trains on the prepared training split, checkpoints under `run`; starts
-    from the projector checkpoint `init` when given. (final checkpoint, what train_info.json records)."""
+def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None) -> dict:
+    """What decides the weights `stage` (align or sft) trains (runtime.weight_settings): its section, the model, the
+    training split's digest and the projector it starts from."""
+    model = runtime.flatten("model", cfg.vlm(stage).model_dump(mode="json"))
+    start = {f"{stage}.init_from": str(init.resolve()) if init else None}
+    return runtime.weight_settings(stage, getattr(cfg, stage), ("init_from",), **model, **start,
+                                   **{"data.train": runtime.file_digest(prepared / "train.jsonl")})
+
+
+def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None,
+              settings: dict) -> tuple[Path, dict]:
+    """Train what `stage` (align or sft) trains on the prepared training split, checkpoints under `run` recording
+    `settings` (weight_settings); starts from the projector checkpoint `init` when given. (final checkpoint, what
+    train_info.json records)."""
     t: TrainConfig = getattr(cfg, stage)  # align and sft are configured by the sections of their names
     m = cfg.vlm(stage)
     samples, manifest = load_prepared(prepared, "train")
@@ -138,5 +150,6 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length,
                       Path(manifest["image_root"]))
     ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
-                 {"base_model": built.base, "stage": stage, "template": template}, dtype)
+                 {"base_model": built.base, "stage": stage, "template": template,
+                  **runtime.settings_record(settings)}, dtype)
     return ckpt, info
