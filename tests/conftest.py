@@ -23,3 +23,15 @@ def prepare_dataset(dataset: str, tmp: Path, root: Path, *overrides: str, run_id
 
 def rows(run: Path) -> dict[str, list[dict]]:
     return {s: list(read_jsonl(run / f"{s}.jsonl")) for s in ("train", "val", "test")}
+
+
+def complete_runs(output_root: Path, *stages: str, run_id: str = "up", result: str = "{}") -> list[Path]:
+    """Complete runs of `stages` (recipe name `tiny`) holding only COMPLETE.json: the upstream runs the launcher
+    looks for at submit time, for launches that are only printed (--dry-run)."""
+    runs = []
+    for stage in stages:
+        run = output_root / "tiny" / stage / run_id
+        run.mkdir(parents=True)
+        (run / "COMPLETE.json").write_text(result)
+        runs.append(run)
+    return runs

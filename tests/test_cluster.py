@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, complete_runs
 from medlava.cluster.jobs import Rendezvous, stage_jobs, worker_argv
+from medlava.cluster.logfilter import LogFilter
 from medlava.cluster.node_task import descendants, is_worker, port_for
 from medlava.cluster.sinfo import parse_gres
 from medlava.cluster.slurm import (
@@ -108,6 +109,7 @@ def test_display_join_keeps_placeholders_expandable_and_quotes_the_rest():
 
 
 def test_dry_run_single_node_has_no_torchrun(tmp_path):
+    complete_runs(tmp_path / "runs", "prepare", "align")
     out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
                  "--output-root", str(tmp_path / "runs"), "run_id=r1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -122,10 +124,11 @@ def test_dry_run_single_node_has_no_torchrun(tmp_path):
     command = shlex.split(section[-1])
     assert command[:4] == [PY, "-m", "medlava", "sft"] and "torch.distributed.run" not in command
     assert (command[command.index("--config") + 1]) == str(TINY)
-    assert not (tmp_path / "runs").exists(), "a dry run must not create run directories"
+    assert not (tmp_path / "runs" / "tiny" / "sft").exists(), "a dry run must not create run directories"
 
 
 def test_dry_run_multi_node_runs_one_torchrun_per_node(tmp_path):
+    complete_runs(tmp_path, "prepare", "align")
     out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
                  "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=r2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -139,13 +142,11 @@ def test_dry_run_multi_node_runs_one_torchrun_per_node(tmp_path):
 
 
 def complete_sft_run(output_root: Path, run_id: str) -> Path:
-    run = output_root / "tiny" / "sft" / run_id
-    run.mkdir(parents=True)
-    (run / "COMPLETE.json").write_text('{"checkpoint": "checkpoints/step-000001"}')
-    return run
+    return complete_runs(output_root, "sft", run_id=run_id, result='{"checkpoint": "checkpoints/step-000001"}')[0]
 
 
 def test_dry_run_array_then_dependent_merge(tmp_path):
+    complete_runs(tmp_path, "prepare")
     sft = complete_sft_run(tmp_path, "s1")
     out = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--chunks", "4",
                  "--array-parallelism", "2", "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=r3",
@@ -162,6 +163,7 @@ def test_dry_run_array_then_dependent_merge(tmp_path):
 def test_latest_checkpoint_is_resolved_once_at_submit_time(tmp_path):
     """Every array task and the merge answer with the sft run that was newest at submission, whatever completes
     while they run; a launch that trains its own sft run pins that one."""
+    complete_runs(tmp_path, "prepare")
     complete_sft_run(tmp_path, "older")
     time.sleep(0.05)
     newest = complete_sft_run(tmp_path, "newer")
@@ -357,3 +359,53 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
     assert failed.returncode == 1 and "the job asked for 1 per node" in failed.stdout
     refused = submit("pipeline", "--check", "--executor", "local", *common, cwd=tmp_path)
     assert refused.returncode == 2 and "--check checks one stage" in refused.stderr
+
+
+def test_upstream_runs_are_resolved_when_submitting_not_on_the_nodes(tmp_path):
+    """A 2-node sft with nothing prepared (nor aligned, for sft.init_from=latest) would queue, wait, and die on
+    the nodes: refused here, with the line that says what to run first. A pipeline's own upstream jobs count."""
+    common = ["--config", str(TINY), "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
+              "--cpus-per-task", "1", "--output-root", str(tmp_path / "o"), "run_id=u"]
+    out = submit("sft", *common, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    prepare, align = (tmp_path / "o" / "tiny" / s for s in ("prepare", "align"))
+    assert out.stderr == (f"submit: refused: data.samples=latest: no complete `prepare` run under {prepare}: run "
+                          "`python launch/submit.py prepare --config ...` first, or give a path; sft.init_from=latest: "
+                          f"no complete `align` run under {align}: run `python launch/submit.py align --config ...` "
+                          "first, or give a path\n")
+    assert not (tmp_path / "o").exists()
+    local = submit("sft", "--config", str(TINY), "--executor", "local", "--dry-run", "--output-root", str(tmp_path / "o"),
+                   "sft.init_from=none", cwd=tmp_path)
+    assert local.returncode == 2 and "data.samples=latest: no complete `prepare` run" in local.stderr
+    assert "sft.init_from" not in local.stderr
+    assert submit("pipeline", *common, cwd=tmp_path).returncode == 0  # prepare and align are its own jobs
+    complete_runs(tmp_path / "o", "prepare")
+    out = submit("sft", *common, cwd=tmp_path)
+    assert out.returncode == 2 and "data.samples" not in out.stderr and "no complete `align` run" in out.stderr
+    assert submit("sft", *common, "sft.init_from=none", cwd=tmp_path).returncode == 0
+    out = submit("infer", *common, "infer.checkpoint=base", "data.samples=/nowhere/prepared", cwd=tmp_path)
+    assert out.returncode == 2 and "data.samples=/nowhere/prepared: /nowhere/prepared does not exist" in out.stderr
+
+
+def test_a_node_log_keeps_the_first_error_and_cuts_the_lost_rendezvous_noise():
+    """The stderr of a node's torchrun in a job whose ranks failed (tests/data): 84 lines, of which one says what
+    went wrong. The node task's filter keeps it (and torch's one line that it stopped the workers), cuts the rest,
+    and has it for the end of the log."""
+    lines = (ROOT / "tests" / "data" / "torchrun-peer-failed.log").read_text().splitlines()
+    error = "medlava sft: /shared/runs/not-prepared holds no dataset.json: is it a `prepare` run directory?"
+    f = LogFilter()
+    kept = [k for line in lines for k in f.feed(line)] + f.flush()
+    assert kept == [error, next(line for line in lines if "Sending process" in line)]
+    assert f.cut == len(lines) - 2 and f.summary() == error
+    # without the rank's own line, the rendezvous error is what is known, said as such
+    f = LogFilter()
+    assert [k for line in lines if line != error for k in f.feed(line)] + f.flush() == kept[1:]
+    assert f.summary() == ("the rendezvous with the other nodes failed (torch.distributed.elastic.rendezvous.api."
+                           "RendezvousConnectionError: The connection to the C10d store has failed. See inner exception "
+                           "for details.); if another node's log ends with an error, that one came first")
+    # a worker's own traceback passes whole, and its exception is the error
+    worker = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "    f()",
+              "ValueError: the batch is empty", "", "a log line after it"]
+    f = LogFilter()
+    assert [k for line in worker for k in f.feed(line)] + f.flush() == worker
+    assert f.summary() == "ValueError: the batch is empty"

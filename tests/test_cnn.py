@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CNN
+from conftest import ROOT, TINY_CNN, complete_runs
 from medlava.config import ConfigError, load_config
 from medlava.data.samples import read_samples
 from medlava.eval.classification import classification_metrics
@@ -402,6 +402,7 @@ def test_bad_cnn_settings_are_refused_naming_the_key(override, needle):
 
 
 def test_submit_runs_cnn_under_torchrun_like_the_other_training_stages(tmp_path):
+    complete_runs(tmp_path, "prepare")
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cnn", "--config", str(TINY_CNN),
                           "--dry-run", "--executor", "local", "--gpus", "4", "--output-root", str(tmp_path),
                           "run_id=r1"], capture_output=True, text=True, cwd=ROOT, check=True)

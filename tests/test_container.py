@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, complete_runs
 from medlava.cluster.container import Apptainer, apptainer_for, bind_paths
 from medlava.config import load_config
 
@@ -113,6 +113,7 @@ def test_binds_cover_the_checkpoints_images_and_weights_the_recipe_names(tmp_pat
 
 
 def test_container_command_wraps_the_same_torchrun_line(tmp_path):
+    complete_runs(tmp_path / "runs", "prepare", "align")
     image = tmp_path / "img dir" / "medlava.sif"
     image.parent.mkdir()
     image.write_bytes(b"SIF")

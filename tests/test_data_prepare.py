@@ -123,8 +123,8 @@ def test_a_finished_run_directory_is_not_started_again(tmp_path, capsys):
     capsys.readouterr()
     assert cli(tmp_path, f"data.root={root}", "data.split_ratios=[0.5,0.25,0.25]", "run_id=same") == 2
     started = json.loads((run / "run.json").read_text())["started"]
-    assert (f"medlava prepare: {run} already holds a complete prepare run (started {started}): choose another "
-            "run_id, or leave it unset for a new one") in capsys.readouterr().err
+    assert (f"medlava prepare: {run} already holds a complete prepare run (started {started}), and a finished run is "
+            "never rewritten: choose another run_id, or leave it unset for a new one") in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 

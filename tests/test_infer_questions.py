@@ -23,7 +23,7 @@ from conftest import TINY
 from medlava.config import load_config
 from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
-from medlava.infer.chunks import chunk_of, chunk_path, partial_path
+from medlava.infer.chunks import chunk_of, chunk_path, partial_path, settings_path
 from medlava.infer.questions import question_sample
 from medlava.io import InputError
 from medlava.stages.infer import run as run_infer
@@ -225,14 +225,20 @@ def answered(tmp_path_factory, questions, cache) -> tuple[Path, list[str]]:
 
 def test_a_rerun_with_other_settings_is_refused_not_mixed_with_the_old_chunks(tmp_path, answered, cache):
     run, args = answered
-    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.parent.name != "logs"}
+    unfinished = tmp_path / "runs" / "tiny" / "infer" / "u"  # its merge not done yet: chunk tasks may continue it
+    shutil.copytree(run, unfinished)
+    for name in ("COMPLETE.json", "answers.jsonl", "predictions.csv"):
+        (unfinished / name).unlink()
+    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [f"output_root={tmp_path / 'runs'}",
+                                                                                 "run_id=u"]
+    files = {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file() and p.parent.name != "logs"}
     out = _infer(tmp_path, cache, *args, "infer.mode=generate", "infer.max_new_tokens=8")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava infer: the answers in {run / 'chunks'} were made with other settings (infer.max_new_tokens: "
-            "4 then, 8 now; infer.mode: 'score' then, 'generate' now); one answer file must come from one model "
-            "and one setting: use a new run_id") in out.stderr, out.stderr[-3000:]
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.parent.name != "logs"} == files
-    source = json.loads((run / "chunks" / "source.json").read_text())
+    assert (f"medlava infer: the answers in {unfinished / 'chunks'} were made with other settings "
+            "(infer.max_new_tokens: 4 then, 8 now; infer.mode: 'score' then, 'generate' now); one answer file must "
+            "come from one model and one setting: use a new run_id") in out.stderr, out.stderr[-3000:]
+    assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file() and p.parent.name != "logs"} == files
+    source = json.loads((unfinished / "chunks" / "source.json").read_text())
     assert source["infer.checkpoint"] == "base" and source["infer.mode"] == "score"
 
 
@@ -240,6 +246,7 @@ def test_a_damaged_chunk_file_is_named_not_a_traceback(tmp_path, answered, cache
     run, args = answered
     copy = tmp_path / "runs" / "tiny" / "infer" / "d"
     shutil.copytree(run, copy)
+    (copy / "COMPLETE.json").unlink()  # merged again below
     last = chunk_path(copy / "chunks", 1, 2)
     lines = last.read_text().splitlines(keepends=True)
     last.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2] + "\n")  # a torn, newline-ended row
@@ -311,11 +318,40 @@ def test_one_run_s_chunks_come_from_one_checkpoint(tmp_path, questions, cache, m
     other = _infer(tmp_path, cache, *_overrides(runs, questions, "y"), f"infer.checkpoint={newer}", "--chunk-idx", "1")
     assert other.returncode == 0, other.stderr[-3000:]
     chunks = runs / "tiny" / "infer" / "x" / "chunks"
-    shutil.copy(chunk_path(runs / "tiny" / "infer" / "y" / "chunks", 1, 2), chunks)
+    theirs = chunk_path(runs / "tiny" / "infer" / "y" / "chunks", 1, 2)
+    shutil.copy(theirs, chunks)  # without the record of its settings
     merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
-    n0 = len(chunk_path(chunks, 0, 2).read_text().splitlines())
-    assert (f"chunks in {chunks} hold answers of 2 models ({a}: {n0} answers, {b}: {30 - n0} answers)" in merged.stderr
-            or f"chunks in {chunks} hold answers of 2 models ({b}: {30 - n0} answers, {a}: {n0} answers)"
-            in merged.stderr), merged.stderr[-3000:]
+    mine = chunk_path(chunks, 1, 2)
+    assert (f"medlava infer: {mine} has no record of the settings it was answered with (answers-0001-of-0002.settings"
+            ".json): it was not made by this run") in merged.stderr, merged.stderr[-3000:]
+    shutil.copy(settings_path(theirs), chunks)  # with it
+    merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
+    assert merged.returncode == 2, merged.stderr[-3000:]
+    assert (f"medlava infer: {mine} was answered with other settings (infer.checkpoint: '{b}' then, '{a}' now); "
+            "one answer file must come from one model and one setting") in merged.stderr, merged.stderr[-3000:]
     assert not (runs / "tiny" / "infer" / "x" / "answers.jsonl").exists()
+
+
+def test_the_merge_compares_each_chunk_s_settings(tmp_path, answered, cache):
+    """Chunk 1 answered again with infer.mode=generate beside chunk 0's option scores (source.json removed in
+    between, as in a hand-cleaned folder): the merge refuses, naming the chunk and the keys."""
+    run, args = answered
+    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [f"output_root={tmp_path / 'runs'}",
+                                                                                 "run_id=m"]
+    copy = tmp_path / "runs" / "tiny" / "infer" / "m"
+    shutil.copytree(run, copy)
+    for name in ("COMPLETE.json", "answers.jsonl", "predictions.csv", "chunks/source.json"):
+        (copy / name).unlink()
+    first, second = chunk_path(copy / "chunks", 0, 2), chunk_path(copy / "chunks", 1, 2)
+    second.unlink()
+    settings_path(second).unlink()
+    out = _infer(tmp_path, cache, *args, "infer.mode=generate", "--chunk-idx", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {json.loads(line)["metadata"]["mode"] for line in second.read_text().splitlines()} == {"generate"}
+    merged = _infer(tmp_path, cache, *args, "infer.mode=generate", "--merge-only")
+    assert merged.returncode == 2, merged.stderr[-3000:]
+    assert (f"medlava infer: {first} was answered with other settings (infer.mode: 'score' then, 'generate' now); "
+            "one answer file must come from one model and one setting: delete that chunk and answer it again, or "
+            "use a new run_id") in merged.stderr, merged.stderr[-3000:]
+    assert not (copy / "answers.jsonl").exists() and not (copy / "COMPLETE.json").exists()

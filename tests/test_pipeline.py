@@ -85,3 +85,21 @@ def test_metrics_hold_accuracy_f1_auc_and_confusion(demo):
     cm = pd.read_csv(ev / "confusion.csv", index_col=0)
     assert cm.values.sum() == m["n"]
     assert (ev / "confusion.png").stat().st_size > 1000
+
+
+def test_relaunching_a_finished_run_is_refused_before_anything_is_written(demo):
+    """Its config.yaml, COMPLETE.json (whose time `latest` goes by), launch record and log stay as they are, and the
+    slurm executor refuses it in the dry run instead of on the node."""
+    runs, _ = demo
+    tmp, sft = runs.parent.parent, runs / "sft" / "t1"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft.rglob("*") if p.is_file()}
+    assert {"logs/sft.launch.json", "logs/sft.log", "config.yaml"} <= {str(p.relative_to(sft)) for p in before}
+    for executor in (["--executor", "local"], ["--executor", "slurm", "--dry-run", "--cpus-per-task", "1"]):
+        out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "sft", "--config", str(TINY),
+                              *executor, "--output-root", str(tmp / "runs"), "run_id=t1", f"data.root={tmp / 'ham'}",
+                              "data.synthetic.n_lesions=60", "sft.epochs=3"], capture_output=True, text=True,
+                             env={**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}, cwd=tmp)
+        assert out.returncode == 2 and out.stdout == "", out.stdout[-2000:]
+        assert out.stderr.startswith(f"submit: refused: {sft} already holds a complete sft run (started "), out.stderr
+        assert "a finished run is never rewritten: choose another run_id" in out.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft.rglob("*") if p.is_file()} == before

@@ -4,6 +4,7 @@ array, a pipeline in dependency order, the plain sbatch scripts, monitoring, and
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,33 @@ def test_cancel_stops_a_run_that_is_still_queued(site):
     assert f"cancelled {entry['job_id']}" in out.stdout
     wait([entry["job_id"]], 60)
     assert show(entry["job_id"])["JobState"] == "CANCELLED"
+
+
+def test_a_failing_two_node_job_ends_each_node_log_with_its_first_error(site):
+    """Both ranks fail at start (data.samples names a folder that exists, so the launcher takes it, but holds
+    nothing prepared). Each node's log ends with the error its rank printed, not with the hundreds of lines torch
+    prints about the rendezvous the other node left."""
+    empty = site.tmp / "not-prepared"
+    empty.mkdir(exist_ok=True)
+    site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=fails", f"data.samples={empty}", *TRAIN)
+    run = site.runs / "tiny" / "sft" / "fails"
+    (entry,) = record(run)
+    wait([entry["job_id"]], WAIT)
+    assert show(entry["job_id"])["JobState"] == "FAILED"
+    ends = {}
+    for task in (0, 1):
+        log = node_log(run, entry["job_id"], task)
+        assert "frame #" not in log and "TCPStore.cpp" not in log and "Exception raised from" not in log, log
+        ends[task] = [line for line in log.splitlines() if line.startswith("RuntimeError: ")][-1]
+        assert ends[task].startswith(f"RuntimeError: sft failed on n{task + 1} (node {task} of 2) (exit "), log
+    # Each rank prints its error unless the other node's failure stopped it first: then its log says that. (c10d
+    # hands out the ranks, so node 0 may run rank 1.)
+    own = {t for t, end in ends.items() if re.search(rf"\(exit -?\d+\): medlava sft \(rank [01]\): {re.escape(str(empty))} "
+                                                     r"holds no dataset\.json: is it a `prepare` run directory\?$", end)}
+    assert own, ends
+    for task in set(ends) - own:
+        assert ends[task].endswith(("if another node's log ends with an error, that one came first",
+                                    "no error was printed; see the log above")), ends
 
 
 @pytest.mark.parametrize("args, needle", [

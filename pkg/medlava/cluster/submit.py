@@ -137,6 +137,17 @@ def missing_inputs(stages: tuple[str, ...], cfg: Config) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def check_runs(jobs: list[Job], run_dirs: dict[str, Path], stages: tuple[str, ...], cfg: Config,
+               check: bool) -> None:
+    """ConfigError for what the jobs would refuse when they start, found before anything is written or queued: a run
+    directory they may not continue (runs.check_reuse), an upstream run that does not exist (missing_inputs)."""
+    for j in jobs:
+        if j.stage in STAGES:
+            check_reuse(run_dirs[j.name], j.stage, *STAGES[j.stage].reuse(cfg))
+    if problems := ([] if check else missing_inputs(stages, cfg)):
+        raise ConfigError("; ".join(problems))
+
+
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
     """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
     limit: what the stage's environment can run, seen from where it will run."""
@@ -197,18 +208,13 @@ def launch(argv: list[str]) -> int:
         print(f"submit: {e}", file=sys.stderr)
         return 2
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
-    try:  # what each job would refuse when it starts, refused before anything is written or queued
-        for j in jobs:
-            if j.stage in STAGES:
-                check_reuse(run_dirs[j.name], j.stage, *STAGES[j.stage].reuse(cfg))
-        if problems := ([] if args.check else missing_inputs(stages, cfg)):
-            raise ConfigError("; ".join(problems))
+    if executor == "slurm":
+        return launch_slurm(args, jobs, run_dirs, cfg, config_path, stages)
+    try:
+        check_runs(jobs, run_dirs, stages, cfg, args.check)
     except ConfigError as e:
         print(f"submit: refused: {e}", file=sys.stderr)
         return 2
-    if executor == "slurm":
-        return launch_slurm(args, jobs, run_dirs, cfg, config_path)
-
     if args.dry_run:
         print("# resolved config\n" + dump_config(cfg))
         print(f"# executor: local; run id {cfg.run_id}; commands in order:")
@@ -237,7 +243,8 @@ def launch(argv: list[str]) -> int:
     return 0
 
 
-def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_path: str) -> int:
+def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_path: str,
+                 stages: tuple[str, ...]) -> int:
     from medlava.cluster import slurm
     from medlava.cluster.container import apptainer_for
 
@@ -252,6 +259,7 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
         elif not args.dry_run:
             raise ValueError("sinfo/sbatch are not on PATH: the slurm executor needs a SLURM client "
                              "(or use --executor local)")
+        check_runs(jobs, run_dirs, stages, cfg, args.check)
         if args.dry_run:
             print("# resolved config\n" + dump_config(cfg))
             print(f"# executor: slurm; run id {cfg.run_id}; {len(jobs)} job(s), submitted in this order"

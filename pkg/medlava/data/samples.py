@@ -35,13 +35,17 @@ def read_samples(path: Path) -> list[dict]:
     return samples
 
 
-def load_prepared(prepared: Path, split: str) -> tuple[list[dict], dict]:
-    """(samples of `split`, dataset manifest) from a prepare run directory."""
-    manifest_path = prepared / "dataset.json"
-    if not manifest_path.exists():
+def split_file(prepared: Path, split: str) -> Path:
+    """The JSONL of `split` in a prepare run directory; FileNotFoundError saying what is missing."""
+    if not (prepared / "dataset.json").exists():
         raise FileNotFoundError(f"{prepared} holds no dataset.json: is it a `prepare` run directory?")
-    manifest = json.loads(manifest_path.read_text())
     path = prepared / f"{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the prepare run has no `{split}` split")
-    return read_samples(path), manifest
+    return path
+
+
+def load_prepared(prepared: Path, split: str) -> tuple[list[dict], dict]:
+    """(samples of `split`, dataset manifest) from a prepare run directory."""
+    path = split_file(prepared, split)
+    return read_samples(path), json.loads((prepared / "dataset.json").read_text())

@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medlava import precision, signals
 from medlava.config import Config, PretrainConfig
-from medlava.data.samples import load_prepared
+from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.io import InputError, atomic_write_json
 from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
@@ -130,7 +130,7 @@ def weight_settings(cfg: Config, prepared: Path) -> dict:
     """What decides the weights (runtime.weight_settings): the pretrain section but what only evaluation reads, and
     the training split's digest."""
     return runtime.weight_settings("pretrain", cfg.pretrain, ("eval_split", "prompt_templates"),
-                                   **{"data.train": runtime.file_digest(prepared / "train.jsonl")})
+                                   **{"data.train": runtime.file_digest(split_file(prepared, "train"))})
 
 
 def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict) -> dict | None:

@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from medlava import signals
 from medlava.config import CnnConfig
-from medlava.data.samples import load_prepared
+from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.eval.classification import classification_metrics
 from medlava.io import InputError, atomic_savefig, atomic_write_json, atomic_write_text
@@ -251,7 +251,7 @@ def weight_settings(c: CnnConfig, prepared: Path) -> dict:
     """What decides the weights (runtime.weight_settings): the cnn section but the split it answers, and the digests
     of the training and validation splits (early stopping reads the latter)."""
     return runtime.weight_settings("cnn", c, ("predict_split",), **{
-        f"data.{split}": runtime.file_digest(prepared / f"{split}.jsonl") for split in ("train", "val")})
+        f"data.{split}": runtime.file_digest(split_file(prepared, split)) for split in ("train", "val")})
 
 
 def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path, settings: dict) -> CnnRun:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from medlava.config import Config, TrainConfig
-from medlava.data.samples import load_prepared
+from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier
 from medlava.io import atomic_write_json
 from medlava.models.inputs import Encoder, SampleDataset
@@ -118,7 +118,7 @@ def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None) 
     model = runtime.flatten("model", cfg.vlm(stage).model_dump(mode="json"))
     start = {f"{stage}.init_from": str(init.resolve()) if init else None}
     return runtime.weight_settings(stage, getattr(cfg, stage), ("init_from",), **model, **start,
-                                   **{"data.train": runtime.file_digest(prepared / "train.jsonl")})
+                                   **{"data.train": runtime.file_digest(split_file(prepared, "train"))})
 
 
 def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None,
