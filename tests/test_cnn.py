@@ -5,6 +5,7 @@ CNN predictions as they read the VLM's."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -418,3 +419,23 @@ def test_missing_pretrained_file_is_refused_with_the_fix(trained):
     assert out.returncode == 2
     assert "cnn.pretrained=/nowhere/w.safetensors does not exist" in out.stderr and "cnn.pretrained=null" in out.stderr
     assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nofile").exists()  # refused before a run starts
+
+
+def test_a_diverging_cnn_stops_and_a_resume_with_other_settings_is_refused(trained, tmp_path):
+    """The CNN loop's share of the training guards (test_train.py holds the VLM's)."""
+    env, base = trained["env"], trained["base"]
+    out = medlava("cnn", *base, "run_id=nan", "cnn.lr=1e30", env=env, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava cnn: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it is "
+                     r"written and the run is not complete\. Lower cnn\.lr \(now 1e\+30\)", out.stderr), out.stderr[-3000:]
+    assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nan" / "COMPLETE.json").exists()
+
+    stopped = trained["run"].with_name("stopped")  # the finished run, as if killed before COMPLETE.json
+    shutil.copytree(trained["run"], stopped)
+    (stopped / "COMPLETE.json").unlink()
+    config = (stopped / "config.yaml").read_bytes()
+    out = medlava("cnn", *base, "run_id=stopped", "cnn.lr=0.05", "cnn.predict_split=val", env=env, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava cnn: \S+/stopped/checkpoints/epoch-\d+ was trained with other settings \(cnn\.lr: 0\.01 "
+                     r"then, 0\.05 now\); resuming it", out.stderr), out.stderr[-3000:]  # predict_split: not the weights
+    assert (stopped / "config.yaml").read_bytes() == config

@@ -5,6 +5,8 @@ transformers text tower, and its ViT becomes the LLaVA vision tower exactly."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,3 +351,22 @@ def test_bad_pretrain_settings_are_refused_naming_the_key(override, needle):
 def test_missing_text_tower_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain.text_tower=.* holds no config.json: give a local"):
         model_config(PretrainConfig(model="medlava-tiny-clip", text_tower=str(tmp_path)))
+
+
+def test_a_diverging_pretrain_stops_and_a_resume_with_other_settings_is_refused(trained):
+    """The contrastive loop's share of the training guards (test_train.py holds the VLM's)."""
+    env, base = trained["env"], trained["base"]
+    args = ["-m", "medlava", "pretrain", "--config", TINY_PRETRAIN, *base]
+    out = run_cmd(*args, "run_id=nan", "pretrain.lr=1e30", env=env, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava pretrain: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it "
+                     r"is written and the run is not complete\. Lower pretrain\.lr \(now 1e\+30\)", out.stderr), \
+        out.stderr[-3000:]
+    stopped = trained["run"].with_name("stopped")  # the finished run, as if killed before COMPLETE.json
+    shutil.copytree(trained["run"], stopped)
+    (stopped / "COMPLETE.json").unlink()
+    out = run_cmd(*args, SAVE, "run_id=stopped", "pretrain.batch_size=16", "pretrain.eval_split=val", env=env,
+                  check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"medlava pretrain: \S+/stopped/checkpoints/step-\d+ was trained with other settings "
+                     r"\(pretrain\.batch_size: 32 then, 16 now\); resuming it", out.stderr), out.stderr[-3000:]
