@@ -3,7 +3,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, complete_runs
 from medlava.config import ConfigError, apply_overrides, dump_config, load_config
 
 
@@ -97,6 +97,7 @@ def test_a_cnn_recipe_needs_no_model_but_vlm_stages_say_what_is_missing(tmp_path
                              text=True, cwd=tmp_path)
         assert out.returncode == 2 and "has no `model:` section" in out.stderr and "Traceback" not in out.stderr
     assert not list(tmp_path.iterdir())  # refused before any run directory
+    complete_runs(tmp_path, "prepare")
     cnn = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cnn", "--config", str(recipe),
                           "--executor", "local", "--dry-run", f"output_root={tmp_path}"], capture_output=True, text=True)
     assert cnn.returncode == 0, cnn.stderr
