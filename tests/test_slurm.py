@@ -96,17 +96,19 @@ def site(tmp_path_factory) -> Site:
 
 
 @pytest.fixture(scope="module")
-def two_node_sft(site: Site) -> tuple[Path, str, float]:
+def two_node_sft(site: Site) -> tuple[Path, str, float, str]:
+    """(run, job id, seconds, what --dry-run printed before the submission)."""
     t0 = time.time()
+    dry = site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=mn", *TRAIN, "--dry-run").stdout
     site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=mn", *TRAIN)
     run = site.runs / "tiny" / "sft" / "mn"
     (entry,) = record(run)
     wait([entry["job_id"]], WAIT)
-    return run, entry["job_id"], time.time() - t0
+    return run, entry["job_id"], time.time() - t0, dry
 
 
 def test_two_node_sft_trains_two_torchrun_processes_and_completes(site, two_node_sft):
-    run, job_id, seconds = two_node_sft
+    run, job_id, seconds, dry = two_node_sft
     info = show(job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
     assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2"
@@ -124,8 +126,7 @@ def test_two_node_sft_trains_two_torchrun_processes_and_completes(site, two_node
     assert script == run / "slurm" / f"{job_id}_submission.sh" and script.exists()
     assert entry["submit_command"].startswith(PY) and "sft" in entry["submit_command"]
     assert "--nnodes=2" in entry["task_command"]
-    # --dry-run prints exactly that script.
-    dry = site.submit("sft", "--nodes", "2", "--gpus", "0", "run_id=mn", *TRAIN, "--dry-run").stdout
+    # --dry-run printed exactly that script (before the submission: the finished run now refuses another launch).
     printed = dry.split("# ---- job 1/1: sft", 1)[1].split("\n", 1)[1].split("\n# each of the 2 srun tasks")[0]
     assert printed == script.read_text().rstrip()
     # status and logs find the run by its id
