@@ -234,7 +234,7 @@ def test_plain_sbatch_scripts_run_the_same_array_and_merge(site, two_node_sft):
     pred = pd.read_csv(run / "predictions.csv", keep_default_na=False)
     assert sorted(pred["id"]) == sorted(test_ids) and pred["id"].is_unique
     assert sorted(p.name for p in (run / "chunks").glob("answers-*")) == [
-        f"answers-{i:04d}-of-0002.jsonl" for i in range(2)]
+        f"answers-{i:04d}-of-0002.{kind}" for i in range(2) for kind in ("jsonl", "settings.json")]
 
 
 def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, two_node_sft):
