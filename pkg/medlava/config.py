@@ -223,7 +223,19 @@ class LoraConfig(Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TrainConfig(Section):
+class LoopConfig(Section):
+    """What every training loop (align, sft, pretrain) takes: when it saves, what it keeps, how it resumes."""
+    save_every: int | None = Field(None, ge=1)
+    """Steps between checkpoints (one is always written at the end, and at a stop request)."""
+    keep_last: int | None = Field(2, ge=1)
+    """The newest checkpoints kept after each save; null keeps every one."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest complete checkpoint of this run (same run_id)."""
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(LoopConfig):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -251,12 +263,7 @@ class TrainConfig(Section):
     lora: LoraConfig | None = None
     init_from: str = "none"
     """Projector weights to start from: `none`, `latest` (newest complete align run) or a checkpoint dir."""
-    save_every: int | None = Field(None, ge=1)
-    resume: Literal["auto", "never"] = "auto"
-    """auto: continue from the newest complete checkpoint of this run (same run_id)."""
-    log_every: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -359,6 +366,8 @@ class CnnConfig(Section):
     """The split the best checkpoint answers into predictions.csv."""
     num_workers: int = Field(4, ge=0)
     resume: Literal["auto", "never"] = "auto"
+    keep_last: int | None = Field(1, ge=1)
+    """The newest epoch checkpoints kept after each save, besides the best; null keeps every one."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -372,7 +381,7 @@ class CnnConfig(Section):
         return self
 
 
-class PretrainConfig(Section):
+class PretrainConfig(LoopConfig):
     """The `pretrain` stage: CLIP-style contrastive image-text pretraining with open_clip on the prepared
     samples' image-caption pairs, evaluated by retrieval recall@K and zero-shot classification."""
 
@@ -404,11 +413,7 @@ class PretrainConfig(Section):
     """Zero-shot class prompts, `{}` standing for the class name; empty: the dataset's own (dermoscopy, chest x-ray)."""
     eval_split: Literal["val", "test"] = "test"
     """The split scored by retrieval and zero-shot classification after training."""
-    save_every: int | None = Field(None, ge=1)
-    resume: Literal["auto", "never"] = "auto"
-    log_every: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _prompts(self) -> PretrainConfig:

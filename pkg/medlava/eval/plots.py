@@ -1,4 +1,4 @@
-"""Confusion-matrix and ROC figures for closed-question results.
+"""Confusion-matrix and ROC figures for closed-question results, and a training run's per-epoch curves.
 
 Figures are built with matplotlib's object API on an Agg canvas, not pyplot: no display is needed
 and no figure is registered globally, so nothing stays open after a save (or after an exception).
@@ -99,3 +99,21 @@ def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: s
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     return atomic_savefig(fig, path, dpi=150)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """A training run's per-epoch curves (history.csv's rows): train and validation loss, validation metrics."""
+    fig = Figure(figsize=(9, 3.2))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    a.legend()
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
+        b.plot(epochs, [h[key] for h in history], label=key[4:])
+    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    b.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=120)
