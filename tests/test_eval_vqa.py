@@ -71,8 +71,9 @@ def test_vqa_metrics_by_hand():
     assert m["closed_routes"] == {"yes_no": 2, "options": 1, "vocab": 1, "exact": 0}
     assert m["closed_yes_no_accuracy"] == 0.5
     assert m["closed_substring_accuracy"] == 0.75  # a substring score counts "normal" as containing "no"
-    # LLaVA-Med v1.0's scorer: c1 and c2 ("no" in "normal") right; c3, c4 name no yes/no word -> wrong
-    assert m["llava_med_closed_accuracy"] == 0.5
+    # LLaVA-Med v1.0's run_eval_batch.py: the reference inside the answer: c1, c2 ("no" in "normal") and c3 ("liver"
+    # in "the liver") right, c4 wrong; run_eval.py also wants a yes/no word, which c3 lacks
+    assert m["llava_med_closed_accuracy"] == 0.75 and m["llava_med_closed_accuracy_run_eval"] == 0.5
     assert m["llava_med_open_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["closed_exact_accuracy"] == 0.5      # c1, c3 ("the liver" -> "liver" after article removal)
     # open: o1 exact; recall o1 2/2, o2 2/3 (upper, lobe), o3 0; F1 o2: P 2/4 (upper lobe of lung), R 2/3

@@ -17,7 +17,7 @@ HEADLINES = {
     "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
     "vqa": ("n_closed", "closed_accuracy", "closed_unparsed", "closed_substring_accuracy", "n_open",
             "open_exact_match", "open_token_recall", "open_token_f1", "open_bleu", "llava_med_closed_accuracy",
-            "llava_med_open_recall"),
+            "llava_med_closed_accuracy_run_eval", "llava_med_open_recall"),
     "report": ("n", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
                "chexpert_rules_f1_macro_14", "chexpert_rules_f1_micro_5", "chexpert_rules_f1_macro_5",
                "bertscore_f1", "chexbert_similarity", "empty_predictions"),

@@ -157,6 +157,8 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
     # LLaVA-Med scores the raw answer text (its answers.jsonl `text`), not an answer mapped to a choice.
     raw = df["text"].fillna("").astype(str) if "text" in df.columns else pred
     per["llava_med_closed_hit"] = [c and llava_med_vqa.closed_hit(t, r) for t, r, c in zip(raw, ref, closed)]
+    per["llava_med_closed_hit_run_eval"] = [c and llava_med_vqa.closed_hit_run_eval(t, r)
+                                            for t, r, c in zip(raw, ref, closed)]
     per["llava_med_open_recall"] = [llava_med_vqa.open_scores(t, r)[2] for t, r in zip(raw, ref)]
     opened = ~closed
     scores = pair_scores([normalize_text(p) for p in pred[opened]], [normalize_text(r) for r in ref[opened]])
@@ -176,6 +178,7 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
             closed_exact_accuracy=float(c["exact"].mean()),
             closed_substring_accuracy=float(c["substring"].mean()),
             llava_med_closed_accuracy=float(c["llava_med_closed_hit"].mean()),
+            llava_med_closed_accuracy_run_eval=float(c["llava_med_closed_hit_run_eval"].mean()),
         )
     if len(o):
         metrics.update(open_bleu=float(o["bleu"].mean()), open_bleu_1=corpus_bleu(scores["bleu_stats"], 1))
@@ -193,8 +196,9 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
         "normalisation": "lower case, punctuation and articles removed (SQuAD)",
         "closed_accuracy": "routed: yes_no, options from the question, train vocabulary, else exact; unparsed = wrong",
         "open_token_recall": "share of reference tokens found in the answer",
-        "llava_med": "llava_med_*: LLaVA-Med v1.0's run_eval.py on the raw answer text (closed: yes/no accuracy, "
-                     "open: recall, as in its papers' tables)",
+        "llava_med": "llava_med_*: LLaVA-Med v1.0's run_eval_batch.py on the raw answer text (closed: the reference "
+                     "inside the answer; open: recall), the script behind its paper's table; "
+                     "llava_med_closed_accuracy_run_eval: run_eval.py's closed rule (also needs yes/no in the answer)",
         "open_bleu": "mean sentence BLEU (sacrebleu, effective order); open_bleu_1: corpus BLEU-1",
     }
     return metrics, per
