@@ -1,13 +1,14 @@
-"""Write tests/reference/templates.json and vqa_scorer.json by running the ORIGINAL LLaVA / LLaVA-Med functions
-on the cases of tests/reference_cases.py; the tests hold medlava to these outputs.
+"""Write tests/reference/templates.json, vqa_scorer.json and mmmu_parsing.json by running the ORIGINAL LLaVA /
+LLaVA-Med / MMMU functions on the cases of tests/reference_cases.py; the tests hold medlava to these outputs.
 
 No original code is kept in this repository (LLaVA-Med is under the Microsoft Research License, which does not
-allow redistributing its source; LLaVA is Apache-2.0): the functions are read from your own clones, at the
+allow redistributing its source; LLaVA and MMMU are Apache-2.0): the functions are read from your own clones, at the
 commits pinned in SOURCES, and run unchanged. The VQA scorer is LLaVA-Med v1.0's in both of its forms: run_eval_batch.py
 (README "Option 1", whose eval_results_med_datasets.jsonl the paper's table came from) and run_eval.py ("Option 2").
 `--answers A --gt G` runs both (their id check and `evaluate`) on an answers.jsonl and its ground truth instead.
 
-    PYTHONPATH=pkg python tests/reference/regenerate.py --llava ~/src/LLaVA --llava-med ~/src/LLaVA-Med [--check]
+    PYTHONPATH=pkg python tests/reference/regenerate.py --llava ~/src/LLaVA --llava-med ~/src/LLaVA-Med \
+        --mmmu ~/src/MMMU [--check]        # each clone is optional: only the files it feeds are written
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference_cases import (CASES, CHOICES, REFERENCE, TEMPLATES, TOKENIZERS, applies,  # noqa: E402
-                             scorer_cases, tokenizer)
+                             mmmu_choice_cases, mmmu_open_cases, scorer_cases, tokenizer)
 
 SOURCES = {  # name: (repository, commit, licence)
     "llava": ("haotian-liu/LLaVA", "c121f0432da27facab705978f83c4ada465e46fd", "Apache-2.0"),
     "llava_med": ("microsoft/LLaVA-Med", "d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c", "Microsoft Research License"),
     "llava_med_v1": ("microsoft/LLaVA-Med", "b9a98a736d2ef05bcf5ff345be6403fb3a664eaf (tag v1.0.0)",
                      "Microsoft Research License"),
+    "mmmu": ("MMMU-Benchmark/MMMU", "bb0b95a945998d91dfef37e969e07d49d1139438", "Apache-2.0"),
 }
 
 
@@ -208,23 +210,48 @@ def scorer_reference(batch, run_eval) -> dict:
             "evaluate_run_eval": _totals(original_evaluate(run_eval, gt, pred))}
 
 
+def mmmu_reference(mmmu: Path) -> dict:
+    """MMMU's parse_multi_choice_response (its random last resort recorded as null), parse_open_response and
+    eval_open on the generated cases."""
+    import numpy
+
+    utils = run_module("mmmu_eval_utils", read(mmmu, "mmmu", "mmmu/utils/eval_utils.py"), {"np": numpy})
+    utils.random = types.SimpleNamespace(choice=lambda choices: None)  # where it would guess, record that it did
+    choice = [{"response": r, "options": o, "letter": utils.parse_multi_choice_response(r, list(o), o)}
+              for r, o in mmmu_choice_cases()]
+    opened = []
+    for response, gold in mmmu_open_cases():
+        parsed = utils.parse_open_response(response)
+        opened.append({"response": response, "gold": gold, "parsed": sorted(map(repr, parsed)),
+                       "correct": utils.eval_open(gold, parsed)})
+    return {"sources": {"mmmu": SOURCES["mmmu"]}, "choice": choice, "open": opened}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llava", type=Path, required=True, help="a clone of haotian-liu/LLaVA")
-    ap.add_argument("--llava-med", type=Path, required=True, help="a clone of microsoft/LLaVA-Med (with tag v1.0.0)")
+    ap.add_argument("--llava", type=Path, help="a clone of haotian-liu/LLaVA (with --llava-med: templates.json)")
+    ap.add_argument("--llava-med", type=Path, help="a clone of microsoft/LLaVA-Med with tag v1.0.0 (vqa_scorer.json)")
+    ap.add_argument("--mmmu", type=Path, help="a clone of MMMU-Benchmark/MMMU (mmmu_parsing.json)")
     ap.add_argument("--check", action="store_true", help="compare with the stored files instead of writing them")
     ap.add_argument("--answers", type=Path, help="an answers.jsonl to run LLaVA-Med v1.0's evals on, with --gt")
     ap.add_argument("--gt", type=Path, help="its ground truth (LLaVA-Med test.json: id, conversations, answer_type)")
     args = ap.parse_args()
-    batch, run_eval = load_run_eval(args.llava_med)
+    batch, run_eval = load_run_eval(args.llava_med) if args.llava_med else (None, None)
     if args.answers:  # the scripts' __main__ for one file, minus their prints
         gt, pred = json.loads(args.gt.read_text()), run_eval.load_jsonl(args.answers)
         assert [item['id'] for item in gt] == [item['question_id'] for item in pred], "ids differ"
         print(json.dumps({"run_eval_batch": original_evaluate(batch, gt, pred),
                           "run_eval": original_evaluate(run_eval, gt, pred)}))
         return
-    results = {"templates.json": templates_reference(load_llava(args.llava, args.llava_med)),
-               "vqa_scorer.json": scorer_reference(batch, run_eval)}
+    results = {}
+    if args.llava and args.llava_med:
+        results["templates.json"] = templates_reference(load_llava(args.llava, args.llava_med))
+    if args.llava_med:
+        results["vqa_scorer.json"] = scorer_reference(batch, run_eval)
+    if args.mmmu:
+        results["mmmu_parsing.json"] = mmmu_reference(args.mmmu)
+    if not results:
+        ap.error("give the clones to run: --llava and --llava-med, and/or --mmmu")
     for name, data in results.items():
         path = REFERENCE / name
         if args.check:
