@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlava.data.slake import closed_choices
+from medlava.data.benchmark import closed_choices
 from synthetic.slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 from medlava.io import InputError
 

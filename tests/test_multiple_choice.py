@@ -6,7 +6,8 @@ import json
 import pytest
 from reference_cases import REFERENCE, mmmu_choice_cases, mmmu_open_cases
 
-from medlava.eval.multiple_choice import open_correct, open_gold, option_letters, parse_letter, parse_open
+from medlava.data.benchmark import option_letters
+from medlava.eval.multiple_choice import open_correct, open_gold, parse_letter, parse_open
 
 REF = json.loads((REFERENCE / "mmmu_parsing.json").read_text())
 

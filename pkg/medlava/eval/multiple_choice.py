@@ -16,19 +16,12 @@ import ast
 import re
 from collections.abc import Mapping, Sequence
 
-LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _STRIPPED = (",", ".", "!", "?", ";", ":", "'")
 _KEY_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
 _SENTENCE = re.compile(r"\.\s(?=[A-Z])|\n")  # MMMU splits after lower-casing, so only newlines split in practice
 _NUM_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
 _NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
 _NUM_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
-
-
-def option_letters(n: int) -> list[str]:
-    if not 2 <= n <= len(LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {n}")
-    return list(LETTERS[:n])
 
 
 def _last(candidates: list[str], position) -> str:
