@@ -127,3 +127,11 @@ def open_gold(answer: str) -> str | list[str]:
         if isinstance(value, list):
             return [str(v) for v in value]
     return text
+
+
+def mmmu_correct(task: str, letter_correct: bool, reference: str, text: str) -> bool:
+    """One MMMU question scored by MMMU's evaluate: a multiple-choice one by its letter, an open one by eval_open on
+    parse_open_response of the raw answer."""
+    if task == "multiple_choice":
+        return bool(letter_correct)
+    return open_correct(open_gold(reference), parse_open(text))

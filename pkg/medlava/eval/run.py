@@ -17,7 +17,8 @@ HEADLINES = {
     "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
     "vqa": ("n_closed", "closed_accuracy", "closed_unparsed", "closed_substring_accuracy", "n_open",
             "open_exact_match", "open_token_recall", "open_token_f1", "open_bleu", "llava_med_closed_accuracy",
-            "llava_med_closed_accuracy_run_eval", "llava_med_open_recall"),
+            "llava_med_closed_accuracy_run_eval", "llava_med_open_recall", "n_multiple_choice", "mc_accuracy",
+            "mc_unparsed", "mmmu_accuracy"),
     "report": ("n", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
                "chexpert_rules_f1_macro_14", "chexpert_rules_f1_micro_5", "chexpert_rules_f1_macro_5",
                "bertscore_f1", "chexbert_similarity", "empty_predictions"),
@@ -52,14 +53,15 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
 
 
 def family_of(tasks: Sequence[str], path: Path) -> str:
-    """report rows -> report; any open rows -> vqa (closed rows scored with them); closed/label -> classification."""
+    """report rows -> report; any open or multiple-choice rows -> vqa (closed rows scored with them); closed/label
+    -> classification."""
     present = {str(t) for t in tasks}
     if "report" in present:
         if present != {"report"}:
             raise InputError(f"{path}: report rows are mixed with {sorted(present - {'report'})}; score them from "
                              "separate files (or set eval.family)")
         return "report"
-    if "open" in present:
+    if present & {"open", "multiple_choice"}:
         return "vqa"
     if present and present <= set(CLASSIFICATION_TASKS):
         return "classification"

@@ -4,94 +4,25 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import Counter
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from medlava.config import Config
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
-from medlava.eval.normalize import map_answer
-from medlava.infer.chunks import ChunkWriter, check_source, chunk_of, chunk_path, merge_chunks
+from medlava.infer.answer import Model, answer_chunk, answer_shares
+from medlava.infer.chunks import check_source, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
-from medlava.infer.score import generate, score_choices
 from medlava.io import atomic_write_jsonl
-from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
+from medlava.models.inputs import Encoder
 from medlava.models.llava import load_for_inference, num_image_tokens
-from medlava.train.runtime import choose_dtype
-from medlava.predictions import answers_frame, scalar_meta, write_predictions
+from medlava.predictions import answers_frame, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.stages import upstream
-from medlava.train.checkpoint import checkpoint_of
+from medlava.train.checkpoint import checkpoint_of, step_of
+from medlava.train.runtime import choose_dtype, tensorboard
 
 log = logging.getLogger(__name__)
-
-
-def question_text(sample: dict) -> str:
-    return sample["conversations"][0]["value"].replace("<image>", "").strip()
-
-
-def reference(sample: dict) -> str:
-    meta = sample.get("meta") or {}
-    if "answer" in meta:
-        return str(meta["answer"])
-    gpt = [c["value"] for c in sample["conversations"] if c.get("from") in ("gpt", "assistant")]
-    return gpt[-1] if gpt else ""
-
-
-def answer_chunk(cfg: Config, samples: list[dict], idx: int, model, processor, encoder: Encoder, model_id: str,
-                 folder: Path, device: torch.device) -> None:
-    k, inf = cfg.infer.chunks, cfg.infer
-    final = chunk_path(folder, idx, k)
-    if final.exists():
-        return
-    writer = ChunkWriter(final)
-    todo = [s for s in samples if chunk_of(s["id"], k) == idx and str(s["id"]) not in writer.done_ids]
-    tok = processor.tokenizer
-    # Workers decode and preprocess the next batches while the model answers this one.
-    loader = torch.utils.data.DataLoader(SampleDataset(todo, encoder, prompts=True), batch_size=inf.batch_size,
-                                         num_workers=inf.num_workers, collate_fn=list)
-    for start, prompts in zip(range(0, len(todo), inf.batch_size),
-                              tqdm(loader, desc=f"chunk {idx}/{k}", unit="batch"), strict=True):
-        raise_batch_error(prompts)
-        batch = todo[start : start + inf.batch_size]
-        metas = [s.get("meta") or {} for s in batch]
-        # Closed questions with choices are scored by option likelihood (mode score); the rest generate.
-        scored = [i for i, m in enumerate(metas) if inf.mode == "score" and m.get("task") == "closed" and m.get("choices")]
-        free = [i for i in range(len(batch)) if i not in scored]
-        texts: list[str] = [""] * len(batch)
-        scores: list[dict | None] = [None] * len(batch)
-        if scored:
-            logps = score_choices(model, [prompts[i] for i in scored],
-                                  [[encoder.answer_ids(batch[i], c) for c in metas[i]["choices"]] for i in scored],
-                                  tok.pad_token_id, device)
-            for i, lp in zip(scored, logps):
-                probs = torch.softmax(torch.tensor(lp), 0).tolist()
-                scores[i] = dict(zip(metas[i]["choices"], probs))
-                texts[i] = metas[i]["choices"][max(range(len(probs)), key=probs.__getitem__)]
-        if free:
-            out = generate(model, [prompts[i] for i in free], tok, device, inf.max_new_tokens,
-                           inf.num_beams, inf.temperature)
-            for i, text in zip(free, out):
-                texts[i] = text
-        rows = []
-        for s, m, text, sc in zip(batch, metas, texts, scores):
-            md = {"reference": reference(s), "task": m.get("task", "open"), "choices": m.get("choices"), "scores": sc,
-                  "chunk": idx, "mode": "score" if sc else "generate", "meta": scalar_meta(m)}
-            if m.get("choices") and sc is None:  # free text mapped to a choice, or left unmapped ("")
-                mapped = map_answer(text, m["choices"])
-                md.update(prediction=mapped.choice or "", normalized=mapped.status)
-            else:
-                md["prediction"] = text
-            # question_id as the question file has it (int or str): LLaVA-Med's eval compares ids with ==.
-            rows.append({"question_id": s.get("question_id", s["id"]), "prompt": question_text(s), "text": text,
-                         "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}#{s['id']}").hex,
-                         "model_id": model_id, "metadata": md})
-        writer.write(rows)
-    writer.finish()
 
 
 def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
@@ -125,8 +56,18 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     return source
 
 
-def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+def load_model(cfg: Config, source: dict, image_root: Path, d: Dist) -> Model:
+    """The checkpoint `source` pins, on this rank's device, with its encoder for `image_root`."""
     m = cfg.vlm("infer")
+    ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
+    model, processor, model_id = load_for_inference(m, ckpt, choose_dtype("auto"))
+    model.to(d.device)
+    encoder = Encoder(processor, m.template, num_image_tokens(model), m.model_max_length, image_root)
+    return Model(model, processor, encoder, model_id, d.device)
+
+
+def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+    cfg.vlm("infer")
     samples, image_root, classes, origin = load_inputs(cfg)
     source = answer_source(cfg, image_root, origin)
     folder = run_dir(cfg, "infer") / "chunks"
@@ -134,23 +75,31 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
     run = start_run(cfg, "infer", d.rank, "always")  # chunk tasks and the merge share it
     todo = [] if merge_only else ([chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     todo = [i for i in todo if not chunk_path(folder, i, cfg.infer.chunks).exists()]
+    step = step_of(source["infer.checkpoint"])
+    writer = tensorboard(run, None, d)  # array tasks share the directory: none may purge another's events
     if todo:
         check_source(folder, source, claim=True)
-        ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
-        model, processor, model_id = load_for_inference(m, ckpt, choose_dtype("auto"))
-        model.to(d.device)
-        encoder = Encoder(processor, m.template, num_image_tokens(model), m.model_max_length,
-                          image_root)
+        model = load_model(cfg, source, image_root, d)
         for i in todo:
-            answer_chunk(cfg, samples, i, model, processor, encoder, model_id, folder, d.device)
+            stats = answer_chunk(cfg.infer, samples, i, cfg.infer.chunks, model, folder)
+            if writer and stats.answers:  # one point per chunk: a slow node shows up
+                writer.add_scalar("infer/answers_per_s", stats.answers_per_s, i)
     if chunk_idx is not None and not merge_only:
+        if writer:
+            writer.close()
         return run
     rows = merge_chunks(folder, cfg.infer.chunks, [s["id"] for s in samples])
     atomic_write_jsonl(run / "answers.jsonl", rows)
     write_predictions(run / "predictions.csv", answers_frame(rows))
     normalized = dict(Counter(r["metadata"]["normalized"] for r in rows if "normalized" in r["metadata"]))
+    shares = answer_shares(rows)
+    if writer:
+        for k, v in shares.items():
+            writer.add_scalar(f"infer/{k}", v, step)
+        writer.close()
     mark_complete(run, {"predictions": "predictions.csv", "answers": "answers.jsonl", "n": len(rows),
-                        "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, **origin})
+                        "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, "answers_read": shares,
+                        "checkpoint": source["infer.checkpoint"], "step": step, **origin})
     if normalized:
         log.info("infer: free-text answers mapped to choices: %s (unmapped answers score as wrong)", normalized)
     log.info("infer: %d answers merged from %d chunks into %s", len(rows), cfg.infer.chunks, run)

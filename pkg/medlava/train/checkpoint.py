@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -105,6 +106,13 @@ def load_resume_state(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, 
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     return state
+
+
+def step_of(checkpoint: str | Path) -> int:
+    """The step a checkpoint was saved at, from its directory name (`step-N`, `epoch-N`, `epoch-N-step-S`); 0 for
+    `base` or a directory named otherwise (a converted model), the untrained end of a curve."""
+    m = re.search(r"step-(\d+)$", str(checkpoint)) or re.search(r"epoch-(\d+)$", str(checkpoint))
+    return int(m.group(1)) if m else 0
 
 
 def checkpoint_of(path: Path) -> Path:
