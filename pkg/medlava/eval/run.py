@@ -31,13 +31,39 @@ class EvalInputs:
     classes: list[str] | None
     vocab: list[str]
     vocab_source: str | None
+    step: int = 0
+    """The step of the checkpoint that made the predictions (TensorBoard's x axis)."""
+    image_root: Path | None = None
+    """Where the predictions' `image` paths are (for previews)."""
+    trained_run: Path | None = None
+    """The training run whose checkpoint made the predictions, when there is one."""
+    split: str | None = None
+    """The split that was answered, when the source says."""
+
+
+def _trained_run(source: Path, result: dict) -> Path | None:
+    """The run a checkpoint belongs to (…/RUN/checkpoints/step-N -> RUN), or the cnn run that predicted itself."""
+    ckpt = result.get("checkpoint")
+    if not ckpt or ckpt == "base":
+        return None
+    path = Path(ckpt) if Path(ckpt).is_absolute() else source / ckpt
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def _image_root(result: dict) -> Path | None:
+    if result.get("image_root"):
+        return Path(result["image_root"])
+    manifest = Path(result["samples"]) / "dataset.json" if result.get("samples") else None
+    return Path(json.loads(manifest.read_text())["image_root"]) if manifest and manifest.exists() else None
 
 
 def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
     """What to score for `source` (an infer run directory or a predictions CSV): the CSV, the class list the
-    infer run recorded, and the closed-answer vocabulary (eval.closed_vocab, else the train split of the
-    prepared samples the infer run answered from, when it has one)."""
+    infer run recorded, the closed-answer vocabulary (eval.closed_vocab, else the train split of the prepared
+    samples the infer run answered from, when it has one), and the checkpoint step, image root and trained run
+    its COMPLETE.json names."""
     from medlava.eval.vqa import load_closed_vocab
+    from medlava.train.checkpoint import step_of
 
     source = Path(source)
     csv = source / "predictions.csv" if source.is_dir() else source
@@ -49,7 +75,9 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
         train = Path(result["samples"]) / "train.jsonl"
         vocab_path = train if train.exists() else None
     vocab = load_closed_vocab(vocab_path) if vocab_path else []
-    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None)
+    step = result.get("step", step_of(result.get("checkpoint") or "base"))
+    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None, int(step),
+                      _image_root(result), _trained_run(source, result), result.get("split"))
 
 
 def family_of(tasks: Sequence[str], path: Path) -> str:

@@ -99,7 +99,8 @@ def _answer_batch(inf: InferConfig, m: Model, batch: list[dict], prompts: list[d
 def _row(sample: dict, text: str, sc: dict | None, idx: int, model_id: str) -> dict:
     meta = sample.get("meta") or {}
     md = {"reference": reference(sample), "task": meta.get("task", "open"), "choices": meta.get("choices"),
-          "scores": sc, "chunk": idx, "mode": "score" if sc else "generate", "meta": scalar_meta(meta)}
+          "scores": sc, "chunk": idx, "mode": "score" if sc else "generate", "image": sample.get("image"),
+          "meta": scalar_meta(meta)}
     md.update(mapped_answer(text, meta) if meta.get("choices") and sc is None else {"prediction": text})
     # question_id as the question file has it (int or str): LLaVA-Med's eval compares ids with ==.
     return {"question_id": sample.get("question_id", sample["id"]), "prompt": question_text(sample), "text": text,

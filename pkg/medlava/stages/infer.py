@@ -99,7 +99,8 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
         writer.close()
     mark_complete(run, {"predictions": "predictions.csv", "answers": "answers.jsonl", "n": len(rows),
                         "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, "answers_read": shares,
-                        "checkpoint": source["infer.checkpoint"], "step": step, **origin})
+                        "checkpoint": source["infer.checkpoint"], "step": step, "image_root": str(image_root.absolute()),
+                        **origin})
     if normalized:
         log.info("infer: free-text answers mapped to choices: %s (unmapped answers score as wrong)", normalized)
     log.info("infer: %d answers merged from %d chunks into %s", len(rows), cfg.infer.chunks, run)
