@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from medlava.data.images import BadImage, load_image, resolve_image
 from medlava.eval.classification import SCORE_PREFIX
+from medlava.eval.plots import figure
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,7 @@ def preview_grid(rows: pd.DataFrame, image_root: Path | None, n: int = 16) -> np
     rows = rows.head(n)
     cols = min(4, max(len(rows), 1))
     nrows = max(1, math.ceil(len(rows) / cols))
-    fig = Figure(figsize=(3.0 * cols, 3.6 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(3.0 * cols, 3.6 * nrows)
     for i, (_, row) in enumerate(rows.iterrows()):
         ax = fig.add_subplot(nrows, cols, i + 1)
         ax.set_axis_off()
