@@ -157,7 +157,7 @@ def launch(argv: list[str]) -> int:
     # Jobs may start in another directory or after the recipe was moved: they get its absolute path.
     config_path = str(Path(args.config).absolute()) if executor == "slurm" else args.config
     stages = stages_of(args.stage, cfg)
-    if "infer" in stages and cfg.infer.checkpoint == "latest" and not args.check:
+    if {"infer", "suite"} & set(stages) and cfg.infer.checkpoint == "latest" and not args.check:
         try:
             cfg.infer.checkpoint = pinned_checkpoint(stages, cfg)
         except FileNotFoundError as e:

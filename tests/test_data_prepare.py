@@ -22,7 +22,7 @@ from medlava.data.images import pixel_values
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, image_path, report_path
 from medlava.data.synthetic import make_synthetic_ham10000
 from synthetic.mimic import make_synthetic_mimic
-from synthetic.slake import make_synthetic_slake
+from medlava.data.synthetic_benchmarks import make_synthetic_slake
 from conftest import TINY
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from medlava.data.benchmark import closed_choices
-from synthetic.slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
+from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 from medlava.io import InputError
 
 from conftest import prepare_dataset, rows

@@ -62,7 +62,7 @@ def test_published_scores_only_on_rows_with_the_same_metric(rows, tmp_path):
     text = markdown(df, used, "suite")
     sources, _ = published()
     assert sources["llava_med_paper"] in text and "run_eval_batch.py" in text
-    assert "Published with other protocols" in text and "medevalkit_accuracy: Lingshu-7B 67.9" in text
+    assert "Published with other protocols" in text and "medevalkit_accuracy: Lingshu-7B 67.9 (`lingshu_report`)" in text
     write_leaderboard(rows, tmp_path, "suite")
     assert {p.name for p in tmp_path.glob("leaderboard.*")} == {"leaderboard.csv", "leaderboard.md", "leaderboard.png"}
 

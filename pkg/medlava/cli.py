@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", required=True, help="YAML recipe (jobs/configs/*.yaml)")
-    parser.add_argument("--chunk-idx", type=int, help="infer: answer only this chunk (a job-array task)")
-    parser.add_argument("--merge-only", action="store_true", help="infer: merge finished chunks and stop")
+    parser.add_argument("--chunk-idx", type=int, help="infer, suite: answer only this chunk (a job-array task)")
+    parser.add_argument("--merge-only", action="store_true", help="infer, suite: merge finished chunks and stop")
+    parser.add_argument("--prepare-only", action="store_true", help="suite: prepare the benchmarks (cached) and stop")
     parser.add_argument("--check", action="store_true",
                         help="prepare: list every problem in the data in one pass, write no samples; exit 1 if any")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=2e-4")
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--check is an option of prepare, not {args.stage}")
             report = json.loads((run_stage("prepare", cfg, check=True) / "prepare_report.json").read_text())
             return 0 if report["ok"] else 1
-        options = {"chunk_idx": args.chunk_idx, "merge_only": args.merge_only} if args.stage == "infer" else {}
+        options = {"chunk_idx": args.chunk_idx, "merge_only": args.merge_only} if args.stage in ("infer", "suite") else {}
+        if args.stage == "suite":
+            options["prepare_only"] = args.prepare_only
         run_stage(args.stage, cfg, **options)
     except (ConfigError, InputError, FileNotFoundError) as e:
         print(f"medlava {args.stage}: {e}", file=sys.stderr)

@@ -366,6 +366,45 @@ class EvalConfig(Section):
     """Batch size of the model-based metrics (BERTScore, CheXbert)."""
 
 
+class SuiteBenchmark(Section):
+    """One benchmark of a suite: the dataset adapter, where its release is, and the split that is scored."""
+
+    dataset: Literal["slake", "vqa_rad", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmmu_med"]
+    root: str
+    """The release's folder; relative paths are under data.root."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The row label and output folder; default: the dataset (set it to score one dataset twice)."""
+    split: Literal["train", "val", "test"] = "test"
+    """The split scored: test, except MMMU (val: its test answers are not released)."""
+    image_root: str | None = None
+    options: dict[str, Any] = {}
+    """The dataset's own section (data.<dataset>), e.g. {source: hf} for vqa_rad."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.dataset
+
+
+class SuiteConfig(Section):
+    """The `suite` stage: prepare (cached), answer and score several benchmarks, each by its published protocol,
+    with the model and answering settings of `infer:`, and write one leaderboard."""
+
+    benchmarks: list[SuiteBenchmark] = []
+    synthetic: bool = False
+    """Write tiny copies of the seven releases under data.root when absent (the tiny preset, tests)."""
+    n_bootstrap: int = Field(1000, ge=0)
+    """Resamples of each leaderboard row's questions for its 95% interval."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> SuiteConfig:
+        labels = [b.label for b in self.benchmarks]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"suite.benchmarks lists {twice} more than once; give each a distinct `name`")
+        return self
+
+
 class CnnConfig(Section):
     """The `cnn` stage: a timm image classifier, optionally with a patient-metadata branch, trained on the
     prepared samples (seed 000: resnet18 from scratch; seed 004: EfficientNetV2-S + metadata, two phases)."""
@@ -522,6 +561,7 @@ class Config(Section):
     """The sft stage."""
     infer: InferConfig = InferConfig()
     eval: EvalConfig = EvalConfig()
+    suite: SuiteConfig = SuiteConfig()
     cnn: CnnConfig = CnnConfig()
     pretrain: PretrainConfig = PretrainConfig()
     cluster: ClusterConfig = ClusterConfig()

@@ -73,13 +73,18 @@ class Job:
 def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cfg: Config) -> list[Job]:
     """The jobs for `stages` in order; each depends on the one before it. Training runs on cluster.nodes
     nodes with one process per GPU (one per node on CPU); infer with chunks > 1 is a job array plus a
-    merge job."""
+    merge job; suite a prepare job, an array of infer.chunks answering tasks and a merge job."""
     gpus = cfg.cluster.gpus_per_node
     jobs: list[Job] = []
     for s in stages:
         after = [jobs[-1].name] if jobs else []
         args = [s, "--config", config_path, *overrides]
-        if s == "infer" and cfg.infer.chunks > 1:
+        if s == "suite":  # prepare (cached) once; task c answers chunk c of every benchmark; merge, score, leaderboard
+            jobs.append(Job("suite-prepare", "suite", [*args, "--prepare-only"], after=after))
+            jobs.append(Job("suite-answer", "suite", args, gpus_per_node=min(gpus, 1), array=cfg.infer.chunks,
+                            after=["suite-prepare"]))
+            jobs.append(Job("suite-merge", "suite", [*args, "--merge-only"], after=["suite-answer"]))
+        elif s == "infer" and cfg.infer.chunks > 1:
             jobs.append(Job("infer-chunks", "infer", args, gpus_per_node=min(gpus, 1), array=cfg.infer.chunks,
                             after=after))
             jobs.append(Job("infer-merge", "infer", [*args, "--merge-only"], after=["infer-chunks"]))

@@ -116,16 +116,16 @@ def markdown(df: pd.DataFrame, used: list[str], title: str) -> str:
                  r["row"], r["metric"], str(r["n"]), _cell(r["score"], r["ci_low"], r["ci_high"]),
                  *(f"{r[m]:.{DIGITS}f}" if not pd.isna(r[m]) else "" for m in models)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores in percent. Brackets: bootstrap 95% intervals over the row's questions. A published score "
-              "stands on a row only where it was measured with the same scorer on the same split.", "", "Sources:"]
-    lines += [f"- `{k}`: {sources[k]}" for k in used]
     shown = set(zip(df["dataset"], df["metric"]))
     unshown = np.array([(b, m) not in shown for b, m in zip(scores["benchmark"], scores["metric"])], dtype=bool)
     other = scores[unshown & scores["benchmark"].isin(df["dataset"]).to_numpy()]
+    lines += ["", "Scores in percent. Brackets: bootstrap 95% intervals over the row's questions. A published score "
+              "stands on a row only where it was measured with the same scorer on the same split."]
     if len(other):
         lines += ["", "Published with other protocols (not comparable to a row above):"]
-        lines += [f"- {NAMES.get(r.benchmark, r.benchmark)} {r.row}, {r.metric}: {r.model} {r.score} (`{r.source}`: "
-                  f"{sources[r.source][:80]}...)" for r in other.itertuples()]
+        lines += [f"- {NAMES.get(r.benchmark, r.benchmark)} {r.row}, {r.metric}: {r.model} {r.score} (`{r.source}`)"
+                  for r in other.itertuples()]
+    lines += ["", "Sources:"] + [f"- `{k}`: {sources[k]}" for k in sorted({*used, *other["source"]})]
     return "\n".join(lines) + "\n"
 
 

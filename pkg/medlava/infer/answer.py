@@ -8,10 +8,11 @@ the letter it names (eval/multiple_choice.py, MMMU's parser); an answer naming n
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,12 @@ class Model:
     encoder: Encoder
     model_id: str
     device: torch.device
+
+    def for_images(self, image_root: Path) -> Model:
+        """The same model reading images from another folder (one benchmark after another)."""
+        encoder = copy.copy(self.encoder)
+        encoder.image_root = Path(image_root)
+        return replace(self, encoder=encoder)
 
 
 @dataclass

@@ -34,6 +34,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "sft", vlm=True, trains=True, upstream="align"),  # sft.init_from=latest: the aligned projector
     Stage("infer", "infer", vlm=True, trains=False, upstream="sft"),
     Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
+    Stage("suite", "suite", vlm=True, trains=False, upstream="sft"),  # infer.checkpoint: the model it scores
     Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
     Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),
 )}

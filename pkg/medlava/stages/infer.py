@@ -40,11 +40,17 @@ def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
                                                                           "split": cfg.infer.split}
 
 
+def resolved_checkpoint(cfg: Config) -> str:
+    """infer.checkpoint as the checkpoint directory it names now (`latest`: the newest complete sft run's), or base."""
+    ref = cfg.infer.checkpoint
+    return "base" if ref == "base" else str(checkpoint_of(resolve(cfg, ref, upstream("infer"))).absolute())
+
+
 def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     """What decides the answers, as flat config keys: the checkpoint `latest` resolves to now, the model
     section, the inputs and the answering settings (not chunks, batch size or workers)."""
-    ref, inf = cfg.infer.checkpoint, cfg.infer
-    ckpt = "base" if ref == "base" else str(checkpoint_of(resolve(cfg, ref, upstream("infer"))).absolute())
+    inf = cfg.infer
+    ckpt = resolved_checkpoint(cfg)
     model = cfg.vlm("infer").model_dump(mode="json")
     source = {"infer.checkpoint": ckpt, **{f"model.{k}": v for k, v in model.items()},
               **{f"infer.{k}": getattr(inf, k) for k in ("mode", "max_new_tokens", "num_beams", "temperature")},
