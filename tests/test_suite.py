@@ -109,3 +109,17 @@ def test_generated_answers_are_read_as_letters_or_left_unmapped():
     assert mapped_answer("The answer is (B).", meta) == {"prediction": "B", "normalized": "letter"}
     assert mapped_answer("I am not sure about this one.", meta) == {"prediction": "", "normalized": "unmapped"}
     assert mapped_answer("Yes, there is.", {"task": "closed", "choices": ["yes", "no"]})["prediction"] == "yes"
+
+
+@pytest.mark.parametrize("bench", ["pmc_vqa", "vqa_rad"])
+def test_sft_trains_on_a_benchmarks_train_split(suite, bench):
+    run, common = suite
+    prepared = next((run.parents[1] / "prepare").glob(f"suite-{bench}-*"))
+    assert medlava(["sft", "--config", str(CONFIG), f"data.samples={prepared}", f"run_id=ft-{bench}",
+                    "sft.max_steps=2", "sft.batch_size=4", "sft.lora={r: 4, alpha: 8}", *common]) == 0
+    sft = run.parents[1] / "sft" / f"ft-{bench}"
+    done = json.loads((sft / "COMPLETE.json").read_text())
+    assert done["checkpoint"] == "checkpoints/step-000002"
+    acc = EventAccumulator(str(sft / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2] and all(e.value > 0 for e in acc.Scalars("train/loss"))
