@@ -328,7 +328,11 @@ class InferConfig(Section):
     num_workers: int = Field(2, ge=0)
     """DataLoader processes preparing the next batches (decode, resize, tokenise) while the model answers."""
     mode: Literal["score", "generate"] = "score"
-    """score: closed questions answered by option log-likelihood; generate: free text."""
+    """score: questions of `score_tasks` answered by option log-likelihood, the rest generated; generate: free text
+    for every question (answers to questions with choices are then mapped to a choice, unmapped ones score wrong)."""
+    score_tasks: list[Literal["closed", "multiple_choice"]] = ["closed", "multiple_choice"]
+    """In mode score, the tasks answered by likelihood; LLaVA-Med's protocol generates its closed answers, so a
+    suite reproducing its table scores multiple_choice only."""
     max_new_tokens: int = Field(32, ge=1)
     num_beams: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)

@@ -28,8 +28,6 @@ from medlava.predictions import scalar_meta
 
 log = logging.getLogger(__name__)
 
-CHOICE_TASKS = ("closed", "multiple_choice")
-
 
 @dataclass
 class Model:
@@ -82,7 +80,7 @@ def mapped_answer(text: str, meta: dict) -> dict:
 def _answer_batch(inf: InferConfig, m: Model, batch: list[dict], prompts: list[dict]) -> tuple[list[str], list]:
     metas = [s.get("meta") or {} for s in batch]
     scored = [i for i, meta in enumerate(metas)
-              if inf.mode == "score" and meta.get("task") in CHOICE_TASKS and meta.get("choices")]
+              if inf.mode == "score" and meta.get("task") in inf.score_tasks and meta.get("choices")]
     free = [i for i in range(len(batch)) if i not in scored]
     texts: list[str] = [""] * len(batch)
     scores: list[dict | None] = [None] * len(batch)

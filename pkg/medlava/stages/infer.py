@@ -53,7 +53,8 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     ckpt = resolved_checkpoint(cfg)
     model = cfg.vlm("infer").model_dump(mode="json")
     source = {"infer.checkpoint": ckpt, **{f"model.{k}": v for k, v in model.items()},
-              **{f"infer.{k}": getattr(inf, k) for k in ("mode", "max_new_tokens", "num_beams", "temperature")},
+              **{f"infer.{k}": getattr(inf, k) for k in ("mode", "score_tasks", "max_new_tokens", "num_beams",
+                                                         "temperature")},
               "infer.image_root": str(image_root.absolute())}
     if "samples" in origin:
         source |= {"data.samples": str(Path(origin["samples"]).absolute()), "infer.split": origin["split"]}
