@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medlava-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/submit.py demo --config jobs/configs/tiny.yaml --executor local
 
-test: $(STAMP)
+# Import layers and cycles (setup.cfg [importlinter]) and pyflakes' errors (undefined names, unused imports).
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --select F pkg tests bench launch
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

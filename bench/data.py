@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from transformers import LlavaProcessor
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
 from medlava.data.ham10000 import QUESTION
 from medlava.data.images import load_image, pixel_values, resolve_image
 from medlava.models.inputs import Encoder, SampleDataset, collate
 from medlava.models.tiny import build_tokenizer
+from PIL import Image, ImageDraw
+from transformers import LlavaProcessor
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 IMAGE_TOKENS = (336 // 14) ** 2
 

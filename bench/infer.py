@@ -31,7 +31,6 @@ from medlava.infer.score import choice_token_ids, generate, score_choices  # noq
 from medlava.models.llava import num_image_tokens  # noqa: E402
 from medlava.models.templates import encode, render  # noqa: E402
 from medlava.models.tiny import build_tiny  # noqa: E402
-
 from sizing import llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402  (bench/sizing.py)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from medlava.models.tiny import build_tokenizer
 
 # Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet, without sparsity): the MFU denominator.
@@ -16,7 +15,12 @@ HOPPER_BF16_PEAK = 989.4e12
 def llava_med_v15(layers: int | None, device: torch.device, dtype: torch.dtype):
     """LLaVA-Med v1.5's shapes: CLIP ViT-L/14-336 + 2-layer GELU projector + Mistral-7B (32 layers, 4096 wide,
     GQA 32/8, 14336 MLP, 32k vocabulary); `layers` shortens both stacks. Returns (model, tokenizer, image size)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+    )
 
     tok = build_tokenizer(512)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers or 24,

@@ -34,10 +34,16 @@ from medlava.models.inputs import Encoder, SampleDataset, collate, collate_packe
 from medlava.models.llava import enable_activation_checkpointing, num_image_tokens  # noqa: E402
 from medlava.models.templates import encode, render  # noqa: E402
 from medlava.models.tiny import build_tiny  # noqa: E402
-from medlava.train.loop import epoch_indices, param_groups  # noqa: E402
+from medlava.train.optim import param_groups  # noqa: E402
+from medlava.train.sampling import epoch_indices  # noqa: E402
 from medlava.train.vlm import _lora, set_trainable  # noqa: E402
-
-from sizing import HOPPER_BF16_PEAK, llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402
+from sizing import (  # noqa: E402
+    HOPPER_BF16_PEAK,
+    llava_med_v15,
+    lm_params,
+    matmul_rate,
+    vision_params,
+)
 
 WORDS = "the lesion shows an irregular pigmented border with asymmetric colour and no regression".split()
 PROMPT = "<image>\nDescribe the lesion."
@@ -94,7 +100,7 @@ def run(build, items: list[dict], variant: dict, steps: int, bs: int, pad_id: in
     if variant["checkpointing"]:
         enable_activation_checkpointing(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    opt = torch.optim.AdamW(param_groups(model, t))
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.projector_lr))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     lengths = [len(it["input_ids"]) for it in items]
     order = epoch_indices(len(items), 0, 0, Dist(0, 1, 0, device), 0, bs, lengths if variant["grouped"] else None)
@@ -128,7 +134,6 @@ def run(build, items: list[dict], variant: dict, steps: int, bs: int, pad_id: in
         sync()
         seconds = min(seconds, time.perf_counter() - tic)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, opt
     return {"tokens_per_s": real / seconds, "samples_per_s": steps * bs / seconds, "pad_fraction": 1 - real / slots,
             "flops_per_s": flops / seconds, "peak_gib": peak}
 

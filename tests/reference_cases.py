@@ -12,10 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from medlava.models.tiny import build_tokenizer
 from tokenizers import AddedToken
 from transformers import LlamaTokenizer
-
-from medlava.models.tiny import build_tokenizer
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = Path(__file__).parent / "reference"

@@ -4,14 +4,13 @@ import random
 
 import pytest
 import torch
-
 from medlava.config import TinyModelConfig
 from medlava.distributed import Dist
 from medlava.models.inputs import collate, collate_packed
 from medlava.models.llava import num_image_tokens
 from medlava.models.templates import encode, render
 from medlava.models.tiny import build_tiny
-from medlava.train.loop import epoch_indices
+from medlava.train.sampling import epoch_indices
 
 CPU = torch.device("cpu")
 
@@ -99,10 +98,9 @@ def test_length_grouping_keeps_every_sample_once_and_cuts_padding(world):
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_bad_image_in_a_loader_worker_surfaces_as_the_input_error_naming_it(tiny, tmp_path, packed):
     import numpy as np
-    from PIL import Image
-
     from medlava.io import InputError
     from medlava.models.inputs import Encoder, SampleDataset, raise_batch_error
+    from PIL import Image
 
     _, processor = tiny
     for i in range(4):

@@ -7,14 +7,13 @@ import re
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
-
+from conftest import TINY
 from medlava.config import load_config
-from medlava.models.check import builtin_sample, check_model, estimate_memory, main
 from medlava.models.inputs import Encoder, collate
 from medlava.models.llava import base_model_path, load_processor, num_image_tokens
 from medlava.models.templates import IGNORE_INDEX
-from conftest import TINY
+from medlava.tools.check_model import builtin_sample, check_model, estimate_memory, main
+from transformers import LlavaForConditionalGeneration
 
 GiB = 1024**3
 

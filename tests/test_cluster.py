@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from medlava.cluster.gres import parse_gres
+from conftest import ROOT, TINY
 from medlava.cluster.jobs import Rendezvous, stage_jobs, worker_argv
 from medlava.cluster.node_task import descendants, is_worker, port_for
+from medlava.cluster.sinfo import parse_gres
 from medlava.cluster.slurm import (
     display_join,
     extra_parameters,
@@ -25,7 +25,6 @@ from medlava.cluster.slurm import (
     sbatch_parameters,
 )
 from medlava.config import load_config
-from conftest import ROOT, TINY
 
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, TINY_CNN
 from medlava.config import ConfigError, load_config
 from medlava.data.samples import read_samples
 from medlava.eval.classification import classification_metrics
@@ -33,14 +34,13 @@ from medlava.train.cnn import (
     Augmented,
     class_weights,
     epoch_order,
-    make_optimizer,
     sample_items,
     seed_of,
     train_transform,
 )
+from medlava.train.optim import make_optimizer
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from conftest import ROOT, TINY_CNN
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 

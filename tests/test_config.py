@@ -2,10 +2,8 @@ import subprocess
 import sys
 
 import pytest
-
-from medlava.config import ConfigError, apply_overrides, dump_config, load_config
 from conftest import ROOT, TINY
-
+from medlava.config import ConfigError, apply_overrides, dump_config, load_config
 
 
 def test_tiny_preset_loads_and_round_trips(tmp_path):

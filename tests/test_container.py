@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
+from conftest import ROOT, TINY
 from medlava.cluster.container import Apptainer, apptainer_for, bind_paths
 from medlava.config import load_config
-from conftest import ROOT, TINY
 
 DEF = ROOT / "containers" / "medlava.def"
 

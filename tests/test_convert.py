@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from medlava.cli import main
+from medlava.io import InputError
+from medlava.tools.convert import apply_delta, convert_original
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,10 +26,6 @@ from transformers import (
     MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
-
-from medlava.cli import main
-from medlava.io import InputError
-from medlava.models.convert import apply_delta, convert_original
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
 CLIP = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -325,7 +324,7 @@ def test_delta_against_the_wrong_base_is_refused(tmp_path):
 
 def test_converted_checkpoint_passes_check_model(mistral):
     """The converted directory is what model.name_or_path takes: medlava's loaders read it as the stages do."""
-    from medlava.models.check import check_model, config_for_model
+    from medlava.tools.check_model import check_model, config_for_model
 
     orig, out, _ = mistral
     lines: list[str] = []

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
+from conftest import prepare_dataset, rows
 from medlava.config import LlmQAConfig
 from medlava.data.qa import LlmQA, QAGenerationError, RateLimit, rules_qa
-from synthetic.chexpert_plus import CSV, make_synthetic_chexpert_plus
 from medlava.io import InputError
-
-from conftest import prepare_dataset, rows
+from synthetic.chexpert_plus import CSV, make_synthetic_chexpert_plus
 
 SECRET = "sk-test-not-a-real-key-4242"
 

@@ -14,16 +14,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from medlava.data import images as images_mod
-from medlava.data.ham10000 import (CLASSES, COLUMNS, IMAGE_DIRS, METADATA, QUESTION, find_images, prepare_ham10000,
-                                   read_metadata)
+from medlava.data.ham10000 import (
+    CLASSES,
+    COLUMNS,
+    IMAGE_DIRS,
+    METADATA,
+    QUESTION,
+    find_images,
+    prepare_ham10000,
+    read_metadata,
+)
 from medlava.data.images import load_image, resolve_image
 from medlava.data.problems import REASONS
 from medlava.data.splits import check_no_group_leak, grouped_split, read_split_file
 from medlava.data.synthetic import MARKER, make_synthetic_ham10000
 from medlava.io import InputError, read_jsonl
+from PIL import Image
 
 LOCALIZATIONS = {"back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "unknown",
                  "neck", "scalp", "hand", "ear", "genital", "acral"}

@@ -13,11 +13,9 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
-from synthetic.llava_med import ALIGNMENT, INSTRUCT, QA50, make_synthetic_llava_med
-from medlava.io import InputError
-
 from conftest import prepare_dataset, rows
+from medlava.io import InputError
+from synthetic.llava_med import ALIGNMENT, INSTRUCT, QA50, make_synthetic_llava_med
 
 prepare = partial(prepare_dataset, "llava_med")
 

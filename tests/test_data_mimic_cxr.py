@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
+from conftest import prepare_dataset, rows
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, SPLIT, report_path
 from medlava.data.reports import sections, target_text
-from synthetic.mimic import make_synthetic_mimic
 from medlava.io import InputError
-
-from conftest import prepare_dataset, rows
+from synthetic.mimic import make_synthetic_mimic
 
 prepare = partial(prepare_dataset, "mimic_cxr")
 

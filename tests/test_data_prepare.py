@@ -12,19 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
+from conftest import TINY
 from medlava.cli import main
 from medlava.config import ConfigError, load_config
 from medlava.data.ham10000 import METADATA as HAM_METADATA
 from medlava.data.images import pixel_values
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, image_path, report_path
 from medlava.data.synthetic import make_synthetic_ham10000
-from synthetic.mimic import make_synthetic_mimic
 from medlava.data.synthetic_benchmarks import make_synthetic_slake
-from conftest import TINY
-
+from PIL import Image
+from synthetic.mimic import make_synthetic_mimic
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 
 def cli(tmp: Path, *args: str) -> int:

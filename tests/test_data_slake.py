@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from medlava.data.benchmark import closed_choices
-from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
-from medlava.io import InputError
-
 from conftest import prepare_dataset, rows
+from medlava.data.benchmark import closed_choices
+from medlava.io import InputError
+from PIL import Image
+from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 
 prepare = partial(prepare_dataset, "slake")
 

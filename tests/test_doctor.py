@@ -12,30 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from packaging.requirements import Requirement
-
-from medlava import doctor
-from medlava.doctor import (
+from conftest import ROOT
+from medlava.cluster.sinfo import SINFO_FORMAT, parse_sinfo
+from medlava.tools import doctor
+from medlava.tools.doctor import (
     FAIL,
     OK,
     WARN,
     check_apptainer,
-    check_gpus,
     check_caches,
+    check_gpus,
     check_output_root,
     check_packages,
     check_slurm,
-    parse_sinfo,
     read_pins,
 )
+from packaging.requirements import Requirement
 
-from conftest import ROOT
-
-# What `sinfo -h -o '%P|%a|%D|%G'` prints on a mixed cluster: one line per partition and node kind.
-SINFO = """gpu*|up|4|gpu:a100:8(S:0-1)
-gpu*|up|2|gpu:h100:4
-cpu|up|16|(null)
-debug|down|1|gpu:1
+# What `sinfo -h -o '%P|%a|%D|%c|%m|%G'` prints on a mixed cluster: one line per partition and node kind.
+SINFO = """gpu*|up|4|64|512000|gpu:a100:8(S:0-1)
+gpu*|up|2|96|1024000|gpu:h100:4
+cpu|up|16|128+|256000|(null)
+debug|down|1|8|32000|gpu:1
 """
 
 
@@ -47,7 +45,7 @@ def fake_tools(bin_dir: Path, sinfo_out: str = SINFO, sinfo_rc: int = 0, sinfo_e
         "sbatch": "#!/bin/sh\necho 'sbatch: error: no script given' >&2\nexit 1\n",
         "sinfo": ("#!/bin/sh\n"
                   'if [ "$1" = "--version" ]; then echo "slurm 23.11.4"; exit 0; fi\n'
-                  f'if [ "$*" != "-h -o {doctor.SINFO_FORMAT}" ]; then echo "unexpected: $*" >&2; exit 9; fi\n'
+                  f'if [ "$*" != "-h -o {SINFO_FORMAT}" ]; then echo "unexpected: $*" >&2; exit 9; fi\n'
                   f"printf '%s' '{sinfo_err}' >&2\nprintf '%s' '{sinfo_out}'\nexit {sinfo_rc}\n"),  # builtins only
     }
     if apptainer:
@@ -66,7 +64,7 @@ def test_sinfo_lines_become_partitions_with_their_gpus():
     assert gpu.gpus == 4 * 8 + 2 * 4
     assert parts["cpu"].gpus == 0 and not parts["cpu"].default
     assert parts["debug"].available == "down" and parts["debug"].gpus == 1
-    assert parse_sinfo("mixed|up|3|gpu:a100:4,gpu:v100:2\n")[0].nodes == [(3, 6, "a100+v100")]
+    assert parse_sinfo("mixed|up|3|32|128000|gpu:a100:4,gpu:v100:2\n")[0].nodes == [(3, 6, "a100+v100")]
 
 
 def test_slurm_cluster_reachable(tmp_path, monkeypatch):
@@ -92,7 +90,7 @@ def test_slurm_controller_down_fails_with_its_message(tmp_path, monkeypatch):
 
 
 def test_slurm_without_gpu_partitions_warns(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(fake_tools(tmp_path / "bin", sinfo_out="debug*|up|2|(null)\n")))
+    monkeypatch.setenv("PATH", str(fake_tools(tmp_path / "bin", sinfo_out="debug*|up|2|1|2000|(null)\n")))
     c = check_slurm()
     assert c.status == WARN and "no partition that is up offers GPUs" in c.detail and "cluster.partition" in c.fix
 

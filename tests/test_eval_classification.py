@@ -10,13 +10,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from medlava.eval.classification import (
+    classification_metrics,
+    confusion,
+    encode,
+    weighted_metrics,
+)
+from medlava.eval.closed import evaluate_closed
+from medlava.eval.plots import plot_confusion, plot_roc
+from medlava.io import InputError
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
-
-from medlava.eval.classification import classification_metrics, confusion, encode, weighted_metrics
-from medlava.eval.plots import plot_confusion, plot_roc
-from medlava.eval.closed import evaluate_closed
-from medlava.io import InputError
 
 ABC = ["a", "b", "c"]
 HAM = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
-
-from medlava.cli import main
 from conftest import TINY
-
+from medlava.cli import main
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 
 def predictions(path: Path) -> pd.DataFrame:

@@ -1,7 +1,6 @@
 """The free-text normaliser: synonyms, word boundaries, negation, yes/no, and what it leaves unmapped."""
 
 import pytest
-
 from medlava.eval.normalize import ChoiceMatcher, map_answer, normalize_text, yes_no
 
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

@@ -10,17 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from medlava.cli import main
+from medlava.config import EvalConfig
+from medlava.data.chexpert import OBSERVATIONS
+from medlava.eval.radiology import label_scores, report_metrics
+from medlava.eval.text import report_tokens
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.rouge.rouge import Rouge
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 from transformers import BertConfig, BertModel, BertTokenizerFast
-
-from medlava.cli import main
-from medlava.config import EvalConfig
-from medlava.eval.chexpert import OBSERVATIONS
-from medlava.eval.radiology import label_scores, report_metrics
-from medlava.eval.text import report_tokens
 
 SENTENCES = ["The heart size is normal.", "There is no pleural effusion or pneumothorax.", "Mild cardiomegaly.",
              "Left lower lobe opacity may represent atelectasis.", "Lungs are clear without focal consolidation.",

@@ -8,13 +8,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from pycocoevalcap.bleu.bleu import Bleu
-from sacrebleu.metrics import BLEU
-
 from medlava.config import EvalConfig
 from medlava.eval.run import eval_inputs, evaluate, family_of, summary_table
-from medlava.eval.vqa import error_rank, load_closed_vocab, question_options, route_closed, vqa_metrics
+from medlava.eval.vqa import (
+    error_rank,
+    load_closed_vocab,
+    question_options,
+    route_closed,
+    vqa_metrics,
+)
 from medlava.io import InputError
+from pycocoevalcap.bleu.bleu import Bleu
+from sacrebleu.metrics import BLEU
 
 VOCAB = ("liver", "spleen", "left lung", "right lung", "ct", "mri", "t2")
 

@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import torch
-from transformers import LlavaForConditionalGeneration
-
-from medlava.config import ModelConfig
-from medlava.models.export import export
-from medlava.models.llava import load_for_inference
 from conftest import TINY
-
+from medlava.config import ModelConfig
+from medlava.models.llava import load_for_inference
+from medlava.tools.export import export
+from transformers import LlavaForConditionalGeneration
 
 
 def test_exported_lora_model_matches_adapter_on_base(tmp_path, monkeypatch):

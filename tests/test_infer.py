@@ -4,13 +4,18 @@ import json
 
 import pytest
 import torch
-
 from medlava.config import TinyModelConfig
-from medlava.infer.chunks import ChunkWriter, chunk_of, chunk_path, merge_chunks, partial_path
+from medlava.infer.chunks import (
+    ChunkWriter,
+    chunk_of,
+    chunk_path,
+    merge_chunks,
+    partial_path,
+)
 from medlava.infer.score import generate, score_choices
 from medlava.io import InputError
-from medlava.models.llava import num_image_tokens
 from medlava.models.inputs import Encoder
+from medlava.models.llava import num_image_tokens
 from medlava.models.templates import encode, render
 from medlava.models.tiny import build_tiny
 

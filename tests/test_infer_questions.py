@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
+from conftest import TINY
 from medlava.config import load_config
 from medlava.distributed import Dist
 from medlava.eval.normalize import map_answer
@@ -28,7 +27,7 @@ from medlava.infer.chunks import chunk_of, chunk_path, partial_path
 from medlava.infer.questions import question_sample
 from medlava.io import InputError
 from medlava.stages.infer import run as run_infer
-from conftest import TINY
+from PIL import Image
 
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -267,8 +266,14 @@ def test_a_question_longer_than_the_model_s_context_is_refused(tmp_path, cache):
 
 def _sft_run(runs: Path, run_id: str, seed: int) -> Path:
     """A complete sft run whose checkpoint is the tiny base model with a projector drawn from `seed`."""
-    from medlava.models.llava import MANIFEST, PROJECTOR_FILE, base_model_path, load_model, load_processor
-    from medlava.models.llava import save_projector
+    from medlava.artifacts import MANIFEST
+    from medlava.models.llava import (
+        PROJECTOR_FILE,
+        base_model_path,
+        load_model,
+        load_processor,
+        save_projector,
+    )
 
     m = load_config(TINY).model
     base = base_model_path(m)

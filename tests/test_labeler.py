@@ -2,9 +2,8 @@
 
 import pandas as pd
 import pytest
-
 from medlava.cli import main
-from medlava.eval.chexpert import OBSERVATIONS, label_report
+from medlava.data.chexpert import OBSERVATIONS, label_report
 
 # (report, the labels it must get; every observation not listed must be blank)
 CASES = [

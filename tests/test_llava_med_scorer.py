@@ -6,10 +6,9 @@ import json
 
 import pandas as pd
 import pytest
-from reference_cases import REFERENCE, scorer_cases
-
 from medlava.eval import llava_med_vqa
 from medlava.eval.vqa import vqa_metrics
+from reference_cases import REFERENCE, scorer_cases
 
 REF = json.loads((REFERENCE / "vqa_scorer.json").read_text())
 

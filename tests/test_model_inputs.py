@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from medlava.config import ModelConfig, TinyModelConfig
 from medlava.models.llava import enable_activation_checkpointing, load_processor
 from medlava.models.tiny import build_tiny, tiny_checkpoint
+from PIL import Image
 
 
 @pytest.fixture()

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from medlava.data.samples import read_samples
 from conftest import ROOT, TINY
-
+from medlava.data.samples import read_samples
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def scalars(run: Path, tag: str) -> list[float]:

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from medlava.data.ham10000 import CLASSES, QUESTION
 from medlava.data.samples import read_samples
 from medlava.io import InputError
 from medlava.models.cnn import Item
-from medlava.predict import read_csv, read_folder
-from conftest import TINY
-
+from medlava.tools.predict import read_csv, read_folder
 
 
 def medlava(*args, env):
@@ -55,8 +54,8 @@ def test_vlm_predict_scores_like_infer(vlm):
 
 
 def test_served_vlm_shows_probabilities_and_its_answer(vlm, monkeypatch):
-    from medlava.predict import load_predictor
     from medlava.serve.app import create_app
+    from medlava.tools.predict import load_predictor
 
     monkeypatch.setenv("MEDLAVA_CACHE", vlm["env"]["MEDLAVA_CACHE"])
     predictor = load_predictor(vlm["sft"], torch.device("cpu"))

@@ -15,16 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, TINY_PRETRAIN
 from medlava.config import ConfigError, PretrainConfig, load_config
 from medlava.io import InputError
+from medlava.models.clip import build_clip, create, load_clip, model_config
+from medlava.models.vision_tower import clip_vision_config, to_clip_vision_model
 from medlava.pretrain.data import caption, pairs_of, zero_shot_task
 from medlava.pretrain.metrics import retrieval_metrics
-from medlava.pretrain.model import build_clip, create, load_clip, model_config
-from medlava.pretrain.vision_tower import clip_vision_config, to_clip_vision_model
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import ROOT, TINY_PRETRAIN
 
 SUBMIT = ROOT / "launch" / "submit.py"
 SAVE = "pretrain.save_every=20"
@@ -190,7 +189,7 @@ def test_open_clip_vit_converts_exactly_to_clip_vision_model(quick_gelu, eps):
         cfg["vision_cfg"]["norm_kwargs"] = {"eps": eps}
     torch.manual_seed(0)
     clip = build_clip(cfg, {}, pretrained_text=False).eval()
-    from medlava.pretrain.model import ClipModule, tokenizer_for
+    from medlava.models.clip import ClipModule, tokenizer_for
     vision = to_clip_vision_model(ClipModule(clip, cfg, tokenizer_for(cfg)), "test")
     assert vision.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     assert vision.config.intermediate_size == 80 and vision.config.layer_norm_eps == (eps or 1e-5)

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 import torch
 from medlava.models.cnn import CnnClassifier, Item, MetaEncoder, new_spec, save_cnn
-from medlava.predict import CnnPredictor
 from medlava.serve.app import create_app
+from medlava.tools.predict import CnnPredictor
 from PIL import Image, ImageDraw
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,12 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+from conftest import ROOT, TINY, TINY_PRETRAIN
 from medlava.cluster.monitor import job_states, scontrol_fields, wait
 from medlava.data.samples import read_samples
-from conftest import ROOT, TINY, TINY_PRETRAIN
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     shutil.which("sinfo") is None,

@@ -2,7 +2,6 @@
 them to the original LLaVA / LLaVA-Med code)."""
 
 import pytest
-
 from medlava.io import InputError
 from medlava.models.templates import IGNORE_INDEX, VICUNA_SYSTEM, encode, render
 from medlava.models.tiny import build_tokenizer

@@ -6,10 +6,18 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from reference_cases import CASES, CHOICES, N_IMAGE, REFERENCE, TEMPLATES, TOKENIZERS, applies, tokenizer
-
 from medlava.models.inputs import Encoder
 from medlava.models.templates import IGNORE_INDEX, encode, render
+from reference_cases import (
+    CASES,
+    CHOICES,
+    N_IMAGE,
+    REFERENCE,
+    TEMPLATES,
+    TOKENIZERS,
+    applies,
+    tokenizer,
+)
 
 REF = json.loads((REFERENCE / "templates.json").read_text())
 CONVS = {name: (has_image, conv) for name, has_image, conv in CASES}

@@ -1,7 +1,8 @@
 """`medlava STAGE --config FILE [key=value ...]`: run one stage in this process (what a job executes).
 
-Tools with their own options: `medlava doctor`, `medlava check-model`, `medlava convert`, and the scoring
-commands `medlava eval --predictions CSV --out DIR`, `medlava metrics`, `medlava label-reports`; `medlava predict`,
+`medlava submit STAGE ...` is the launcher (the same as `python launch/submit.py`). Tools with their own options:
+`medlava doctor`, `medlava check-model`, `medlava convert`, `medlava export`, and the scoring commands
+`medlava eval --predictions CSV --out DIR`, `medlava metrics`, `medlava label-reports`; `medlava predict`,
 `medlava serve` and `medlava compare` (each takes --help).
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -18,11 +18,11 @@ from pathlib import Path
 from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
 from medlava.runs import new_run_id
-from medlava.stages import STAGES
+from medlava.stages import OPTIONS, STAGES, CheckFailed
 
-TOOLS = {"doctor": "medlava.doctor", "check-model": "medlava.models.check", "convert": "medlava.models.convert",
-         "export": "medlava.models.export", "predict": "medlava.predict", "serve": "medlava.serve.app",
-         "compare": "medlava.compare"}
+TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
+         "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
+         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit"}
 
 
 def run_stage(stage: str, cfg: Config, **options) -> Path:
@@ -43,24 +43,42 @@ def _has_config(argv: list[str]) -> bool:
     return any(a == "--config" or a.startswith("--config=") for a in argv)
 
 
+def stage_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlava", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--config", required=True, help="YAML recipe (jobs/configs/*.yaml)")
+    for o in OPTIONS.values():
+        takers = ", ".join(s.name for s in STAGES.values() if o.name in s.options)
+        kind = {"action": "store_true"} if o.type is bool else {"type": o.type}
+        parser.add_argument(o.flag, dest=o.name, help=f"{takers}: {o.help}", **kind)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=2e-4")
+    return parser
+
+
+def stage_options(args: argparse.Namespace, cfg: Config) -> dict:
+    """The stage's own options as run() keywords; an option of another stage is refused."""
+    stage = STAGES[args.stage]
+    for o in OPTIONS.values():
+        if o.name not in stage.options and getattr(args, o.name) not in (None, False):
+            raise ConfigError(f"{o.flag} is an option of "
+                              f"{', '.join(s.name for s in STAGES.values() if o.name in s.options)}, not {stage.name}")
+    if stage.array and args.chunk_idx is not None and not 0 <= args.chunk_idx < stage.tasks(cfg):
+        raise ConfigError(f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} "
+                          f"({stage.keys_in or stage.section}.{stage.array})")
+    return {name: getattr(args, name) for name in stage.options}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:  # each tool parses its own options; the stage parser stays as it is
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if argv and argv[0] in ("metrics", "label-reports") or (argv[:1] == ["eval"] and not _has_config(argv)):
-        from medlava.eval.cli import main as scoring_main  # `medlava eval --predictions ...` needs no config
+        from medlava.eval.cli import (
+            main as scoring_main,  # `medlava eval --predictions ...` needs no config
+        )
         return scoring_main(argv)
-    parser = argparse.ArgumentParser(prog="medlava", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--config", required=True, help="YAML recipe (jobs/configs/*.yaml)")
-    parser.add_argument("--chunk-idx", type=int, help="infer, suite: answer only this chunk (a job-array task)")
-    parser.add_argument("--merge-only", action="store_true", help="infer, suite: merge finished chunks and stop")
-    parser.add_argument("--prepare-only", action="store_true", help="suite: prepare the benchmarks (cached) and stop")
-    parser.add_argument("--check", action="store_true",
-                        help="prepare: list every problem in the data in one pass, write no samples; exit 1 if any")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=2e-4")
-    args = parser.parse_intermixed_args(argv)
+    args = stage_parser().parse_intermixed_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -71,17 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("run_id is not set: every rank must agree on the run directory, "
                                   "pass run_id=... (launch/submit.py does)")
             cfg.run_id = new_run_id()
-        if args.chunk_idx is not None and not 0 <= args.chunk_idx < cfg.infer.chunks:
-            raise ConfigError(f"--chunk-idx {args.chunk_idx} is outside 0..{cfg.infer.chunks - 1} (infer.chunks)")
-        if args.check:
-            if args.stage != "prepare":
-                raise ConfigError(f"--check is an option of prepare, not {args.stage}")
-            report = json.loads((run_stage("prepare", cfg, check=True) / "prepare_report.json").read_text())
-            return 0 if report["ok"] else 1
-        options = {"chunk_idx": args.chunk_idx, "merge_only": args.merge_only} if args.stage in ("infer", "suite") else {}
-        if args.stage == "suite":
-            options["prepare_only"] = args.prepare_only
-        run_stage(args.stage, cfg, **options)
+        run_stage(args.stage, cfg, **stage_options(args, cfg))
+    except CheckFailed:
+        return 1
     except (ConfigError, InputError, FileNotFoundError) as e:
         print(f"medlava {args.stage}: {e}", file=sys.stderr)
         return 2

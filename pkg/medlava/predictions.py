@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,19 @@ def label_frame(ids: Sequence[str], images: Sequence[str], labels: Sequence[int]
         row.update({f"meta_{k}": v for k, v in scalar_meta(meta).items()})
         rows.append(row)
     return pd.DataFrame.from_records(rows)
+
+
+class LabelledImage(Protocol):
+    """An image to classify, as `medlava predict`, the CNN and zero-shot CLIP read them (models.cnn.Item)."""
+    id: str
+    rel: str
+    label: int
+    meta: dict
+
+
+def predictions_frame(items: Sequence[LabelledImage], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    return label_frame([it.id for it in items], [it.rel for it in items], [it.label for it in items],
+                       [it.meta for it in items], probs, classes)
 
 
 def write_predictions(path: Path, frame: pd.DataFrame) -> None:

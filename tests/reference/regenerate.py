@@ -28,8 +28,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reference_cases import (CASES, CHOICES, REFERENCE, TEMPLATES, TOKENIZERS, applies,  # noqa: E402
-                             mmmu_choice_cases, mmmu_open_cases, scorer_cases, tokenizer)
+from reference_cases import (  # noqa: E402
+    CASES,
+    CHOICES,
+    REFERENCE,
+    TEMPLATES,
+    TOKENIZERS,
+    applies,
+    mmmu_choice_cases,
+    mmmu_open_cases,
+    scorer_cases,
+    tokenizer,
+)
 
 SOURCES = {  # name: (repository, commit, licence)
     "llava": ("haotian-liu/LLaVA", "c121f0432da27facab705978f83c4ada465e46fd", "Apache-2.0"),
@@ -64,11 +74,12 @@ def definitions(code: str, names: set[str]) -> str:
 
 
 def load_llava(llava: Path, llava_med: Path) -> types.SimpleNamespace:
+    from typing import Dict, Sequence
+
     import tokenizers
     import torch
     import transformers
     from packaging import version
-    from typing import Dict, Sequence
 
     constants = run_module("llava_constants", read(llava, "llava", "llava/constants.py"))
     conv = run_module("llava_conversation", read(llava, "llava", "llava/conversation.py"))

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from medlava.data.mimic_cxr import (
+    CHEXPERT,
+    METADATA,
+    OBSERVATIONS,
+    SPLIT,
+    image_path,
+    report_path,
+)
 from PIL import Image, ImageDraw
-
-from medlava.data.mimic_cxr import CHEXPERT, METADATA, OBSERVATIONS, SPLIT, image_path, report_path
 
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from medlava.config import Config
-from medlava.stages import STAGES
+from medlava.stages import OPTIONS, STAGES
 
 TORCHRUN = "torch.distributed.run"  # `python -m torch.distributed.run` is torchrun, from the same interpreter
 
@@ -72,25 +72,25 @@ class Job:
 
 def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cfg: Config) -> list[Job]:
     """The jobs for `stages` in order; each depends on the one before it. Training runs on cluster.nodes
-    nodes with one process per GPU (one per node on CPU); infer with chunks > 1 is a job array plus a
-    merge job; suite a prepare job, an array of infer.chunks answering tasks and a merge job."""
+    nodes with one process per GPU (one per node on CPU); a stage with an array (stages.Stage.array) of K > 1
+    tasks is a job array plus a merge job, after the stage's `before` job when it declares one."""
     gpus = cfg.cluster.gpus_per_node
     jobs: list[Job] = []
     for s in stages:
+        stage = STAGES[s]
         after = [jobs[-1].name] if jobs else []
         args = [s, "--config", config_path, *overrides]
-        if s == "suite":  # prepare (cached) once; task c answers chunk c of every benchmark; merge, score, leaderboard
-            jobs.append(Job("suite-prepare", "suite", [*args, "--prepare-only"], after=after))
-            jobs.append(Job("suite-answer", "suite", args, gpus_per_node=min(gpus, 1), array=cfg.infer.chunks,
-                            after=["suite-prepare"]))
-            jobs.append(Job("suite-merge", "suite", [*args, "--merge-only"], after=["suite-answer"]))
-        elif s == "infer" and cfg.infer.chunks > 1:
-            jobs.append(Job("infer-chunks", "infer", args, gpus_per_node=min(gpus, 1), array=cfg.infer.chunks,
+        one_gpu = min(gpus, 1) if stage.gpus == "one" else 0
+        if stage.before:  # e.g. the suite's benchmarks prepared once, on CPUs, before any task answers
+            jobs.append(Job(f"{s}-{stage.before.replace('_only', '')}", s, [*args, OPTIONS[stage.before].flag],
                             after=after))
-            jobs.append(Job("infer-merge", "infer", [*args, "--merge-only"], after=["infer-chunks"]))
-        elif STAGES[s].trains:
+            after = [jobs[-1].name]
+        if stage.tasks(cfg) > 1:
+            jobs.append(Job(f"{s}-chunks", s, args, gpus_per_node=one_gpu, array=stage.tasks(cfg), after=after))
+            jobs.append(Job(f"{s}-merge", s, [*args, "--merge-only"], after=[f"{s}-chunks"]))
+        elif stage.gpus == "node":
             jobs.append(Job(s, s, args, nodes=cfg.cluster.nodes, procs_per_node=max(gpus, 1), gpus_per_node=gpus,
                             after=after))
         else:
-            jobs.append(Job(s, s, args, gpus_per_node=min(gpus, 1) if s == "infer" else 0, after=after))
+            jobs.append(Job(s, s, args, gpus_per_node=one_gpu, after=after))
     return jobs

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlava.cluster.slurm import RECORD
+from medlava.runs import is_complete
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED", "SPECIAL_EXIT"}
@@ -134,7 +135,7 @@ def summarize(states: list[TaskState]) -> str:
 def status_lines(run_dirs: list[Path]) -> list[str]:
     lines = []
     for d in run_dirs:
-        complete = "complete" if (d / "COMPLETE.json").exists() else "not complete"
+        complete = "complete" if is_complete(d) else "not complete"
         lines.append(f"{d}  [{complete}]")
         for e in read_record(d):
             array = f" (array of {e['array']})" if e.get("array") else ""

@@ -18,13 +18,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from medlava.cluster.container import Apptainer, apptainer_for
-from medlava.cluster.gres import parse_gres
 from medlava.cluster.jobs import Job, Rendezvous
 from medlava.cluster.node_task import NodeTask, default_env
+from medlava.cluster.sinfo import choose_partition, partitions
 from medlava.config import Config
 from medlava.io import atomic_write_json
 
@@ -82,56 +81,30 @@ def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
     return out
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str
-    cpus: int
-    gpus: int
-    mem_mb: int
-    gres: str
-
-
-def partition_nodes(partition: str | None) -> tuple[str, list[Node]]:
-    """The partition (the default one when None) and its nodes, from sinfo."""
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise ValueError(f"sinfo failed ({out.stderr.strip()}): is the SLURM controller reachable?")
-    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 4]
-    names = sorted({p.rstrip("*") for _, p, *_ in rows})
-    if partition is None:
-        defaults = {p.rstrip("*") for _, p, *_ in rows if p.endswith("*")}
-        if not defaults:
-            raise ValueError(f"this cluster has no default partition: set --partition (one of {', '.join(names)})")
-        partition = defaults.pop()
-    nodes = {n: Node(n, int(c), parse_gres(g)[0], int(m.rstrip("+") or 0), g)
-             for n, p, c, g, m in rows if p.rstrip("*") == partition}
-    if not nodes:
-        raise ValueError(f"partition {partition!r} does not exist; sinfo lists: {', '.join(names) or 'none'}")
-    return partition, list(nodes.values())
-
-
 def check_resources(jobs: list[Job], cfg: Config) -> None:
     """Refuse what the partition cannot run (from sinfo): GPUs, CPUs or memory per node, or node count."""
     c = cfg.cluster
-    partition, nodes = partition_nodes(c.partition)
+    part = choose_partition(partitions(), c.partition)
+    groups, partition = part.groups, part.name
     mem = megabytes(c.mem) if c.mem else 0
     problems: list[str] = []
     for job in jobs:
-        most = max(n.gpus for n in nodes)
+        most = max(g.gpus for g in groups)
         if job.gpus_per_node > most:
             problems.append(f"--gpus {job.gpus_per_node} (cluster.gpus_per_node): partition {partition} has at most "
-                            f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({n.gres for n in nodes}))})")
-        elif c.cpus_per_task > max(n.cpus for n in nodes):
+                            f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({g.gres for g in groups}))})")
+        elif c.cpus_per_task > max(g.cpus for g in groups):
             problems.append(f"cluster.cpus_per_task={c.cpus_per_task}: nodes of partition {partition} have at most "
-                            f"{max(n.cpus for n in nodes)} CPUs; lower it (--cpus-per-task)")
-        elif mem > max(n.mem_mb for n in nodes):
+                            f"{max(g.cpus for g in groups)} CPUs; lower it (--cpus-per-task)")
+        elif mem > max(g.mem_mb for g in groups):
             problems.append(f"cluster.mem={c.mem}: nodes of partition {partition} have at most "
-                            f"{max(n.mem_mb for n in nodes)} MB")
+                            f"{max(g.mem_mb for g in groups)} MB")
         else:
-            fit = [n for n in nodes if n.gpus >= job.gpus_per_node and n.cpus >= c.cpus_per_task and n.mem_mb >= mem]
-            if len(fit) < job.nodes:
+            fit = sum(g.count for g in groups
+                      if g.gpus >= job.gpus_per_node and g.cpus >= c.cpus_per_task and g.mem_mb >= mem)
+            if fit < job.nodes:
                 problems.append(f"{job.name} needs {job.nodes} nodes with {job.gpus_per_node} GPUs and "
-                                f"{c.cpus_per_task} CPUs; partition {partition} has {len(fit)} such nodes")
+                                f"{c.cpus_per_task} CPUs; partition {partition} has {fit} such nodes")
     if problems:
         raise ValueError("; ".join(dict.fromkeys(problems)))
 

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medlava.config import LlmQAConfig
-from medlava.eval.chexpert import NEGATIVE, NO_FINDING, OBSERVATIONS, POSITIVE, label_report
+from medlava.data.chexpert import (
+    NEGATIVE,
+    NO_FINDING,
+    OBSERVATIONS,
+    POSITIVE,
+    label_report,
+)
 from medlava.io import InputError, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from medlava.artifacts import atomic_dir
 from medlava.config import SyntheticDataConfig
 from medlava.data.ham10000 import CLASSES, COLUMNS, IMAGE_DIRS, METADATA
 from medlava.io import InputError
@@ -122,19 +120,9 @@ def make_synthetic_ham10000(root: Path, n_lesions: int = 150, max_images_per_les
         raise InputError(f"{root} exists and is not a synthetic HAM10000 written by medlava (no {MARKER}); "
                          "refusing to overwrite it. Point data.root at a new directory, or drop data.synthetic "
                          "to use the data there")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_dir(root, exists="keep") as tmp:  # another process may finish first: theirs is used
         _build(tmp, n_lesions, max_images_per_lesion, image_size, seed)
         (tmp / MARKER).write_text(json.dumps(params) + "\n")
-        try:
-            os.replace(tmp, root)  # atomic; replaces an empty directory, fails on a full one
-        except OSError:
-            if not (root / MARKER).is_file():  # another process finished first: use theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "label-reports":
-            from medlava.eval.chexpert import OBSERVATIONS, labels_frame
+            from medlava.data.chexpert import OBSERVATIONS, labels_frame
             from medlava.eval.radiology import read_reports
 
             reports = read_reports(args.reports)
@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
         from medlava.eval.run import eval_inputs, evaluate, summary_table
 
         if args.command == "metrics":
-            from medlava.eval.radiology import evaluate_reports, join_reports, read_reports
+            from medlava.eval.radiology import (
+                evaluate_reports,
+                join_reports,
+                read_reports,
+            )
 
             df = join_reports(read_reports(args.gt), read_reports(args.pred), args.gt, args.pred)
             metrics = evaluate_reports(df, args.out, _config(args), f"{args.gt} + {args.pred}")

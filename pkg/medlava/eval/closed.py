@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medlava.eval.classification import REQUIRED_COLUMNS, classification_metrics, confusion, encode, score_classes
+from medlava.eval.classification import (
+    REQUIRED_COLUMNS,
+    classification_metrics,
+    confusion,
+    encode,
+    score_classes,
+)
 from medlava.eval.plots import plot_confusion, plot_roc
 from medlava.io import InputError, atomic_write_json, atomic_write_text
 

@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support
 
 from medlava.config import EvalConfig
-from medlava.eval import chexpert
+from medlava.data import chexpert
 from medlava.eval.plots import plot_bars
 from medlava.eval.text import corpus_bleu, pair_scores, report_tokens
 from medlava.io import InputError, atomic_write_json, atomic_write_text

@@ -3,7 +3,6 @@ directory, and format the summary table people read first."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from medlava.config import EvalConfig
 from medlava.eval.closed import CLASSIFICATION_TASKS, evaluate_closed, read_predictions
 from medlava.io import InputError
+from medlava.runs import is_complete, read_result
 
 HEADLINES = {
     "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
@@ -63,13 +63,13 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
     samples the infer run answered from, when it has one), and the checkpoint step, image root and trained run
     its COMPLETE.json names."""
     from medlava.eval.vqa import load_closed_vocab
-    from medlava.train.checkpoint import step_of
+    from medlava.artifacts import step_of
 
     source = Path(source)
     csv = source / "predictions.csv" if source.is_dir() else source
     if not csv.exists():
         raise FileNotFoundError(f"{csv} does not exist: give an infer run directory or a predictions CSV")
-    result = json.loads((source / "COMPLETE.json").read_text()) if (source / "COMPLETE.json").exists() else {}
+    result = read_result(source) if is_complete(source) else {}
     vocab_path = Path(cfg.closed_vocab) if cfg.closed_vocab else None
     if vocab_path is None and result.get("samples"):
         train = Path(result["samples"]) / "train.jsonl"

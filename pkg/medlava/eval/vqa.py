@@ -30,7 +30,13 @@ from medlava.eval import llava_med_vqa
 from medlava.eval.multiple_choice import mmmu_correct
 from medlava.eval.normalize import ChoiceMatcher, normalize_text, yes_no
 from medlava.eval.plots import plot_bars
-from medlava.eval.text import corpus_bleu, exact_match, pair_scores, token_f1, token_recall
+from medlava.eval.text import (
+    corpus_bleu,
+    exact_match,
+    pair_scores,
+    token_f1,
+    token_recall,
+)
 from medlava.io import InputError, atomic_write_json, atomic_write_text, read_jsonl
 
 GROUP_KEYS = ("answer_type", "content_type", "modality", "subject", "question_type", "modality_type", "medical_task",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.transforms import v2
 
+from medlava.artifacts import publish, temp_dir_for, write_manifest
 from medlava.data.images import load_image, resolve_image
 from medlava.io import InputError, atomic_write_json
 
 WEIGHTS = "model.safetensors"
 SPEC = "cnn.json"
-MANIFEST = "medlava.json"  # the same name as VLM checkpoints (medlava.models.llava), so one lookup finds either
 UNKNOWN = "unknown"
 BACKBONE = "backbone."
 
@@ -259,21 +257,15 @@ def predict_proba(model: nn.Module, loader: torch.utils.data.DataLoader, device:
 
 def save_cnn(path: Path, model: CnnClassifier, spec: CnnSpec, manifest: dict,
              extra: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint directory atomically (built in a hidden temp directory, renamed into place), so a
-    directory with the final name is always whole. `extra`: more files, name -> object for torch.save."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write the checkpoint directory atomically (medlava.artifacts). `extra`: more files, name -> object for
+    torch.save. Writing a checkpoint that exists replaces it (the same epoch again after a crash)."""
+    tmp = temp_dir_for(Path(path))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
     atomic_write_json(tmp / SPEC, spec.to_json())
-    atomic_write_json(tmp / MANIFEST, {"kind": "cnn", "arch": spec.arch, **manifest})
+    write_manifest(tmp, "cnn", arch=spec.arch, **manifest)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
-    if path.exists():  # the same checkpoint again after a crash between its rename and what followed
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return publish(tmp, path, exists="replace")
 
 
 def is_cnn_checkpoint(path: Path) -> bool:

@@ -4,7 +4,6 @@ choose attention and dtype for this machine, and read medlava's own checkpoints 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from medlava.artifacts import read_manifest
 from medlava.config import ModelConfig
 
 log = logging.getLogger(__name__)
-MANIFEST = "medlava.json"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR = "multi_modal_projector"
 
@@ -28,7 +27,9 @@ def base_model_path(cfg: ModelConfig) -> str:
         base = str(tiny_checkpoint(cfg.tiny))
     if cfg.vision_tower is None:
         return base
-    from medlava.pretrain.vision_tower import llava_with_vision_tower  # an open_clip ViT (pretrain) as CLIP tower
+    from medlava.models.vision_tower import (
+        llava_with_vision_tower,  # an open_clip ViT (pretrain) as CLIP tower
+    )
     return str(llava_with_vision_tower(base, cfg.vision_tower))
 
 
@@ -92,14 +93,6 @@ def load_projector(model: LlavaForConditionalGeneration, path: Path) -> None:
                            f"unexpected {unexpected}); was it trained for another base model?")
 
 
-def read_manifest(ckpt: Path) -> dict:
-    path = Path(ckpt) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt} is not a medlava checkpoint (no {MANIFEST}); pass a checkpoint "
-                                "directory written by align/sft, or infer.checkpoint=base")
-    return json.loads(path.read_text())
-
-
 def load_for_inference(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype):
     """(model, processor, model_id) for the base model or a medlava checkpoint (projector/LoRA/full)."""
     base = base_model_path(cfg)
@@ -117,5 +110,5 @@ def load_for_inference(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.d
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
         else:
-            raise ValueError(f"{checkpoint}/{MANIFEST}: unknown checkpoint kind {kind!r}")
+            raise ValueError(f"{checkpoint} holds a {kind} checkpoint, not a LLaVA one (projector, lora or full)")
     return model.eval(), load_processor(str(checkpoint), cfg), str(checkpoint)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from medlava.artifacts import atomic_dir
 from medlava.config import TinyModelConfig
 
 FORMAT = 2  # of what build_tiny makes; part of the cache key, so a change rebuilds cached checkpoints
@@ -100,12 +100,7 @@ def tiny_checkpoint(cfg: TinyModelConfig) -> Path:
     if (path / "config.json").exists():
         return path
     model, processor = build_tiny(cfg)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished the same checkpoint first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(path, exists="keep") as tmp:  # another process may finish the same checkpoint first
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return path

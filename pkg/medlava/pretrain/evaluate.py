@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader, Subset
 from medlava.distributed import Dist
 from medlava.eval.closed import evaluate_closed
 from medlava.io import atomic_write_json
+from medlava.models.clip import ClipModule
 from medlava.models.cnn import Item
 from medlava.models.inputs import raise_batch_error
-from medlava.predict import predictions_frame
-from medlava.predictions import write_predictions
+from medlava.predictions import predictions_frame, write_predictions
 from medlava.pretrain.data import Pair, PairDataset, ZeroShot, collate
 from medlava.pretrain.metrics import retrieval_metrics
-from medlava.pretrain.model import ClipModule
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,19 @@ import torch
 from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
-from medlava import signals
+from medlava import precision, signals
 from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.io import InputError, atomic_write_json
+from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
-from medlava.pretrain.model import ClipModule, TokenizerFiles, create, image_transform
-from medlava.runs import mark_complete, resolve, start_run
 from medlava.train import runtime
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
-from medlava.train.cnn import make_optimizer
-from medlava.train.loop import epoch_indices
+from medlava.train.optim import make_optimizer
+from medlava.train.sampling import epoch_indices
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
@@ -38,7 +37,7 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
 
 def amp_dtype(p: PretrainConfig, d: Dist) -> torch.dtype | None:
     """pretrain.precision's autocast dtype (auto without bf16: fp16 with loss scaling); None on CPU."""
-    return runtime.autocast_dtype(runtime.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
+    return precision.autocast_dtype(precision.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
 
 
 def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
@@ -54,7 +53,7 @@ def contrastive_step(net: torch.nn.Module, model: ClipModule, batch: dict, loss_
                      scaler: torch.amp.GradScaler, p: PretrainConfig, d: Dist, amp: torch.dtype | None) -> tuple:
     """One optimizer step on a batch; (this rank's loss, gradient norm, logit scale)."""
     raise_batch_error(batch)
-    with runtime.autocast(d.device, amp):
+    with precision.autocast(d.device, amp):
         image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
                                                    batch["text"].to(d.device, non_blocking=True))
         loss = loss_fn(image_features.float(), text_features.float(), scale.float())
@@ -78,7 +77,7 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     net = runtime.wrap_ddp(model, d)
     optimizer = make_optimizer(model, p.lr, p.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * p.warmup_ratio), total)
-    scaler = runtime.grad_scaler(amp)
+    scaler = precision.grad_scaler(amp)
     loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
                        rank=d.rank, world_size=d.world_size)
     step, done = 0, runtime.checkpoint_dirs(run, "step")
@@ -125,11 +124,11 @@ def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path,
     return ckpt
 
 
-def run_pretrain(cfg: Config, d: Dist) -> Path:
+def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path) -> dict | None:
+    """Train on the pairs of `prepared` into `run` (resuming what is there), then score pretrain.eval_split; the
+    run's result on rank 0 (None on the others)."""
     p = cfg.pretrain
     signals.install()
-    run = start_run(cfg, "pretrain", d.rank)
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
     train_samples, manifest = load_prepared(prepared, "train")
     eval_samples, _ = load_prepared(prepared, p.eval_split)
     root = Path(manifest["image_root"])
@@ -158,14 +157,13 @@ def run_pretrain(cfg: Config, d: Dist) -> Path:
                  {"stage": "pretrain", "model": p.model})
     metrics = write_results(run, model, eval_pairs, PairDataset(eval_pairs, root, transform, model.tokenizer), task,
                             cfg.eval.n_bootstrap, d, amp_dtype(p, d), p.batch_size, p.num_workers)
-    if d.main:
-        r = metrics["retrieval"]
-        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
-                            "predictions": "predictions.csv" if task else None,
-                            "classes": task.classes if task else None,
-                            "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
-                            "zero_shot_accuracy": metrics.get("accuracy")})
-        log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],
-                 f", zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f}" if task else "", run)
     barrier()
-    return run
+    if not d.main:
+        return None
+    r = metrics["retrieval"]
+    log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],
+             f", zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f}" if task else "", run)
+    return {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
+            "predictions": "predictions.csv" if task else None, "classes": task.classes if task else None,
+            "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
+            "zero_shot_accuracy": metrics.get("accuracy")}

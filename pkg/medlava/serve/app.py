@@ -27,8 +27,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from medlava.io import InputError
 from medlava.models.cnn import Item
-from medlava.predict import CnnPredictor, VlmPredictor, add_predictor_args, predictor_from_args
 from medlava.serve.uploads import FORMATS, UploadError, save_upload
+from medlava.tools.predict import (
+    CnnPredictor,
+    VlmPredictor,
+    add_predictor_args,
+    predictor_from_args,
+)
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

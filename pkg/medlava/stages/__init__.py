@@ -1,10 +1,40 @@
-"""The stages, one module each (`medlava.stages.<name>.run(cfg, dist)`), and the one registry that the CLI,
-the launcher, the job builder and the run directories read. Importing this package loads no model code."""
+"""The stages, one module each (`medlava.stages.<name>.run(cfg, dist, **options)`), and the one registry that the
+CLI, the launcher, the job builder and the run directories read. Importing this package loads no model code.
+
+Invariants:
+- A stage module owns its run: it starts the run directory, resolves its upstream runs, runs, and marks the run
+  complete. Library packages (train, infer, eval, pretrain, data) are handed the directory and never start or
+  complete one.
+- No code outside a stage's own module names it: what differs between stages (their options, array jobs, what
+  --check means, which upstream run the launcher pins) is declared here.
+"""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class CheckFailed(Exception):
+    """A stage run with --check found problems (it has printed them); the process exits 1."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of some stages, passed to run() as the keyword `name`."""
+    name: str
+    flag: str
+    type: type
+    help: str
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("chunk_idx", "--chunk-idx", int, "answer only this chunk (a job-array task)"),
+    Option("merge_only", "--merge-only", bool, "merge the finished chunks and stop (the job after an array)"),
+    Option("check", "--check", bool, "list every problem in the input in one pass, write no outputs; exit 1 if any"),
+    Option("prepare_only", "--prepare-only", bool, "prepare the inputs (cached) and stop (the job before an array)"),
+)}
 
 
 @dataclass(frozen=True)
@@ -18,22 +48,59 @@ class Stage:
     """Trains: one process per GPU under torchrun, on cluster.nodes nodes; checkpoints and resumes."""
     upstream: str | None
     """The stage whose newest complete run `latest` means in this stage's section."""
+    options: tuple[str, ...] = ()
+    """Names of the OPTIONS it takes."""
+    array: str | None = None
+    """A key of its section holding a task count K: K > 1 runs as a job array of K tasks (task i with
+    `--chunk-idx i`) and then one merge job (`--merge-only`); the stage takes both options."""
+    check: Literal["stage", "doctor"] = "doctor"
+    """What `launch/submit.py STAGE --check` runs: the stage itself with --check, or `medlava doctor` on one node
+    of what the stage's job would get."""
+    pins: str | None = None
+    """A key of its section naming an upstream run (`latest` or a path): the launcher resolves `latest` once, at
+    submit time, for every job of the launch (array tasks must not see a newer run appear mid-array)."""
+    keys_in: str | None = None
+    """The section `array` and `pins` are keys of, when not its own (the suite answers with infer's settings)."""
+    before: str | None = None
+    """An option whose job runs once before the others (the suite prepares its benchmarks, then answers)."""
+
+    def __post_init__(self) -> None:
+        if self.array and not {"chunk_idx", "merge_only"} <= set(self.options):
+            raise ValueError(f"stage {self.name}: an array stage takes --chunk-idx and --merge-only")
+        if self.before and self.before not in self.options:
+            raise ValueError(f"stage {self.name}: its `before` job is one of its options")
 
     @property
     def distributed(self) -> bool:
         """Sets up torch.distributed (a device and, under torchrun, a process group)."""
         return self.vlm or self.trains
 
+    @property
+    def gpus(self) -> Literal["node", "one", "none"]:
+        """GPUs a job of it takes: every GPU of each node (training), one (a VLM answering), or none."""
+        return "node" if self.trains else "one" if self.vlm else "none"
+
+    def settings(self, cfg: Any) -> Any:
+        """The config section its `array` and `pins` keys are in (its own, unless `keys_in`)."""
+        return getattr(cfg, self.keys_in or self.section)
+
+    def tasks(self, cfg: Any) -> int:
+        """How many array tasks it runs as (1: a single job)."""
+        return int(getattr(self.settings(cfg), self.array)) if self.array else 1
+
     def run(self, cfg, dist=None, **options):
         return importlib.import_module(f"medlava.stages.{self.name}").run(cfg, dist, **options)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "data", vlm=False, trains=False, upstream=None),
+    Stage("prepare", "data", vlm=False, trains=False, upstream=None, options=("check",), check="stage"),
     Stage("align", "align", vlm=True, trains=True, upstream="prepare"),
     Stage("sft", "sft", vlm=True, trains=True, upstream="align"),  # sft.init_from=latest: the aligned projector
-    Stage("infer", "infer", vlm=True, trains=False, upstream="sft"),
+    Stage("infer", "infer", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only"),
+          array="chunks", pins="checkpoint"),
     Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
+    Stage("suite", "suite", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only", "prepare_only"),
+          array="chunks", pins="checkpoint", keys_in="infer", before="prepare_only"),
     Stage("suite", "suite", vlm=True, trains=False, upstream="sft"),  # infer.checkpoint: the model it scores
     Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
     Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),

@@ -7,9 +7,15 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
+from medlava.runs import mark_complete, resolve, start_run
 
 
 def run(cfg: Config, dist: Dist) -> Path:
     from medlava.train.vlm import train_vlm
 
-    return train_vlm(cfg, "align", dist)
+    run = start_run(cfg, "align", dist.rank, "always" if cfg.align.resume == "auto" else "never",
+                    " (or align.resume=auto to continue it)")
+    ckpt, info = train_vlm(cfg, "align", dist, run, resolve(cfg, cfg.data.samples, "prepare"), init=None)
+    if dist.main:
+        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
+    return run

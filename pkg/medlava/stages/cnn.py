@@ -7,9 +7,19 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
+from medlava.runs import mark_complete, resolve, start_run
 
 
 def run(cfg: Config, dist: Dist) -> Path:
     from medlava.train.cnn import run_cnn
 
-    return run_cnn(cfg, dist)
+    c = cfg.cnn
+    if c.pretrained and not Path(c.pretrained).is_file():
+        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
+                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
+    run = start_run(cfg, "cnn", dist.rank, "always" if c.resume == "auto" else "never",
+                    " (or cnn.resume=auto to continue it)")
+    result = run_cnn(c, dist, run, resolve(cfg, cfg.data.samples, "prepare"))
+    if dist.main:
+        mark_complete(run, result)
+    return run

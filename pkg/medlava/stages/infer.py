@@ -1,5 +1,6 @@
-"""The `infer` stage: answer one split in chunks (each a job-array task or a loop here), then merge into
-`answers.jsonl` (LLaVA-Med's answer-file format) and `predictions.csv`."""
+"""The `infer` stage: answer one split (or a question file) in chunks, each a job-array task or a loop here
+(medlava.infer.answer), then merge them into `answers.jsonl` (LLaVA-Med's answer-file format) and
+`predictions.csv`."""
 
 from __future__ import annotations
 
@@ -7,20 +8,18 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from medlava.artifacts import checkpoint_of, step_of
 from medlava.config import Config
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
-from medlava.infer.answer import Model, answer_chunk, answer_shares
+from medlava.infer.answer import Answerer, answer_shares
 from medlava.infer.chunks import check_source, chunk_path, merge_chunks
 from medlava.infer.questions import read_questions
 from medlava.io import atomic_write_jsonl
-from medlava.models.inputs import Encoder
-from medlava.models.llava import load_for_inference, num_image_tokens
 from medlava.predictions import answers_frame, write_predictions
 from medlava.runs import mark_complete, resolve, run_dir, start_run
 from medlava.stages import upstream
-from medlava.train.checkpoint import checkpoint_of, step_of
-from medlava.train.runtime import choose_dtype, tensorboard
+from medlava.train.runtime import tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,10 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     return source
 
 
-def load_model(cfg: Config, source: dict, image_root: Path, d: Dist) -> Model:
-    """The checkpoint `source` pins, on this rank's device, with its encoder for `image_root`."""
-    m = cfg.vlm("infer")
+def load_answerer(cfg: Config, source: dict, image_root: Path, d: Dist) -> Answerer:
+    """The checkpoint `source` pins, on this rank's device, reading images from `image_root`."""
     ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
-    model, processor, model_id = load_for_inference(m, ckpt, choose_dtype("auto"))
-    model.to(d.device)
-    encoder = Encoder(processor, m.template, num_image_tokens(model), m.model_max_length, image_root)
-    return Model(model, processor, encoder, model_id, d.device)
+    return Answerer.load(cfg.infer, cfg.vlm("infer"), ckpt, image_root, d.device)
 
 
 def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
@@ -86,9 +81,9 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
     writer = tensorboard(run, None, d)  # array tasks share the directory: none may purge another's events
     if todo:
         check_source(folder, source, claim=True)
-        model = load_model(cfg, source, image_root, d)
+        answerer = load_answerer(cfg, source, image_root, d)
         for i in todo:
-            stats = answer_chunk(cfg.infer, samples, i, cfg.infer.chunks, model, folder)
+            stats = answerer.answer_chunk(samples, i, folder)
             if writer and stats.answers:  # one point per chunk: a slow node shows up
                 writer.add_scalar("infer/answers_per_s", stats.answers_per_s, i)
     if chunk_idx is not None and not merge_only:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.runs import mark_complete, start_run
+from medlava.stages import CheckFailed
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, dist=None, check: bool = False) -> Path:
     """The dataset named by data.dataset -> sample JSONL in the run directory. With `check`, nothing is
-    written but prepare_report.json: every problem is listed (printed, and `ok` false when there are any)."""
+    written but prepare_report.json: every problem is listed (printed, and CheckFailed when there are any)."""
     from medlava.data.prepare import finish
     from medlava.data.problems import Problems
     from medlava.data.registry import load_dataset
@@ -31,6 +32,8 @@ def run(cfg: Config, dist=None, check: bool = False) -> Path:
     if check:
         print(f"medlava prepare --check ({cfg.data.dataset}, {cfg.data.root}): {problems.render()}", flush=True)
         log.info("check: %s (report: %s)", "ok" if problems.ok else "problems found", run / "prepare_report.json")
+        if not problems.ok:
+            raise CheckFailed(run / "prepare_report.json")
         return run
     mark_complete(run, {"splits": summary["splits"], "skipped": {k: v for k, v in summary["skipped"].items() if v}})
     log.info("prepare: %s samples in %s", summary["splits"], run)

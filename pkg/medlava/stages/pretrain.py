@@ -7,9 +7,14 @@ from pathlib import Path
 
 from medlava.config import Config
 from medlava.distributed import Dist
+from medlava.runs import mark_complete, resolve, start_run
 
 
 def run(cfg: Config, dist: Dist) -> Path:
     from medlava.pretrain.loop import run_pretrain
 
-    return run_pretrain(cfg, dist)
+    run = start_run(cfg, "pretrain", dist.rank)
+    result = run_pretrain(cfg, dist, run, resolve(cfg, cfg.data.samples, "prepare"))
+    if dist.main:
+        mark_complete(run, result)
+    return run

@@ -84,9 +84,8 @@ def _inputs(cfg: Config, i: int, run: Path):
 
 def answer(cfg: Config, d, run: Path, chunks: list[int]) -> None:
     """Answer the given chunks of every benchmark; the model is loaded once, when there is work left."""
-    from medlava.infer.answer import answer_chunk
     from medlava.infer.chunks import check_source, chunk_path
-    from medlava.stages.infer import load_model
+    from medlava.stages.infer import load_answerer
     from medlava.train.runtime import tensorboard
 
     model, writer = None, tensorboard(run, None, d)
@@ -95,8 +94,8 @@ def answer(cfg: Config, d, run: Path, chunks: list[int]) -> None:
         if chunk_path(folder, c, cfg.infer.chunks).exists():
             continue
         check_source(folder, source, claim=True)
-        model = model or load_model(cfg, source, image_root, d)
-        stats = answer_chunk(cfg.infer, samples, c, cfg.infer.chunks, model.for_images(image_root), folder)
+        model = model or load_answerer(cfg, source, image_root, d)
+        stats = model.for_images(image_root).answer_chunk(samples, c, folder)
         if writer and stats.answers:
             writer.add_scalar(f"infer/{cfg.suite.benchmarks[i].label}/answers_per_s", stats.answers_per_s, c)
     if writer:
@@ -114,7 +113,7 @@ def merge(cfg: Config, run: Path, writer) -> list[dict]:
     from medlava.infer.chunks import merge_chunks
     from medlava.io import atomic_write_jsonl
     from medlava.predictions import answers_frame, write_predictions
-    from medlava.train.checkpoint import step_of
+    from medlava.artifacts import step_of
 
     rows = []
     for i, b in enumerate(cfg.suite.benchmarks):
@@ -141,7 +140,7 @@ def run(cfg: Config, d=None, chunk_idx: int | None = None, merge_only: bool = Fa
         prepare_only: bool = False) -> Path:
     from medlava.eval.leaderboard import write_leaderboard
     from medlava.stages.infer import resolved_checkpoint
-    from medlava.train.checkpoint import step_of
+    from medlava.artifacts import step_of
     from medlava.train.runtime import tensorboard
 
     if not cfg.suite.benchmarks:

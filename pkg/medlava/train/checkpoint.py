@@ -7,11 +7,7 @@ A checkpoint is written into a hidden temp directory and renamed into place, so 
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import re
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,9 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from medlava.artifacts import publish, temp_dir_for, temp_path, write_manifest
 from medlava.distributed import Dist, barrier
-from medlava.models.llava import MANIFEST, PROJECTOR_FILE, save_projector
-from medlava.runs import is_complete, read_result
+from medlava.models.llava import PROJECTOR_FILE, save_projector
 from medlava.train.runtime import STATE
 
 TRAINABLE = "trainable.safetensors"
@@ -47,10 +43,9 @@ def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor, kin
     """Write checkpoints/step-N atomically; every rank calls it (each saves its RNG, and under DeepSpeed
     its optimizer shard). `model` is unwrapped (no DDP / engine)."""
     final = run / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = temp_path(final)  # the same name on every rank: each writes its files into it
     if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temp_dir_for(final)
     barrier()
     torch.save(_rng_state(), tmp / f"rng-{d.rank}.pt")
     if engine is not None:  # optimizer, scheduler and trainable weights, sharded as they are in memory
@@ -69,12 +64,10 @@ def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor, kin
         if engine is None:
             state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         torch.save(state, tmp / STATE)
-        (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "step": step, **manifest}, indent=2))
+        write_manifest(tmp, kind, step=step, **manifest)
     barrier()  # every rank's RNG file is in tmp before it becomes step-N: renamed earlier, a slow rank's is lost
-    if d.main:
-        if final.exists():  # a re-run of the same step after a crash between rename and COMPLETE
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    if d.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
+        publish(tmp, final, exists="replace")
     barrier()
     return final
 
@@ -106,19 +99,3 @@ def load_resume_state(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, 
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     return state
-
-
-def step_of(checkpoint: str | Path) -> int:
-    """The step a checkpoint was saved at, from its directory name (`step-N`, `epoch-N`, `epoch-N-step-S`); 0 for
-    `base` or a directory named otherwise (a converted model), the untrained end of a curve."""
-    m = re.search(r"step-(\d+)$", str(checkpoint)) or re.search(r"epoch-(\d+)$", str(checkpoint))
-    return int(m.group(1)) if m else 0
-
-
-def checkpoint_of(path: Path) -> Path:
-    """A checkpoint directory from either itself or a complete training run directory."""
-    if (path / MANIFEST).exists():
-        return path
-    if is_complete(path) and "checkpoint" in read_result(path):
-        return path / read_result(path)["checkpoint"]  # stored relative to the run
-    raise FileNotFoundError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a complete training run")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 from medlava import signals
-from medlava.config import CnnConfig, Config
+from medlava.config import CnnConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier, mean_over_ranks
 from medlava.eval.classification import classification_metrics
@@ -47,23 +47,19 @@ from medlava.models.cnn import (
     save_cnn,
     set_phase,
 )
-from medlava.predict import predictions_frame
-from medlava.predictions import write_predictions
-from medlava.runs import mark_complete, resolve, start_run
+from medlava.precision import autocast, autocast_dtype, choose_dtype, grad_scaler
+from medlava.predictions import predictions_frame, write_predictions
+from medlava.train.optim import make_optimizer
 from medlava.train.runtime import (
     STATE,
-    autocast,
-    autocast_dtype,
     checkpoint_dirs,
-    choose_dtype,
     exit_for_requeue,
-    grad_scaler,
     progress,
-    rank_share,
     stop_requested,
     tensorboard,
     wrap_ddp,
 )
+from medlava.train.sampling import rank_share
 
 log = logging.getLogger(__name__)
 VAL_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
@@ -136,13 +132,6 @@ def class_weights(labels: np.ndarray, classes: list[str]) -> torch.Tensor:
                          "use class_balance=none or add samples")
     weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over what trains now; biases and norms without weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -255,15 +244,8 @@ class CnnRun:
     net: nn.Module | None = None
 
 
-def setup(cfg: Config, d: Dist) -> CnnRun:
-    """The run directory, the data, the model, loss and precision, train_info.json, and a resumed state."""
-    c = cfg.cnn
-    if c.pretrained and not Path(c.pretrained).is_file():
-        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
-                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
-    run = start_run(cfg, "cnn", d.rank, "always" if c.resume == "auto" else "never",
-                    " (or cnn.resume=auto to continue it)")
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
+def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> CnnRun:
+    """The data, the model, loss and precision, train_info.json, and a resumed state."""
     splits, classes = load_splits(prepared, c)
     torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
     meta = MetaEncoder.fit([it.meta for it in splits["train"]]) if c.metadata else None
@@ -412,32 +394,32 @@ def validate(s: CnnRun, losses: list[float]) -> None:
         exit_for_requeue(name)
 
 
-def predict(s: CnnRun) -> None:
-    """The best checkpoint answers cnn.predict_split into predictions.csv; the run is marked complete."""
+def predict(s: CnnRun) -> dict:
+    """The best checkpoint answers cnn.predict_split into predictions.csv; what COMPLETE.json records."""
     best = s.run / "checkpoints" / s.loop["best"]
     s.model.load_state_dict(load_file(str(best / WEIGHTS)))
     items = s.splits[s.c.predict_split]
     probs = gather_proba(s.model, items, s.spec, s.c, s.d, s.amp)
+    best_row = next(h for h in s.loop["history"] if f"epoch-{h['epoch']:03d}" == s.loop["best"])
     if s.d.main:
         write_predictions(s.run / "predictions.csv", predictions_frame(items, probs, s.classes))
-        best_row = next(h for h in s.loop["history"] if f"epoch-{h['epoch']:03d}" == s.loop["best"])
-        mark_complete(s.run, {"checkpoint": str(best.relative_to(s.run)), "predictions": "predictions.csv",
-                              "classes": s.classes, "samples": str(s.prepared), "split": s.c.predict_split,
-                              "n": len(items), "epochs_run": len(s.loop["history"]), "best_epoch": best_row["epoch"],
-                              "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}})
         log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
                  s.loop["best_f1"], len(items), s.c.predict_split, s.run / "predictions.csv")
     barrier()
+    return {"checkpoint": str(best.relative_to(s.run)), "predictions": "predictions.csv", "classes": s.classes,
+            "samples": str(s.prepared), "split": s.c.predict_split, "n": len(items),
+            "epochs_run": len(s.loop["history"]), "best_epoch": best_row["epoch"],
+            "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}}
 
 
-def run_cnn(cfg: Config, d: Dist) -> Path:
+def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> dict:
+    """Train on `prepared` into `run` (resuming what is there), answer cnn.predict_split; the run's result."""
     signals.install()
-    s = setup(cfg, d)
+    s = setup(c, d, run, prepared)
     while not s.loop["done"]:
         if s.phase != (1 if s.loop["epoch"] < s.c.frozen_epochs else 2):
             enter_phase(s)
         validate(s, train_epoch(s))
     if s.writer:
         s.writer.close()
-    predict(s)
-    return s.run
+    return predict(s)

@@ -15,51 +15,22 @@ from pathlib import Path
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from medlava import signals
+from medlava import precision, signals
 from medlava.config import TrainConfig
 from medlava.distributed import Dist, ensure_process_group, mean_over_ranks
-from medlava.models.inputs import SampleDataset, collate, collate_packed, raise_batch_error
-from medlava.models.llava import PROJECTOR, enable_activation_checkpointing
-from medlava.train.checkpoint import load_resume_state, save_checkpoint
+from medlava.models.inputs import (
+    SampleDataset,
+    collate,
+    collate_packed,
+    raise_batch_error,
+)
+from medlava.models.llava import enable_activation_checkpointing
 from medlava.train import runtime
+from medlava.train.checkpoint import load_resume_state, save_checkpoint
+from medlava.train.optim import make_optimizer, param_groups
+from medlava.train.sampling import epoch_indices
 
 log = logging.getLogger(__name__)
-
-
-def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
-    """Projector params may take their own lr; biases and norms get no weight decay (as LLaVA)."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((PROJECTOR in name, p.ndim >= 2), []).append(p)
-    return [{"params": ps, "lr": (t.projector_lr or t.lr) if proj else t.lr,
-             "weight_decay": t.weight_decay if decay else 0.0, "name": ("projector" if proj else "model")}
-            for (proj, decay), ps in sorted(groups.items())]
-
-
-def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size: int,
-                  lengths: list[int] | None = None) -> list[int]:
-    """This rank's sample order for an epoch, from `skip` on. By hand because DistributedSampler can
-    neither start mid-epoch (exact resume) nor group by length.
-
-    With `lengths`, batches are length-grouped as HF's group_by_length: a random permutation is cut into
-    megabatches of 50 global batches, each sorted by length, so a batch holds samples of similar length
-    (less padding) while batch order stays random."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if lengths is None:
-        return runtime.rank_share(order, d)[skip:]
-    order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
-    global_batch = batch_size * d.world_size
-    mega = global_batch * 50
-    batches = []
-    for i in range(0, len(order), mega):
-        chunk = sorted(order[i : i + mega], key=lambda j: -lengths[j])
-        batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
-    # Only the very last batch can be short; it stays last so every rank's batches stay aligned.
-    full = len(batches) - (len(batches[-1]) < global_batch)
-    perm = torch.randperm(full, generator=g).tolist() + list(range(full, len(batches)))
-    return [j for b in perm for j in batches[b][d.rank :: d.world_size]][skip:]
 
 
 @dataclass
@@ -95,20 +66,20 @@ def make_trainer(model: torch.nn.Module, t: TrainConfig, d: Dist, dtype: torch.d
         ensure_process_group(d)
         # DeepSpeed owns mixed precision, accumulation, clipping, the optimizer and the scheduler step.
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, t),
+            model=model, model_parameters=param_groups(model, t.lr, t.weight_decay, t.projector_lr),
             config=deepspeed_config(t, dtype),
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total))
-        return Trainer(model, engine, optimizer, scheduler, engine, None, runtime.grad_scaler(None), total,
+        return Trainer(model, engine, optimizer, scheduler, engine, None, precision.grad_scaler(None), total,
                        updates_per_epoch)
     # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     model.to(d.device)
-    optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.999))
-    amp = runtime.autocast_dtype(dtype, d.device)
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, t.projector_lr)
+    amp = precision.autocast_dtype(dtype, d.device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    return Trainer(model, runtime.wrap_ddp(model, d), optimizer, scheduler, None, amp, runtime.grad_scaler(amp), total,
+    return Trainer(model, runtime.wrap_ddp(model, d), optimizer, scheduler, None, amp, precision.grad_scaler(amp), total,
                    updates_per_epoch)
 
 
@@ -130,7 +101,7 @@ def optimizer_step(tr: Trainer, batches, t: TrainConfig, d: Dist) -> dict[str, f
             tr.engine.backward(loss)
             tr.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
         else:
-            with (nullcontext() if sync else tr.net.no_sync()), runtime.autocast(d.device, tr.amp):
+            with (nullcontext() if sync else tr.net.no_sync()), precision.autocast(d.device, tr.amp):
                 loss = tr.net(**batch, use_cache=False).loss
                 tr.scaler.scale(loss / t.grad_accum).backward()
         losses.append(loss.item())

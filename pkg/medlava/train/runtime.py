@@ -1,6 +1,4 @@
-"""What the training loops (the VLM's in loop.py, the CNN's in cnn.py) share: precision and autocast, DDP
-wrapping, each rank's share of an epoch, checkpoint listing, stop-and-requeue, the progress bar and the
-TensorBoard writer."""
+"""What the training loops (the VLM's in loop.py, the CNN's in cnn.py) share: DDP wrapping, checkpoint listing, stop-and-requeue, the progress bar and the TensorBoard writer."""
 
 from __future__ import annotations
 
@@ -22,39 +20,12 @@ STATE = "trainer_state.pt"
 """In every checkpoint directory a loop can resume from (optimizer, scheduler, position)."""
 
 
-def choose_dtype(precision: str, without_bf16: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype of `precision`; `auto` is bf16 on GPUs that have it, else `without_bf16`."""
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else without_bf16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
-    """The dtype to autocast to, or None for none: always None on CPU, where autocast only slows training down."""
-    return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
-
-
-def autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
-
-def grad_scaler(amp: torch.dtype | None) -> torch.amp.GradScaler:
-    """Loss scaling, which fp16 needs and bf16 does not."""
-    return torch.amp.GradScaler(enabled=amp == torch.float16)
-
-
 def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """DDP over the ranks, or the model itself in a single process."""
     if d.world_size == 1:
         return model
     device_ids = [d.local_rank] if d.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def rank_share(order: list[int], d: Dist) -> list[int]:
-    """This rank's strided share of an epoch's order, padded to equal shards as DistributedSampler pads."""
-    order = order + order[: (-len(order)) % d.world_size]
-    return order[d.rank :: d.world_size]
 
 
 def checkpoint_dirs(run: Path, prefix: str) -> list[Path]:

@@ -28,11 +28,8 @@ from medlava.models.llava import (
     load_projector,
     num_image_tokens,
 )
-from medlava.runs import mark_complete, resolve, start_run
-from medlava.stages import STAGES, upstream
-from medlava.train.checkpoint import checkpoint_of
+from medlava.precision import choose_dtype
 from medlava.train.loop import train
-from medlava.train.runtime import choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +82,9 @@ class StageModel:
     zero3_config: object = None  # HfDeepSpeedConfig: transformers reads it through a weakref while it lives
 
 
-def init_checkpoint(cfg: Config, stage: str) -> Path | None:
-    """The aligned projector sft starts from (sft.init_from), or None."""
-    if stage == "align" or cfg.sft.init_from == "none":
-        return None
-    return checkpoint_of(resolve(cfg, cfg.sft.init_from, upstream("sft")))
-
-
 def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageModel:
     """Load the base model and choose what trains, as `stage` does (check-model builds it this way too)."""
-    t: TrainConfig = getattr(cfg, STAGES[stage].section)
+    t: TrainConfig = getattr(cfg, stage)  # align and sft are configured by the sections of their names
     m = cfg.vlm(stage)
     dtype = choose_dtype(t.precision)
     base = base_model_path(m)
@@ -121,15 +111,12 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
     return StageModel(model, processor, m.template, "lora" if t.lora else "full", dtype, base, zero3)
 
 
-def train_vlm(cfg: Config, stage: str, d: Dist) -> Path:
-    """The align or sft stage: prepared samples -> checkpoints of what trains."""
-    t: TrainConfig = getattr(cfg, STAGES[stage].section)
+def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None) -> tuple[Path, dict]:
+    """Train what `stage` (align or sft) trains on the prepared training split, checkpoints under `run`; starts
+    from the projector checkpoint `init` when given. (final checkpoint, what train_info.json records)."""
+    t: TrainConfig = getattr(cfg, stage)  # align and sft are configured by the sections of their names
     m = cfg.vlm(stage)
-    run = start_run(cfg, stage, d.rank, "always" if t.resume == "auto" else "never",
-                    f" (or {STAGES[stage].section}.resume=auto to continue it)")
-    prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, "train")
-    init = init_checkpoint(cfg, stage)
     if d.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
         base_model_path(m)
     barrier()
@@ -152,6 +139,4 @@ def train_vlm(cfg: Config, stage: str, d: Dist) -> Path:
                       Path(manifest["image_root"]))
     ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
                  {"base_model": built.base, "stage": stage, "template": template}, dtype)
-    if d.main:
-        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
-    return run
+    return ckpt, info

@@ -5,16 +5,14 @@ fine-tune) as one standalone transformers LLaVA checkpoint with its processor, l
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from medlava.artifacts import atomic_dir, checkpoint_of, read_manifest
 from medlava.config import ModelConfig
-from medlava.models.llava import load_for_inference, read_manifest
-from medlava.train.checkpoint import checkpoint_of
+from medlava.models.llava import load_for_inference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,17 +20,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     ckpt = checkpoint_of(Path(checkpoint))
     manifest = read_manifest(ckpt)
-    model, processor, _ = load_for_inference(ModelConfig(name_or_path=manifest["base_model"],
-                                                         attn_implementation="sdpa"), ckpt, dtype)
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out directory")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    with atomic_dir(Path(out)) as tmp:  # refuses an existing --out before the model is loaded
+        model, processor, _ = load_for_inference(ModelConfig(name_or_path=manifest["base_model"],
+                                                             attn_implementation="sdpa"), ckpt, dtype)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:

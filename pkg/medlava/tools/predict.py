@@ -26,7 +26,6 @@ import torch
 
 from medlava.data.ham10000 import CLASSES, IMAGE_DIRS, QUESTION
 from medlava.io import InputError
-from medlava.predictions import label_frame, write_predictions
 from medlava.models.cnn import (
     Item,
     ItemDataset,
@@ -35,6 +34,7 @@ from medlava.models.cnn import (
     load_cnn,
     predict_proba,
 )
+from medlava.predictions import predictions_frame, write_predictions
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -72,8 +72,9 @@ class VlmPredictor:
 
     def __init__(self, checkpoint: Path, device: torch.device, question: str = QUESTION,
                  choices: Sequence[str] = CLASSES, max_new_tokens: int = 64):
-        from medlava.models.llava import load_for_inference, num_image_tokens, read_manifest
-        from medlava.train.runtime import choose_dtype
+        from medlava.artifacts import read_manifest
+        from medlava.models.llava import load_for_inference, num_image_tokens
+        from medlava.precision import choose_dtype
 
         manifest = read_manifest(checkpoint)
         model_cfg = _model_config(Path(checkpoint), manifest)
@@ -143,7 +144,7 @@ def choose_device(name: str) -> torch.device:
 def load_predictor(path: Path, device: torch.device, question: str = QUESTION,
                    choices: Sequence[str] = CLASSES) -> CnnPredictor | VlmPredictor:
     """A CNN or VLM predictor from a checkpoint directory or a complete cnn/align/sft run directory."""
-    from medlava.train.checkpoint import checkpoint_of
+    from medlava.artifacts import checkpoint_of
 
     ckpt = checkpoint_of(Path(path))
     if is_cnn_checkpoint(ckpt):
@@ -247,11 +248,6 @@ def read_inputs(path: Path, image_root: Path | None, classes: Sequence[str]) -> 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a folder of images or a CSV listing them")
     return read_csv(path, image_root, classes)
-
-
-def predictions_frame(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    return label_frame([it.id for it in items], [it.rel for it in items], [it.label for it in items],
-                       [it.meta for it in items], probs, classes)
 
 
 def main(argv: list[str]) -> int:

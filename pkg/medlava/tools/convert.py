@@ -18,12 +18,9 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +40,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from medlava.artifacts import atomic_dir
 from medlava.io import InputError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -116,20 +114,6 @@ def _fresh(dst: Path) -> Path:
     if dst.exists():  # checked first: a conversion reads gigabytes before it writes
         raise InputError(f"output {dst} already exists; remove it or choose another --out")
     return dst
-
-
-@contextmanager
-def atomic_dir(dst: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `dst`; it becomes `dst` only when the block finishes."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -29,6 +29,7 @@ import pandas as pd
 from medlava.eval.classification import classification_metrics, score_classes
 from medlava.eval.closed import CLASSIFICATION_TASKS, read_predictions
 from medlava.io import InputError, atomic_savefig, atomic_write_text
+from medlava.runs import is_complete, read_result
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
@@ -102,8 +103,7 @@ def load_result(arg: str, n_bootstrap: int = 1000) -> Result:
     csv = path / "predictions.csv" if path.is_dir() else path
     if not csv.exists():
         raise FileNotFoundError(f"{path} holds neither metrics.json nor predictions.csv: is the run complete?")
-    complete = csv.parent / "COMPLETE.json"
-    classes = json.loads(complete.read_text()).get("classes") if complete.exists() else None
+    classes = read_result(csv.parent).get("classes") if is_complete(csv.parent) else None
     return Result(label, csv, _from_predictions(csv, classes, n_bootstrap))
 
 

@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from medlava.config import Config, ConfigError, TrainConfig, apply_overrides, format_errors, load_config
+from medlava.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_errors,
+    load_config,
+)
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist
 from medlava.infer.score import generate
@@ -30,7 +37,8 @@ from medlava.models.inputs import Encoder, collate
 from medlava.models.llava import PROJECTOR, choose_attention, num_image_tokens
 from medlava.models.templates import IGNORE_INDEX
 from medlava.runs import resolve
-from medlava.train.vlm import build_model, init_checkpoint
+from medlava.stages.sft import init_checkpoint
+from medlava.train.vlm import build_model
 
 GROUPS = ("vision tower", "projector", "LLM", "LoRA")
 GiB = 1024**3
@@ -60,7 +68,7 @@ def build_for_stage(cfg: Config, stage: str) -> Built:
     loading aside: the memory estimate accounts for it)."""
     notes = []
     try:
-        init = init_checkpoint(cfg, stage)
+        init = init_checkpoint(cfg) if stage == "sft" else None
     except FileNotFoundError as e:  # normal before the chain has run; the sft job itself would stop here
         init = None
         notes.append(f"sft.init_from={cfg.sft.init_from}: {e}; sft fails unless that exists by the time it starts")

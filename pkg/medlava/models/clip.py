@@ -11,7 +11,12 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.model import CLIP, CustomTextCLIP, get_model_preprocess_cfg, set_model_preprocess_cfg
+from open_clip.model import (
+    CLIP,
+    CustomTextCLIP,
+    get_model_preprocess_cfg,
+    set_model_preprocess_cfg,
+)
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from safetensors.torch import load_file, save_file

@@ -21,21 +21,21 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from medlava.cluster.gres import parse_gres
+from medlava.cluster.sinfo import parse_sinfo
+from medlava.cluster.sinfo import query as sinfo_query
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GiB = 1024**3
 OUTPUT_FAIL_GIB = 1  # below this not even a LoRA checkpoint and its logs fit
 OUTPUT_WARN_GIB = 50  # a full 7B fine-tune checkpoint with optimizer state is ~80 GiB; LoRA ones are MBs
 CACHE_WARN_GIB = 20  # LLaVA-Med v1.5 (~15 GB) + CLIP ViT-L/14-336 (~1.7 GB)
-SINFO_FORMAT = "%P|%a|%D|%G"  # partition|availability|nodes|generic resources (GPUs)
 DEFAULT_CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 
 
@@ -258,36 +258,6 @@ def check_deepspeed(pins: Mapping[str, SpecifierSet]) -> Check:
 
 # ---------------------------------------------------------------- SLURM, containers
 
-@dataclass
-class Partition:
-    name: str
-    default: bool
-    available: str
-    nodes: list[tuple[int, int, str]] = field(default_factory=list)  # (nodes, GPUs per node, GPU type)
-
-    @property
-    def gpus(self) -> int:
-        return sum(n * g for n, g, _ in self.nodes)
-
-    def describe(self) -> str:
-        groups = ", ".join(f"{n}×{g} {t}".rstrip() if g else f"{n} without GPUs" for n, g, t in self.nodes)
-        return f"{self.name}{'*' if self.default else ''} ({self.available}: {groups})"
-
-
-def parse_sinfo(text: str) -> list[Partition]:
-    """Lines of `sinfo -h -o '%P|%a|%D|%G'`; a partition with mixed nodes comes on several lines."""
-    parts: dict[str, Partition] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        name, avail, nodes, gres = (line.split("|") + ["", "", ""])[:4]
-        key = name.rstrip("*")
-        part = parts.setdefault(key, Partition(key, name.endswith("*"), avail))
-        gpus, kind = parse_gres(gres)
-        part.nodes.append((int(nodes) if nodes.isdigit() else 0, gpus, kind))
-    return list(parts.values())
-
-
 def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
@@ -300,7 +270,7 @@ def check_slurm() -> Check:
     if sinfo is None:
         return Check("slurm", FAIL, f"sbatch at {sbatch} but no sinfo on PATH", "fix the SLURM client install")
     try:
-        out = _run([sinfo, "-h", "-o", SINFO_FORMAT])
+        out = sinfo_query(sinfo)
     except subprocess.TimeoutExpired:
         out = None
     if out is None or out.returncode != 0:

@@ -13,16 +13,23 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from open_clip.model import CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
-from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
+from medlava.artifacts import atomic_dir, checkpoint_of
 from medlava.io import InputError
-from medlava.pretrain.model import OPEN_CLIP_CONFIG, ClipModule, load_clip, weights_file
+from medlava.models.clip import OPEN_CLIP_CONFIG, ClipModule, load_clip, weights_file
+from medlava.runs import is_complete
 
 log = logging.getLogger(__name__)
 # open_clip ViT options CLIPVisionModel cannot express, with the value that it can.
@@ -98,12 +105,10 @@ def to_clip_vision_model(model: ClipModule, where: str) -> CLIPVisionModel:
 
 def open_clip_dir(path: Path) -> Path:
     """The open_clip directory `path` names: itself, or a complete pretrain run's checkpoint."""
-    from medlava.train.checkpoint import checkpoint_of
-
     path = Path(path)
     if (path / OPEN_CLIP_CONFIG).is_file():
         return path
-    if (path / "COMPLETE.json").is_file():
+    if is_complete(path):
         return checkpoint_of(path)
     raise FileNotFoundError(f"model.vision_tower={path} is neither an open_clip model directory (no "
                             f"{OPEN_CLIP_CONFIG}) nor a complete pretrain run")
@@ -135,14 +140,9 @@ def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
     processor.image_processor.crop_size = {"height": size, "width": size}
     processor.image_processor.image_mean, processor.image_processor.image_std = list(pre["mean"]), list(pre["std"])
     processor.patch_size = vision.config.patch_size
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "medlava_vision_tower.json").write_text(json.dumps({"base": base, "vision_tower": str(source)}) + "\n")
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished the same checkpoint first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(path, exists="keep") as tmp:  # another process may finish the same checkpoint first
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "medlava_vision_tower.json").write_text(json.dumps({"base": base, "vision_tower": str(source)}) + "\n")
     log.info("LLaVA %s with the vision tower of %s -> %s", base, source, path)
     return path
