@@ -17,7 +17,7 @@ from medlava.config import load_config
 from medlava.data.benchmark import MC_INSTRUCTION, side_by_side
 from medlava.io import InputError
 from medlava.stages.prepare import run as run_prepare
-from medlava.data.synthetic_benchmarks import (VQA_RAD_QUESTIONS, make_hf_vqa, make_medxpertqa, make_mmmu, make_omnimedvqa,
+from medlava.data.synthetic_benchmarks import (make_hf_vqa, make_medxpertqa, make_mmmu, make_omnimedvqa,
                                   make_pmc_vqa, make_vqa_rad_osf)
 
 SUBJECTS = "data.mmmu_med.subjects=[Clinical_Medicine,Pharmacy]"

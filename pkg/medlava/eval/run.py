@@ -3,6 +3,7 @@ directory, and format the summary table people read first."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,8 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
     infer run recorded, the closed-answer vocabulary (eval.closed_vocab, else the train split of the prepared
     samples the infer run answered from, when it has one), and the checkpoint step, image root and trained run
     its COMPLETE.json names."""
-    from medlava.eval.vqa import load_closed_vocab
     from medlava.artifacts import step_of
+    from medlava.eval.vqa import load_closed_vocab
 
     source = Path(source)
     csv = source / "predictions.csv" if source.is_dir() else source
