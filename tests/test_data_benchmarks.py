@@ -16,6 +16,7 @@ from conftest import TINY, prepare_dataset, rows
 from medlava.config import load_config
 from medlava.data.benchmark import MC_INSTRUCTION, side_by_side
 from medlava.io import InputError
+from medlava.stages import CheckFailed
 from medlava.stages.prepare import run as run_prepare
 from medlava.data.synthetic_benchmarks import (make_hf_vqa, make_medxpertqa, make_mmmu, make_omnimedvqa,
                                   make_pmc_vqa, make_vqa_rad_osf)
@@ -204,7 +205,9 @@ def test_check_lists_every_bad_row_of_a_release(releases, tmp_path):
     (root / "Images" / "ACRIMA" / "002.png").unlink()
     cfg = load_config(TINY, ["data.dataset=omnimedvqa", "data.synthetic=null", f"data.root={root}",
                              f"output_root={tmp_path / 'runs'}", "run_id=check"])
-    report = json.loads((run_prepare(cfg, check=True) / "prepare_report.json").read_text())
+    with pytest.raises(CheckFailed) as failed:
+        run_prepare(cfg, check=True)
+    report = json.loads(Path(str(failed.value)).read_text())
     assert report["error_counts"] == {"bad_record": 1, "missing_image": 1, "unknown_label": 1}
     wheres = sorted(e["where"] for e in report["errors"])
     assert wheres == [f"{path} record 0", f"{path} record 1", f"{path} record 2"]

@@ -54,6 +54,11 @@ def test_leaderboard_has_every_protocol_row_with_intervals_and_published_scores(
     assert "arXiv:2306.00890" in text and "arXiv:2506.07044" in text and (run / "leaderboard.png").stat().st_size
     done = json.loads((run / "COMPLETE.json").read_text())
     assert done["checkpoint"] == "base" and done["benchmarks"] == BENCHMARKS
+    # three jobs: the prepare job, the array of infer.chunks answering tasks, the merge
+    launched = {p.name.split(".")[0]: json.loads(p.read_text())["commands"] for p in (run / "logs").glob("*.launch.json")}
+    assert sorted(launched) == ["suite-chunks", "suite-merge", "suite-prepare"]
+    assert launched["suite-prepare"][0].endswith("--prepare-only") and launched["suite-merge"][0].endswith("--merge-only")
+    assert [c.split()[-2:] for c in launched["suite-chunks"]] == [["--chunk-idx", "0"], ["--chunk-idx", "1"]]
 
 
 def test_every_question_answered_once_multiple_choice_by_letter_likelihood(suite):

@@ -101,7 +101,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
     Stage("suite", "suite", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only", "prepare_only"),
           array="chunks", pins="checkpoint", keys_in="infer", before="prepare_only"),
-    Stage("suite", "suite", vlm=True, trains=False, upstream="sft"),  # infer.checkpoint: the model it scores
     Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
     Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),
 )}
