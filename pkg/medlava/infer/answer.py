@@ -59,8 +59,8 @@ def answer_shares(rows: list[dict]) -> dict[str, float | int]:
     kinds = {"scored": 0, "mapped": 0, "unmapped": 0, "free_text": 0}
     for r in rows:
         md = r["metadata"]
-        kinds["scored" if md.get("scores") else "unmapped" if md.get("normalized") == "unmapped"
-              else "mapped" if "normalized" in md else "free_text"] += 1
+        kinds["scored" if md.get("scores") else "free_text" if "normalized" not in md
+              else "mapped" if md.get("prediction") else "unmapped"] += 1
     n = max(len(rows), 1)
     return {**{f"n_{k}": v for k, v in kinds.items()}, **{f"share_{k}": v / n for k, v in kinds.items()}}
 
