@@ -162,7 +162,7 @@ def launch(argv: list[str]) -> int:
     for s in stages if not args.check else ():
         stage = STAGES[s]
         if stage.pins and getattr(stage.settings(cfg), stage.pins) == "latest":
-            key = f"{stage.section}.{stage.pins}"
+            key = f"{stage.keys_in or stage.section}.{stage.pins}"
             try:
                 setattr(stage.settings(cfg), stage.pins, pinned(s, stages, cfg))
             except FileNotFoundError as e:

@@ -20,7 +20,7 @@ from medlava.eval.classification import SCORE_PREFIX, encode
 from medlava.io import InputError, atomic_savefig
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -38,7 +38,7 @@ def plot_confusion(
     rows = counts.sum(axis=1, keepdims=True)
     shade = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0) if normalize else counts
     size = 1.5 + 0.6 * max(counts.shape)
-    fig = _figure(size + 1.0, size)
+    fig = figure(size + 1.0, size)
     ax = fig.add_subplot()
     image = ax.imshow(shade, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(counts.max()), 1))
     fig.colorbar(image, ax=ax, label="fraction of reference row" if normalize else "count")
@@ -62,7 +62,7 @@ def plot_roc(
     enc = encode(df, classes)
     if enc.scores is None:
         raise InputError(f"ROC needs {SCORE_PREFIX}<class> columns; the predictions have none")
-    fig = _figure(6.5, 5.5)
+    fig = figure(6.5, 5.5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     skipped = []
@@ -87,7 +87,7 @@ def plot_roc(
 def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: str, xlabel: str) -> Path:
     """Horizontal bars, one per named value in [0, 1] (per-group accuracy, per-label F1); None shows as n/a."""
     names = list(values)
-    fig = _figure(7.0, 1.2 + 0.32 * max(len(names), 1))
+    fig = figure(7.0, 1.2 + 0.32 * max(len(names), 1))
     ax = fig.add_subplot()
     heights = [v if v is not None else 0.0 for v in values.values()]
     ax.barh(range(len(names)), heights, color="#4c72b0")

@@ -3,6 +3,7 @@ directory, and format the summary table people read first."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ HEADLINES = {
     "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
     "vqa": ("n_closed", "closed_accuracy", "closed_unparsed", "closed_substring_accuracy", "n_open",
             "open_exact_match", "open_token_recall", "open_token_f1", "open_bleu", "llava_med_closed_accuracy",
-            "llava_med_open_recall"),
+            "llava_med_closed_accuracy_run_eval", "llava_med_open_recall", "n_multiple_choice", "mc_accuracy",
+            "mc_unparsed", "mmmu_accuracy"),
     "report": ("n", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
                "chexpert_rules_f1_macro_14", "chexpert_rules_f1_micro_5", "chexpert_rules_f1_macro_5",
                "bertscore_f1", "chexbert_similarity", "empty_predictions"),
@@ -30,12 +32,38 @@ class EvalInputs:
     classes: list[str] | None
     vocab: list[str]
     vocab_source: str | None
+    step: int = 0
+    """The step of the checkpoint that made the predictions (TensorBoard's x axis)."""
+    image_root: Path | None = None
+    """Where the predictions' `image` paths are (for previews)."""
+    trained_run: Path | None = None
+    """The training run whose checkpoint made the predictions, when there is one."""
+    split: str | None = None
+    """The split that was answered, when the source says."""
+
+
+def _trained_run(source: Path, result: dict) -> Path | None:
+    """The run a checkpoint belongs to (…/RUN/checkpoints/step-N -> RUN), or the cnn run that predicted itself."""
+    ckpt = result.get("checkpoint")
+    if not ckpt or ckpt == "base":
+        return None
+    path = Path(ckpt) if Path(ckpt).is_absolute() else source / ckpt
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def _image_root(result: dict) -> Path | None:
+    if result.get("image_root"):
+        return Path(result["image_root"])
+    manifest = Path(result["samples"]) / "dataset.json" if result.get("samples") else None
+    return Path(json.loads(manifest.read_text())["image_root"]) if manifest and manifest.exists() else None
 
 
 def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
     """What to score for `source` (an infer run directory or a predictions CSV): the CSV, the class list the
-    infer run recorded, and the closed-answer vocabulary (eval.closed_vocab, else the train split of the
-    prepared samples the infer run answered from, when it has one)."""
+    infer run recorded, the closed-answer vocabulary (eval.closed_vocab, else the train split of the prepared
+    samples the infer run answered from, when it has one), and the checkpoint step, image root and trained run
+    its COMPLETE.json names."""
+    from medlava.artifacts import step_of
     from medlava.eval.vqa import load_closed_vocab
 
     source = Path(source)
@@ -48,18 +76,21 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
         train = Path(result["samples"]) / "train.jsonl"
         vocab_path = train if train.exists() else None
     vocab = load_closed_vocab(vocab_path) if vocab_path else []
-    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None)
+    step = result.get("step", step_of(result.get("checkpoint") or "base"))
+    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None, int(step),
+                      _image_root(result), _trained_run(source, result), result.get("split"))
 
 
 def family_of(tasks: Sequence[str], path: Path) -> str:
-    """report rows -> report; any open rows -> vqa (closed rows scored with them); closed/label -> classification."""
+    """report rows -> report; any open or multiple-choice rows -> vqa (closed rows scored with them); closed/label
+    -> classification."""
     present = {str(t) for t in tasks}
     if "report" in present:
         if present != {"report"}:
             raise InputError(f"{path}: report rows are mixed with {sorted(present - {'report'})}; score them from "
                              "separate files (or set eval.family)")
         return "report"
-    if "open" in present:
+    if present & {"open", "multiple_choice"}:
         return "vqa"
     if present and present <= set(CLASSIFICATION_TASKS):
         return "classification"

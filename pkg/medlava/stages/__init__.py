@@ -33,6 +33,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("chunk_idx", "--chunk-idx", int, "answer only this chunk (a job-array task)"),
     Option("merge_only", "--merge-only", bool, "merge the finished chunks and stop (the job after an array)"),
     Option("check", "--check", bool, "list every problem in the input in one pass, write no outputs; exit 1 if any"),
+    Option("prepare_only", "--prepare-only", bool, "prepare the inputs (cached) and stop (the job before an array)"),
 )}
 
 
@@ -58,10 +59,16 @@ class Stage:
     pins: str | None = None
     """A key of its section naming an upstream run (`latest` or a path): the launcher resolves `latest` once, at
     submit time, for every job of the launch (array tasks must not see a newer run appear mid-array)."""
+    keys_in: str | None = None
+    """The section `array` and `pins` are keys of, when not its own (the suite answers with infer's settings)."""
+    before: str | None = None
+    """An option whose job runs once before the others (the suite prepares its benchmarks, then answers)."""
 
     def __post_init__(self) -> None:
         if self.array and not {"chunk_idx", "merge_only"} <= set(self.options):
             raise ValueError(f"stage {self.name}: an array stage takes --chunk-idx and --merge-only")
+        if self.before and self.before not in self.options:
+            raise ValueError(f"stage {self.name}: its `before` job is one of its options")
 
     @property
     def distributed(self) -> bool:
@@ -74,8 +81,8 @@ class Stage:
         return "node" if self.trains else "one" if self.vlm else "none"
 
     def settings(self, cfg: Any) -> Any:
-        """Its config section."""
-        return getattr(cfg, self.section)
+        """The config section its `array` and `pins` keys are in (its own, unless `keys_in`)."""
+        return getattr(cfg, self.keys_in or self.section)
 
     def tasks(self, cfg: Any) -> int:
         """How many array tasks it runs as (1: a single job)."""
@@ -92,6 +99,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("infer", "infer", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only"),
           array="chunks", pins="checkpoint"),
     Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
+    Stage("suite", "suite", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only", "prepare_only"),
+          array="chunks", pins="checkpoint", keys_in="infer", before="prepare_only"),
     Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
     Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),
 )}

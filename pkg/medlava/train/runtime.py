@@ -44,6 +44,6 @@ def progress(total: int | None, initial: int, desc: str, d: Dist) -> tqdm:
                 mininterval=1 if sys.stderr.isatty() else 30)
 
 
-def tensorboard(run: Path, purge_step: int, d: Dist) -> SummaryWriter | None:
-    """Rank 0's writer; events after `purge_step` (from before a resume) are dropped."""
+def tensorboard(run: Path, purge_step: int | None, d: Dist) -> SummaryWriter | None:
+    """Rank 0's writer; events after `purge_step` (from before a resume) are dropped (None: none are)."""
     return SummaryWriter(str(run / "tensorboard"), purge_step=purge_step) if d.main else None
