@@ -103,10 +103,18 @@ def _cell(value: Any) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """The family's headline numbers, one per line, with 95% intervals where they were computed."""
+    """The family's headline numbers, one per line, with 95% intervals where they were computed; for reports
+    also RadEval's results under their own names (and what was left out)."""
     ci = metrics.get("ci95") or {}
     rows = [(k, _cell(metrics[k]), "" if not ci.get(k) else f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]")
             for k in HEADLINES.get(metrics.get("family", ""), ()) if k in metrics]
+    radeval_ci = metrics.get("radeval_ci95") or {}
+    rows += [(f"radeval {k}", _cell(v), "" if not radeval_ci.get(k) else
+              f"[{radeval_ci[k][0]:.4f}, {radeval_ci[k][1]:.4f}]")
+             for k, v in (metrics.get("radeval") or {}).items() if isinstance(v, (int, float))]
+    if (metrics.get("radeval_skipped") or {}).get("empty_report"):
+        rows.append(("radeval skipped (empty report)", str(metrics["radeval_skipped"]["empty_report"]), ""))
+    rows += [(f"radeval {k}", "not run", why[:90]) for k, why in (metrics.get("radeval_unavailable") or {}).items()]
     width = max((len(k) for k, _, _ in rows), default=6)
     lines = [f"{'metric':<{width}}  {'value':>10}  95% CI", "-" * (width + 28)]
     lines += [f"{k:<{width}}  {v:>10}  {c}".rstrip() for k, v, c in rows]
