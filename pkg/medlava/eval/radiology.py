@@ -163,7 +163,7 @@ def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: s
     errors.csv (lowest ROUGE-L first), a per-observation F1 chart and, with RadEval's metrics, published.png.
     RadEval's per-report metrics are read from the finished chunks in `chunk_folder` (array tasks wrote them)
     or scored here first (default folder: out_dir/radeval-chunks)."""
-    from medlava.eval.report_radeval import merge_scores, score_chunk, scorable, select_metrics
+    from medlava.eval.report_radeval import merge_scores, scorable, score_chunks, select_metrics
 
     out_dir = Path(out_dir)
     selection = select_metrics(cfg)
@@ -171,8 +171,7 @@ def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: s
     pairs, skipped = scorable(df)
     if selection.metrics and len(pairs):
         folder = Path(chunk_folder) if chunk_folder else out_dir / RADEVAL_CHUNKS
-        for idx in range(cfg.chunks):  # finished chunks are skipped; a killed one resumes
-            score_chunk(pairs, selection, idx, cfg.chunks, folder, cfg.batch_size)
+        score_chunks(pairs, selection, list(range(cfg.chunks)), cfg.chunks, folder, cfg.batch_size)  # resumes
         part, table = merge_scores(pairs, selection, cfg.chunks, folder, cfg.n_bootstrap)
         metrics |= part
         per_sample = per_sample.merge(table, on="id", how="left", validate="one_to_one")

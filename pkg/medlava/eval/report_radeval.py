@@ -92,28 +92,31 @@ def source_of(pairs: pd.DataFrame, selection: Selection) -> dict[str, Any]:
             "radeval": importlib.metadata.version("radeval"), "pairs": digest}
 
 
-def score_chunk(pairs: pd.DataFrame, selection: Selection, idx: int, chunks: int, folder: Path,
-                batch_size: int) -> None:
-    """Score chunk `idx` of `chunks` with every per-report metric, `batch_size` reports at a time, each batch
-    appended and flushed before the next: a killed task resumes after the last whole batch."""
-    final = chunk_file(folder, idx, chunks)
-    if final.exists() or not selection.per_report:
+def score_chunks(pairs: pd.DataFrame, selection: Selection, indices: list[int], chunks: int, folder: Path,
+                 batch_size: int) -> None:
+    """Score chunks `indices` of `chunks` with every per-report metric, `batch_size` reports at a time, each batch
+    appended and flushed before the next: a killed task resumes after the last whole batch. The models load once,
+    and only when some report is left to score."""
+    todo = [i for i in indices if not chunk_file(folder, i, chunks).exists()]
+    if not todo or not selection.per_report:
         return
     check_source(folder, source_of(pairs, selection), claim=True, noun="score")
-    writer = ChunkWriter(final, key="id")
-    todo = pairs[[chunk_of(i, chunks) == idx and str(i) not in writer.done_ids for i in pairs["id"]]]
-    if len(todo):
-        use_cache(selection.cache)
-        scorers = load_scorers(selection.per_report, pairs["reference"].tolist())
-        for start in range(0, len(todo), batch_size):
-            batch = todo.iloc[start : start + batch_size]
+    scorers = None
+    for idx in todo:
+        writer = ChunkWriter(chunk_file(folder, idx, chunks), key="id")
+        left = pairs[[chunk_of(i, chunks) == idx and str(i) not in writer.done_ids for i in pairs["id"]]]
+        if len(left) and scorers is None:
+            use_cache(selection.cache)
+            scorers = load_scorers(selection.per_report, pairs["reference"].tolist())
+        for start in range(0, len(left), batch_size):
+            batch = left.iloc[start : start + batch_size]
             refs, hyps = batch["reference"].tolist(), batch["prediction"].tolist()
             scores = {name: s.score(refs, hyps) for name, s in scorers.items()}
             writer.write([{"id": str(i), "scores": {name: scores[name][k] for name in scores}}
                           for k, i in enumerate(batch["id"])])
             log.info("report metrics: chunk %d/%d, %d of %d reports scored", idx, chunks,
-                     min(start + batch_size, len(todo)), len(todo))
-    writer.finish()
+                     min(start + batch_size, len(left)), len(left))
+        writer.finish()
 
 
 def merge_scores(pairs: pd.DataFrame, selection: Selection, chunks: int, folder: Path,
