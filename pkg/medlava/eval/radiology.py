@@ -158,11 +158,11 @@ def _labels_csv(ids: pd.Series, labels: np.ndarray) -> str:
 
 
 def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: str,
-                     chunk_folder: Path | None = None) -> dict[str, Any]:
+                     chunk_folder: Path | None = None, merge_only: bool = False) -> dict[str, Any]:
     """Score (id, reference, prediction) rows and write metrics.json, per_sample.csv, both label tables,
     errors.csv (lowest ROUGE-L first), a per-observation F1 chart and, with RadEval's metrics, published.png.
-    RadEval's per-report metrics are read from the finished chunks in `chunk_folder` (array tasks wrote them)
-    or scored here first (default folder: out_dir/radeval-chunks)."""
+    RadEval's per-report metrics are read from the chunks in `chunk_folder` (default out_dir/radeval-chunks):
+    array tasks wrote them, or, unless `merge_only`, the missing ones are scored here first."""
     from medlava.eval.report_radeval import merge_scores, scorable, score_chunks, select_metrics
 
     out_dir = Path(out_dir)
@@ -171,7 +171,8 @@ def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: s
     pairs, skipped = scorable(df)
     if selection.metrics and len(pairs):
         folder = Path(chunk_folder) if chunk_folder else out_dir / RADEVAL_CHUNKS
-        score_chunks(pairs, selection, list(range(cfg.chunks)), cfg.chunks, folder, cfg.batch_size)  # resumes
+        if not merge_only:
+            score_chunks(pairs, selection, list(range(cfg.chunks)), cfg.chunks, folder, cfg.batch_size)  # resumes
         part, table = merge_scores(pairs, selection, cfg.chunks, folder, cfg.n_bootstrap)
         metrics |= part
         per_sample = per_sample.merge(table, on="id", how="left", validate="one_to_one")

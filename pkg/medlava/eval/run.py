@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from medlava.config import EvalConfig
 from medlava.eval.closed import CLASSIFICATION_TASKS, evaluate_closed, read_predictions
 from medlava.io import InputError
@@ -67,12 +69,10 @@ def family_of(tasks: Sequence[str], path: Path) -> str:
                      "closed/label, open (+closed) or report, or set eval.family")
 
 
-def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
-             vocab: list[str] | None = None, vocab_source: str | None = None) -> dict[str, Any]:
-    """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content."""
-    predictions_csv = Path(predictions_csv)
+def _family(predictions_csv: Path, cfg: EvalConfig) -> tuple[str, pd.DataFrame | None]:
+    """(metric family, the predictions when read) of a predictions CSV."""
     if cfg.family == "classification":
-        return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
+        return "classification", None
     df = read_predictions(predictions_csv)
     missing = [c for c in ("id", "prediction", "reference") if c not in df.columns]
     if missing:
@@ -80,6 +80,19 @@ def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Seq
     if "task" not in df.columns and cfg.family == "auto":
         raise InputError(f"{predictions_csv}: no `task` column to pick the metrics from; add it or set eval.family")
     family = cfg.family if cfg.family != "auto" else family_of(df["task"].fillna("").unique(), predictions_csv)
+    if family == "report" and "task" in df.columns:
+        df = df[df["task"].fillna("report") == "report"].reset_index(drop=True)
+    return family, df
+
+
+def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
+             vocab: list[str] | None = None, vocab_source: str | None = None,
+             chunk_folder: Path | None = None, merge_only: bool = False) -> dict[str, Any]:
+    """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content. Reports
+    read RadEval's per-report scores from the chunks in `chunk_folder` (with `merge_only`, every chunk must be
+    finished; otherwise what is missing is scored here)."""
+    predictions_csv = Path(predictions_csv)
+    family, df = _family(predictions_csv, cfg)
     if family == "classification":
         return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
     if family == "vqa":
@@ -89,9 +102,19 @@ def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Seq
                             cfg.error_dump)
     from medlava.eval.radiology import evaluate_reports
 
-    if "task" in df.columns:
-        df = df[df["task"].fillna("report") == "report"].reset_index(drop=True)
-    return evaluate_reports(df, out_dir, cfg, str(predictions_csv))
+    return evaluate_reports(df, out_dir, cfg, str(predictions_csv), chunk_folder, merge_only)
+
+
+def score_report_chunk(predictions_csv: Path, cfg: EvalConfig, chunk_idx: int, chunk_folder: Path) -> None:
+    """One array task of a report-metric job: RadEval's per-report metrics on chunk `chunk_idx` of eval.chunks."""
+    from medlava.eval.report_radeval import scorable, score_chunks, select_metrics
+
+    family, df = _family(Path(predictions_csv), cfg)
+    if family != "report":
+        raise InputError(f"{predictions_csv}: eval.chunks splits report metrics; these are {family} predictions, "
+                         "scored in one job (set eval.chunks=1)")
+    pairs, _ = scorable(df)
+    score_chunks(pairs, select_metrics(cfg), [chunk_idx], cfg.chunks, chunk_folder, cfg.batch_size)
 
 
 def _cell(value: Any) -> str:
