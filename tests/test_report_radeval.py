@@ -238,3 +238,60 @@ def test_default_metrics_run_what_can_run_and_say_why_not_the_rest(reports, tmp_
     why = radeval_scorers.importable("ratescore")
     if why:  # this environment: medspacy cannot import under numpy 2 on Python 3.11
         assert "medspacy" in metrics["radeval_unavailable"]["ratescore"] and "Python >= 3.12" in why
+
+
+def test_eval_stage_array_tasks_then_one_merge(cache, reports, unchunked, tmp_path):
+    """The eval job of a report run: chunk tasks score into the run's radeval-chunks, the merge refuses until
+    every chunk is there, then writes metrics equal to the one-process run, TensorBoard and published.png."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY
+    from medlava.config import load_config
+    from medlava.stages.eval import run
+
+    preds = pd.DataFrame({"id": IDS, "reference": REFS, "prediction": HYPS, "task": "report"})
+    preds.to_csv(tmp_path / "predictions.csv", index=False)
+    metrics = ["bleu", "f1chexbert", "radgraph"]
+    cfg = load_config(TINY, [f"output_root={tmp_path / 'runs'}", "run_id=e", f"eval.predictions={tmp_path}/predictions.csv",
+                             f"eval.report_metrics=[{','.join(metrics)}]", f"eval.metric_cache={cache}",
+                             "eval.chunks=2", "eval.n_bootstrap=50"])
+    with pytest.raises(FileNotFoundError, match="2 of 2 chunks are not finished"):
+        run(cfg, merge_only=True)
+    for idx in (1, 0):
+        run(cfg, chunk_idx=idx)
+    out = run(cfg, merge_only=True)
+    got = json.loads((out / "metrics.json").read_text())
+    want = unchunked[0]["radeval"]
+    assert got["radeval_metrics"] == metrics and (out / "COMPLETE.json").exists()
+    for key, value in got["radeval"].items():
+        assert _close(value, want[key]), key
+    assert (out / "published.png").stat().st_size > 10_000
+    board = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert board.Scalars("eval/radeval/radgraph_partial")[0].value == pytest.approx(want["radgraph_partial"], abs=1e-6)
+    assert board.Scalars("eval/chexpert_rules_f1_micro_14")
+    (text,) = board.Tags()["tensors"]
+    assert text.startswith("eval/worst_reports_by_radgraph_partial")
+
+
+def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cache, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    common = [sys.executable, str(ROOT / "launch" / "submit.py"), "eval", "--config", str(TINY), "--executor", "slurm",
+              "--dry-run", "--gpus", "0", "--cpus-per-task", "1", "--output-root", str(tmp_path / "o"), "run_id=s",
+              "eval.predictions=p.csv", "eval.report_metrics=[f1chexbert,radgraph]"]
+    dry = subprocess.run([*common, "--chunks", "3", f"eval.metric_cache={cache}"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    jobs = dry.stdout.split("# ---- job ")[1:]
+    assert [j.split()[1].rstrip(";") for j in jobs] == ["eval-chunks", "eval-merge"]
+    assert "#SBATCH --array=0-2%3" in jobs[0] and "eval.chunks=3" in jobs[0]
+    assert '--chunk-idx "${SLURM_ARRAY_TASK_ID}"' in jobs[0] and "--merge-only" in jobs[1]
+    assert "#SBATCH --dependency='afterok:<eval-chunks job id>'" in jobs[1]
+    empty = tmp_path / "empty"
+    refused = subprocess.run([*common, f"eval.metric_cache={empty}"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "# ---- job" not in refused.stdout
+    assert (f"submit: refused: eval.report_metrics: cannot run f1chexbert: no staged weights in {empty} "
+            f"(no medlava-metric-weights.json); where there is internet run `medlava weights fetch --metrics "
+            f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}") in refused.stderr

@@ -57,7 +57,7 @@ def select_metrics(cfg: EvalConfig) -> Selection:
     unavailable: dict[str, str] = {}
     for name in [m for m in METRICS if m in asked]:
         why = importable(name)
-        problems = [] if why else verify_staged(cache, [name])
+        problems = [] if why else [p.removeprefix(f"{name}: ") for p in verify_staged(cache, [name])]
         if why or problems:
             unavailable[name] = why or "; ".join(problems)
     if cfg.report_metrics is not None and unavailable:
