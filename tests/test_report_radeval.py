@@ -247,6 +247,7 @@ def test_eval_stage_array_tasks_then_one_merge(cache, reports, unchunked, tmp_pa
 
     from conftest import TINY
     from medlava.config import load_config
+    from medlava.runs import is_complete
     from medlava.stages.eval import run
 
     preds = pd.DataFrame({"id": IDS, "reference": REFS, "prediction": HYPS, "task": "report"})
@@ -262,7 +263,7 @@ def test_eval_stage_array_tasks_then_one_merge(cache, reports, unchunked, tmp_pa
     out = run(cfg, merge_only=True)
     got = json.loads((out / "metrics.json").read_text())
     want = unchunked[0]["radeval"]
-    assert got["radeval_metrics"] == metrics and (out / "COMPLETE.json").exists()
+    assert got["radeval_metrics"] == metrics and is_complete(out)
     for key, value in got["radeval"].items():
         assert _close(value, want[key]), key
     assert (out / "published.png").stat().st_size > 10_000
@@ -273,25 +274,23 @@ def test_eval_stage_array_tasks_then_one_merge(cache, reports, unchunked, tmp_pa
     assert text.startswith("eval/worst_reports_by_radgraph_partial")
 
 
-def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cache, tmp_path):
-    import subprocess
-    import sys
+def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cache, tmp_path, capsys):
+    from conftest import TINY
+    from medlava.cluster.submit import main as submit
 
-    from conftest import ROOT, TINY
-
-    common = [sys.executable, str(ROOT / "launch" / "submit.py"), "eval", "--config", str(TINY), "--executor", "slurm",
-              "--dry-run", "--gpus", "0", "--cpus-per-task", "1", "--output-root", str(tmp_path / "o"), "run_id=s",
-              "eval.predictions=p.csv", "eval.report_metrics=[f1chexbert,radgraph]"]
-    dry = subprocess.run([*common, "--chunks", "3", f"eval.metric_cache={cache}"], capture_output=True, text=True)
-    assert dry.returncode == 0, dry.stderr
-    jobs = dry.stdout.split("# ---- job ")[1:]
+    common = ["eval", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--gpus", "0", "--cpus-per-task", "1",
+              "--output-root", str(tmp_path / "o"), "run_id=s", "eval.predictions=p.csv",
+              "eval.report_metrics=[f1chexbert,radgraph]"]
+    assert submit([*common, "--chunks", "3", f"eval.metric_cache={cache}"]) == 0
+    jobs = capsys.readouterr().out.split("# ---- job ")[1:]
     assert [j.split()[1].rstrip(";") for j in jobs] == ["eval-chunks", "eval-merge"]
     assert "#SBATCH --array=0-2%3" in jobs[0] and "eval.chunks=3" in jobs[0]
     assert '--chunk-idx "${SLURM_ARRAY_TASK_ID}"' in jobs[0] and "--merge-only" in jobs[1]
     assert "#SBATCH --dependency='afterok:<eval-chunks job id>'" in jobs[1]
     empty = tmp_path / "empty"
-    refused = subprocess.run([*common, f"eval.metric_cache={empty}"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "# ---- job" not in refused.stdout
+    assert submit([*common, f"eval.metric_cache={empty}"]) == 2
+    out, err = capsys.readouterr()
+    assert "# ---- job" not in out
     assert (f"submit: refused: eval.report_metrics: cannot run f1chexbert: no staged weights in {empty} "
             f"(no medlava-metric-weights.json); where there is internet run `medlava weights fetch --metrics "
-            f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}") in refused.stderr
+            f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}") in err
