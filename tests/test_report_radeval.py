@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -294,3 +295,65 @@ def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cac
     assert (f"submit: refused: eval.report_metrics: cannot run f1chexbert: no staged weights in {empty} "
             f"(no medlava-metric-weights.json); where there is internet run `medlava weights fetch --metrics "
             f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}") in err
+
+
+def test_weights_fetch_stages_exactly_what_each_metric_loads(cache, tmp_path, capsys):
+    """`medlava weights fetch` against a hub serving the tiny repos (plus files no metric needs): the staged
+    cache holds the same files with the same hashes as the one the metrics were tested on."""
+    import shutil
+    import tarfile
+
+    from medlava.eval.weights import RRG_SCORERS, radgraph_dir, repo_folder, snapshot_dir
+    from medlava.tools.weights import fetch, main as weights_main
+
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for model in ("radgraph", "radgraph-xl"):
+        with tarfile.open(archives / f"{model}.tar.gz", "w:gz") as tar:
+            for f in sorted(radgraph_dir(cache, model).rglob("*")):
+                tar.add(f, arcname=str(f.relative_to(radgraph_dir(cache, model))), recursive=False)
+    decoys = ["pytorch_model.bin", "onnx/model.onnx", "flax_model.msgpack", "README.md"]
+
+    class Hub:  # the tiny repos as a hub would list and serve them, with files no metric loads
+        def source(self, repo):
+            if repo == RRG_SCORERS:
+                return {"chexbert.pth": snapshot_dir(cache / "chexbert", repo) / "chexbert.pth",
+                        **{p.name: p for p in archives.iterdir()}}
+            return {p.name: p for p in snapshot_dir(cache / "hub", repo).iterdir()}
+
+        def files(self, repo):
+            return [*self.source(repo), *decoys]
+
+        def download(self, repo, filename, cache_dir):
+            assert filename not in decoys, f"{repo}/{filename} is not needed"
+            rev = (repo_folder(cache / ("chexbert" if filename == "chexbert.pth" else "hub"), repo) / "refs" / "main"
+                   ).read_text() if repo != RRG_SCORERS or filename == "chexbert.pth" else "0" * 40
+            root = repo_folder(Path(cache_dir), repo)
+            (root / "refs").mkdir(parents=True, exist_ok=True)
+            (root / "refs" / "main").write_text(rev)
+            (root / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copy(self.source(repo)[filename], root / "snapshots" / rev / filename))
+
+    staged = tmp_path / "staged"
+    manifest = fetch(STAGED, staged, Hub())
+    original = json.loads((cache / MANIFEST).read_text())["metrics"]
+    assert manifest["metrics"] == original
+    assert not list((staged / "hub").rglob("pytorch_model.bin"))
+    assert weights_main(["check", "--metrics", ",".join(STAGED), "--cache", str(staged)]) == 0
+    next((staged / "hub").rglob("models--bert-base-uncased/snapshots/*/tokenizer.json")).write_text("{}")
+    assert weights_main(["check", "--metrics", "f1chexbert,bertscore", "--cache", str(staged)]) == 1
+    out = capsys.readouterr().out
+    assert "f1chexbert: " in out and "tokenizer.json is damaged" in out and "bertscore" not in out.split("\n")[-2]
+
+
+def test_doctor_verifies_the_metrics_a_job_will_run(cache, tmp_path):
+    from medlava.tools.doctor import check_metric_weights
+
+    (ok,) = check_metric_weights(cache, ["radgraph"])
+    assert ok.status == "OK" and "verified" in ok.detail
+    (staged,) = check_metric_weights(cache, None)
+    assert staged.status == "OK" and "bertscore, f1chexbert, green, radcliq, radgraph" in staged.detail
+    (none,) = check_metric_weights(tmp_path, None)
+    assert none.status == "WARN" and "medlava weights fetch --metrics bertscore,f1chexbert,radgraph,radcliq," in none.fix
+    failed = check_metric_weights(tmp_path, ["f1chexbert", "ratescore"])
+    assert [c.status for c in failed] == ["FAIL", "FAIL"] and "no staged weights" in failed[0].detail
