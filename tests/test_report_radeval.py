@@ -357,3 +357,19 @@ def test_doctor_verifies_the_metrics_a_job_will_run(cache, tmp_path):
     assert none.status == "WARN" and "medlava weights fetch --metrics bertscore,f1chexbert,radgraph,radcliq," in none.fix
     failed = check_metric_weights(tmp_path, ["f1chexbert", "ratescore"])
     assert [c.status for c in failed] == ["FAIL", "FAIL"] and "no staged weights" in failed[0].detail
+
+
+def test_readme_table_is_the_published_data_and_published_png_draws_it(tmp_path):
+    """README's table of published results is medlava.eval.published's, number for number."""
+    from conftest import ROOT
+    from medlava.eval.published import LABELS, PUBLISHED, plot_published
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| model | F1-CheXbert macro-14"):].split("\n\n")[0].splitlines()[2:]
+    keys = list(LABELS)
+    for row, result in zip(table, PUBLISHED, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert result.model.startswith(cells[0])
+        assert {k: float(v) for k, v in zip(keys, cells[1:8]) if v} == pytest.approx(result.values), cells[0]
+    assert plot_published({"ratescore": 0.5, "bleu": 0.1}, tmp_path / "p.png").stat().st_size > 5_000
+    assert plot_published({"bleu": 0.1}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

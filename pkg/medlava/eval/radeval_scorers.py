@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,8 @@ class F1CheXbert(Scorer):
     def from_labels(ref_labels, hyp_labels, per_sample: bool = False) -> dict:
         import_radeval()
         from radeval.metrics._chexbert_base import BaseCheXbertEvaluator
+        from scipy.sparse import SparseEfficiencyWarning
+        from sklearn.exceptions import UndefinedMetricWarning
         from radeval.metrics.f1chexbert.adapter import F1CheXbertMetric
         from radeval.metrics.f1chexbert.f1chexbert import F1CheXbert as Labeler
 
@@ -288,7 +291,10 @@ class F1CheXbert(Scorer):
 
         metric = F1CheXbertMetric.__new__(F1CheXbertMetric)
         metric._scorer = StoredLabels()
-        return metric.compute(ref_labels, hyp_labels, per_sample=per_sample, detailed=not per_sample)
+        with warnings.catch_warnings():  # an F1 undefined for lack of a label is 0 by convention; sparse `==`
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            warnings.simplefilter("ignore", SparseEfficiencyWarning)
+            return metric.compute(ref_labels, hyp_labels, per_sample=per_sample, detailed=not per_sample)
 
     @classmethod
     def resampled(cls, scores, refs, hyps, w):
