@@ -373,3 +373,18 @@ def test_readme_table_is_the_published_data_and_published_png_draws_it(tmp_path)
         assert {k: float(v) for k, v in zip(keys, cells[1:8]) if v} == pytest.approx(result.values), cells[0]
     assert plot_published({"ratescore": 0.5, "bleu": 0.1}, tmp_path / "p.png").stat().st_size > 5_000
     assert plot_published({"bleu": 0.1}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.skipif(radeval_scorers.importable("ratescore") is not None,
+                    reason="RaTEScore needs medspacy, which imports only on Python >= 3.12 with numpy 2 (README)")
+def test_ratescore_equals_radeval_called_directly(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        hold_cache_env(mp)
+        cache = build(tmp_path_factory.mktemp("rate-weights"), ["ratescore"])
+        use_cache(cache)
+        from radeval import RadEval
+
+        refs, hyps = [REFS[i] for i in SCORED], [HYPS[i] for i in SCORED]
+        want = RadEval(metrics=["ratescore"], detailed=True, show_progress=False)(refs=refs, hyps=hyps)
+        scores = SCORERS["ratescore"]("ratescore", refs).score(refs, hyps)
+        assert SCORERS["ratescore"].result(scores, refs, hyps) == pytest.approx(want, abs=1e-6)
