@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import submitit  # noqa: F401  (configures logging when imported, closing every handler: absl's, made when RadEval
+# loads ROUGE, would close pytest's capture stream if the submit test imported submitit after it)
 
 from fixtures.metric_weights import build
 from medlava.cli import main
