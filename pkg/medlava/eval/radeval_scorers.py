@@ -80,8 +80,8 @@ def import_radeval():
 
 def _fit_check_targets() -> None:
     """RadEval's CheXbert evaluator unpacks scikit-learn's private `_check_targets` as (type, y_true, y_pred, ...);
-    scikit-learn 1.9 returns (type, labels, y_true, y_pred, sample_weight). Give it the shape it was written for
-    (the same arrays; the numbers are those of scikit-learn 1.8)."""
+    scikit-learn 1.9 returns (type, labels, y_true, y_pred, sample_weight), so RadEval would take the label list
+    for y_true and fail. Give it the shape it was written for, holding the same arrays."""
     from radeval.metrics import _chexbert_base
     from sklearn.metrics._classification import _check_targets
 

@@ -10,6 +10,8 @@ metric gets one, and all of them are computed on the same pairs.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from medlava.chunks import ChunkWriter, check_source, chunk_of, collect
 from medlava.config import ConfigError, EvalConfig
 from medlava.eval.bootstrap import percentile_ci, resample_counts
 from medlava.eval.radeval_scorers import CORPUS, METRICS, NO_LLM, SCORERS, importable, load_scorers, use_cache
-from medlava.eval.weights import default_cache, verify_staged
+from medlava.eval.weights import MANIFEST, default_cache, verify_staged
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,6 @@ def chunk_file(folder: Path, idx: int, chunks: int) -> Path:
 
 def source_of(pairs: pd.DataFrame, selection: Selection) -> dict[str, Any]:
     """What decides the scores: the metrics, the weights' manifest, RadEval's version and the pairs."""
-    import hashlib
-    import importlib.metadata
-
-    from medlava.eval.weights import MANIFEST
-
     manifest = selection.cache / MANIFEST
     digest = hashlib.sha256(pd.util.hash_pandas_object(pairs[["id", "reference", "prediction"]], index=False)
                             .to_numpy().tobytes()).hexdigest()

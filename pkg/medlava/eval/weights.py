@@ -138,8 +138,7 @@ def verify_staged(cache: Path, metrics: list[str]) -> list[str]:
         return [f"{', '.join(need)}: no staged weights in {cache} (no {MANIFEST}); where there is internet run "
                 f"`{fix}`"]
     recorded = json.loads(path.read_text())["metrics"]
-    stamps_path = cache / VERIFIED
-    stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    stamps = _read_stamps(cache / VERIFIED)
     problems = []
     for metric in need:
         if metric not in recorded:
@@ -149,11 +148,20 @@ def verify_staged(cache: Path, metrics: list[str]) -> list[str]:
             problem = _check_file(cache / rel, want, stamps)
             if problem:
                 problems.append(f"{metric}: {cache / rel} {problem}; run `{fetch_command([metric], cache)}` again")
-    try:
-        stamps_path.write_text(json.dumps(stamps))
+    try:  # array tasks check at once: each replaces the file whole
+        tmp = cache / f"{VERIFIED}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, cache / VERIFIED)
     except OSError:  # a read-only cache is checked all the same, only not remembered
         pass
     return problems
+
+
+def _read_stamps(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: hash again
+        return {}
 
 
 def _check_file(path: Path, want: dict, stamps: dict) -> str | None:
