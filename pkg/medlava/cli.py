@@ -1,7 +1,8 @@
 """`medlava STAGE --config FILE [key=value ...]`: run one stage in this process (what a job executes).
 
 `medlava submit STAGE ...` is the launcher (the same as `python launch/submit.py`). Tools with their own options:
-`medlava doctor`, `medlava check-model`, `medlava convert`, `medlava export`, and the scoring commands
+`medlava doctor`, `medlava check-model`, `medlava convert`, `medlava export`, `medlava weights` (stage and check
+the report metrics' weights), and the scoring commands
 `medlava eval --predictions CSV --out DIR`, `medlava metrics`, `medlava label-reports`; `medlava predict`,
 `medlava serve` and `medlava compare` (each takes --help).
 """
@@ -22,7 +23,7 @@ from medlava.stages import OPTIONS, STAGES, CheckFailed
 
 TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
          "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
-         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit"}
+         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit", "weights": "medlava.tools.weights"}
 
 
 def run_stage(stage: str, cfg: Config, **options) -> Path:

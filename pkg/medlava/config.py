@@ -381,7 +381,17 @@ class EvalConfig(Section):
     chexbert_tokenizer: str = "bert-base-uncased"
     """Tokenizer of the CheXbert checkpoint: a local directory or cached hub id."""
     batch_size: int = Field(32, ge=1)
-    """Batch size of the model-based metrics (BERTScore, CheXbert)."""
+    """Batch size of the model-based metrics (BERTScore, CheXbert); RadEval's metrics write their scores every
+    this many reports (a killed job resumes after the last such batch)."""
+    report_metrics: list[str] | None = None
+    """Reports: RadEval metrics (bleu, rouge, bertscore, f1chexbert, radgraph, radcliq, ratescore, green); unset:
+    every one without an LLM whose weights are staged and that can run here (the rest are listed in metrics.json).
+    A list given is required whole: a metric that cannot run stops the job before it starts."""
+    metric_cache: str | None = None
+    """Staged weights of the report metrics (`medlava weights fetch --cache DIR`); unset: $MEDLAVA_CACHE/metric-weights
+    (~/.cache/medlava/metric-weights). Jobs read it offline."""
+    chunks: int = Field(1, ge=1)
+    """Reports: score the model-based metrics in this many job-array tasks, then merge (like infer.chunks)."""
 
 
 class SuiteBenchmark(Section):

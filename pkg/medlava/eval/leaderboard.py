@@ -1,7 +1,7 @@
 """The suite's leaderboard: one row per benchmark split its published protocol reports (closed/open for LLaVA-Med's
 three, all questions for multiple choice, MMMU overall and per subject), the run's score with a bootstrap 95%
 interval (resampled over that row's questions), and the published scores measured the same way beside it, with
-their sources (published.yaml). Written as leaderboard.csv, leaderboard.md and leaderboard.png; `medlava compare`
+their sources (published_vqa.yaml). Written as leaderboard.csv, leaderboard.md and leaderboard.png; `medlava compare`
 lines up several of them."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "path_vqa": "PathVQA", "pmc_vqa
 
 
 def published() -> tuple[dict[str, str], pd.DataFrame]:
-    data = yaml.safe_load(resources.files("medlava.eval").joinpath("published.yaml").read_text())
+    data = yaml.safe_load(resources.files("medlava.eval").joinpath("published_vqa.yaml").read_text())
     return data["sources"], pd.DataFrame(data["scores"])
 
 

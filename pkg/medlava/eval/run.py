@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from medlava.config import EvalConfig
 from medlava.eval.closed import CLASSIFICATION_TASKS, evaluate_closed, read_predictions
 from medlava.io import InputError
@@ -98,12 +100,10 @@ def family_of(tasks: Sequence[str], path: Path) -> str:
                      "closed/label, open (+closed) or report, or set eval.family")
 
 
-def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
-             vocab: list[str] | None = None, vocab_source: str | None = None) -> dict[str, Any]:
-    """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content."""
-    predictions_csv = Path(predictions_csv)
+def _family(predictions_csv: Path, cfg: EvalConfig) -> tuple[str, pd.DataFrame | None]:
+    """(metric family, the predictions when read) of a predictions CSV."""
     if cfg.family == "classification":
-        return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
+        return "classification", None
     df = read_predictions(predictions_csv)
     missing = [c for c in ("id", "prediction", "reference") if c not in df.columns]
     if missing:
@@ -111,6 +111,19 @@ def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Seq
     if "task" not in df.columns and cfg.family == "auto":
         raise InputError(f"{predictions_csv}: no `task` column to pick the metrics from; add it or set eval.family")
     family = cfg.family if cfg.family != "auto" else family_of(df["task"].fillna("").unique(), predictions_csv)
+    if family == "report" and "task" in df.columns:
+        df = df[df["task"].fillna("report") == "report"].reset_index(drop=True)
+    return family, df
+
+
+def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
+             vocab: list[str] | None = None, vocab_source: str | None = None,
+             chunk_folder: Path | None = None, merge_only: bool = False) -> dict[str, Any]:
+    """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content. Reports
+    read RadEval's per-report scores from the chunks in `chunk_folder` (with `merge_only`, every chunk must be
+    finished; otherwise what is missing is scored here)."""
+    predictions_csv = Path(predictions_csv)
+    family, df = _family(predictions_csv, cfg)
     if family == "classification":
         return evaluate_closed(predictions_csv, out_dir, classes=classes, n_bootstrap=cfg.n_bootstrap)
     if family == "vqa":
@@ -120,9 +133,19 @@ def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Seq
                             cfg.error_dump)
     from medlava.eval.radiology import evaluate_reports
 
-    if "task" in df.columns:
-        df = df[df["task"].fillna("report") == "report"].reset_index(drop=True)
-    return evaluate_reports(df, out_dir, cfg, str(predictions_csv))
+    return evaluate_reports(df, out_dir, cfg, str(predictions_csv), chunk_folder, merge_only)
+
+
+def score_report_chunk(predictions_csv: Path, cfg: EvalConfig, chunk_idx: int, chunk_folder: Path) -> None:
+    """One array task of a report-metric job: RadEval's per-report metrics on chunk `chunk_idx` of eval.chunks."""
+    from medlava.eval.report_radeval import scorable, score_chunks, select_metrics
+
+    family, df = _family(Path(predictions_csv), cfg)
+    if family != "report":
+        raise InputError(f"{predictions_csv}: eval.chunks splits report metrics; these are {family} predictions, "
+                         "scored in one job (set eval.chunks=1)")
+    pairs, _ = scorable(df)
+    score_chunks(pairs, select_metrics(cfg), [chunk_idx], cfg.chunks, chunk_folder, cfg.batch_size)
 
 
 def _cell(value: Any) -> str:
@@ -134,10 +157,18 @@ def _cell(value: Any) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """The family's headline numbers, one per line, with 95% intervals where they were computed."""
+    """The family's headline numbers, one per line, with 95% intervals where they were computed; for reports
+    also RadEval's results under their own names (and what was left out)."""
     ci = metrics.get("ci95") or {}
     rows = [(k, _cell(metrics[k]), "" if not ci.get(k) else f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]")
             for k in HEADLINES.get(metrics.get("family", ""), ()) if k in metrics]
+    radeval_ci = metrics.get("radeval_ci95") or {}
+    rows += [(f"radeval {k}", _cell(v), "" if not radeval_ci.get(k) else
+              f"[{radeval_ci[k][0]:.4f}, {radeval_ci[k][1]:.4f}]")
+             for k, v in (metrics.get("radeval") or {}).items() if isinstance(v, (int, float))]
+    if (metrics.get("radeval_skipped") or {}).get("empty_report"):
+        rows.append(("radeval skipped (empty report)", str(metrics["radeval_skipped"]["empty_report"]), ""))
+    rows += [(f"radeval {k}", "not run", why[:90]) for k, why in (metrics.get("radeval_unavailable") or {}).items()]
     width = max((len(k) for k, _, _ in rows), default=6)
     lines = [f"{'metric':<{width}}  {'value':>10}  95% CI", "-" * (width + 28)]
     lines += [f"{k:<{width}}  {v:>10}  {c}".rstrip() for k, v, c in rows]

@@ -1,7 +1,8 @@
 """An eval run's TensorBoard view (seed 001's diagnostics): every metric as a scalar at the evaluated checkpoint's
 step, accuracy per group (SLAKE's answer and content types, modality, MMMU's subjects, ...), the run's figures
 (confusion matrix, ROC, per-group bars) as images, a grid of the worst samples' images with question, reference and
-prediction (and the same as a text table), and histograms of the probabilities given to the options.
+prediction (and the same as a text table), and histograms of the probabilities given to the options; for generated
+reports, the worst ones by the most clinical per-report score computed, as a text table.
 
 The scalars also go to the trained run's own `tensorboard/eval-<split>/` when the predictions came from one of its
 checkpoints, so evaluating several checkpoints of a run draws a curve beside its training loss."""
@@ -30,17 +31,51 @@ GROUP_METRICS = ("accuracy", "closed_accuracy", "open_token_recall", "llava_med_
                  "llava_med_open_recall", "mc_accuracy", "mmmu_accuracy")
 
 
+SKIP = ("ci95", "radeval_ci95", "per_label", "conventions", "radeval_skipped", "seconds", "by_group")
+"""metrics.json keys that are no scalars to plot (intervals, per-label tables, notes)."""
+REPORT_RANKING = ("green", "radgraph_partial", "f1chexbert_sample_acc_all", "bertscore", "rougeL", "rouge_l")
+"""Per-report columns to rank generated reports by, the first present wins."""
+
+
+def _numbers(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key in SKIP:
+            continue
+        if isinstance(value, dict):  # RadEval's own result keys, nested as it returns them
+            out |= _numbers(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
+
+
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Every number of metrics.json as a tag: top-level ones as `eval/<name>`, per-group accuracies as
+    """Every number of metrics.json as a tag: `eval/<name>` (nested keys joined with '/'), per-group accuracies as
     `eval_<group>/<value>/<metric>`."""
-    out = {f"eval/{k}": float(v) for k, v in metrics.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v)}
+    out = _numbers(metrics, "eval")
     for key, groups in (metrics.get("by_group") or {}).items():
         for value, summary in groups.items():
             for m in GROUP_METRICS:
                 if isinstance(summary.get(m), (int, float)):
                     out[f"eval_{key}/{value or '<empty>'}/{m}"] = float(summary[m])
     return out
+
+
+def worst_reports(per_sample: pd.DataFrame, reports: pd.DataFrame, n: int = 20) -> tuple[str, str] | None:
+    """(ranking column, a markdown table of the `n` lowest-scoring generated reports), None when nothing ranks them."""
+    column = next((c for c in REPORT_RANKING if c in per_sample.columns and per_sample[c].notna().any()), None)
+    if column is None or n <= 0:
+        return None
+    rows = per_sample[["id", column]].merge(reports[["id", "reference", "prediction"]], on="id")
+    rows = rows.dropna(subset=[column]).sort_values([column, "id"], kind="stable").head(n)
+
+    def cell(text: Any) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")[:400]
+
+    lines = [f"| id | {column} | reference | generated |", "|---|---|---|---|"]
+    lines += [f"| {cell(r.id)} | {getattr(r, column):.4f} | {cell(r.reference)} | {cell(r.prediction)} |"
+              for r in rows.itertuples(index=False)]
+    return column, "\n".join(lines)
 
 
 def worst_first(per: pd.DataFrame) -> pd.DataFrame:
@@ -128,7 +163,13 @@ def write_eval_tensorboard(out_dir: Path, metrics: dict, predictions: pd.DataFra
                             dataformats="HWC")
                 counts["images"] += 1
         per_path = out_dir / "per_sample.csv"
-        if per_path.exists():
+        if per_path.exists() and metrics.get("family") == "report":
+            ranked = worst_reports(pd.read_csv(per_path, dtype={"id": str}),
+                                   predictions.assign(id=predictions["id"].astype(str)))
+            if ranked:
+                w.add_text(f"eval/worst_reports_by_{ranked[0]}", ranked[1], step)
+                counts["text"] += 1
+        elif per_path.exists():
             per = pd.read_csv(per_path, dtype={"id": str, "reference": str, "prediction": str},
                               keep_default_na=False, na_values=[""])
             if "image" in predictions.columns and "image" not in per.columns:
