@@ -63,7 +63,8 @@ def score_choices(model, prompts: list[dict], choices: list[list[list[int]]], pa
     ids, owner, positions = _choice_rows(prompt_mask.sum(1).tolist(), choices, pad_id, device)
     mask = _shared_prefix_mask(prompt_mask, owner)
     if model.config.text_config._attn_implementation == "eager":  # eager adds its mask to the scores
-        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, torch.finfo(model.dtype).min)
+        blocked = torch.finfo(model.dtype).min
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, blocked)
     logits = model(input_ids=torch.cat([batch.pop("input_ids"), ids], 1), attention_mask=mask,
                    position_ids=torch.cat([prompt_positions, positions], 1), use_cache=False,
                    logits_to_keep=torch.arange(width - 1, width - 1 + ids.shape[1], device=device), **batch).logits
