@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from conftest import TINY
 from medlava.config import load_config
 from medlava.distributed import Dist
@@ -153,7 +154,17 @@ def test_generate_mode_normalises_choices_and_carries_meta(tmp_path, questions, 
         else:
             assert md["prediction"] == a["text"] and "normalized" not in md
         assert pred.loc[qid, "prediction"] == md["prediction"] and pred.loc[qid, "text"] == a["text"]
-    assert json.loads((run / "COMPLETE.json").read_text())["normalized"] == statuses
+    done = json.loads((run / "COMPLETE.json").read_text())
+    assert done["normalized"] == statuses
+    # TensorBoard: answers/s of the chunk, and how the answers were read (at the checkpoint's step; base: 0)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("infer/answers_per_s")[0].value > 0
+    unmapped = statuses.get("unmapped", 0) + statuses.get("negated", 0)  # no choice named: scored wrong
+    assert acc.Scalars("infer/n_unmapped")[0].value == done["answers_read"]["n_unmapped"] == unmapped
+    assert done["answers_read"]["n_mapped"] == sum(statuses.values()) - unmapped
+    free = sum(not a["metadata"]["choices"] for a in answers)  # open, and closed without evident choices
+    assert acc.Scalars("infer/share_free_text")[0].value == pytest.approx(free / len(answers)) and done["step"] == 0
     assert not [c for c in pred.columns if c.startswith("score_")]
     assert pred.loc["y1", "meta_answer_type"] == "CLOSED" and pred.loc["y1", "meta_modality"] == "X-Ray"
     assert pred.loc["2", "meta_content_type"] == "Organ" and "meta_triple" not in pred.columns  # lists left out
@@ -323,12 +334,12 @@ def test_one_run_s_chunks_come_from_one_checkpoint(tmp_path, questions, cache, m
     merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
     mine = chunk_path(chunks, 1, 2)
-    assert (f"medlava infer: {mine} has no record of the settings it was answered with (answers-0001-of-0002.settings"
+    assert (f"medlava infer: {mine} has no record of the settings it was made with (answers-0001-of-0002.settings"
             ".json): it was not made by this run") in merged.stderr, merged.stderr[-3000:]
     shutil.copy(settings_path(theirs), chunks)  # with it
     merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
-    assert (f"medlava infer: {mine} was answered with other settings (infer.checkpoint: '{b}' then, '{a}' now); "
+    assert (f"medlava infer: {mine} was made with other settings (infer.checkpoint: '{b}' then, '{a}' now); "
             "one answer file must come from one model and one setting") in merged.stderr, merged.stderr[-3000:]
     assert not (runs / "tiny" / "infer" / "x" / "answers.jsonl").exists()
 
@@ -351,7 +362,7 @@ def test_the_merge_compares_each_chunk_s_settings(tmp_path, answered, cache):
     assert {json.loads(line)["metadata"]["mode"] for line in second.read_text().splitlines()} == {"generate"}
     merged = _infer(tmp_path, cache, *args, "infer.mode=generate", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
-    assert (f"medlava infer: {first} was answered with other settings (infer.mode: 'score' then, 'generate' now); "
-            "one answer file must come from one model and one setting: delete that chunk and answer it again, or "
-            "use a new run_id") in merged.stderr, merged.stderr[-3000:]
+    assert (f"medlava infer: {first} was made with other settings (infer.mode: 'score' then, 'generate' now); "
+            "one answer file must come from one model and one setting: delete that chunk and make it again, or use "
+            "a new run_id") in merged.stderr, merged.stderr[-3000:]
     assert not (copy / "answers.jsonl").exists() and not (copy / "COMPLETE.json").exists()

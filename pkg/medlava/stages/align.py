@@ -12,12 +12,14 @@ from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.train.runtime import check_resume
+    from medlava.models.kernels import check_kernels
+    from medlava.train.checkpoint import check_resume
     from medlava.train.vlm import train_vlm, weight_settings
 
+    check_kernels(cfg.align.kernels, dist.device, "align")  # before a run directory exists
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     settings = weight_settings(cfg, "align", prepared, None)
-    check_resume(run_dir(cfg, "align"), "step", settings, cfg.align.resume)
+    check_resume(run_dir(cfg, "align"), dist, cfg.align.resume, settings)  # before start_run rewrites config.yaml
     run = start_run(cfg, "align", dist.rank, *STAGES["align"].reuse(cfg))
     ckpt, info = train_vlm(cfg, "align", dist, run, prepared, None, settings)
     if dist.main:

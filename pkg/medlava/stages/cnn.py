@@ -12,8 +12,8 @@ from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    from medlava.train.checkpoint import check_resume
     from medlava.train.cnn import run_cnn, weight_settings
-    from medlava.train.runtime import check_resume
 
     c = cfg.cnn
     if c.pretrained and not Path(c.pretrained).is_file():
@@ -21,7 +21,7 @@ def run(cfg: Config, dist: Dist) -> Path:
                                 f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     settings = weight_settings(c, prepared)
-    check_resume(run_dir(cfg, "cnn"), "epoch", settings, c.resume)
+    check_resume(run_dir(cfg, "cnn"), dist, c.resume, settings, "epoch")  # before start_run rewrites config.yaml
     run = start_run(cfg, "cnn", dist.rank, *STAGES["cnn"].reuse(cfg))
     result = run_cnn(c, dist, run, prepared, settings)
     if dist.main:

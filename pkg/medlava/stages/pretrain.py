@@ -13,11 +13,11 @@ from medlava.stages import STAGES
 
 def run(cfg: Config, dist: Dist) -> Path:
     from medlava.pretrain.loop import run_pretrain, weight_settings
-    from medlava.train.runtime import check_resume
+    from medlava.train.checkpoint import check_resume
 
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     settings = weight_settings(cfg, prepared)
-    check_resume(run_dir(cfg, "pretrain"), "step", settings, cfg.pretrain.resume)
+    check_resume(run_dir(cfg, "pretrain"), dist, cfg.pretrain.resume, settings)  # before start_run rewrites config.yaml
     run = start_run(cfg, "pretrain", dist.rank, *STAGES["pretrain"].reuse(cfg))
     result = run_pretrain(cfg, dist, run, prepared, settings)
     if dist.main:

@@ -20,12 +20,14 @@ def init_checkpoint(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.train.runtime import check_resume
+    from medlava.models.kernels import check_kernels
+    from medlava.train.checkpoint import check_resume
     from medlava.train.vlm import train_vlm, weight_settings
 
+    check_kernels(cfg.sft.kernels, dist.device, "sft")  # before a run directory exists
     prepared, init = resolve(cfg, cfg.data.samples, "prepare"), init_checkpoint(cfg)
     settings = weight_settings(cfg, "sft", prepared, init)
-    check_resume(run_dir(cfg, "sft"), "step", settings, cfg.sft.resume)
+    check_resume(run_dir(cfg, "sft"), dist, cfg.sft.resume, settings)  # before start_run rewrites config.yaml
     run = start_run(cfg, "sft", dist.rank, *STAGES["sft"].reuse(cfg))
     ckpt, info = train_vlm(cfg, "sft", dist, run, prepared, init, settings)
     if dist.main:
