@@ -281,8 +281,9 @@ def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cac
     from conftest import TINY
     from medlava.cluster.submit import main as submit
 
+    (tmp_path / "p.csv").write_text("id,reference,prediction\n")  # the launcher checks that the input exists
     common = ["eval", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--gpus", "0", "--cpus-per-task", "1",
-              "--output-root", str(tmp_path / "o"), "run_id=s", "eval.predictions=p.csv",
+              "--output-root", str(tmp_path / "o"), "run_id=s", f"eval.predictions={tmp_path / 'p.csv'}",
               "eval.report_metrics=[f1chexbert,radgraph]"]
     assert submit([*common, "--chunks", "3", f"eval.metric_cache={cache}"]) == 0
     jobs = capsys.readouterr().out.split("# ---- job ")[1:]

@@ -326,6 +326,6 @@ def test_a_zero3_checkpoint_is_not_resumed_on_another_number_of_processes(prepar
     (run / "COMPLETE.json").unlink()
     out = _torchrun(prepared, 2, "zero3-elastic", "sft.batch_size=4", "sft.max_steps=2", "sft.deepspeed=zero3")
     assert out.returncode != 0
-    assert (f"medlava sft: {run / 'checkpoints' / 'step-000001'} holds DeepSpeed ZeRO state sharded over 1 "
+    assert (f"medlava sft (rank 0): {run / 'checkpoints' / 'step-000001'} holds DeepSpeed ZeRO state sharded over 1 "
             "process(es), one optimizer shard per rank, and cannot be resumed by 2: resume with 1 process(es)"
             in out.stderr), out.stderr[-3000:]

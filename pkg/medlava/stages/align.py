@@ -18,7 +18,7 @@ def run(cfg: Config, dist: Dist) -> Path:
 
     check_kernels(cfg.align.kernels, dist.device, "align")  # before a run directory exists
     prepared = resolve(cfg, cfg.data.samples, "prepare")
-    settings = weight_settings(cfg, "align", prepared, None)
+    settings = weight_settings(cfg, "align", prepared, None, dist.world_size)
     check_resume(run_dir(cfg, "align"), dist, cfg.align.resume, settings)  # before start_run rewrites config.yaml
     run = start_run(cfg, "align", dist.rank, *STAGES["align"].reuse(cfg))
     ckpt, info = train_vlm(cfg, "align", dist, run, prepared, None, settings)

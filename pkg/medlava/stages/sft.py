@@ -26,7 +26,7 @@ def run(cfg: Config, dist: Dist) -> Path:
 
     check_kernels(cfg.sft.kernels, dist.device, "sft")  # before a run directory exists
     prepared, init = resolve(cfg, cfg.data.samples, "prepare"), init_checkpoint(cfg)
-    settings = weight_settings(cfg, "sft", prepared, init)
+    settings = weight_settings(cfg, "sft", prepared, init, dist.world_size)
     check_resume(run_dir(cfg, "sft"), dist, cfg.sft.resume, settings)  # before start_run rewrites config.yaml
     run = start_run(cfg, "sft", dist.rank, *STAGES["sft"].reuse(cfg))
     ckpt, info = train_vlm(cfg, "sft", dist, run, prepared, init, settings)

@@ -162,6 +162,8 @@ class Checkpointer:
 
 
 def check_resume(run: Path, d: Dist, resume: str, settings: dict, prefix: str = "step") -> None:
-    """Checkpointer.check_settings, for the run a training stage is about to start (with resume=auto)."""
+    """Checkpointer.check_world and check_settings, for the run a training stage is about to start (resume=auto)."""
     if resume == "auto":
-        Checkpointer(run, d, None, prefix, settings).check_settings()
+        checkpointer = Checkpointer(run, d, None, prefix, settings)
+        checkpointer.check_world()
+        checkpointer.check_settings()

@@ -124,15 +124,15 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
     return StageModel(model, processor, template, kind, dtype, base, attention, speedups, zero3)
 
 
-def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None) -> dict:
-    """What decides the weights `stage` (align or sft) trains (runtime.weight_settings): its section (grad_accum only
-    when set, not derived from global_batch_size and the world size), the model, the training split's digest and the
-    projector it starts from."""
+def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None, world_size: int) -> dict:
+    """What decides the weights `stage` (align or sft) trains (runtime.weight_settings): its section, with the
+    samples per step over all ranks in place of grad_accum (which a resume on another number of processes changes to
+    keep them), the model, the training split's digest and the projector it starts from."""
     t: TrainConfig = getattr(cfg, stage)
     model = runtime.flatten("model", cfg.vlm(stage).model_dump(mode="json"))
-    start = {f"{stage}.init_from": str(init.resolve()) if init else None}
-    derived = ("grad_accum",) if t.global_batch_size else ()
-    return runtime.weight_settings(stage, t, ("init_from", *derived), **model, **start,
+    start = {f"{stage}.init_from": str(init.resolve()) if init else None,
+             f"{stage}.global_batch_size": t.batch_size * t.grad_accum * world_size}
+    return runtime.weight_settings(stage, t, ("init_from", "grad_accum", "global_batch_size"), **model, **start,
                                    **{"data.train": runtime.file_digest(split_file(prepared, "train"))})
 
 
