@@ -430,12 +430,12 @@ def test_a_diverging_cnn_stops_and_a_resume_with_other_settings_is_refused(train
                      r"written and the run is not complete\. Lower cnn\.lr \(now 1e\+30\)", out.stderr), out.stderr[-3000:]
     assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nan" / "COMPLETE.json").exists()
 
-    stopped = trained["run"].with_name("stopped")  # the finished run, as if killed before COMPLETE.json
+    stopped = trained["run"].with_name("resumed-other")  # the finished run, as if killed before COMPLETE.json
     shutil.copytree(trained["run"], stopped)
     (stopped / "COMPLETE.json").unlink()
     config = (stopped / "config.yaml").read_bytes()
-    out = medlava("cnn", *base, "run_id=stopped", "cnn.lr=0.05", "cnn.predict_split=val", env=env, check=False)
+    out = medlava("cnn", *base, "run_id=resumed-other", "cnn.lr=0.05", "cnn.predict_split=val", env=env, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava cnn: \S+/stopped/checkpoints/epoch-\d+ was trained with other settings \(cnn\.lr: 0\.01 "
+    assert re.search(r"medlava cnn: \S+/resumed-other/checkpoints/epoch-\d+ was trained with other settings \(cnn\.lr: 0\.01 "
                      r"then, 0\.05 now\); resuming it", out.stderr), out.stderr[-3000:]  # predict_split: not the weights
     assert (stopped / "config.yaml").read_bytes() == config

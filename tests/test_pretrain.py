@@ -362,11 +362,11 @@ def test_a_diverging_pretrain_stops_and_a_resume_with_other_settings_is_refused(
     assert re.search(r"medlava pretrain: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it "
                      r"is written and the run is not complete\. Lower pretrain\.lr \(now 1e\+30\)", out.stderr), \
         out.stderr[-3000:]
-    stopped = trained["run"].with_name("stopped")  # the finished run, as if killed before COMPLETE.json
+    stopped = trained["run"].with_name("resumed-other")  # the finished run, as if killed before COMPLETE.json
     shutil.copytree(trained["run"], stopped)
     (stopped / "COMPLETE.json").unlink()
-    out = run_cmd(*args, SAVE, "run_id=stopped", "pretrain.batch_size=16", "pretrain.eval_split=val", env=env,
+    out = run_cmd(*args, SAVE, "run_id=resumed-other", "pretrain.batch_size=16", "pretrain.eval_split=val", env=env,
                   check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava pretrain: \S+/stopped/checkpoints/step-\d+ was trained with other settings "
+    assert re.search(r"medlava pretrain: \S+/resumed-other/checkpoints/step-\d+ was trained with other settings "
                      r"\(pretrain\.batch_size: 32 then, 16 now\); resuming it", out.stderr), out.stderr[-3000:]
