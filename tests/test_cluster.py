@@ -194,7 +194,7 @@ def test_gpu_multi_node_script_and_environment():
     assert {k: opts[k] for k in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--partition", "--account",
                                  "--qos", "--mem", "--constraint", "--time")} == {
         "--nodes": "2", "--gpus-per-node": "8", "--cpus-per-task": "64", "--partition": "gpu",
-        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2880"}
+        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2-00:00:00"}
     assert "--exclusive" in opts
     assert "OMP_NUM_THREADS=8 NCCL_DEBUG=INFO" in text  # 64 CPUs / 8 processes; cluster.env wins
     assert "--nproc_per_node=8 --nnodes=2" in section[-1]
@@ -348,7 +348,7 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
     assert dry.returncode == 0, dry.stderr
     (job,) = scripts(dry.stdout)  # one job, whatever the stage's node count
     options = sbatch_options(job)
-    assert options["--nodes"] == "1" and options["--time"] == "15" and options["--job-name"] == "tiny.doctor"
+    assert options["--nodes"] == "1" and options["--time"] == "00:15:00" and options["--job-name"] == "tiny.doctor"
     assert any(line.endswith(f"-m medlava doctor --output-root {tmp_path / 'o'} --gpus 0") for line in job), job
     # locally the same command prints doctor's screen; a GPU count this machine lacks fails it
     ok = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)

@@ -431,6 +431,10 @@ class ClusterConfig(Section):
     qos: str | None = None
     time: str = "04:00:00"
     mem: str | None = None
+    """Memory per node (`--mem`, e.g. 256G); for jobs with GPUs, cluster.mem_per_gpu wins when set."""
+    mem_per_gpu: str | None = None
+    """Memory per GPU (`--mem-per-gpu`, e.g. 64G) of jobs with GPUs: a one-GPU infer task asks for one share, a
+    training job for one per GPU. Jobs without GPUs (prepare, eval) ask for cluster.mem."""
     cpus_per_task: int = Field(8, ge=1)
     constraint: str | None = None
     exclusive: bool = False

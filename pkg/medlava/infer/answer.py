@@ -64,10 +64,12 @@ class Answerer:
         # Workers decode and preprocess the next batches while the model answers this one.
         loader = torch.utils.data.DataLoader(SampleDataset(todo, self.encoder, prompts=True),
                                              batch_size=inf.batch_size, num_workers=inf.num_workers, collate_fn=list)
-        for start, prompts in zip(range(0, len(todo), inf.batch_size),
-                                  tqdm(loader, desc=f"chunk {idx}/{inf.chunks}", unit="batch"), strict=True):
+        bar = tqdm(total=len(todo), desc=f"chunk {idx}/{inf.chunks}", unit="answer")  # the rate is answers/s
+        for start, prompts in zip(range(0, len(todo), inf.batch_size), loader, strict=True):
             raise_batch_error(prompts)
             writer.write(self.answer_batch(todo[start : start + inf.batch_size], prompts, idx))
+            bar.update(len(prompts))
+        bar.close()
         writer.finish()
 
     def answer_batch(self, batch: list[dict], prompts: list[dict], idx: int) -> list[dict]:
