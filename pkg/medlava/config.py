@@ -255,6 +255,11 @@ class TrainConfig(Section):
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the newest complete checkpoint of this run (same run_id)."""
     log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    """Every this many steps and at the last: the loss on the prepared val split (`val/loss`) and, for closed
+    questions, option-scored accuracy on a fixed subset (`val/closed_accuracy`), in TensorBoard and the console."""
+    eval_closed_samples: int = Field(200, ge=0)
+    """At most this many closed validation questions scored each time (the same ones every time); 0: loss only."""
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

@@ -29,6 +29,7 @@ from medlava.train import runtime
 from medlava.train.checkpoint import load_resume_state, save_checkpoint
 from medlava.train.optim import make_optimizer, param_groups
 from medlava.train.sampling import epoch_indices
+from medlava.train.validation import Validation, log_validation
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def log_step(writer, tr: Trainer, m: dict[str, float], d: Dist) -> dict[str, flo
 
 
 def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, run: Path, d: Dist,
-          kind: str, manifest: dict, dtype: torch.dtype) -> Path:
+          kind: str, manifest: dict, dtype: torch.dtype, validation: Validation | None = None) -> Path:
     """Train `model` (trainable params already chosen) and return the final checkpoint directory.
 
     On a stop request (SIGUSR2 on any rank) every rank stops at the same step, rank 0 saves a
@@ -169,6 +170,10 @@ def train(model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainCon
             logged = writer if tr.step % t.log_every == 0 or tr.step == tr.total else None
             bar.set_postfix(**log_step(logged, tr, measured, d))
             bar.update(1)
+            if validation is not None and (tr.step % t.eval_every == 0 or tr.step == tr.total):
+                result = validation.measure(tr.engine or tr.model, d, tr.amp)
+                if d.main:
+                    log_validation(tr.step, result, writer, bar.write)
             save, stop = runtime.save_or_stop(tr.step, tr.total, t.save_every, d)
             if save:
                 ckpt = save_checkpoint(run, tr.step, model, processor, kind, manifest, tr.optimizer, tr.scheduler,

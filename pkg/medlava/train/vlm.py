@@ -30,6 +30,7 @@ from medlava.models.llava import (
 )
 from medlava.precision import choose_dtype
 from medlava.train.loop import train
+from medlava.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -138,5 +139,17 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length,
                       Path(manifest["image_root"]))
     ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
-                 {"base_model": built.base, "stage": stage, "template": template}, dtype)
+                 {"base_model": built.base, "stage": stage, "template": template}, dtype,
+                 validation_of(prepared, encoder, t, stage, template))
     return ckpt, info
+
+
+def validation_of(prepared: Path, encoder: Encoder, t: TrainConfig, stage: str, template: str) -> Validation | None:
+    """What `<stage>.eval_every` validates on: the prepared val split (None when off, or when the split is empty)."""
+    if t.eval_every is None:
+        return None
+    samples, _ = load_prepared(prepared, "val")
+    if not samples:
+        log.warning("%s.eval_every=%d, but %s has no validation samples: no validation", stage, t.eval_every, prepared)
+        return None
+    return Validation.of(samples, encoder, t, template)
