@@ -206,9 +206,10 @@ def job_line(job: Launched, last: bool) -> str:
         state, known = (summarize(states), True) if states else ("", False)
         where = f"job {job.entry['job_id']:<8}{array}"
     if not known:
-        state = ("COMPLETED (COMPLETE.json; no longer known to SLURM)" if is_complete(job.run_dir) and last
+        why = "SLURM no longer knows the job" if job.executor == "slurm" else "its launcher stopped before the exit"
+        state = (f"COMPLETED per COMPLETE.json ({why})" if is_complete(job.run_dir) and last
                  else "ended; a later launch completed the run" if is_complete(job.run_dir)
-                 else "ended, outcome unknown (no record left); the run is not complete: see `logs`")
+                 else f"ended, outcome unknown ({why}); the run is not complete: see `logs`")
     return f"    {job.name:<14} {where:<14} {state}"
 
 
