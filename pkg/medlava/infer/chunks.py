@@ -16,6 +16,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from medlava.config import ConfigError
 from medlava.io import InputError
 
@@ -106,10 +108,12 @@ def merge_chunks(folder: Path, chunks: int, expected_ids: list[str]) -> list[dic
                                 "re-run those chunks (they resume) before merging")
     by_id: dict[str, dict] = {}
     dupes: list[str] = []
+    bar = tqdm(total=len(expected_ids), desc="merge", unit="answer", mininterval=5, disable=len(expected_ids) < 1000)
     for i in range(chunks):
         path = chunk_path(folder, i, chunks)
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
+                bar.update()
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -119,6 +123,7 @@ def merge_chunks(folder: Path, chunks: int, expected_ids: list[str]) -> list[dic
                 if qid in by_id:
                     dupes.append(qid)
                 by_id[qid] = row
+    bar.close()
     expected = [str(i) for i in expected_ids]
     missing = [i for i in expected if i not in by_id]
     extra = sorted(set(by_id) - set(expected))
