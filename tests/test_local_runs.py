@@ -113,7 +113,7 @@ def test_status_and_logs_follow_the_chain_by_its_run_id(chain):
     assert lines[0] == f"run c  ({runs})" and status.stdout.count("run c ") == 1  # the id once, the stages below
     for stage in ("prepare", "sft", "infer"):
         assert f"  {stage:<10} complete      {runs / stage / 'c'}" in lines
-    assert re.search(r"^    infer-chunks +local \(array of 2\) COMPLETED x2$", status.stdout, re.M)
+    assert re.search(r"^    infer-chunks +local +COMPLETED x2 \(array of 2\)$", status.stdout, re.M)
     for job in ("prepare", "sft", "infer-merge"):
         assert re.search(rf"^    {job} +local +COMPLETED$", status.stdout, re.M), status.stdout
     assert lines[-1] == f"TensorBoard: tensorboard --logdir {runs / 'sft' / 'c'}"  # only sft wrote events
@@ -183,7 +183,7 @@ def test_status_reconciles_jobs_their_scheduler_forgot_with_complete_json(tmp_pa
     lines = status_lines([run_dir("done", True, "slurm"), run_dir("lost", False, "slurm"),
                           run_dir("killed", True, "local")])
     text = "\n".join(lines)
-    assert "job 999999991  COMPLETED per COMPLETE.json (SLURM no longer knows the job)" in text
+    assert re.search(r"    sft +job 999999991 +COMPLETED per COMPLETE.json \(SLURM no longer knows the job\)", text)
     assert "ended, outcome unknown (SLURM no longer knows the job); the run is not complete: see `logs`" in text
-    assert "local          COMPLETED per COMPLETE.json (its launcher stopped before the exit)" in text
+    assert re.search(r"    sft +local +COMPLETED per COMPLETE.json \(its launcher stopped before the exit\)", text)
     assert "unknown to SLURM" not in text and text.count("[complete]") == 0

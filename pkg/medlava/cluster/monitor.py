@@ -199,18 +199,17 @@ def job_line(job: Launched, last: bool) -> str:
     array = f" (array of {job.entry['array']})" if job.entry.get("array") else ""
     if job.executor == "local":
         state = local_state(job.entry)
-        known = "unrecorded" not in state
-        where = f"local{array}"
+        known, where = "unrecorded" not in state, "local"
     else:
         states = job_states(job.entry["job_id"])
         state, known = (summarize(states), True) if states else ("", False)
-        where = f"job {job.entry['job_id']:<8}{array}"
+        where = f"job {job.entry['job_id']}"
     if not known:
         why = "SLURM no longer knows the job" if job.executor == "slurm" else "its launcher stopped before the exit"
         state = (f"COMPLETED per COMPLETE.json ({why})" if is_complete(job.run_dir) and last
                  else "ended; a later launch completed the run" if is_complete(job.run_dir)
                  else f"ended, outcome unknown ({why}); the run is not complete: see `logs`")
-    return f"    {job.name:<14} {where:<14} {state}"
+    return f"    {job.name:<14} {where:<14} {state}{array}"
 
 
 def status_lines(run_dirs: list[Path]) -> list[str]:
