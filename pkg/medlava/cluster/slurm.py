@@ -89,11 +89,13 @@ def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
     return out
 
 
-def job_mem_mb(job: Job, c) -> int:
-    """The memory per node `job` asks for: cluster.mem_per_gpu x its GPUs when both are set, else cluster.mem."""
+def job_mem(job: Job, c) -> tuple[int, str]:
+    """The memory per node `job` asks for, in MB, and where it comes from: cluster.mem_per_gpu x its GPUs when
+    both are set, else cluster.mem."""
     if job.gpus_per_node and c.mem_per_gpu:
-        return megabytes(c.mem_per_gpu, "cluster.mem_per_gpu") * job.gpus_per_node
-    return megabytes(c.mem) if c.mem else 0
+        per_gpu = megabytes(c.mem_per_gpu, "cluster.mem_per_gpu")
+        return per_gpu * job.gpus_per_node, f"cluster.mem_per_gpu={c.mem_per_gpu} x {job.gpus_per_node} GPUs"
+    return (megabytes(c.mem), f"cluster.mem={c.mem}") if c.mem else (0, "")
 
 
 def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
@@ -107,7 +109,7 @@ def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
     groups, partition = part.groups, part.name
     problems: list[str] = []
     for job in jobs:
-        most, mem = max(g.gpus for g in groups), job_mem_mb(job, c)
+        most, (mem, asked) = max(g.gpus for g in groups), job_mem(job, c)
         if job.gpus_per_node > most:
             problems.append(f"--gpus {job.gpus_per_node} (cluster.gpus_per_node): partition {partition} has at most "
                             f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({g.gres for g in groups}))})")
@@ -115,8 +117,7 @@ def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
             problems.append(f"cluster.cpus_per_task={c.cpus_per_task}: nodes of partition {partition} have at most "
                             f"{max(g.cpus for g in groups)} CPUs; lower it (--cpus-per-task)")
         elif mem > max(g.mem_mb for g in groups):
-            problems.append(f"{job.name} asks for {mem} MB per node (cluster.mem / mem_per_gpu): nodes of partition "
-                            f"{partition} have at most {max(g.mem_mb for g in groups)} MB")
+            problems.append(f"{asked}: nodes of partition {partition} have at most {max(g.mem_mb for g in groups)} MB")
         else:
             fit = sum(g.count for g in groups
                       if g.gpus >= job.gpus_per_node and g.cpus >= c.cpus_per_task and g.mem_mb >= mem)
@@ -155,7 +156,7 @@ def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | No
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             params[key] = getattr(c, key)
-    job_mem_mb(job, c)  # a malformed size is refused here, not by sbatch
+    job_mem(job, c)  # a malformed size is refused here, not by sbatch
     if job.gpus_per_node and c.mem_per_gpu:
         params["mem_per_gpu"] = c.mem_per_gpu
     elif c.mem:
