@@ -126,10 +126,10 @@ class Launched:
 
 def launched(run_dir: Path) -> list[Launched]:
     """Every job recorded in `run_dir`, SLURM's and the local executor's, oldest first."""
-    found = [Launched(run_dir, "slurm", e) for e in read_record(run_dir)] if (run_dir / "slurm" / RECORD).exists() \
-        else []
-    path = run_dir / "logs" / local.RECORD
-    found += [Launched(run_dir, "local", e) for e in json.loads(path.read_text())] if path.exists() else []
+    found = []
+    for executor, record in zip(("slurm", "local"), RECORDS):
+        path = run_dir / record
+        found += [Launched(run_dir, executor, e) for e in json.loads(path.read_text())] if path.exists() else []
     return sorted(found, key=lambda j: j.when)
 
 

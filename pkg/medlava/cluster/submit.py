@@ -30,7 +30,6 @@ import yaml
 
 from medlava.cluster.jobs import Job, stage_jobs
 from medlava.cluster.local import JobFailed, run_local
-from medlava.cluster.monitor import tensorboard_hint
 from medlava.config import Config, ConfigError, dump_config, load_config
 from medlava.runs import latest_complete, new_run_id, stage_root
 from medlava.stages import CHAIN, STAGES
@@ -212,6 +211,8 @@ def launch(argv: list[str]) -> int:
                                                      "bleu_4", "rouge_l", "closed_accuracy", "open_recall")}
         print("\nmetrics.json: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in shown.items()))
+    from medlava.cluster.monitor import tensorboard_hint
+
     if hint := tensorboard_hint(list(run_dirs.values())):
         print(hint)
     return 0
