@@ -337,6 +337,8 @@ def test_retrieval_counts_repeated_captions_once_and_knows_chance():
     assert m["chance"]["text_to_image"]["recall@2"] == pytest.approx((5 / 6 + 1 / 2 + 1 / 2) / 3)
     assert describe(m) == ("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667); "
                            "text->image R@1 0.667 (chance 0.333), R@2 1.000 (chance 0.611)")
+    m10 = retrieval_metrics(images, texts, ["a", "a", "b", "c"], ks=(1, 10, 2))
+    assert describe(m10).startswith("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667), R@10 ")
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -39,6 +39,9 @@ def retrieval_metrics(images: np.ndarray, texts: np.ndarray, captions: list[str]
 
 def describe(retrieval: dict) -> str:
     """Recall@K both ways beside what a random ranking scores: `image->text R@1 0.120 (chance 0.016), ...`."""
+    def by_k(way: str) -> list[str]:  # metrics.json sorts its keys as text: recall@10 before recall@5
+        return sorted(retrieval[way], key=lambda key: int(key.split("@")[1]))
+
     return "; ".join(f"{way.replace('_to_', '->')} " + ", ".join(
-        f"R@{key.split('@')[1]} {value:.3f} (chance {retrieval['chance'][way][key]:.3f})"
-        for key, value in retrieval[way].items()) for way in ("image_to_text", "text_to_image"))
+        f"R@{key.split('@')[1]} {retrieval[way][key]:.3f} (chance {retrieval['chance'][way][key]:.3f})"
+        for key in by_k(way)) for way in ("image_to_text", "text_to_image"))
