@@ -85,6 +85,9 @@ def _spawn(argv: list[str], env: dict[str, str], terminal: bool) -> tuple[subpro
     termios.tcsetattr(slave, termios.TCSANOW, attrs)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    except OSError:
+        os.close(master)
+        raise
     finally:
         os.close(slave)
     return proc, master
