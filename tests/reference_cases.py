@@ -89,3 +89,61 @@ def scorer_cases(n: int = 600, seed: int = 12) -> list[tuple[str, str]]:
             pred = pred.upper()
         pairs.append((pred, ref))
     return pairs
+
+
+_OPTION_TEXTS = ["Pneumonia", "pleural effusion", "a", "B cell lymphoma", "no abnormality", "left lung", "3.5 cm",
+                 "Hypertrophic cardiomyopathy", "CT", "(C) misleading", "none of the above", "Magnetic resonance"]
+_FRAMES = ["{}", "({})", "{}.", "Answer: {}", "The answer is {}.", "The answer is ({}).", "{}) {}", "Option {}",
+           "I think it is {} because", "{}, {}", "({}) or ({})", "Not {} but {}", "{}:", "'{}'", "**{}**", "{}\n\n"]
+_FILLER = ["the", "image", "shows", "most", "likely", "is", "which", "answer", "this", "lesion", "I", "think", "so",
+           "a", "A", "case", "of", "and", "B.", "(D)", "therefore", "it", "could", "be", "2", "=", "3.50", "1,000"]
+
+
+def mmmu_choice_cases(n: int = 400, seed: int = 19) -> list[tuple[str, dict[str, str]]]:
+    """(response, letter -> option text): letters bare, bracketed, punctuated, in sentences, several at once, option
+    texts quoted in long answers, and answers naming nothing (where MMMU picks at random)."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        k = rng.randint(2, 5)
+        options = dict(zip("ABCDE", rng.sample(_OPTION_TEXTS, k)))
+        letters = list(options)
+        kind = rng.random()
+        if kind < 0.45:
+            frame = rng.choice(_FRAMES)
+            picks = [rng.choice(letters + ["E", "F"]) for _ in range(frame.count("{}"))]
+            response = frame.format(*picks)
+        elif kind < 0.75:  # a sentence, with or without an option's text in it
+            words = [rng.choice(_FILLER) for _ in range(rng.randint(2, 12))]
+            if rng.random() < 0.6:
+                words.insert(rng.randint(0, len(words)), rng.choice(list(options.values())))
+            response = " ".join(words)
+        else:
+            words = [rng.choice(_FILLER) for _ in range(rng.randint(0, 8))]
+            response = " ".join(words + [rng.choice(letters)] * rng.randint(0, 2))
+        if rng.random() < 0.15:
+            response = rng.choice(",.!?;:'") + response + rng.choice(["", ".", "!", "'"])
+        cases.append((response, options))
+    return cases
+
+
+_GOLDS = ["2", "3.5", "1,000", "Transformation", "C", "0.25", "-4", "1e-3", "left ventricle", "B", "12.345"]
+
+
+def mmmu_open_cases(n: int = 300, seed: int = 23) -> list[tuple[str, str | list[str]]]:
+    """(response, gold): numbers in every notation, answers after "is"/"so"/"=", several sentences and lines, one-
+    letter golds, and lists of accepted answers."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        gold: str | list[str] = rng.choice(_GOLDS)
+        if rng.random() < 0.15:
+            gold = rng.sample(_GOLDS, 2)
+        lines = []
+        for _ in range(rng.randint(1, 3)):
+            words = [rng.choice(_FILLER) for _ in range(rng.randint(0, 7))]
+            if rng.random() < 0.5:
+                words.append(rng.choice(_GOLDS + ["3.50", "1000", "2.0", "Left Ventricle", "c"]))
+            lines.append(" ".join(words) + rng.choice(["", ".", ". ", "!"]))
+        cases.append((rng.choice(["\n", " ", ". "]).join(lines), gold))
+    return cases

@@ -19,9 +19,9 @@ from medlava.data.ham10000 import METADATA as HAM_METADATA
 from medlava.data.images import pixel_values
 from medlava.data.mimic_cxr import CHEXPERT, METADATA, image_path, report_path
 from medlava.data.synthetic import make_synthetic_ham10000
+from medlava.data.synthetic_benchmarks import make_synthetic_slake
 from PIL import Image
 from synthetic.mimic import make_synthetic_mimic
-from synthetic.slake import make_synthetic_slake
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 

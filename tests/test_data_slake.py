@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import prepare_dataset, rows
-from medlava.data.slake import closed_choices
+from medlava.data.benchmark import closed_choices
 from medlava.io import InputError
 from PIL import Image
-from synthetic.slake import make_synthetic_slake, make_synthetic_slake_hf, slake_records
+from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 
 prepare = partial(prepare_dataset, "slake")
 

@@ -11,6 +11,7 @@ import pytest
 from medlava.config import EvalConfig
 from medlava.eval.run import eval_inputs, evaluate, family_of, summary_table
 from medlava.eval.vqa import (
+    error_rank,
     load_closed_vocab,
     question_options,
     route_closed,
@@ -75,8 +76,9 @@ def test_vqa_metrics_by_hand():
     assert m["closed_routes"] == {"yes_no": 2, "options": 1, "vocab": 1, "exact": 0}
     assert m["closed_yes_no_accuracy"] == 0.5
     assert m["closed_substring_accuracy"] == 0.75  # a substring score counts "normal" as containing "no"
-    # LLaVA-Med v1.0's scorer: c1 and c2 ("no" in "normal") right; c3, c4 name no yes/no word -> wrong
-    assert m["llava_med_closed_accuracy"] == 0.5
+    # LLaVA-Med v1.0's run_eval_batch.py: the reference inside the answer: c1, c2 ("no" in "normal") and c3 ("liver"
+    # in "the liver") right, c4 wrong; run_eval.py also wants a yes/no word, which c3 lacks
+    assert m["llava_med_closed_accuracy"] == 0.75 and m["llava_med_closed_accuracy_run_eval"] == 0.5
     assert m["llava_med_open_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["closed_exact_accuracy"] == 0.5      # c1, c3 ("the liver" -> "liver" after article removal)
     # open: o1 exact; recall o1 2/2, o2 2/3 (upper, lobe), o3 0; F1 o2: P 2/4 (upper lobe of lung), R 2/3
@@ -88,9 +90,11 @@ def test_vqa_metrics_by_hand():
     assert m["open_bleu"] == pytest.approx(np.mean(sentence))
     coco, _ = Bleu(1).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}, verbose=0)
     assert m["open_bleu_1"] == pytest.approx(coco[0], abs=1e-9)
-    assert m["by_group"]["modality"]["CT"] == {"n": 3, "n_closed": 2, "n_open": 1, "closed_accuracy": 1.0,
-                                               "closed_unparsed": 0, "open_exact_match": 1.0,
-                                               "open_token_recall": 1.0, "open_token_f1": 1.0}
+    assert m["by_group"]["modality"]["CT"] == {"n": 3, "n_closed": 2, "n_open": 1, "n_multiple_choice": 0,
+                                               "closed_accuracy": 1.0, "closed_unparsed": 0,
+                                               "llava_med_closed_accuracy": 1.0, "open_exact_match": 1.0,
+                                               "open_token_recall": 1.0, "open_token_f1": 1.0,
+                                               "llava_med_open_recall": 1.0}
     assert m["by_group"]["answer_type"]["OPEN"]["n_open"] == 3
     lo, hi = m["ci95"]["closed_accuracy"]
     assert lo <= 0.5 <= hi and m["ci95"]["open_token_recall"][0] <= m["open_token_recall"]
@@ -140,3 +144,24 @@ def test_family_of_tasks(tmp_path):
         family_of(["report", "closed"], tmp_path)
     with pytest.raises(InputError, match="cannot tell"):
         family_of(["caption"], tmp_path)
+
+
+def test_multiple_choice_and_mmmu_rows_by_hand():
+    # m1 right by likelihood; m2 wrong; m3 generated and unparsed: wrong and counted, never guessed. MMMU: q1 a letter
+    # question answered right, q2 an open one answered "so it is 2.0" (MMMU's eval_open: 2.0 == 2), q3 open, wrong.
+    rows = [("m1", "multiple_choice", "B", "B", "B", "pmc_vqa", ""), ("m2", "multiple_choice", "A", "C", "C", "pmc_vqa", ""),
+            ("m3", "multiple_choice", "", "D", "I cannot tell", "pmc_vqa", ""),
+            ("q1", "multiple_choice", "A", "A", "(A)", "mmmu_med", "Pharmacy"),
+            ("q2", "open", "so it is 2.0", "2", "so it is 2.0", "mmmu_med", "Pharmacy"),
+            ("q3", "open", "three", "['4', '4.0']", "three", "mmmu_med", "Clinical_Medicine")]
+    df = pd.DataFrame(rows, columns=["id", "task", "prediction", "reference", "text", "meta_dataset", "meta_subject"])
+    m, per = vqa_metrics(df.assign(prompt="q"), [], n_bootstrap=100)
+    assert m["n_multiple_choice"] == 4 and m["mc_accuracy"] == 0.5 and m["mc_unparsed"] == 1
+    assert m["mc_unparsed_rate"] == 0.25 and m["mmmu_accuracy"] == pytest.approx(2 / 3)
+    assert per.set_index("id")["mmmu_correct"].to_dict() == {"m1": None, "m2": None, "m3": None, "q1": True, "q2": True,
+                                                            "q3": False}
+    lo, hi = m["ci95"]["mc_accuracy"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    assert m["by_group"]["subject"]["Pharmacy"]["mmmu_accuracy"] == 1.0
+    assert m["by_group"]["subject"]["Clinical_Medicine"]["mmmu_accuracy"] == 0.0
+    assert list(per.assign(r=error_rank(per)).sort_values("r")["id"])[:3] == ["m3", "m2", "q3"]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from conftest import TINY
 from medlava.config import load_config
 from medlava.distributed import Dist
@@ -153,7 +154,17 @@ def test_generate_mode_normalises_choices_and_carries_meta(tmp_path, questions, 
         else:
             assert md["prediction"] == a["text"] and "normalized" not in md
         assert pred.loc[qid, "prediction"] == md["prediction"] and pred.loc[qid, "text"] == a["text"]
-    assert json.loads((run / "COMPLETE.json").read_text())["normalized"] == statuses
+    done = json.loads((run / "COMPLETE.json").read_text())
+    assert done["normalized"] == statuses
+    # TensorBoard: answers/s of the chunk, and how the answers were read (at the checkpoint's step; base: 0)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("infer/answers_per_s")[0].value > 0
+    unmapped = statuses.get("unmapped", 0) + statuses.get("negated", 0)  # no choice named: scored wrong
+    assert acc.Scalars("infer/n_unmapped")[0].value == done["answers_read"]["n_unmapped"] == unmapped
+    assert done["answers_read"]["n_mapped"] == sum(statuses.values()) - unmapped
+    free = sum(not a["metadata"]["choices"] for a in answers)  # open, and closed without evident choices
+    assert acc.Scalars("infer/share_free_text")[0].value == pytest.approx(free / len(answers)) and done["step"] == 0
     assert not [c for c in pred.columns if c.startswith("score_")]
     assert pred.loc["y1", "meta_answer_type"] == "CLOSED" and pred.loc["y1", "meta_modality"] == "X-Ray"
     assert pred.loc["2", "meta_content_type"] == "Organ" and "meta_triple" not in pred.columns  # lists left out

@@ -43,7 +43,7 @@ def scalars(run: Path, tag: str = "train/loss") -> dict[int, float]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"] / "trainable.safetensors"))
+    return load_file(str(run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"] / "open_clip_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """launch/submit.py against a real SLURM cluster (.ci/slurm-up.sh: two nodes n1/n2, 1 CPU each, no GPUs,
 no sacct): 2-node torchrun training, the pre-timeout signal with requeue and exact resume, an infer job
-array, a pipeline in dependency order, the plain sbatch scripts, monitoring, and refusals."""
+array, the medical VQA suite (prepare job, answering array, merge), a pipeline in dependency order, the plain sbatch
+scripts, monitoring, and refusals."""
 
 import json
 import os
@@ -272,6 +273,31 @@ def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, tw
     assert json.loads((runs / "eval" / "pl" / "metrics.json").read_text())["n"] > 0
     assert not list(site.tmp.rglob("INJECTED")) and not (ROOT / "INJECTED").exists()
     print(f"pipeline of 6 jobs: submitted in {submit_s:.1f} s, done after {time.time() - t0:.0f} s")
+
+
+def test_suite_runs_as_a_prepare_job_an_answering_array_and_a_merge(site):
+    t0 = time.time()
+    cmd = [PY, str(SUBMIT), "suite", "--config", str(ROOT / "jobs" / "configs" / "tiny_suite.yaml"), "--executor",
+           "slurm", "--cpus-per-task", "1", "--time", "10", "--output-root", str(site.runs),
+           f"data.root={site.tmp / 'medvqa'}", "run_id=su"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=site.tmp, env=site.env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = site.runs / "tiny-suite" / "suite" / "su"
+    prepare, chunks, merge = record(run)
+    assert [e["name"] for e in (prepare, chunks, merge)] == ["suite-prepare", "suite-chunks", "suite-merge"]
+    assert chunks["array"] == 2 and chunks["after"] == {"suite-prepare": prepare["job_id"]}
+    assert merge["after"] == {"suite-chunks": chunks["job_id"]}
+    wait([prepare["job_id"], chunks["job_id"], merge["job_id"]], WAIT)
+    tasks = job_states(chunks["job_id"])
+    assert sorted(t.job_id for t in tasks) == [f"{chunks['job_id']}_{i}" for i in range(2)]
+    assert all(t.state == "COMPLETED" for t in tasks) and show(merge["job_id"])["JobState"] == "COMPLETED"
+    board = pd.read_csv(run / "leaderboard.csv")
+    assert set(board["benchmark"]) == {"vqa_rad", "slake", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa",
+                                       "mmmu_med"} and board["n"].sum() > 0
+    for bench in board["benchmark"].unique():  # each benchmark's answers from both tasks, merged exactly once
+        assert len(list((run / bench / "chunks").glob("answers-*-of-0002.jsonl"))) == 2
+        assert pd.read_csv(run / bench / "predictions.csv", dtype=str)["id"].is_unique
+    print(f"suite of 7 benchmarks, prepare + array of 2 + merge: {time.time() - t0:.0f} s")
 
 
 def test_cancel_stops_a_run_that_is_still_queued(site):

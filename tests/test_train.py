@@ -194,3 +194,60 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
     assert proj.keys() == state.keys()
     for k in proj:
         torch.testing.assert_close(state[k], proj[k])
+
+
+def _torchrun(prepared, procs: int, run_id: str, *extra) -> subprocess.CompletedProcess:
+    tmp, env, base = prepared
+    launcher = [sys.executable, "-m", "medlava"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "medlava"]
+    return subprocess.run([*launcher, "sft", *base, f"run_id={run_id}", "sft.init_from=none", *extra], env=env,
+                          capture_output=True, text=True)
+
+
+def test_keep_last_leaves_the_newest_checkpoints(prepared):
+    run = _sft(prepared, "keep", "sft.max_steps=5", "sft.save_every=1", "sft.keep_last=2")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert json.loads((run / "COMPLETE.json").read_text())["checkpoint"] == "checkpoints/step-000005"
+
+
+# One global batch of 6 (batch_size 1, grad_accum 6 / 3 / 2 on 1 / 2 / 3 processes): the same samples make each step
+# on any number of processes, so the loss curve is the same; tiny's LoRA has no dropout (no random draws to differ).
+GLOBAL_6 = {1: "sft.grad_accum=6", 2: "sft.grad_accum=3", 3: "sft.grad_accum=2"}
+ELASTIC = ("sft.batch_size=1", "sft.max_steps=6", "sft.save_every=3", "sft.keep_last=null")
+
+
+def test_a_ddp_lora_checkpoint_resumes_on_fewer_or_more_processes(prepared):
+    """Saved under 2 processes at step 3; resumed under 1 and under 3 from there: the same losses for steps 4-6 as
+    the straight 2-process run, and the same final weights."""
+    tmp = prepared[0]
+    out = _torchrun(prepared, 2, "elastic", *ELASTIC, GLOBAL_6[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    straight = tmp / "runs" / "tiny" / "sft" / "elastic"
+    for procs in (1, 3):
+        run = straight.with_name(f"elastic-on-{procs}")
+        shutil.copytree(straight, run)
+        shutil.rmtree(run / "checkpoints" / "step-000006")
+        (run / "COMPLETE.json").unlink()
+        out = _torchrun(prepared, procs, run.name, *ELASTIC, GLOBAL_6[procs])
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "was saved by 2 process(es), resumed by" in out.stderr and "at step 3 of 6" in out.stderr
+        la, lb = _losses(straight), _losses(run)
+        assert sorted(lb) == list(range(1, 7))
+        assert [lb[s] for s in (4, 5, 6)] == pytest.approx([la[s] for s in (4, 5, 6)], rel=1e-4), procs
+        a, b = _final_weights(straight), _final_weights(run)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_zero3_checkpoint_is_not_resumed_on_another_number_of_processes(prepared):
+    pytest.importorskip("deepspeed")
+    tmp = prepared[0]
+    out = _torchrun(prepared, 1, "zero3-elastic", "sft.batch_size=4", "sft.max_steps=1", "sft.deepspeed=zero3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp / "runs" / "tiny" / "sft" / "zero3-elastic"
+    (run / "COMPLETE.json").unlink()
+    out = _torchrun(prepared, 2, "zero3-elastic", "sft.batch_size=4", "sft.max_steps=2", "sft.deepspeed=zero3")
+    assert out.returncode != 0
+    assert (f"medlava sft: {run / 'checkpoints' / 'step-000001'} holds DeepSpeed ZeRO state sharded over 1 "
+            "process(es), one optimizer shard per rank, and cannot be resumed by 2: resume with 1 process(es)"
+            in out.stderr), out.stderr[-3000:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -47,6 +48,13 @@ def read_manifest(ckpt: Path) -> dict:
     if manifest.get("kind") not in KINDS:
         raise ValueError(f"{path}: unknown checkpoint kind {manifest.get('kind')!r}; one of {', '.join(KINDS)}")
     return manifest
+
+
+def step_of(checkpoint: str | Path) -> int:
+    """The step a checkpoint was saved at, from its directory name (`step-N`, `epoch-N`, `epoch-N-step-S`); 0 for
+    `base` or a directory named otherwise (a converted model), the untrained end of a curve."""
+    m = re.search(r"step-(\d+)$", str(checkpoint)) or re.search(r"epoch-(\d+)$", str(checkpoint))
+    return int(m.group(1)) if m else 0
 
 
 def checkpoint_of(path: Path) -> Path:

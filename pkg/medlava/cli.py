@@ -1,7 +1,8 @@
 """`medlava STAGE --config FILE [key=value ...]`: run one stage in this process (what a job executes).
 
 `medlava submit STAGE ...` is the launcher (the same as `python launch/submit.py`). Tools with their own options:
-`medlava doctor`, `medlava check-model`, `medlava convert`, `medlava export`, and the scoring commands
+`medlava doctor`, `medlava check-model`, `medlava convert`, `medlava export`, `medlava weights` (stage and check
+the report metrics' weights), and the scoring commands
 `medlava eval --predictions CSV --out DIR`, `medlava metrics`, `medlava label-reports`; `medlava predict`,
 `medlava serve` and `medlava compare` (each takes --help).
 """
@@ -28,7 +29,7 @@ from medlava.stages import CHAIN, OPTIONS, STAGES, CheckFailed
 
 TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
          "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
-         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit"}
+         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit", "weights": "medlava.tools.weights"}
 
 
 def run_stage(stage: str, cfg: Config, **options) -> Path:
@@ -71,7 +72,7 @@ def stage_options(args: argparse.Namespace, cfg: Config) -> dict:
                               f"{', '.join(s.name for s in STAGES.values() if o.name in s.options)}, not {stage.name}")
     if stage.array and args.chunk_idx is not None and not 0 <= args.chunk_idx < stage.tasks(cfg):
         raise ConfigError(f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} "
-                          f"({stage.section}.{stage.array})")
+                          f"({stage.keys_in or stage.section}.{stage.array})")
     return {name: getattr(args, name) for name in stage.options}
 
 

@@ -158,8 +158,57 @@ class LlavaMedConfig(Section):
     """llava_med_eval_qa50_qa.jsonl (question file) as the test split."""
 
 
+class VqaRadConfig(Section):
+    source: Literal["osf", "hf"] = "osf"
+    """osf: the OSF release (`VQA_RAD Dataset Public.json`, images in `VQA_RAD Image Folder/`, or data.image_root);
+    hf: a local copy of flaviagiammarino/vqa-rad (data/{train,test}-*.parquet, images inside)."""
+    instruction: str = ""
+    """Appended to every question (LLaVA-Med asks the question as it is)."""
+
+
+class PathVqaConfig(Section):
+    instruction: str = ""
+    """Appended to every question of the local copy of flaviagiammarino/path-vqa (data/{split}-*.parquet)."""
+
+
+class PmcVqaConfig(Section):
+    train_file: str | None = "train.csv"
+    """The training CSV under data.root (version 2: train_2.csv); null: no train split."""
+    test_file: str = "test_clean.csv"
+    """The test CSV: test_clean.csv (the 2k-question clean test set most papers report), test.csv or test_2.csv.
+    Images under data.image_root, else data.root/figures, else data.root/images."""
+
+
+class OmniMedVqaConfig(Section):
+    access: Literal["open", "all"] = "open"
+    """open: QA_information/Open-access/*.json (what is distributed with images); all: Restricted-access too."""
+
+
+MMMU_MEDICINE = ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
+                 "Public_Health"]
+"""MMMU's Health and Medicine discipline (its DOMAIN_CAT2SUB_CAT)."""
+
+
+class MmmuMedConfig(Section):
+    subjects: list[str] = MMMU_MEDICINE
+    """Subject folders under data.root (each holding {dev,validation,test}-*.parquet)."""
+    images: Literal["first", "all"] = "first"
+    """first: image_1 only, as MMMU's own LLaVA evaluation (run_llava.py) feeds it; all: every image of the
+    question side by side in one (its `<image k>` is the k-th from the left)."""
+
+
+class MedXpertQAConfig(Section):
+    images: Literal["all", "first"] = "all"
+    """all: a question's images side by side in one (the k-th from the left is its k-th); first: the first only."""
+
+
+BENCHMARKS = ("vqa_rad", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmmu_med")
+"""The medical VQA benchmarks read with their published splits (SLAKE too)."""
+
+
 class DataConfig(Section):
-    dataset: Literal["ham10000", "slake", "mimic_cxr", "chexpert_plus", "llava_med"] = "ham10000"
+    dataset: Literal["ham10000", "slake", "mimic_cxr", "chexpert_plus", "llava_med", "vqa_rad", "path_vqa", "pmc_vqa",
+                     "omnimedvqa", "medxpertqa", "mmmu_med"] = "ham10000"
     root: str
     """Raw dataset as distributed (HAM10000: HAM10000_metadata.csv + image folders; the others: their sections)."""
     image_root: str | None = None
@@ -179,6 +228,12 @@ class DataConfig(Section):
     mimic_cxr: MimicCxrConfig = MimicCxrConfig()
     chexpert_plus: ChexpertPlusConfig = ChexpertPlusConfig()
     llava_med: LlavaMedConfig = LlavaMedConfig()
+    vqa_rad: VqaRadConfig = VqaRadConfig()
+    path_vqa: PathVqaConfig = PathVqaConfig()
+    pmc_vqa: PmcVqaConfig = PmcVqaConfig()
+    omnimedvqa: OmniMedVqaConfig = OmniMedVqaConfig()
+    medxpertqa: MedXpertQAConfig = MedXpertQAConfig()
+    mmmu_med: MmmuMedConfig = MmmuMedConfig()
     seed: int = 0
     samples: str = "latest"
     """Prepared samples for train/infer: `latest` (newest complete prepare run) or a directory."""
@@ -191,18 +246,19 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _dataset_options(self) -> DataConfig:
-        for key in ("slake", "mimic_cxr", "chexpert_plus", "llava_med"):
+        for key in ("slake", "mimic_cxr", "chexpert_plus", "llava_med", *BENCHMARKS):
             if key != self.dataset and getattr(self, key) != type(getattr(self, key))():
                 raise ValueError(f"data.{key} is set but data.dataset is {self.dataset}; set data.dataset={key} "
                                  f"or remove data.{key}")
         if self.synthetic is not None and self.dataset != "ham10000":
             raise ValueError("data.synthetic generates HAM10000 only; remove it for data.dataset="
                              f"{self.dataset} (tests build the other layouts with tests/synthetic/)")
-        official = (self.dataset == "slake" or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
+        published = self.dataset in ("slake", *BENCHMARKS)
+        official = (published or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
                     or (self.dataset == "chexpert_plus" and self.chexpert_plus.split == "official"))
         if self.split_file and official:
             raise ValueError(f"data.split_file is set but {self.dataset} uses its official split; remove it"
-                             + ("" if self.dataset == "slake" else f" or set data.{self.dataset}.split=grouped"))
+                             + ("" if published else f" or set data.{self.dataset}.split=grouped"))
         if self.split_file and self.dataset == "llava_med":
             raise ValueError("data.split_file is not read for llava_med (its split is by data.split_ratios)")
         if self.dataset == "llava_med" and self.llava_med.eval_file and self.split_ratios[2] > 0:
@@ -223,7 +279,19 @@ class LoraConfig(Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TrainConfig(Section):
+class LoopConfig(Section):
+    """What every training loop (align, sft, pretrain) takes: when it saves, what it keeps, how it resumes."""
+    save_every: int | None = Field(None, ge=1)
+    """Steps between checkpoints (one is always written at the end, and at a stop request)."""
+    keep_last: int | None = Field(2, ge=1)
+    """The newest checkpoints kept after each save; null keeps every one."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest complete checkpoint of this run (same run_id)."""
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(LoopConfig):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -251,17 +319,12 @@ class TrainConfig(Section):
     lora: LoraConfig | None = None
     init_from: str = "none"
     """Projector weights to start from: `none`, `latest` (newest complete align run) or a checkpoint dir."""
-    save_every: int | None = Field(None, ge=1)
-    resume: Literal["auto", "never"] = "auto"
-    """auto: continue from the newest complete checkpoint of this run (same run_id)."""
-    log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)
     """Every this many steps and at the last: the loss on the prepared val split (`val/loss`) and, for closed
     questions, option-scored accuracy on a fixed subset (`val/closed_accuracy`), in TensorBoard and the console."""
     eval_closed_samples: int = Field(200, ge=0)
     """At most this many closed validation questions scored each time (the same ones every time); 0: loss only."""
     num_workers: int = Field(0, ge=0)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -284,7 +347,11 @@ class InferConfig(Section):
     num_workers: int = Field(2, ge=0)
     """DataLoader processes preparing the next batches (decode, resize, tokenise) while the model answers."""
     mode: Literal["score", "generate"] = "score"
-    """score: closed questions answered by option log-likelihood; generate: free text."""
+    """score: questions of `score_tasks` answered by option log-likelihood, the rest generated; generate: free text
+    for every question (answers to questions with choices are then mapped to a choice, unmapped ones score wrong)."""
+    score_tasks: list[Literal["closed", "multiple_choice"]] = ["closed", "multiple_choice"]
+    """In mode score, the tasks answered by likelihood; LLaVA-Med's protocol generates its closed answers, so a
+    suite reproducing its table scores multiple_choice only."""
     max_new_tokens: int = Field(32, ge=1)
     num_beams: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -319,7 +386,56 @@ class EvalConfig(Section):
     chexbert_tokenizer: str = "bert-base-uncased"
     """Tokenizer of the CheXbert checkpoint: a local directory or cached hub id."""
     batch_size: int = Field(32, ge=1)
-    """Batch size of the model-based metrics (BERTScore, CheXbert)."""
+    """Batch size of the model-based metrics (BERTScore, CheXbert); RadEval's metrics write their scores every
+    this many reports (a killed job resumes after the last such batch)."""
+    report_metrics: list[str] | None = None
+    """Reports: RadEval metrics (bleu, rouge, bertscore, f1chexbert, radgraph, radcliq, ratescore, green); unset:
+    every one without an LLM whose weights are staged and that can run here (the rest are listed in metrics.json).
+    A list given is required whole: a metric that cannot run stops the job before it starts."""
+    metric_cache: str | None = None
+    """Staged weights of the report metrics (`medlava weights fetch --cache DIR`); unset: $MEDLAVA_CACHE/metric-weights
+    (~/.cache/medlava/metric-weights). Jobs read it offline."""
+    chunks: int = Field(1, ge=1)
+    """Reports: score the model-based metrics in this many job-array tasks, then merge (like infer.chunks)."""
+
+
+class SuiteBenchmark(Section):
+    """One benchmark of a suite: the dataset adapter, where its release is, and the split that is scored."""
+
+    dataset: Literal["slake", "vqa_rad", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmmu_med"]
+    root: str
+    """The release's folder; relative paths are under data.root."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The row label and output folder; default: the dataset (set it to score one dataset twice)."""
+    split: Literal["train", "val", "test"] = "test"
+    """The split scored: test, except MMMU (val: its test answers are not released)."""
+    image_root: str | None = None
+    options: dict[str, Any] = {}
+    """The dataset's own section (data.<dataset>), e.g. {source: hf} for vqa_rad."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.dataset
+
+
+class SuiteConfig(Section):
+    """The `suite` stage: prepare (cached), answer and score several benchmarks, each by its published protocol,
+    with the model and answering settings of `infer:`, and write one leaderboard."""
+
+    benchmarks: list[SuiteBenchmark] = []
+    synthetic: bool = False
+    """Write tiny copies of the seven releases under data.root when absent (the tiny preset, tests)."""
+    n_bootstrap: int = Field(1000, ge=0)
+    """Resamples of each leaderboard row's questions for its 95% interval."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> SuiteConfig:
+        labels = [b.label for b in self.benchmarks]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"suite.benchmarks lists {twice} more than once; give each a distinct `name`")
+        return self
 
 
 class CnnConfig(Section):
@@ -364,6 +480,8 @@ class CnnConfig(Section):
     """The split the best checkpoint answers into predictions.csv."""
     num_workers: int = Field(4, ge=0)
     resume: Literal["auto", "never"] = "auto"
+    keep_last: int | None = Field(1, ge=1)
+    """The newest epoch checkpoints kept after each save, besides the best; null keeps every one."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -377,7 +495,7 @@ class CnnConfig(Section):
         return self
 
 
-class PretrainConfig(Section):
+class PretrainConfig(LoopConfig):
     """The `pretrain` stage: CLIP-style contrastive image-text pretraining with open_clip on the prepared
     samples' image-caption pairs, evaluated by retrieval recall@K and zero-shot classification."""
 
@@ -409,11 +527,7 @@ class PretrainConfig(Section):
     """Zero-shot class prompts, `{}` standing for the class name; empty: the dataset's own (dermoscopy, chest x-ray)."""
     eval_split: Literal["val", "test"] = "test"
     """The split scored by retrieval and zero-shot classification after training."""
-    save_every: int | None = Field(None, ge=1)
-    resume: Literal["auto", "never"] = "auto"
-    log_every: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _prompts(self) -> PretrainConfig:
@@ -482,6 +596,7 @@ class Config(Section):
     """The sft stage."""
     infer: InferConfig = InferConfig()
     eval: EvalConfig = EvalConfig()
+    suite: SuiteConfig = SuiteConfig()
     cnn: CnnConfig = CnnConfig()
     pretrain: PretrainConfig = PretrainConfig()
     cluster: ClusterConfig = ClusterConfig()

@@ -24,12 +24,12 @@ def scalar_meta(meta: dict) -> dict:
 
 
 def answers_frame(rows: list[dict]) -> pd.DataFrame:
-    """From infer's answers (LLaVA-Med answer-file rows), plus the prompt and the raw answer text."""
+    """From infer's answers (LLaVA-Med answer-file rows), plus the prompt, the raw answer text and the image."""
     records = []
     for r in rows:
         md = r["metadata"]
         rec = {"id": r["question_id"], "prediction": md["prediction"], "reference": md["reference"],
-               "task": md["task"], "prompt": r["prompt"], "text": r["text"]}
+               "task": md["task"], "prompt": r["prompt"], "text": r["text"], "image": md.get("image")}
         rec.update({f"meta_{k}": v for k, v in (md.get("meta") or {}).items()})
         for choice, p in (md.get("scores") or {}).items():
             rec[f"score_{choice}"] = p

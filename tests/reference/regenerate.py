@@ -1,12 +1,14 @@
-"""Write tests/reference/templates.json and vqa_scorer.json by running the ORIGINAL LLaVA / LLaVA-Med functions
-on the cases of tests/reference_cases.py; the tests hold medlava to these outputs.
+"""Write tests/reference/templates.json, vqa_scorer.json and mmmu_parsing.json by running the ORIGINAL LLaVA /
+LLaVA-Med / MMMU functions on the cases of tests/reference_cases.py; the tests hold medlava to these outputs.
 
 No original code is kept in this repository (LLaVA-Med is under the Microsoft Research License, which does not
-allow redistributing its source; LLaVA is Apache-2.0): the functions are read from your own clones, at the
-commits pinned in SOURCES, and run unchanged. `--answers A --gt G` runs LLaVA-Med v1.0's run_eval.py logic
-(its id check and `evaluate`) on an answers.jsonl and its ground truth instead.
+allow redistributing its source; LLaVA and MMMU are Apache-2.0): the functions are read from your own clones, at the
+commits pinned in SOURCES, and run unchanged. The VQA scorer is LLaVA-Med v1.0's in both of its forms: run_eval_batch.py
+(README "Option 1", whose eval_results_med_datasets.jsonl the paper's table came from) and run_eval.py ("Option 2").
+`--answers A --gt G` runs both (their id check and `evaluate`) on an answers.jsonl and its ground truth instead.
 
-    PYTHONPATH=pkg python tests/reference/regenerate.py --llava ~/src/LLaVA --llava-med ~/src/LLaVA-Med [--check]
+    PYTHONPATH=pkg python tests/reference/regenerate.py --llava ~/src/LLaVA --llava-med ~/src/LLaVA-Med \
+        --mmmu ~/src/MMMU [--check]        # each clone is optional: only the files it feeds are written
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import contextlib
 import copy
 import io
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from reference_cases import (  # noqa: E402
     TEMPLATES,
     TOKENIZERS,
     applies,
+    mmmu_choice_cases,
+    mmmu_open_cases,
     scorer_cases,
     tokenizer,
 )
@@ -40,6 +46,7 @@ SOURCES = {  # name: (repository, commit, licence)
     "llava_med": ("microsoft/LLaVA-Med", "d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c", "Microsoft Research License"),
     "llava_med_v1": ("microsoft/LLaVA-Med", "b9a98a736d2ef05bcf5ff345be6403fb3a664eaf (tag v1.0.0)",
                      "Microsoft Research License"),
+    "mmmu": ("MMMU-Benchmark/MMMU", "bb0b95a945998d91dfef37e969e07d49d1139438", "Apache-2.0"),
 }
 
 
@@ -153,21 +160,30 @@ def templates_reference(o) -> dict:
     return out
 
 
-def load_run_eval(llava_med: Path) -> types.ModuleType:
-    """LLaVA-Med v1.0's llava/eval/run_eval.py with its eval_metrics package; `tabulate` returns its rows, so the
-    numbers come back at full precision rather than as printed."""
+def load_run_eval(llava_med: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """LLaVA-Med v1.0's llava/eval/run_eval_batch.py and run_eval.py with their eval_metrics package; `tabulate`
+    returns its rows, so the numbers come back at full precision rather than as printed."""
     run_module("eval_metrics", "", package="eval_metrics").__path__ = []
     for part in ("glossary", "utils", "evaluate_metrics"):
         run_module(f"eval_metrics.{part}", read(llava_med, "llava_med_v1", f"llava/eval/eval_metrics/{part}.py"),
                    package="eval_metrics")
-    run_eval = run_module("llava_med_run_eval", read(llava_med, "llava_med_v1", "llava/eval/run_eval.py"))
-    run_eval.tabulate = lambda rows, headers: {name: value for name, value in rows}
-    return run_eval
+    mods = []
+    for name in ("run_eval_batch", "run_eval"):
+        mod = run_module(f"llava_med_{name}", read(llava_med, "llava_med_v1", f"llava/eval/{name}.py"))
+        mod.tabulate = lambda rows, headers: {name: value for name, value in rows}
+        mods.append(mod)
+    return mods[0], mods[1]
 
 
 def original_evaluate(run_eval, gt: list[dict], pred: list[dict]) -> dict:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return run_eval.evaluate(gt, pred, {"0": ["none"]})
+    """`evaluate` in a scratch directory: run_eval_batch's opens correct_answers_file.json in the working one."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        os.chdir(tmp)
+        try:
+            return run_eval.evaluate(gt, pred, {"0": ["none"]})
+        finally:
+            os.chdir(cwd)
 
 
 def _gt(i: int, reference: str, answer_type: str) -> dict:
@@ -175,43 +191,78 @@ def _gt(i: int, reference: str, answer_type: str) -> dict:
             "answer_type": answer_type}
 
 
-def scorer_reference(run_eval) -> dict:
-    """Per case the original's open recall/precision/F1 and closed hit (`evaluate` on that case alone: as OPEN;
-    as CLOSED beside one OPEN case, which it needs to divide by), and `evaluate` on all cases at once."""
+def _totals(result: dict) -> dict:
+    return {"closed_accuracy": result["yes/no accuracy"] / 100, "open_recall": result["recall"] / 100,
+            "open_precision": result["precision"] / 100, "open_f1": result["f1 score"] / 100}
+
+
+def scorer_reference(batch, run_eval) -> dict:
+    """Per case the originals' open recall/precision/F1 and closed hit (`evaluate` on that case alone as OPEN; as
+    CLOSED beside one OPEN case, which both need to divide by), and `evaluate` on all cases at once. closed_hit is
+    run_eval_batch.py's (the reference contained in the answer), closed_hit_run_eval run_eval.py's (also "yes"
+    or "no" in the answer)."""
     gm = sys.modules["eval_metrics.glossary"]
     cases = []
     for i, (pred, ref) in enumerate(scorer_cases()):
-        opened = original_evaluate(run_eval, [_gt(i, ref, "OPEN")], [{"question_id": i, "text": pred}])
-        closed = original_evaluate(run_eval, [_gt(i, ref, "CLOSED"), _gt(-1, "x", "OPEN")],
-                                   [{"question_id": i, "text": pred}, {"question_id": -1, "text": "x"}])
+        one = [{"question_id": i, "text": pred}]
+        opened = original_evaluate(run_eval, [_gt(i, ref, "OPEN")], one)
+        pair = ([_gt(i, ref, "CLOSED"), _gt(-1, "x", "OPEN")], one + [{"question_id": -1, "text": "x"}])
+        closed, closed_run_eval = original_evaluate(batch, *pair), original_evaluate(run_eval, *pair)
         cases.append({"prediction": pred, "reference": ref, "normalized_prediction": gm.normalize_word(pred.lower()),
                       "normalized_reference": gm.normalize_word(ref.lower()), "open_recall": opened["recall"] / 100,
                       "open_precision": opened["precision"] / 100, "open_f1": opened["f1 score"] / 100,
-                      "closed_hit": closed["yes/no accuracy"] / 100})
+                      "closed_hit": closed["yes/no accuracy"] / 100,
+                      "closed_hit_run_eval": closed_run_eval["yes/no accuracy"] / 100})
     types_ = ["CLOSED" if i % 3 == 0 else "OPEN" for i in range(len(cases))]
-    total = original_evaluate(run_eval, [_gt(i, c["reference"], t) for i, (c, t) in enumerate(zip(cases, types_))],
-                              [{"question_id": i, "text": c["prediction"]} for i, c in enumerate(cases)])
+    gt = [_gt(i, c["reference"], t) for i, (c, t) in enumerate(zip(cases, types_))]
+    pred = [{"question_id": i, "text": c["prediction"]} for i, c in enumerate(cases)]
     return {"sources": {"llava_med_v1": SOURCES["llava_med_v1"]}, "answer_types": types_, "cases": cases,
-            "evaluate": {"closed_accuracy": total["yes/no accuracy"] / 100, "open_recall": total["recall"] / 100,
-                         "open_precision": total["precision"] / 100, "open_f1": total["f1 score"] / 100}}
+            "evaluate": _totals(original_evaluate(batch, gt, pred)),
+            "evaluate_run_eval": _totals(original_evaluate(run_eval, gt, pred))}
+
+
+def mmmu_reference(mmmu: Path) -> dict:
+    """MMMU's parse_multi_choice_response (its random last resort recorded as null), parse_open_response and
+    eval_open on the generated cases."""
+    import numpy
+
+    utils = run_module("mmmu_eval_utils", read(mmmu, "mmmu", "mmmu/utils/eval_utils.py"), {"np": numpy})
+    utils.random = types.SimpleNamespace(choice=lambda choices: None)  # where it would guess, record that it did
+    choice = [{"response": r, "options": o, "letter": utils.parse_multi_choice_response(r, list(o), o)}
+              for r, o in mmmu_choice_cases()]
+    opened = []
+    for response, gold in mmmu_open_cases():
+        parsed = utils.parse_open_response(response)
+        opened.append({"response": response, "gold": gold, "parsed": sorted(map(repr, parsed)),
+                       "correct": utils.eval_open(gold, parsed)})
+    return {"sources": {"mmmu": SOURCES["mmmu"]}, "choice": choice, "open": opened}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llava", type=Path, required=True, help="a clone of haotian-liu/LLaVA")
-    ap.add_argument("--llava-med", type=Path, required=True, help="a clone of microsoft/LLaVA-Med (with tag v1.0.0)")
+    ap.add_argument("--llava", type=Path, help="a clone of haotian-liu/LLaVA (with --llava-med: templates.json)")
+    ap.add_argument("--llava-med", type=Path, help="a clone of microsoft/LLaVA-Med with tag v1.0.0 (vqa_scorer.json)")
+    ap.add_argument("--mmmu", type=Path, help="a clone of MMMU-Benchmark/MMMU (mmmu_parsing.json)")
     ap.add_argument("--check", action="store_true", help="compare with the stored files instead of writing them")
-    ap.add_argument("--answers", type=Path, help="an answers.jsonl to run LLaVA-Med v1.0's eval on, with --gt")
+    ap.add_argument("--answers", type=Path, help="an answers.jsonl to run LLaVA-Med v1.0's evals on, with --gt")
     ap.add_argument("--gt", type=Path, help="its ground truth (LLaVA-Med test.json: id, conversations, answer_type)")
     args = ap.parse_args()
-    run_eval = load_run_eval(args.llava_med)
-    if args.answers:  # run_eval.py's __main__, minus the dataset-name print
+    batch, run_eval = load_run_eval(args.llava_med) if args.llava_med else (None, None)
+    if args.answers:  # the scripts' __main__ for one file, minus their prints
         gt, pred = json.loads(args.gt.read_text()), run_eval.load_jsonl(args.answers)
         assert [item['id'] for item in gt] == [item['question_id'] for item in pred], "ids differ"
-        print(json.dumps(original_evaluate(run_eval, gt, pred)))
+        print(json.dumps({"run_eval_batch": original_evaluate(batch, gt, pred),
+                          "run_eval": original_evaluate(run_eval, gt, pred)}))
         return
-    results = {"templates.json": templates_reference(load_llava(args.llava, args.llava_med)),
-               "vqa_scorer.json": scorer_reference(run_eval)}
+    results = {}
+    if args.llava and args.llava_med:
+        results["templates.json"] = templates_reference(load_llava(args.llava, args.llava_med))
+    if args.llava_med:
+        results["vqa_scorer.json"] = scorer_reference(batch, run_eval)
+    if args.mmmu:
+        results["mmmu_parsing.json"] = mmmu_reference(args.mmmu)
+    if not results:
+        ap.error("give the clones to run: --llava and --llava-med, and/or --mmmu")
     for name, data in results.items():
         path = REFERENCE / name
         if args.check:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from medlava.config import Config
-from medlava.stages import STAGES
+from medlava.stages import OPTIONS, STAGES
 
 TORCHRUN = "torch.distributed.run"  # `python -m torch.distributed.run` is torchrun, from the same interpreter
 
@@ -73,7 +73,7 @@ class Job:
 def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cfg: Config) -> list[Job]:
     """The jobs for `stages` in order; each depends on the one before it. Training runs on cluster.nodes
     nodes with one process per GPU (one per node on CPU); a stage with an array (stages.Stage.array) of K > 1
-    tasks is a job array plus a merge job."""
+    tasks is a job array plus a merge job, after the stage's `before` job when it declares one."""
     gpus = cfg.cluster.gpus_per_node
     jobs: list[Job] = []
     for s in stages:
@@ -81,6 +81,10 @@ def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cf
         after = [jobs[-1].name] if jobs else []
         args = [s, "--config", config_path, *overrides]
         one_gpu = min(gpus, 1) if stage.gpus == "one" else 0
+        if stage.before:  # e.g. the suite's benchmarks prepared once, on CPUs, before any task answers
+            jobs.append(Job(f"{s}-{stage.before.replace('_only', '')}", s, [*args, OPTIONS[stage.before].flag],
+                            after=after))
+            after = [jobs[-1].name]
         if stage.tasks(cfg) > 1:
             jobs.append(Job(f"{s}-chunks", s, args, gpus_per_node=one_gpu, array=stage.tasks(cfg), after=after))
             jobs.append(Job(f"{s}-merge", s, [*args, "--merge-only"], after=[f"{s}-chunks"]))

@@ -207,7 +207,7 @@ def render(jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config_path:
         dependency = "afterok:" + ":".join(f"<{a} job id>" for a in job.after) if job.after else None
         task = node_task(job, ARRAY_INDEX if job.array else None, cfg, container)
         out += [f"# ---- job {n}/{len(jobs)}: {job.name}"
-                + (f" (array of {job.array}: task i answers chunk i)" if job.array else "")
+                + (f" (array of {job.array}: task i does chunk i)" if job.array else "")
                 + f"; submitit writes this script to {folder}/%j_submission.sh",
                 sbatch_script(job, sbatch_parameters(job, cfg, run_dirs[job.name], dependency), folder).rstrip()]
         where = f"each of the {job.nodes} srun tasks (one per node) runs" if job.nodes > 1 else "the srun task runs"

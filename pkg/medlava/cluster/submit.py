@@ -4,6 +4,8 @@ through submitit).
     python launch/submit.py sft --config jobs/configs/tiny.yaml --gpus 2 sft.lr=2e-4
     python launch/submit.py sft --config ... --executor slurm --nodes 2 --gpus 8 --partition gpu --time 24:00:00
     python launch/submit.py infer --config ... --chunks 16 --dry-run     # print config, sbatch scripts, commands
+    python launch/submit.py eval --config jobs/configs/mimic_cxr_report_sft.yaml --gpus 1 --chunks 8
+        # the report metrics (RadEval) as 8 one-GPU array tasks and a merge, weights staged beforehand
     python launch/submit.py pipeline --config ...    # [prepare ->] align -> sft -> infer array -> eval, afterok
     python launch/submit.py prepare --config ... --check   # list every problem in the data; write no samples
     python launch/submit.py sft --config ... --check --executor slurm --partition gpu --gpus 8
@@ -59,7 +61,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--container", help="cluster.container: an Apptainer image (.sif) to run the jobs in")
     p.add_argument("--array-parallelism", type=int, help="cluster.array_parallelism: array tasks at once")
     p.add_argument("--output-root", help="where run directories go (a shared file system on clusters)")
-    p.add_argument("--chunks", type=int, help="infer: split the answers into this many job-array tasks")
+    p.add_argument("--chunks", type=int, help="infer, eval: split the answers (the report metrics) into this many "
+                   "job-array tasks and a merge")
     p.add_argument("--check", action="store_true",
                    help="check instead of running: prepare reports every problem in the data in one pass "
                         "(prepare_report.json, no samples written); any other stage runs `medlava doctor` in a "
@@ -92,8 +95,9 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
         out.append("cluster.exclusive=true")
     if args.output_root is not None:
         out.append(f"output_root={yaml_str(args.output_root)}")
-    if args.chunks is not None:
-        out.append(f"infer.chunks={args.chunks}")
+    if args.chunks is not None:  # the array of the stage given (infer's for a pipeline)
+        stage = STAGES[args.stage if args.stage in STAGES and STAGES[args.stage].array else "infer"]
+        out.append(f"{stage.section}.{stage.array}={args.chunks}")
     return out
 
 
@@ -125,7 +129,8 @@ def pinned(stage: str, stages: tuple[str, ...], cfg: Config) -> str:
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
     """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
     limit: what the stage's environment can run, seen from where it will run."""
-    args = ["doctor", "--output-root", cfg.output_root, "--gpus", str(job.gpus_per_node)]
+    args = ["doctor", "--output-root", cfg.output_root, "--gpus", str(job.gpus_per_node),
+            *STAGES[job.stage].doctor_args(cfg)]
     doctor = Job("doctor", "doctor", args, gpus_per_node=job.gpus_per_node)
     short = cfg.cluster.model_copy(update={"time": "15", "signal_delay_s": min(cfg.cluster.signal_delay_s, 60)})
     return [doctor], cfg.model_copy(update={"cluster": short})
@@ -163,13 +168,17 @@ def launch(argv: list[str]) -> int:
     for s in stages if not args.check else ():
         stage = STAGES[s]
         if stage.pins and getattr(stage.settings(cfg), stage.pins) == "latest":
-            key = f"{stage.section}.{stage.pins}"
+            key = f"{stage.keys_in or stage.section}.{stage.pins}"
             try:
                 setattr(stage.settings(cfg), stage.pins, pinned(s, stages, cfg))
             except FileNotFoundError as e:
                 print(f"submit: refused: {key}=latest: {e}", file=sys.stderr)
                 return 2
             overrides.append(f"{key}={yaml_str(getattr(stage.settings(cfg), stage.pins))}")
+    problems = [p for s in stages if not args.check for p in STAGES[s].problems(cfg)]
+    if problems:  # refused here, before anything is queued
+        print("submit: refused: " + "\n".join(problems), file=sys.stderr)
+        return 2
     jobs = stage_jobs(stages, config_path, overrides, cfg)
     if args.check and STAGES[args.stage].check == "stage":
         jobs = [replace(j, args=[*j.args, "--check"]) for j in jobs]

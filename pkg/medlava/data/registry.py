@@ -16,6 +16,12 @@ DATASETS = {
     "mimic_cxr": "medlava.data.mimic_cxr",
     "chexpert_plus": "medlava.data.chexpert_plus",
     "llava_med": "medlava.data.llava_med",
+    "vqa_rad": "medlava.data.vqa_rad",
+    "path_vqa": "medlava.data.path_vqa",
+    "pmc_vqa": "medlava.data.pmc_vqa",
+    "omnimedvqa": "medlava.data.omnimedvqa",
+    "medxpertqa": "medlava.data.medxpertqa",
+    "mmmu_med": "medlava.data.mmmu_med",
 }
 
 

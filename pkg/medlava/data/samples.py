@@ -20,6 +20,11 @@ def validate_sample(row: dict, where: str) -> dict:
                                 or not all(isinstance(c, str) and c.strip() for c in choices)):
         # A closed question without choices is allowed (SLAKE's non-evident ones): infer generates its answer.
         raise InputError(f"{where} (id {row['id']}): meta.choices must be a list of at least two non-empty strings")
+    if meta.get("task") == "multiple_choice":
+        options = meta.get("options")
+        if not choices or not isinstance(options, dict) or list(options) != choices or meta.get("answer") not in choices:
+            raise InputError(f"{where} (id {row['id']}): a multiple_choice sample needs meta.choices (the option "
+                             "letters), meta.options {letter: text} in the same order, and meta.answer one of them")
     return row
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from medlava.config import Config, SlakeConfig
+from medlava.data.benchmark import closed_choices
 from medlava.data.images import BadImage, load_image, pad_to_square, resolve_image
 from medlava.data.prepare import Loaded
 from medlava.data.problems import Problems, read_json_records, read_text
@@ -29,21 +30,6 @@ FIELDS = ("img_id", "img_name", "question", "answer", "q_lang", "location", "mod
 REQUIRED = ("img_name", "question", "answer", "answer_type", "q_lang", "qid")
 KG_FILES = ("en_disease.csv", "en_organ.csv", "en_organ_rel.csv")
 _PLACEHOLDERS = {"vhead", "_", ""}
-_EITHER = re.compile(r",\s*([^,?]+?)\s+or\s+([^,?]+?)\s*\?\s*$", re.IGNORECASE)
-
-
-def closed_choices(question: str, answer: str) -> tuple[list[str], str] | None:
-    """(choices, answer) where the question makes them evident: yes/no, or '..., A or B?' answered by A or B."""
-    a = answer.strip()
-    if a.lower() in ("yes", "no"):
-        return ["yes", "no"], a.lower()
-    m = _EITHER.search(question)
-    if m:
-        options = [m.group(1).strip(), m.group(2).strip()]
-        hit = [o for o in options if o.lower() == a.lower()]
-        if hit:
-            return options, hit[0]
-    return None
 
 
 def read_kg(folder: Path) -> list[tuple[str, str, str]]:

@@ -28,6 +28,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medlava.eval.bootstrap import percentile_ci, resample_counts
 from medlava.io import InputError
 
 SCORE_PREFIX = "score_"
@@ -35,7 +36,6 @@ UNMAPPED = "unmapped"
 REQUIRED_COLUMNS = ("id", "prediction", "reference")
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 _SUM_TOLERANCE = 1e-2  # scores written from fp16/bf16 softmax do not sum to 1 exactly
-_MAX_CELLS = 4_000_000  # bootstrap weights held at once (resamples x rows), ~32 MB of float64
 
 
 @dataclass(frozen=True)
@@ -195,23 +195,11 @@ def _class_aucs(enc: Encoded) -> tuple[np.ndarray, str | None]:
 
 def _bootstrap_ci(enc: Encoded, n_bootstrap: int, seed: int) -> dict[str, list[float] | None]:
     """Percentile intervals over `n_bootstrap` row resamples, drawn in chunks to bound memory."""
-    rng = np.random.default_rng(seed)
-    n = len(enc.y_true)
-    chunk = max(1, _MAX_CELLS // n)
     draws: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        idx = rng.integers(0, n, size=(b, n))
-        # A resample is the same as weighting each row by how often it was drawn.
-        counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        for name, values in weighted_metrics(enc, counts.astype(float)).items():
+    for counts in resample_counts(len(enc.y_true), n_bootstrap, seed):
+        for name, values in weighted_metrics(enc, counts).items():
             draws[name].append(values)
-    ci: dict[str, list[float] | None] = {}
-    for name, parts in draws.items():
-        values = np.concatenate(parts)
-        values = values[~np.isnan(values)]
-        ci[name] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values.size else None
-    return ci
+    return {name: percentile_ci(np.concatenate(parts)) for name, parts in draws.items()}
 
 
 def _nanmean_rows(a: np.ndarray) -> np.ndarray:

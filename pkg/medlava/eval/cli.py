@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from medlava.config import EvalConfig
+from medlava.config import ConfigError, EvalConfig
 from medlava.io import InputError, atomic_write_text
 
 
@@ -29,6 +29,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chexbert-checkpoint", help="reports: chexbert.pth for CheXbert-embedding similarity")
     p.add_argument("--chexbert-tokenizer", default="bert-base-uncased", help="reports: the CheXbert tokenizer")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the model-based metrics")
+    p.add_argument("--report-metrics", help="reports: RadEval metrics, comma-separated (bleu, rouge, bertscore, "
+                   "f1chexbert, radgraph, radcliq, ratescore, green); default: those without an LLM that can run")
+    p.add_argument("--metric-cache", help="reports: staged metric weights (medlava weights fetch --cache DIR)")
 
 
 def _config(args: argparse.Namespace, **extra) -> EvalConfig:
@@ -36,7 +39,9 @@ def _config(args: argparse.Namespace, **extra) -> EvalConfig:
                       uncertain_as_positive=args.uncertain_as_positive, bertscore_model=args.bertscore_model,
                       bertscore_layers=args.bertscore_layers, bertscore_baseline=args.bertscore_baseline,
                       chexbert_checkpoint=args.chexbert_checkpoint, chexbert_tokenizer=args.chexbert_tokenizer,
-                      batch_size=args.batch_size, **extra)
+                      batch_size=args.batch_size, metric_cache=args.metric_cache,
+                      report_metrics=[m for m in args.report_metrics.split(",") if m] if args.report_metrics else None,
+                      **extra)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,7 +98,7 @@ def main(argv: list[str]) -> int:
             inputs = eval_inputs(args.predictions, cfg)
             classes = args.classes.split(",") if args.classes else inputs.classes
             metrics = evaluate(inputs.csv, args.out, cfg, classes, inputs.vocab, inputs.vocab_source)
-    except (InputError, FileNotFoundError, ValidationError) as e:  # ValidationError: an option out of range
+    except (InputError, ConfigError, FileNotFoundError, ValidationError) as e:  # ValidationError: out of range
         print(f"medlava {args.command}: {e}", file=sys.stderr)
         return 2
     print(summary_table(metrics))

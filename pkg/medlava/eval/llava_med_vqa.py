@@ -1,14 +1,19 @@
-"""LLaVA-Med v1.0's VQA scorer (llava/eval/run_eval.py with eval_metrics/), reproduced to the number so results
-compare with LLaVA-Med's published tables: the `llava_med_*` metrics in metrics.json, beside medlava's own.
+"""LLaVA-Med v1.0's VQA scorer (llava/eval/run_eval_batch.py and run_eval.py with eval_metrics/), reproduced to the
+number so results compare with LLaVA-Med's published tables: the `llava_med_*` metrics in metrics.json, beside
+medlava's own.
 
 Its rules, kept even where they are odd, because the published numbers come from them:
 - answers are lower-cased and normalised by `normalize_word` (VQA's punctuation, number-word, article and
   contraction rules; at most 32 periods are stripped, a quirk of its `re.sub` call);
-- closed: right when the normalised answer contains "yes" or "no" anywhere (so "normal", "know") and contains
-  the normalised reference as a substring;
-- open: recall (the paper's open number), precision and F1 over word counts, after normalising a second time.
+- closed (`closed_hit`, run_eval_batch.py: README "Option 1", the script whose eval_results_med_datasets.jsonl
+  run_eval_metrics.ipynb turned into the paper's table): right when the normalised answer contains the normalised
+  reference as a substring (its yes/no condition is commented out there);
+- closed as run_eval.py ("Option 2") scores it (`closed_hit_run_eval`): the same, and the answer must also contain
+  "yes" or "no" anywhere (so "normal", "know" count; "ct" or "x-ray" answers never do);
+- open: recall (the paper's open number), precision and F1 over word counts, after normalising a second time
+  (identical in both scripts).
 Written here rather than imported: LLaVA-Med is no installable package, and its licence allows no copying;
-tests/test_llava_med_scorer.py holds this to the original's outputs on 600 generated cases.
+tests/test_llava_med_scorer.py holds this to both originals' outputs on 600 generated cases.
 """
 
 from __future__ import annotations
@@ -74,8 +79,14 @@ def f1_precision_recall(prediction: str, reference: str) -> tuple[float, float, 
 
 
 def closed_hit(prediction: str, reference: str) -> bool:
-    pred, ref = normalize_word(prediction.lower()), normalize_word(reference.lower())
-    return ("yes" in pred or "no" in pred) and ref in pred
+    """run_eval_batch.py's closed rule: the reference inside the answer, both normalised."""
+    return normalize_word(reference.lower()) in normalize_word(prediction.lower())
+
+
+def closed_hit_run_eval(prediction: str, reference: str) -> bool:
+    """run_eval.py's closed rule: as closed_hit, and the answer holds "yes" or "no" somewhere."""
+    pred = normalize_word(prediction.lower())
+    return ("yes" in pred or "no" in pred) and normalize_word(reference.lower()) in pred
 
 
 def open_scores(prediction: str, reference: str) -> tuple[float, float, float]:

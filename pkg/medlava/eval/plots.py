@@ -1,4 +1,4 @@
-"""Confusion-matrix and ROC figures for closed-question results.
+"""Confusion-matrix and ROC figures for closed-question results, and a training run's per-epoch curves.
 
 Figures are built with matplotlib's object API on an Agg canvas, not pyplot: no display is needed
 and no figure is registered globally, so nothing stays open after a save (or after an exception).
@@ -20,7 +20,7 @@ from medlava.eval.classification import SCORE_PREFIX, encode
 from medlava.io import InputError, atomic_savefig
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -38,7 +38,7 @@ def plot_confusion(
     rows = counts.sum(axis=1, keepdims=True)
     shade = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0) if normalize else counts
     size = 1.5 + 0.6 * max(counts.shape)
-    fig = _figure(size + 1.0, size)
+    fig = figure(size + 1.0, size)
     ax = fig.add_subplot()
     image = ax.imshow(shade, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(counts.max()), 1))
     fig.colorbar(image, ax=ax, label="fraction of reference row" if normalize else "count")
@@ -80,7 +80,7 @@ def roc_figure(df: pd.DataFrame, classes: Sequence[str], title: str = "One-vs-re
         curves.append((i, cls, fpr, tpr, int(positive.sum())))
     cols = min(4, max(len(curves), 1))
     rows = max(1, -(-len(curves) // cols))
-    fig = _figure(0.4 + 2.3 * cols, 0.9 + 2.3 * rows)
+    fig = figure(0.4 + 2.3 * cols, 0.9 + 2.3 * rows)
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, (i, cls, fpr, tpr, n) in zip(axes, curves):
         ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=0.8)
@@ -109,7 +109,7 @@ def plot_roc(
 def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: str, xlabel: str) -> Path:
     """Horizontal bars, one per named value in [0, 1] (per-group accuracy, per-label F1); None shows as n/a."""
     names = list(values)
-    fig = _figure(7.0, 1.2 + 0.32 * max(len(names), 1))
+    fig = figure(7.0, 1.2 + 0.32 * max(len(names), 1))
     ax = fig.add_subplot()
     heights = [v if v is not None else 0.0 for v in values.values()]
     ax.barh(range(len(names)), heights, color="#4c72b0")
@@ -121,3 +121,21 @@ def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: s
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     return atomic_savefig(fig, path, dpi=150)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """A training run's per-epoch curves (history.csv's rows): train and validation loss, validation metrics."""
+    fig = Figure(figsize=(9, 3.2))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    a.legend()
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
+        b.plot(epochs, [h[key] for h in history], label=key[4:])
+    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    b.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=120)

@@ -1,6 +1,9 @@
-"""Radiology report metrics: BLEU-1..4 and ROUGE-L, CheXpert-label precision/recall/F1 from medlava's
-rule-based labeler (the F1-CheXbert protocol with another labeler, named `chexpert_rules`), and, when
-their weights are given, BERTScore and CheXbert-embedding similarity.
+"""Radiology report metrics: the field's own, computed by RadEval (F1-CheXbert, F1-RadGraph, RadCliQ-v1,
+RaTEScore, GREEN, BERTScore, BLEU, ROUGE; medlava.eval.report_radeval) under `radeval` in metrics.json; and
+medlava's weight-free ones: BLEU-1..4 and ROUGE-L in the R2Gen convention, CheXpert-label precision/recall/F1
+from medlava's rule-based labeler (the F1-CheXbert protocol with another labeler, named `chexpert_rules`, the
+fallback when no CheXbert weights are staged), and, when their weights are given, BERTScore and
+CheXbert-embedding similarity.
 
 Inputs are (id, reference, prediction) rows: from a predictions.csv (task `report`) or from two CSVs with
 `study_id` and `report` (seed 003 / CXR-Report-Metric). An empty report is scored as empty text (zero
@@ -27,7 +30,8 @@ from medlava.io import InputError, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 REPORT_COLUMNS = ("study_id", "report")
 OUTPUTS = ("metrics.json", "per_sample.csv", "labels_reference.csv", "labels_prediction.csv", "errors.csv",
-           "chexpert_rules_f1.png")
+           "chexpert_rules_f1.png", "published.png")
+RADEVAL_CHUNKS = "radeval-chunks"
 
 
 def read_reports(path: Path) -> pd.DataFrame:
@@ -153,11 +157,29 @@ def _labels_csv(ids: pd.Series, labels: np.ndarray) -> str:
     return df.to_csv(index=False)
 
 
-def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: str) -> dict[str, Any]:
+def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: str,
+                     chunk_folder: Path | None = None, merge_only: bool = False) -> dict[str, Any]:
     """Score (id, reference, prediction) rows and write metrics.json, per_sample.csv, both label tables,
-    errors.csv (lowest ROUGE-L first) and a per-observation F1 chart."""
+    errors.csv (lowest ROUGE-L first), a per-observation F1 chart and, with RadEval's metrics, published.png.
+    RadEval's per-report metrics are read from the chunks in `chunk_folder` (default out_dir/radeval-chunks):
+    array tasks wrote them, or, unless `merge_only`, the missing ones are scored here first."""
+    from medlava.eval.report_radeval import merge_scores, scorable, score_chunks, select_metrics
+
     out_dir = Path(out_dir)
+    selection = select_metrics(cfg)
     metrics, per_sample, ref_labels, pred_labels = report_metrics(df, cfg)
+    pairs, skipped = scorable(df)
+    if selection.metrics and len(pairs):
+        folder = Path(chunk_folder) if chunk_folder else out_dir / RADEVAL_CHUNKS
+        if not merge_only:
+            score_chunks(pairs, selection, list(range(cfg.chunks)), cfg.chunks, folder, cfg.batch_size)  # resumes
+        part, table = merge_scores(pairs, selection, cfg.chunks, folder, cfg.n_bootstrap)
+        metrics |= part
+        per_sample = per_sample.merge(table, on="id", how="left", validate="one_to_one")
+    metrics |= {"radeval_metrics": selection.metrics, "radeval_unavailable": selection.unavailable,
+                "radeval_pairs": len(pairs) if selection.metrics else 0,
+                "radeval_skipped": {"empty_report": len(skipped), "ids": skipped[:20]},
+                "radeval_weights": str(selection.cache) if selection.per_report else None}
     metrics["source"] = source
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUTS:
@@ -173,5 +195,9 @@ def evaluate_reports(df: pd.DataFrame, out_dir: Path, cfg: EvalConfig, source: s
                for o, v in per_label.items()}, out_dir / "chexpert_rules_f1.png",
               title=f"F1 per observation, {chexpert.LABELER.split(' (')[0]} labels (n={metrics['n']} reports)",
               xlabel="F1")
+    if metrics.get("radeval"):
+        from medlava.eval.published_reports import plot_published
+
+        plot_published(metrics["radeval"], out_dir / "published.png")
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.transforms import v2
 
-from medlava.artifacts import publish, temp_dir_for, write_manifest
+from medlava.artifacts import atomic_dir, write_manifest
 from medlava.data.images import load_image, resolve_image
 from medlava.io import InputError, atomic_write_json
 
@@ -263,17 +263,18 @@ def predict_proba(model: nn.Module, loader: torch.utils.data.DataLoader, device:
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
 
-def save_cnn(path: Path, model: CnnClassifier, spec: CnnSpec, manifest: dict,
-             extra: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint directory atomically (medlava.artifacts). `extra`: more files, name -> object for
-    torch.save. Writing a checkpoint that exists replaces it (the same epoch again after a crash)."""
-    tmp = temp_dir_for(Path(path))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-    atomic_write_json(tmp / SPEC, spec.to_json())
-    write_manifest(tmp, "cnn", arch=spec.arch, **manifest)
-    for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
-    return publish(tmp, path, exists="replace")
+def write_cnn(folder: Path, model: CnnClassifier, spec: CnnSpec) -> None:
+    """The weights and the spec (what prediction needs besides the manifest) into `folder`."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(Path(folder) / WEIGHTS))
+    atomic_write_json(Path(folder) / SPEC, spec.to_json())
+
+
+def save_cnn(path: Path, model: CnnClassifier, spec: CnnSpec, manifest: dict) -> Path:
+    """A standalone checkpoint directory, written atomically (medlava.artifacts); an existing one is replaced."""
+    with atomic_dir(Path(path), exists="replace") as tmp:
+        write_cnn(tmp, model, spec)
+        write_manifest(tmp, "cnn", arch=spec.arch, **manifest)
+    return Path(path)
 
 
 def is_cnn_checkpoint(path: Path) -> bool:

@@ -1,9 +1,8 @@
 """The `pretrain` stage: contrastive training of an open_clip model on image-caption pairs, then evaluation.
 
 open_clip's ClipLoss with features gathered across ranks (gather_with_grad, local_loss), its grad checkpointing,
-autocast precision, DDP, a cosine schedule with warm-up, TensorBoard, and the align/sft checkpoints and exact
-resume (medlava.train.checkpoint: weights, optimizer, scheduler, RNG, data position). On SIGUSR2 every rank stops
-at the same step, saves and exits 75 for requeue.
+autocast precision, DDP and a cosine schedule with warm-up, as a task of medlava's one step loop (train/loop.py:
+TensorBoard, checkpoints and exact resume, a stop at SIGUSR2 on every rank at the same step, exit 75 for requeue).
 """
 
 from __future__ import annotations
@@ -15,20 +14,22 @@ from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
+from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from medlava import precision, signals
 from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist, barrier, mean_over_ranks
+from medlava.distributed import Dist, barrier
 from medlava.io import InputError, atomic_write_json
-from medlava.models.clip import ClipModule, TokenizerFiles, create, image_transform
+from medlava.models.clip import WEIGHTS, ClipModule, TokenizerFiles, create, image_transform
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
 from medlava.pretrain.metrics import describe
 from medlava.train import runtime
-from medlava.train.checkpoint import load_resume_state, save_checkpoint
+from medlava.train.checkpoint import Checkpointer
+from medlava.train.loop import Position, Schedule, StepMetrics, resume_and_train
 from medlava.train.optim import make_optimizer
 from medlava.train.sampling import epoch_indices
 
@@ -50,79 +51,85 @@ def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
     return steps
 
 
-def contrastive_step(net: torch.nn.Module, model: ClipModule, batch: dict, loss_fn: ClipLoss, optimizer, scheduler,
-                     scaler: torch.amp.GradScaler, p: PretrainConfig, d: Dist, amp: torch.dtype | None) -> tuple:
-    """One optimizer step on a batch; (this rank's loss, gradient norm, logit scale)."""
-    raise_batch_error(batch)
-    with precision.autocast(d.device, amp):
-        image_features, text_features, scale = net(batch["image"].to(d.device, non_blocking=True),
-                                                   batch["text"].to(d.device, non_blocking=True))
-        loss = loss_fn(image_features.float(), text_features.float(), scale.float())
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm).item()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    with torch.no_grad():
-        model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return loss.item(), grad_norm, scale.item()
+class ClipTrainer:
+    """Contrastive training of a ClipModule as a task of the step loop: one batch per step, full batches only."""
+
+    def __init__(self, model: ClipModule, dataset: PairDataset, p: PretrainConfig, d: Dist, manifest: dict,
+                 checkpointer: Checkpointer):
+        self.model, self.dataset, self.p, self.d = model, dataset, p, d
+        self.manifest, self.checkpointer = manifest, checkpointer
+        self.steps_per_epoch = steps_per_epoch(len(dataset), p, d)
+        self.total = p.max_steps or max(1, math.ceil(p.epochs * self.steps_per_epoch))
+        self.amp = amp_dtype(p, d)
+        self.net = runtime.wrap_ddp(model, d)
+        self.optimizer = make_optimizer(model, p.lr, p.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.total * p.warmup_ratio),
+                                                         self.total)
+        self.scaler = precision.grad_scaler(self.amp)
+        self.loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
+                                rank=d.rank, world_size=d.world_size)
+
+    def batches(self, epoch: int, skip: int):
+        p = self.p
+        self.net.train()
+        order = epoch_indices(len(self.dataset), p.seed, epoch, self.d, skip * p.batch_size, p.batch_size)
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=p.batch_size, sampler=order, drop_last=True,
+                                                num_workers=p.num_workers, collate_fn=collate,
+                                                pin_memory=self.d.device.type == "cuda"))
+
+    def step(self, batches, pos: Position) -> StepMetrics:
+        tic = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - tic
+        raise_batch_error(batch)
+        d = self.d
+        with precision.autocast(d.device, self.amp):
+            image_features, text_features, scale = self.net(batch["image"].to(d.device, non_blocking=True),
+                                                            batch["text"].to(d.device, non_blocking=True))
+            loss = self.loss_fn(image_features.float(), text_features.float(), scale.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.p.max_grad_norm).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return StepMetrics(loss=loss.item(), samples=self.p.batch_size, seconds=time.perf_counter() - tic,
+                           waited=waited, grad_norm=grad_norm, extra={"logit_scale": scale.item()})
+
+    def lrs(self) -> dict[str, float]:
+        return {"model": self.optimizer.param_groups[0]["lr"]}
+
+    def end_epoch(self, pos: Position, losses: list[float], writer) -> None:
+        return None
+
+    def _write(self, tmp: Path) -> None:
+        if self.d.main:  # open_clip's local-dir layout: what model.vision_tower and resume read
+            self.model.save_pretrained(tmp)
+            TokenizerFiles(self.model.tokenizer).save_pretrained(tmp)
+
+    def save(self, pos: Position) -> Path:
+        state = {"position": pos.state(), "total": self.total, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        return self.checkpointer.save(f"step-{pos.step:06d}", "clip", {"step": pos.step, **self.manifest}, state,
+                                      self._write)
+
+    def restore(self, ckpt: Path, state: dict) -> Position:
+        self.model.clip.load_state_dict(load_file(str(ckpt / WEIGHTS)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        return Position(**state["position"])
 
 
 def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, d: Dist, manifest: dict) -> Path:
-    """Train and return the final checkpoint directory (every rank calls it)."""
-    per_epoch = steps_per_epoch(len(dataset), p, d)
-    total = p.max_steps or max(1, math.ceil(p.epochs * per_epoch))
-    amp = amp_dtype(p, d)
-    net = runtime.wrap_ddp(model, d)
-    optimizer = make_optimizer(model, p.lr, p.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * p.warmup_ratio), total)
-    scaler = precision.grad_scaler(amp)
-    loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
-                       rank=d.rank, world_size=d.world_size)
-    step, done = 0, runtime.checkpoint_dirs(run, "step")
-    if p.resume == "auto" and done:
-        state = load_resume_state(done[-1], model, optimizer, scheduler, d)
-        step = state["step"]
-        scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s at step %d of %d", done[-1], step, total)
-    ckpt = done[-1] if done and step >= total else None
-    writer = runtime.tensorboard(run, step + 1, d)
-    bar = runtime.progress(total, step, "pretrain", d)
-    net.train()
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        order = epoch_indices(len(dataset), p.seed, epoch, d, skip * p.batch_size, p.batch_size)
-        batches = iter(torch.utils.data.DataLoader(dataset, batch_size=p.batch_size, sampler=order, drop_last=True,
-                                                   num_workers=p.num_workers, collate_fn=collate,
-                                                   pin_memory=d.device.type == "cuda"))
-        while step < min(total, (epoch + 1) * per_epoch):
-            tic = time.perf_counter()
-            batch = next(batches)
-            waited = time.perf_counter() - tic  # > 0 when the loader cannot keep up (raise num_workers)
-            loss, grad_norm, scale = contrastive_step(net, model, batch, loss_fn, optimizer, scheduler, scaler, p, d,
-                                                      amp)
-            step += 1
-            seconds = time.perf_counter() - tic
-            loss, samples_s, wait = mean_over_ranks([loss, p.batch_size / seconds, waited / seconds], d)
-            if writer and (step % p.log_every == 0 or step == total):
-                for tag, value in (("loss", loss), ("lr", optimizer.param_groups[0]["lr"]), ("grad_norm", grad_norm),
-                                   ("logit_scale", scale), ("samples_per_s", samples_s * d.world_size),
-                                   ("data_wait_fraction", wait), ("epoch", step / per_epoch)):
-                    writer.add_scalar(f"train/{tag}", value, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            save, stop = runtime.save_or_stop(step, total, p.save_every, d)
-            if save:
-                ckpt = save_checkpoint(run, step, model, TokenizerFiles(model.tokenizer), "clip", manifest, optimizer,
-                                       scheduler, {"total": total, "scaler": scaler.state_dict()}, d)
-            if stop:
-                runtime.exit_for_requeue(f"at step {step} of {total}", writer)
-    bar.close()
-    if writer:
-        writer.close()
-    return ckpt
+    """Train (resuming what `run` holds) and return the final checkpoint directory (every rank calls it)."""
+    checkpointer = Checkpointer(run, d, p.keep_last)
+    trainer = ClipTrainer(model, dataset, p, d, manifest, checkpointer)
+    return resume_and_train(trainer, checkpointer, p.resume == "auto", p.seed,
+                            Schedule(trainer.total, p.save_every, p.log_every, "pretrain"), run, d)
 
 
 def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path) -> dict | None:

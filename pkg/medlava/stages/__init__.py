@@ -30,9 +30,10 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (
-    Option("chunk_idx", "--chunk-idx", int, "answer only this chunk (a job-array task)"),
+    Option("chunk_idx", "--chunk-idx", int, "do only this chunk (a job-array task)"),
     Option("merge_only", "--merge-only", bool, "merge the finished chunks and stop (the job after an array)"),
     Option("check", "--check", bool, "list every problem in the input in one pass, write no outputs; exit 1 if any"),
+    Option("prepare_only", "--prepare-only", bool, "prepare the inputs (cached) and stop (the job before an array)"),
 )}
 
 
@@ -58,10 +59,21 @@ class Stage:
     pins: str | None = None
     """A key of its section naming an upstream run (`latest` or a path): the launcher resolves `latest` once, at
     submit time, for every job of the launch (array tasks must not see a newer run appear mid-array)."""
+    keys_in: str | None = None
+    """The section `array` and `pins` are keys of, when not its own (the suite answers with infer's settings)."""
+    before: str | None = None
+    """An option whose job runs once before the others (the suite prepares its benchmarks, then answers)."""
+    one_gpu: bool = False
+    """Takes one GPU although it runs no VLM (eval: the model-based report metrics)."""
+    preflight: bool = False
+    """Its module has `preflight(cfg) -> list[str]`: problems the launcher refuses before queueing anything,
+    and `doctor_args(cfg) -> list[str]`: what its `--check` doctor job checks besides the environment."""
 
     def __post_init__(self) -> None:
         if self.array and not {"chunk_idx", "merge_only"} <= set(self.options):
             raise ValueError(f"stage {self.name}: an array stage takes --chunk-idx and --merge-only")
+        if self.before and self.before not in self.options:
+            raise ValueError(f"stage {self.name}: its `before` job is one of its options")
 
     @property
     def distributed(self) -> bool:
@@ -71,11 +83,11 @@ class Stage:
     @property
     def gpus(self) -> Literal["node", "one", "none"]:
         """GPUs a job of it takes: every GPU of each node (training), one (a VLM answering), or none."""
-        return "node" if self.trains else "one" if self.vlm else "none"
+        return "node" if self.trains else "one" if self.vlm or self.one_gpu else "none"
 
     def settings(self, cfg: Any) -> Any:
-        """Its config section."""
-        return getattr(cfg, self.section)
+        """The config section its `array` and `pins` keys are in (its own, unless `keys_in`)."""
+        return getattr(cfg, self.keys_in or self.section)
 
     def tasks(self, cfg: Any) -> int:
         """How many array tasks it runs as (1: a single job)."""
@@ -84,6 +96,13 @@ class Stage:
     def run(self, cfg, dist=None, **options):
         return importlib.import_module(f"medlava.stages.{self.name}").run(cfg, dist, **options)
 
+    def problems(self, cfg) -> list[str]:
+        """What stops its jobs before they are queued (stages with `preflight`)."""
+        return importlib.import_module(f"medlava.stages.{self.name}").preflight(cfg) if self.preflight else []
+
+    def doctor_args(self, cfg) -> list[str]:
+        return importlib.import_module(f"medlava.stages.{self.name}").doctor_args(cfg) if self.preflight else []
+
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "data", vlm=False, trains=False, upstream=None, options=("check",), check="stage"),
@@ -91,7 +110,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "sft", vlm=True, trains=True, upstream="align"),  # sft.init_from=latest: the aligned projector
     Stage("infer", "infer", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only"),
           array="chunks", pins="checkpoint"),
-    Stage("eval", "eval", vlm=False, trains=False, upstream="infer"),
+    Stage("eval", "eval", vlm=False, trains=False, upstream="infer", options=("chunk_idx", "merge_only"),
+          array="chunks", one_gpu=True, preflight=True),  # report metrics: an array of one-GPU tasks
+    Stage("suite", "suite", vlm=True, trains=False, upstream="sft", options=("chunk_idx", "merge_only", "prepare_only"),
+          array="chunks", pins="checkpoint", keys_in="infer", before="prepare_only"),
     Stage("cnn", "cnn", vlm=False, trains=True, upstream="prepare"),
     Stage("pretrain", "pretrain", vlm=False, trains=True, upstream="prepare"),
 )}

@@ -7,6 +7,11 @@ and written as Markdown, CSV and a bar chart.
 A RUN is an eval run (or its metrics.json), or anything with a predictions.csv (a cnn or infer run, or the CSV
 itself), which is scored here in memory with the same metrics `eval` computes; nothing is written into it.
 `LABEL=PATH` names a column; the default label is the path's <name>/<stage>/<run-id>.
+
+Suite runs (directories holding leaderboard.csv, e.g. a zero-shot and a fine-tuned model) are lined up row by row
+instead: each run's score with its interval, the difference to the first, the published scores.
+
+    medlava compare zero-shot=runs/medvqa/suite/R1 fine-tuned=runs/medvqa/suite/R2 --out comparison/
 """
 
 from __future__ import annotations
@@ -60,11 +65,33 @@ def _from_predictions(csv: Path, classes: list[str] | None, n_bootstrap: int) ->
         raise InputError(f"{csv}: {e}") from None
 
 
+def _split(arg: str) -> tuple[str, Path]:
+    label, path = arg.split("=", 1) if "=" in arg and not Path(arg).exists() else ("", arg)
+    return label or _label(Path(path)), Path(path)
+
+
+def compare_suites(args: list[str], out: Path) -> int:
+    """Suite runs' leaderboards side by side (comparison.md, .csv, .png in `out`)."""
+    from medlava.eval.leaderboard import comparison_markdown, compare_leaderboards, plot_comparison
+
+    runs = dict(_split(a) for a in args)
+    missing = [str(p) for p in runs.values() if not (p / "leaderboard.csv").exists()]
+    if missing:
+        print(f"medlava compare: {', '.join(missing)} hold no leaderboard.csv: compare suite runs with suite runs",
+              file=sys.stderr)
+        return 2
+    df = compare_leaderboards({label: pd.read_csv(p / "leaderboard.csv") for label, p in runs.items()})
+    text = comparison_markdown(df, list(runs))
+    atomic_write_text(out / "comparison.md", text)
+    atomic_write_text(out / "comparison.csv", df.to_csv(index=False))
+    plot_comparison(df, list(runs), out / "comparison.png")
+    print(text + f"-> {out}/comparison.md, comparison.csv, comparison.png")
+    return 0
+
+
 def load_result(arg: str, n_bootstrap: int = 1000) -> Result:
     """`[LABEL=]PATH` -> its classification metrics (read from metrics.json, or computed from predictions)."""
-    label, path = arg.split("=", 1) if "=" in arg and not Path(arg).exists() else ("", arg)
-    path = Path(path)
-    label = label or _label(path)
+    label, path = _split(arg)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give an eval, cnn or infer run directory, a metrics.json "
                                 "or a predictions.csv")
@@ -150,6 +177,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-bootstrap", type=int, default=1000,
                    help="resamples for the intervals of runs scored here from predictions.csv (0: none)")
     args = p.parse_args(argv)
+    if any((_split(a)[1] / "leaderboard.csv").exists() for a in args.runs):
+        return compare_suites(args.runs, args.out)
     try:
         results = [load_result(a, args.n_bootstrap) for a in args.runs]
     except (InputError, FileNotFoundError) as e:

@@ -387,6 +387,31 @@ def check_caches(env: Mapping[str, str], on_cluster: bool) -> list[Check]:
     return checks
 
 
+def check_metric_weights(cache: Path, metrics: list[str] | None) -> list[Check]:
+    """The report metrics' staged weights in `cache`. With `metrics` (what a job will run): each one is imported
+    and every file it loads is checked against the size and sha256 recorded when it was fetched; any problem is
+    a FAIL. Without: which metrics are staged, a WARN when none is."""
+    from medlava.eval.weights import MANIFEST, NEEDS, fetch_command
+
+    if metrics is None:
+        manifest = cache / MANIFEST
+        staged = sorted(json.loads(manifest.read_text())["metrics"]) if manifest.exists() else []
+        if staged:
+            return [Check("report metrics", OK, f"weights staged in {cache}: {', '.join(staged)}")]
+        return [Check("report metrics", WARN, f"no report-metric weights staged in {cache}: reports get BLEU, "
+                      "ROUGE and chexpert_rules only", f"where there is internet: "
+                      f"{fetch_command([m for m in NEEDS if m not in ('bleu', 'rouge', 'green')], cache)}")]
+    from medlava.eval.radeval_scorers import importable
+    from medlava.eval.weights import verify_staged
+
+    checks = []
+    for metric in metrics:
+        problems = [why] if (why := importable(metric)) else verify_staged(cache, [metric])
+        checks.append(Check(f"metric {metric}", FAIL if problems else OK,
+                            "; ".join(problems) if problems else f"imports; weights in {cache} verified"))
+    return checks
+
+
 # ---------------------------------------------------------------- the screen
 
 def _crashed(name: str, e: Exception) -> Check:
@@ -402,7 +427,8 @@ def _guard(name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
 
 
 def run_checks(output_root: Path | str = "runs", constraints: Path | None = None,
-               env: Mapping[str, str] | None = None, expected_gpus: int = 0) -> list[Check]:
+               env: Mapping[str, str] | None = None, expected_gpus: int = 0, metric_cache: Path | None = None,
+               report_metrics: list[str] | None = None) -> list[Check]:
     """All checks, in screen order. `env` defaults to os.environ (cache variables are read from it)."""
     env = os.environ if env is None else env
     pins_problem, pins = check_pins_file(constraints)
@@ -424,6 +450,11 @@ def run_checks(output_root: Path | str = "runs", constraints: Path | None = None
     checks += _guard("apptainer", check_apptainer)
     checks += _guard("caches", lambda: check_caches(env, on_cluster=shutil.which("sbatch") is not None))
     checks += _guard("output root", lambda: check_output_root(Path(output_root)))
+    if metric_cache is None:
+        from medlava.eval.weights import default_cache
+
+        metric_cache = default_cache()
+    checks += _guard("report metrics", lambda: check_metric_weights(Path(metric_cache), report_metrics))
     return checks
 
 
@@ -446,10 +477,15 @@ def main(argv: list[str]) -> int:
                    help=f"pin file to compare versions with (default {DEFAULT_CONSTRAINTS})")
     p.add_argument("--gpus", type=int, default=0, help="GPUs the job will use here: fewer visible is a FAIL")
     p.add_argument("--json", action="store_true", help="print the checks as JSON (for scripts and launchers)")
+    p.add_argument("--metric-cache", type=Path, help="staged report-metric weights (default $MEDLAVA_CACHE/"
+                   "metric-weights)")
+    p.add_argument("--report-metrics", help="comma-separated: import these report metrics and verify every weight "
+                   "file they load (size and sha256); a problem fails")
     args = p.parse_args(argv)
     # Libraries that print while imported (DeepSpeed's accelerator notice) must not corrupt the screen or the JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        checks = run_checks(args.output_root, args.constraints, expected_gpus=args.gpus)
+        checks = run_checks(args.output_root, args.constraints, expected_gpus=args.gpus, metric_cache=args.metric_cache,
+                            report_metrics=args.report_metrics.split(",") if args.report_metrics else None)
     if args.json:
         print(json.dumps({"ok": all(c.status != FAIL for c in checks), "checks": [asdict(c) for c in checks]},
                          indent=2))

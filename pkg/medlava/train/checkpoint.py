@@ -1,101 +1,132 @@
-"""Checkpoints: what later stages load (projector / LoRA adapter / full model + processor + manifest) and
-what resume needs (trainable weights, optimizer, scheduler, RNG, data position).
+"""One Checkpointer for every training loop: checkpoints/<name> written whole, listed, pruned and resumed.
 
-A checkpoint is written into a hidden temp directory and renamed into place, so a directory named
-`step-N` is always complete; resume takes the newest one.
+Invariants:
+- A directory named checkpoints/<prefix>-N[-step-S] exists only whole: every rank writes its part into one hidden
+  temp directory, and it is renamed into place after a barrier (medlava.artifacts.publish).
+- Every checkpoint holds STATE (the loop's position, optimizer, scheduler and what the loop adds, plus the world
+  size it was saved under and whether its optimizer state is sharded), `rng-<rank>.pt` of each rank, and MANIFEST
+  (what later stages load: the kind's weights and, for the VLM, the processor).
+- After a save only the newest `keep_last` checkpoints remain, plus the ones the loop keeps (the best).
+- A resume onto another number of processes is allowed where every rank holds the whole state (DDP: weights and
+  optimizer are replicated; the loop re-splits the data position) and refused, naming why, where it is sharded
+  (DeepSpeed ZeRO keeps one optimizer shard per rank).
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from contextlib import nullcontext
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from medlava.artifacts import publish, temp_dir_for, temp_path, write_manifest
+from medlava.artifacts import Kind, publish, read_manifest, temp_dir_for, temp_path, write_manifest
+from medlava.config import ConfigError
 from medlava.distributed import Dist, barrier
-from medlava.models.llava import PROJECTOR_FILE, save_projector
-from medlava.train.runtime import STATE
 
-TRAINABLE = "trainable.safetensors"
+log = logging.getLogger(__name__)
+STATE = "trainer_state.pt"
 
 
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _gathered(model: torch.nn.Module, engine):
-    """Under ZeRO-3 parameters are sharded: gather the trainable ones (all of them for a full
-    fine-tune) for the duration of the save."""
-    if engine is None or engine.zero_optimization_stage() != 3:
-        return nullcontext()
-    import deepspeed
-    params = [p for p in model.parameters() if p.requires_grad] if any(
-        not p.requires_grad for p in model.parameters()) else list(model.parameters())
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor, kind: str, manifest: dict,
-                    optimizer, scheduler, extra: dict, d: Dist, engine=None) -> Path:
-    """Write checkpoints/step-N atomically; every rank calls it (each saves its RNG, and under DeepSpeed
-    its optimizer shard). `model` is unwrapped (no DDP / engine)."""
-    final = run / "checkpoints" / f"step-{step:06d}"
-    tmp = temp_path(final)  # the same name on every rank: each writes its files into it
-    if d.main:
-        temp_dir_for(final)
-    barrier()
-    torch.save(_rng_state(), tmp / f"rng-{d.rank}.pt")
-    if engine is not None:  # optimizer, scheduler and trainable weights, sharded as they are in memory
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-    with _gathered(model, engine):
-        if d.main:
-            if kind == "projector":
-                save_projector(model, tmp / PROJECTOR_FILE)
-            else:  # lora: adapter + modules_to_save (the projector); full: the whole model
-                model.save_pretrained(tmp)
-            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                      str(tmp / TRAINABLE))
-    if d.main:
-        processor.save_pretrained(tmp)
-        state = {"step": step, **extra}
-        if engine is None:
-            state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save(state, tmp / STATE)
-        write_manifest(tmp, kind, step=step, **manifest)
-    barrier()  # every rank's RNG file is in tmp before it becomes step-N: renamed earlier, a slow rank's is lost
-    if d.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
-        publish(tmp, final, exists="replace")
-    barrier()
-    return final
-
-
-def load_resume_state(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, d: Dist, engine=None) -> dict:
-    if engine is not None:
-        engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
-    else:
-        weights = load_file(str(ckpt / TRAINABLE))
-        params = dict(model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-        if missing:
-            raise RuntimeError(f"{ckpt}: cannot resume, trainable weights missing ({missing[:3]}...): "
-                               "was the run restarted with a different train.* config?")
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
-    if engine is None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    rng_file = ckpt / f"rng-{d.rank}.pt"
-    if not rng_file.exists():
-        raise RuntimeError(f"{ckpt} was saved with fewer processes (no {rng_file.name}); resume with the same "
-                           "number of nodes and GPUs, or start a new run_id")
-    rng = torch.load(rng_file, weights_only=False)
+def _set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    return state
+
+
+def reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Checkpointer:
+    run: Path
+    d: Dist
+    keep_last: int | None
+    """The newest checkpoints kept after a save (None: all)."""
+    prefix: str = "step"
+
+    @property
+    def root(self) -> Path:
+        return self.run / "checkpoints"
+
+    def saved(self) -> list[Path]:
+        """The complete checkpoints, oldest first: `<prefix>-N` or `<prefix>-N-step-S` holding STATE; anything else
+        there (a user's step-100.bak copy) is not ours."""
+        found = [p for p in self.root.glob(f"{self.prefix}-*") if (p / STATE).exists() and
+                 re.fullmatch(rf"{self.prefix}-\d+(-step-\d+)?", p.name)] if self.root.exists() else []
+        return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split("-")[1::2]))
+
+    def save(self, name: str, kind: Kind, manifest: dict, state: dict, write: Callable[[Path], None],
+             engine=None, keep: frozenset[str] = frozenset()) -> Path:
+        """checkpoints/`name`, on every rank: `write(tmp)` puts the weights in (each rank calls it; what only rank 0
+        writes, it writes on rank 0), `engine` (DeepSpeed) its sharded state; then the older ones go."""
+        final = self.root / name
+        tmp = temp_path(final)  # the same name on every rank: each writes its files into it
+        if self.d.main:
+            temp_dir_for(final)
+        barrier()
+        torch.save(_rng_state(), tmp / f"rng-{self.d.rank}.pt")
+        if engine is not None:  # optimizer, scheduler and trainable weights, sharded as they are in memory
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        write(tmp)
+        if self.d.main:
+            torch.save(state, tmp / STATE)
+            write_manifest(tmp, kind, **manifest, world_size=self.d.world_size, sharded=engine is not None)
+        barrier()  # every rank's part is in tmp before it becomes `name`: renamed earlier, a slow rank's is lost
+        if self.d.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
+            publish(tmp, final, exists="replace")
+            self.prune(keep | {name})
+        barrier()
+        return final
+
+    def prune(self, keep: frozenset[str]) -> None:
+        if self.keep_last is None:
+            return
+        for old in self.saved()[: -self.keep_last]:
+            if old.name not in keep:
+                shutil.rmtree(old)
+
+    def check_world(self) -> None:
+        """Refuse, before anything is loaded, to resume a sharded checkpoint under another number of processes."""
+        saved = self.saved()
+        if not saved:
+            return
+        manifest = read_manifest(saved[-1])
+        world, here = manifest.get("world_size"), self.d.world_size
+        if manifest.get("sharded") and world != here:
+            raise ConfigError(f"{saved[-1]} holds DeepSpeed ZeRO state sharded over {world} process(es), one "
+                              f"optimizer shard per rank, and cannot be resumed by {here}: resume with {world} "
+                              "process(es) (cluster.nodes x GPUs per node), or start a new run_id")
+
+    def resume(self, seed: int) -> tuple[Path, dict] | None:
+        """The newest checkpoint and its state, on every rank, with this rank's random state restored; None when
+        there is none. Saved under another number of processes: refused when its state is sharded; otherwise each
+        rank's random state is reseeded from `seed`, its rank and the step (the samples are the same; dropout's
+        draws differ from an uninterrupted run's)."""
+        self.check_world()
+        saved = self.saved()
+        if not saved:
+            return None
+        ckpt = saved[-1]
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+        world = read_manifest(ckpt).get("world_size")
+        rng = ckpt / f"rng-{self.d.rank}.pt"
+        if world == self.d.world_size and rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            log.warning("%s was saved by %s process(es), resumed by %d: weights, optimizer and data position carry "
+                        "over; random draws (dropout) are reseeded", ckpt, world, self.d.world_size)
+            reseed(seed + 1_000_003 * self.d.rank + int(state["position"]["step"]))
+        return ckpt, state

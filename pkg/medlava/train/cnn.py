@@ -1,4 +1,4 @@
-"""The CNN baseline's training (the `cnn` stage): setup / epoch / validate / predict over one CnnRun.
+"""The CNN baseline's training (the `cnn` stage): a CnnTrainer, run by the one step loop (train/loop.py).
 
 Two phases (backbone frozen for cnn.frozen_epochs, then its last layer groups fine-tuned at cnn.finetune_lr),
 AdamW, mixed precision on GPUs, DDP under torchrun, early stopping on validation macro-F1, TensorBoard, a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
-from medlava import signals
 from medlava.config import CnnConfig
 from medlava.data.samples import load_prepared
-from medlava.distributed import Dist, barrier, mean_over_ranks
+from medlava.distributed import Dist, barrier
 from medlava.eval.classification import classification_metrics
-from medlava.io import InputError, atomic_savefig, atomic_write_json, atomic_write_text
+from medlava.eval.plots import plot_history
+from medlava.io import InputError, atomic_write_json, atomic_write_text
 from medlava.models.cnn import (
     WEIGHTS,
     CnnClassifier,
@@ -44,21 +43,15 @@ from medlava.models.cnn import (
     model_inputs,
     new_spec,
     predict_proba,
-    save_cnn,
+    write_cnn,
     set_phase,
 )
 from medlava.precision import autocast, autocast_dtype, choose_dtype, grad_scaler
 from medlava.predictions import predictions_frame, write_predictions
 from medlava.train.optim import make_optimizer
-from medlava.train.runtime import (
-    STATE,
-    checkpoint_dirs,
-    exit_for_requeue,
-    progress,
-    stop_requested,
-    tensorboard,
-    wrap_ddp,
-)
+from medlava.train.checkpoint import Checkpointer
+from medlava.train.loop import Position, Schedule, StepMetrics, resume_and_train
+from medlava.train.runtime import wrap_ddp
 from medlava.train.sampling import rank_share
 
 log = logging.getLogger(__name__)
@@ -180,27 +173,6 @@ def val_metrics(items: list[Item], probs: np.ndarray, classes: list[str]) -> dic
     return {"loss": loss, **{k: m[k] for k in VAL_METRICS[1:]}}
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    epochs = [h["epoch"] for h in history]
-    a.plot(epochs, [h["train_loss"] for h in history], label="train")
-    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    a.legend()
-    for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
-        b.plot(epochs, [h[key] for h in history], label=key[4:])
-    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    b.legend(fontsize="small")
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
-
-
 def load_splits(prepared: Path, c: CnnConfig) -> tuple[dict[str, list[Item]], list[str]]:
     """train, val and cnn.predict_split as labelled items, and the class list."""
     splits: dict[str, list[Item]] = {}
@@ -217,209 +189,181 @@ def load_splits(prepared: Path, c: CnnConfig) -> tuple[dict[str, list[Item]], li
 
 
 @dataclass
-class CnnRun:
-    """Everything the CNN loop carries from step to step. `loop` is what a checkpoint stores to resume."""
-    c: CnnConfig
-    d: Dist
-    run: Path
-    prepared: Path
-    splits: dict[str, list[Item]]
-    classes: list[str]
-    spec: CnnSpec
-    model: CnnClassifier
-    meta: MetaEncoder | None
-    plan: list[dict]
-    amp: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
-    labels: np.ndarray
-    steps_per_epoch: int
-    loop: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best_f1": -1.0, "best": None,
-                                                "bad_epochs": 0, "history": [], "done": False})
-    saved: dict | None = None  # the resumed checkpoint's optimizer state, until its phase is entered
-    writer: object = None
-    phase: int | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: object = None
-    net: nn.Module | None = None
+class Progress:
+    """What the CNN carries from epoch to epoch besides the loop's position (and a checkpoint stores)."""
+    best_f1: float = -1.0
+    best: str | None = None
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
 
 
-def setup(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> CnnRun:
-    """The data, the model, loss and precision, train_info.json, and a resumed state."""
-    splits, classes = load_splits(prepared, c)
-    torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
-    meta = MetaEncoder.fit([it.meta for it in splits["train"]]) if c.metadata else None
-    spec = new_spec(c.arch, classes, c.image_size, c.head_hidden, c.dropout, meta)
-    model = CnnClassifier(spec, c.pretrained)
-    plan = phase_plan(model, c)
-    model.to(d.device)
-    if d.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    amp = autocast_dtype(choose_dtype(c.precision, without_bf16=torch.float16), d.device)
-    labels = np.array([it.label for it in splits["train"]])
-    weight = class_weights(labels, classes).to(d.device) if c.class_balance == "weights" else None
-    steps_per_epoch = math.ceil(len(labels) / d.world_size) // c.batch_size  # full batches: BatchNorm needs > 1
-    if steps_per_epoch == 0:
-        raise InputError(f"{len(labels)} training samples over {d.world_size} process(es) make no full batch of "
-                         f"cnn.batch_size={c.batch_size}; lower it")
-    if c.frozen_epochs and not c.pretrained:
-        log.warning("cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head on "
-                    "random features", c.frozen_epochs)
-    s = CnnRun(c, d, run, prepared, splits, classes, spec, model, meta, plan, amp, grad_scaler(amp),
-               nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing), labels, steps_per_epoch)
-    if d.main:
-        atomic_write_json(run / "train_info.json", {
-            "arch": c.arch, "pretrained": c.pretrained, "classes": classes, "prepared": str(prepared),
-            "samples": {k: len(v) for k, v in splits.items()}, "world_size": d.world_size, "device": str(d.device),
-            "autocast": str(amp).replace("torch.", "") if amp else "fp32", "steps_per_epoch": steps_per_epoch,
-            "metadata": None if meta is None else asdict(meta), "phases": plan})
-    done = checkpoint_dirs(run, "epoch")
-    if c.resume == "auto" and done:
-        model.load_state_dict(load_file(str(done[-1] / WEIGHTS)))
-        s.saved = torch.load(done[-1] / STATE, map_location=d.device, weights_only=False)
-        s.loop = s.saved["loop"]
-        log.info("resumed from %s: epoch %d, step %d", done[-1], s.loop["epoch"], s.loop["step"])
-    s.writer = tensorboard(run, s.loop["epoch"] * steps_per_epoch + s.loop["step"] + 1, d)
-    return s
+class CnnTrainer:
+    """The CNN as a task of the step loop: phases, one optimizer per phase, validation at each epoch's end with
+    early stopping and the best checkpoint kept."""
 
+    def __init__(self, c: CnnConfig, d: Dist, run: Path, prepared: Path, checkpointer: Checkpointer):
+        """The data, the model, loss and precision, train_info.json."""
+        self.c, self.d, self.run, self.prepared, self.checkpointer = c, d, run, prepared, checkpointer
+        self.splits, self.classes = load_splits(prepared, c)
+        torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
+        self.meta = MetaEncoder.fit([it.meta for it in self.splits["train"]]) if c.metadata else None
+        self.spec = new_spec(c.arch, self.classes, c.image_size, c.head_hidden, c.dropout, self.meta)
+        self.model = CnnClassifier(self.spec, c.pretrained)
+        self.plan = phase_plan(self.model, c)
+        self.model.to(d.device)
+        if d.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.amp = autocast_dtype(choose_dtype(c.precision, without_bf16=torch.float16), d.device)
+        self.scaler = grad_scaler(self.amp)
+        self.labels = np.array([it.label for it in self.splits["train"]])
+        weight = class_weights(self.labels, self.classes).to(d.device) if c.class_balance == "weights" else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
+        self.steps_per_epoch = math.ceil(len(self.labels) / d.world_size) // c.batch_size  # BatchNorm needs > 1
+        if self.steps_per_epoch == 0:
+            raise InputError(f"{len(self.labels)} training samples over {d.world_size} process(es) make no full "
+                             f"batch of cnn.batch_size={c.batch_size}; lower it")
+        if c.frozen_epochs and not c.pretrained:
+            log.warning("cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head "
+                        "on random features", c.frozen_epochs)
+        self.progress = Progress()
+        self.phase: int | None = None
+        self.saved: dict | None = None  # a resumed checkpoint's optimizer state, until its phase is entered
+        if d.main:
+            atomic_write_json(run / "train_info.json", {
+                "arch": c.arch, "pretrained": c.pretrained, "classes": self.classes, "prepared": str(prepared),
+                "samples": {k: len(v) for k, v in self.splits.items()}, "world_size": d.world_size,
+                "device": str(d.device), "autocast": str(self.amp).replace("torch.", "") if self.amp else "fp32",
+                "steps_per_epoch": self.steps_per_epoch, "metadata": None if self.meta is None else asdict(self.meta),
+                "phases": self.plan})
 
-def save(s: CnnRun, name: str) -> None:
-    """Rank 0 writes the checkpoint; only the best and the newest are kept."""
-    if s.d.main:
-        state = {"loop": s.loop, "phase": s.phase, "optimizer": s.optimizer.state_dict(),
-                 "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict()}
-        save_cnn(s.run / "checkpoints" / name, s.model, s.spec, {"stage": "cnn", "classes": s.classes,
-                                                                  "epoch": s.loop["epoch"]}, {STATE: state})
-        for old in checkpoint_dirs(s.run, "epoch"):
-            if old.name not in {name, s.loop["best"]}:
-                shutil.rmtree(old)
-    barrier()
+    def restore(self, ckpt: Path, state: dict) -> Position:
+        self.model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
+        self.saved, self.progress = state, Progress(**state["progress"])
+        return Position(**state["position"])
 
+    def enter_phase(self, epoch: int) -> None:
+        """At a phase's first epoch (or a resume): what trains, its rate, its optimizer, its DDP wrapper."""
+        c = self.c
+        self.phase = 1 if epoch < c.frozen_epochs else 2
+        p = next(x for x in self.plan if x["phase"] == self.phase)
+        set_phase(self.model, frozen=self.phase == 1, unfreeze_fraction=c.unfreeze_fraction)
+        self.optimizer = make_optimizer(self.model, p["lr"], c.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, c.schedule,
+                                        (p["epochs"][1] - p["epochs"][0]) * self.steps_per_epoch)
+        if self.saved is not None and self.saved["phase"] == self.phase:  # resuming inside this phase
+            self.optimizer.load_state_dict(self.saved["optimizer"])
+            self.scheduler.load_state_dict(self.saved["scheduler"])
+            self.scaler.load_state_dict(self.saved["scaler"])
+        self.saved = None
+        self.net = wrap_ddp(self.model, self.d)  # DDP records which parameters train when it is built: one per phase
+        log.info("phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)", self.phase,
+                 epoch, p["lr"], f"{p['parameters']['trainable']:,}",
+                 f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}", p["trainable_groups"],
+                 p["backbone_groups"])
 
-def enter_phase(s: CnnRun) -> None:
-    """At a phase's first epoch (or a resume): what trains, its rate, its optimizer, its DDP wrapper."""
-    c, epoch = s.c, s.loop["epoch"]
-    s.phase = 1 if epoch < c.frozen_epochs else 2
-    p = next(x for x in s.plan if x["phase"] == s.phase)
-    set_phase(s.model, frozen=s.phase == 1, unfreeze_fraction=c.unfreeze_fraction)
-    s.optimizer = make_optimizer(s.model, p["lr"], c.weight_decay)
-    s.scheduler = make_scheduler(s.optimizer, c.schedule, (p["epochs"][1] - p["epochs"][0]) * s.steps_per_epoch)
-    if s.saved is not None and s.saved["phase"] == s.phase:  # resuming inside this phase
-        s.optimizer.load_state_dict(s.saved["optimizer"])
-        s.scheduler.load_state_dict(s.saved["scheduler"])
-        s.scaler.load_state_dict(s.saved["scaler"])
-    s.saved = None
-    s.net = wrap_ddp(s.model, s.d)  # DDP records which parameters train when it is built: one per phase
-    log.info("phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)", s.phase,
-             epoch, p["lr"], f"{p['parameters']['trainable']:,}",
-             f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}", p["trainable_groups"],
-             p["backbone_groups"])
+    def batches(self, epoch: int, skip: int):
+        c, d = self.c, self.d
+        if self.phase != (1 if epoch < c.frozen_epochs else 2):
+            self.enter_phase(epoch)
+        self.net.train()
+        keep_frozen_statistics(self.model)
+        order = epoch_order(self.labels, c.class_balance == "sampler", c.seed, epoch, d)
+        keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][skip * c.batch_size:]
+        return iter(DataLoader(Augmented(ItemDataset(self.splits["train"], train_transform(self.spec, c.augment),
+                                                     self.meta)),
+                               batch_size=c.batch_size, sampler=keys, num_workers=c.num_workers, drop_last=True,
+                               pin_memory=d.device.type == "cuda"))
 
-
-def train_epoch(s: CnnRun) -> list[float]:
-    """The rest of the current epoch; the per-step losses (rank means). Exits for requeue on a stop request."""
-    c, d, loop, epoch = s.c, s.d, s.loop, s.loop["epoch"]
-    s.net.train()
-    keep_frozen_statistics(s.model)
-    order = epoch_order(s.labels, c.class_balance == "sampler", c.seed, epoch, d)
-    keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][loop["step"] * c.batch_size:]
-    loader = DataLoader(Augmented(ItemDataset(s.splits["train"], train_transform(s.spec, c.augment), s.meta)),
-                        batch_size=c.batch_size, sampler=keys, num_workers=c.num_workers, drop_last=True,
-                        pin_memory=d.device.type == "cuda")
-    bar = progress(s.steps_per_epoch, loop["step"], f"epoch {epoch + 1}/{c.epochs}", d)
-    losses = []
-    for batch in loader:
+    def step(self, batches, pos: Position) -> StepMetrics:
+        c, d = self.c, self.d
         tic = time.perf_counter()
-        torch.manual_seed(seed_of(c.seed, d.rank, epoch, loop["step"], -1))  # dropout, the same after a resume
-        with autocast(d.device, s.amp):
-            logits = s.net(**model_inputs(batch, d.device))
-        loss = s.loss_fn(logits.float(), batch["label"].to(d.device))
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.scheduler.step()
-        loop["step"] += 1
-        losses.append(mean_over_ranks([loss.item()], d)[0])
-        step = epoch * s.steps_per_epoch + loop["step"]
-        if s.writer:
-            s.writer.add_scalar("train/loss", losses[-1], step)
-            s.writer.add_scalar("train/lr", s.optimizer.param_groups[0]["lr"], step)
-            s.writer.add_scalar("train/images_per_s", len(batch["label"]) * d.world_size / (time.perf_counter() - tic),
-                                step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if loop["step"] < s.steps_per_epoch and stop_requested(d):
-            save(s, f"epoch-{epoch:03d}-step-{loop['step']:05d}")
-            exit_for_requeue(f"{loop['step']} steps into epoch {epoch + 1}")
-    bar.close()
-    return losses
+        batch = next(batches)
+        waited = time.perf_counter() - tic
+        torch.manual_seed(seed_of(c.seed, d.rank, pos.epoch, pos.in_epoch, -1))  # dropout, the same after a resume
+        with autocast(d.device, self.amp):
+            logits = self.net(**model_inputs(batch, d.device))
+        loss = self.loss_fn(logits.float(), batch["label"].to(d.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return StepMetrics(loss=loss.item(), samples=len(batch["label"]), seconds=time.perf_counter() - tic,
+                           waited=waited, extra={"phase": float(self.phase)})
 
+    def lrs(self) -> dict[str, float]:
+        return {"model": self.optimizer.param_groups[0]["lr"]}
 
-def validate(s: CnnRun, losses: list[float]) -> None:
-    """Validation metrics, early stopping and the phase switch, the epoch's checkpoint, history and curves."""
-    c, loop, epoch, phase = s.c, s.loop, s.loop["epoch"], s.phase
-    val = s.splits["val"]
-    m = val_metrics(val, gather_proba(s.model, val, s.spec, c, s.d, s.amp), s.classes)
-    name = f"epoch-{epoch + 1:03d}"
-    if m["macro_f1"] > loop["best_f1"]:
-        loop.update(best_f1=m["macro_f1"], best=name, bad_epochs=0)
-    else:
-        loop["bad_epochs"] += 1
-    loop["history"].append({"epoch": epoch + 1, "phase": phase, "lr": s.optimizer.param_groups[0]["lr"],
-                            "train_loss": float(np.mean(losses)) if losses else None,
-                            **{f"val_{k}": v for k, v in m.items()}})
-    loop.update(epoch=epoch + 1, step=0)
-    patience_out = c.patience is not None and loop["bad_epochs"] >= c.patience
-    if phase == 1 and (patience_out or loop["epoch"] == c.frozen_epochs):
-        loop.update(epoch=c.frozen_epochs, bad_epochs=0)  # on to phase 2, whose patience starts afresh
-    elif patience_out or loop["epoch"] >= c.epochs:
-        loop["done"] = True
-    save(s, name)
-    if s.writer:
-        for k, v in m.items():
-            if v is not None:
-                s.writer.add_scalar(f"val/{k}", v, (epoch + 1) * s.steps_per_epoch)
-        s.writer.add_scalar("train/phase", phase, (epoch + 1) * s.steps_per_epoch)
-    if s.d.main:
-        atomic_write_text(s.run / "history.csv", pd.DataFrame(loop["history"]).to_csv(index=False))
-        plot_history(loop["history"], s.run / "curves.png")
-    log.info("epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
-             "macro-F1 %.4f%s", epoch + 1, c.epochs, phase, loop["history"][-1]["train_loss"] or float("nan"),
-             m["loss"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
-             " (best)" if loop["best"] == name else f" (best {loop['best_f1']:.4f}, {loop['best']})")
-    if patience_out:
-        log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
-    if not loop["done"] and stop_requested(s.d):
-        exit_for_requeue(name)
+    def save(self, pos: Position, name: str | None = None) -> Path:
+        """epoch-E at an epoch's end (E epochs done), epoch-E-step-S inside epoch E; the best one stays."""
+        name = name or f"epoch-{pos.epoch:03d}" + (f"-step-{pos.in_epoch:05d}" if pos.in_epoch else "")
+        state = {"position": pos.state(), "progress": asdict(self.progress), "phase": self.phase,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict()}
 
+        def write(tmp: Path) -> None:
+            if self.d.main:
+                write_cnn(tmp, self.model, self.spec)
 
-def predict(s: CnnRun) -> dict:
-    """The best checkpoint answers cnn.predict_split into predictions.csv; what COMPLETE.json records."""
-    best = s.run / "checkpoints" / s.loop["best"]
-    s.model.load_state_dict(load_file(str(best / WEIGHTS)))
-    items = s.splits[s.c.predict_split]
-    probs = gather_proba(s.model, items, s.spec, s.c, s.d, s.amp)
-    best_row = next(h for h in s.loop["history"] if f"epoch-{h['epoch']:03d}" == s.loop["best"])
-    if s.d.main:
-        write_predictions(s.run / "predictions.csv", predictions_frame(items, probs, s.classes))
-        log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
-                 s.loop["best_f1"], len(items), s.c.predict_split, s.run / "predictions.csv")
-    barrier()
-    return {"checkpoint": str(best.relative_to(s.run)), "predictions": "predictions.csv", "classes": s.classes,
-            "samples": str(s.prepared), "split": s.c.predict_split, "n": len(items),
-            "epochs_run": len(s.loop["history"]), "best_epoch": best_row["epoch"],
-            "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}}
+        return self.checkpointer.save(name, "cnn", {"arch": self.spec.arch, "stage": "cnn", "classes": self.classes,
+                                                    "epoch": pos.epoch}, state, write,
+                                      keep=frozenset({self.progress.best} - {None}))
+
+    def end_epoch(self, pos: Position, losses: list[float], writer) -> Path:
+        """Validation metrics, early stopping and the phase switch, the epoch's checkpoint, history and curves."""
+        c, pr, epoch, phase = self.c, self.progress, pos.epoch, self.phase
+        val = self.splits["val"]
+        m = val_metrics(val, gather_proba(self.model, val, self.spec, c, self.d, self.amp), self.classes)
+        name = f"epoch-{epoch:03d}"
+        if m["macro_f1"] > pr.best_f1:
+            pr.best_f1, pr.best, pr.bad_epochs = m["macro_f1"], name, 0
+        else:
+            pr.bad_epochs += 1
+        pr.history.append({"epoch": epoch, "phase": phase, "lr": self.optimizer.param_groups[0]["lr"],
+                           "train_loss": float(np.mean(losses)) if losses else None,
+                           **{f"val_{k}": v for k, v in m.items()}})
+        patience_out = c.patience is not None and pr.bad_epochs >= c.patience
+        if phase == 1 and (patience_out or epoch == c.frozen_epochs):
+            pos.epoch, pr.bad_epochs = c.frozen_epochs, 0  # on to phase 2, whose patience starts afresh
+        elif patience_out or epoch >= c.epochs:
+            pos.done = True
+        ckpt = self.save(pos, name)
+        if self.d.main:
+            for k, v in m.items():
+                if v is not None:
+                    writer.add_scalar(f"val/{k}", v, pos.step)
+            atomic_write_text(self.run / "history.csv", pd.DataFrame(pr.history).to_csv(index=False))
+            plot_history(pr.history, self.run / "curves.png")
+        log.info("epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
+                 "macro-F1 %.4f%s", epoch, c.epochs, phase, pr.history[-1]["train_loss"] or float("nan"),
+                 m["loss"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+                 " (best)" if pr.best == name else f" (best {pr.best_f1:.4f}, {pr.best})")
+        if patience_out:
+            log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
+        return ckpt
+
+    def predict(self) -> dict:
+        """The best checkpoint answers cnn.predict_split into predictions.csv; what COMPLETE.json records."""
+        pr = self.progress
+        best = self.checkpointer.root / pr.best
+        self.model.load_state_dict(load_file(str(best / WEIGHTS)))
+        items = self.splits[self.c.predict_split]
+        probs = gather_proba(self.model, items, self.spec, self.c, self.d, self.amp)
+        best_row = next(h for h in pr.history if f"epoch-{h['epoch']:03d}" == pr.best)
+        if self.d.main:
+            write_predictions(self.run / "predictions.csv", predictions_frame(items, probs, self.classes))
+            log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
+                     pr.best_f1, len(items), self.c.predict_split, self.run / "predictions.csv")
+        barrier()
+        return {"checkpoint": str(best.relative_to(self.run)), "predictions": "predictions.csv",
+                "classes": self.classes, "samples": str(self.prepared), "split": self.c.predict_split,
+                "n": len(items), "epochs_run": len(pr.history), "best_epoch": best_row["epoch"],
+                "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}}
 
 
 def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path) -> dict:
     """Train on `prepared` into `run` (resuming what is there), answer cnn.predict_split; the run's result."""
-    signals.install()
-    s = setup(c, d, run, prepared)
-    while not s.loop["done"]:
-        if s.phase != (1 if s.loop["epoch"] < s.c.frozen_epochs else 2):
-            enter_phase(s)
-        validate(s, train_epoch(s))
-    if s.writer:
-        s.writer.close()
-    return predict(s)
+    checkpointer = Checkpointer(run, d, c.keep_last, prefix="epoch")
+    trainer = CnnTrainer(c, d, run, prepared, checkpointer)
+    resume_and_train(trainer, checkpointer, c.resume == "auto", c.seed, Schedule(None, None, 1, "cnn"), run, d)
+    return trainer.predict()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from medlava import signals
 from medlava.config import Config, TrainConfig
 from medlava.data.samples import load_prepared
 from medlava.distributed import Dist, barrier
@@ -29,8 +30,10 @@ from medlava.models.llava import (
     num_image_tokens,
 )
 from medlava.precision import choose_dtype
-from medlava.train.loop import train
+from medlava.train.checkpoint import Checkpointer
+from medlava.train.loop import Schedule, resume_and_train
 from medlava.train.validation import Validation
+from medlava.train.vlm_trainer import VlmTrainer
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,11 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     from the projector checkpoint `init` when given. (final checkpoint, what train_info.json records)."""
     t: TrainConfig = getattr(cfg, stage)  # align and sft are configured by the sections of their names
     m = cfg.vlm(stage)
+    signals.install()  # a stop requested while the model loads is answered at the first step
     samples, manifest = load_prepared(prepared, "train")
+    checkpointer = Checkpointer(run, d, t.keep_last)
+    if t.resume == "auto":
+        checkpointer.check_world()  # before a 7B is loaded
     if d.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
         base_model_path(m)
     barrier()
@@ -138,9 +145,14 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
 
     encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length,
                       Path(manifest["image_root"]))
-    ckpt = train(model, processor, SampleDataset(samples, encoder), t, run, d, built.kind,
-                 {"base_model": built.base, "stage": stage, "template": template}, dtype,
-                 validation_of(prepared, encoder, t, stage, template))
+    trainer = VlmTrainer(model, processor, SampleDataset(samples, encoder), t, d, dtype, built.kind,
+                         {"base_model": built.base, "stage": stage, "template": template}, checkpointer)
+    torch.manual_seed(t.seed + d.rank)
+    validation = validation_of(prepared, encoder, t, stage, template)
+    validate = (lambda: validation.measure(trainer.engine or model, d, trainer.amp)) if validation else None
+    ckpt = resume_and_train(trainer, checkpointer, t.resume == "auto", t.seed,
+                            Schedule(trainer.total, t.save_every, t.log_every, run.parent.name, t.eval_every, validate),
+                            run, d)
     return ckpt, info
 
 
