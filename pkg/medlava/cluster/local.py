@@ -147,6 +147,8 @@ class ArrayView:
 
     @staticmethod
     def compact(segment: str) -> str:
+        """A tqdm bar without its graphic, a log line (cli's format) without its time and logger."""
+        segment = re.sub(r"^\d\d:\d\d:\d\d \[rank \d+\] [\w.]+: ", "", segment.strip())
         return " ".join(re.sub(r"\|[^|]*\|", " ", segment).split())
 
     def feed(self, idx: int, data: bytes) -> None:
