@@ -1,16 +1,18 @@
 """Length grouping and padding-free packing: same samples, same loss, less padding."""
 
+import copy
 import random
 
 import pytest
 import torch
-from medlava.config import TinyModelConfig
+from medlava.config import LoraConfig, TinyModelConfig, TrainConfig
 from medlava.distributed import Dist
 from medlava.models.inputs import collate, collate_packed
 from medlava.models.llava import num_image_tokens
 from medlava.models.templates import encode, render
 from medlava.models.tiny import build_tiny
 from medlava.train.sampling import epoch_indices
+from medlava.train.vlm import _lora, set_trainable
 
 CPU = torch.device("cpu")
 
@@ -66,6 +68,65 @@ def test_packing_does_not_leak_across_samples(tiny):
         alone = model(**collate_packed([b]), use_cache=False).logits[0]
         after_a = model(**collate_packed([a, b]), use_cache=False).logits[0, len(a["input_ids"]):]
     torch.testing.assert_close(after_a, alone, rtol=1e-4, atol=1e-4)
+
+
+def _lora_model(model):
+    """The tiny model as sft trains it: LoRA on the language model, projector trainable, fp32."""
+    model = copy.deepcopy(model).float().train()
+    set_trainable(model, vision=False, projector=True, llm=False)
+    model = _lora(model, TrainConfig(lora=LoraConfig(r=4, alpha=8, dropout=0.0)))
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():  # B starts at zero, which would leave A without a gradient
+        if "lora_B" in name:
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_rows_give_the_padded_loss_and_gradients_through_the_document_mask(tiny):
+    """The packed row's position ids restart per sample; transformers turns them into the document mask (block-
+    diagonal causal; on CPU materialised for SDPA, on a GPU FlexAttention's block mask or flash-attn's varlen),
+    so a packed micro-batch trains exactly as the padded one: same mean loss, same gradients."""
+    model, processor = tiny
+    lora = _lora_model(model)
+    items = _items(model, processor, 4, seed=5)
+    padded_loss, padded_grads = _loss_and_grads(lora, collate(items, processor.tokenizer.pad_token_id, "right"))
+    packed_loss, packed_grads = _loss_and_grads(lora, collate_packed(items))
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    assert len(padded_grads) == 2 * 2 * 7 + 4  # LoRA A and B of 7 projections x 2 layers, the projector's 4
+    for name, grad in padded_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attention", ["flex_attention", "flash_attention_2", "flash_attention_4"])
+def test_packed_rows_train_as_padded_ones_with_variable_length_attention_on_the_gpu(tiny, attention):
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+
+    if {"flash_attention_2": not is_flash_attn_2_available(),
+            "flash_attention_4": not is_flash_attn_4_available()}.get(attention, False):
+        pytest.skip(f"{attention} is not installed")
+    model, processor = tiny
+    dtype = torch.float32 if attention == "flex_attention" else torch.bfloat16  # flash-attn: half precision only
+    lora = _lora_model(model).to("cuda", dtype)
+    items = _items(model, processor, 4, seed=5)
+    padded = {k: v.cuda() for k, v in collate(items, processor.tokenizer.pad_token_id, "right").items()}
+    padded_loss, padded_grads = _loss_and_grads(lora, {**padded, "pixel_values": padded["pixel_values"].to(dtype)})
+    lora.base_model.model.set_attn_implementation({"text_config": attention})
+    packed = {k: v.cuda() for k, v in collate_packed(items).items()}
+    packed_loss, packed_grads = _loss_and_grads(lora, {**packed, "pixel_values": packed["pixel_values"].to(dtype)})
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(packed_loss, padded_loss, **tol)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, **tol, msg=name)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -1,5 +1,7 @@
-"""Chunking, resume and merge of answer files; option scoring against an independent computation."""
+"""Chunking, resume and merge of answer files; option scoring against an independent computation; compiled
+decoding against eager decoding."""
 
+import copy
 import json
 
 import pytest
@@ -109,8 +111,16 @@ def test_option_scoring_with_shared_prompt_matches_one_pass_per_choice(tiny):
     got = score_choices(model, prompts, choices, tok.pad_token_id, torch.device("cpu"))
     want = [[_naive_logp(model, p, c) for c in cs] for p, cs in zip(prompts, choices)]
     assert [len(g) for g in got] == [4, 2]
-    for g, w in zip(got, want):
-        assert g == pytest.approx(w, abs=1e-4)
+    for g, w in zip(got, want):  # equal to fp32 rounding (the prompt shared by the choices in one pass)
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-5)
+    # A choice sees the prompt and itself only: its score does not depend on the choices listed beside it.
+    alone = score_choices(model, prompts, [[choices[0][3]], [choices[1][1]]], tok.pad_token_id, torch.device("cpu"))
+    assert alone == [pytest.approx([got[0][3]], rel=1e-6), pytest.approx([got[1][1]], rel=1e-6)]
+    # eager attention takes the same mask as additive scores
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    assert score_choices(eager, prompts, choices, tok.pad_token_id, torch.device("cpu")) == [
+        pytest.approx(g, rel=1e-6, abs=1e-5) for g in got]
 
 
 def test_batched_generation_with_left_padding_matches_one_by_one(tiny):
@@ -121,3 +131,17 @@ def test_batched_generation_with_left_padding_matches_one_by_one(tiny):
     batched = generate(model, prompts, tok, torch.device("cpu"), 6, 1, 0.0)
     single = [generate(model, [p], tok, torch.device("cpu"), 6, 1, 0.0)[0] for p in prompts]
     assert batched == single
+
+
+def test_compiled_decoding_with_a_static_cache_answers_as_eager_decoding(tiny):
+    """infer.compile=true: prompts padded to a multiple of 64 tokens, a static KV cache, the decoding step
+    compiled (inductor; CUDA graphs on a GPU): the same greedy answers, in one compiled graph."""
+    model, processor = tiny
+    tok = processor.tokenizer
+    prompts = [_prompt(processor, model, "What is the lesion type?", 0),
+               _prompt(processor, model, "Describe the lesion border and colour in detail please.", 1)]
+    eager = generate(model, prompts, tok, torch.device("cpu"), 8, 1, 0.0)
+    torch._dynamo.utils.counters.clear()
+    compiled = generate(model, prompts, tok, torch.device("cpu"), 8, 1, 0.0, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert compiled == eager and all(compiled)

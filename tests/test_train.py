@@ -179,6 +179,9 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
     run = tmp / "runs" / "tiny" / "sft" / f"ddp-{strategy}"
     info = json.loads((run / "COMPLETE.json").read_text())
     assert info["world_size"] == 2
+    assert json.loads((run / "train_info.json").read_text()) | info == info  # train_info.json, then COMPLETE.json
+    assert (info["attention"], info["kernels"], info["compiled_blocks"]) == ("sdpa", "none", 0)
+    assert info["optimizer"] == ("torch AdamW (fused)" if strategy == "none" else "deepspeed AdamW")
     losses = _losses(run)
     first, last = [losses[s] for s in sorted(losses)[:3]], [losses[s] for s in sorted(losses)[-3:]]
     assert sum(last) < sum(first)

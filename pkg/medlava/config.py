@@ -62,7 +62,12 @@ class ModelConfig(Section):
     """Hub id or local dir of a transformers LLaVA checkpoint; None with `tiny` set builds one."""
     tiny: TinyModelConfig | None = None
     template: Literal["mistral_instruct", "vicuna_v1", "plain"] = "mistral_instruct"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_4",
+                                 "flex_attention"] = "auto"
+    """Training's attention. auto: flash-attn 2 where installed on a GPU; else, with packing on a GPU, FlexAttention on
+    the language model (its document mask computes no padding); else SDPA. flash_attention_4 (the `flash-attn-4`
+    wheel, Hopper or newer) only when named. Answering (infer, predict, serve) uses SDPA (eager when named): option
+    scoring's shared-prefix mask and the static KV cache are 4-D masks, which flash-attn does not take."""
     image_aspect: Literal["pad", "crop"] = "pad"
     model_max_length: int = Field(2048, ge=16)
     vision_tower: str | None = None
@@ -310,7 +315,13 @@ class TrainConfig(LoopConfig):
     group_by_length: bool = False
     """Batches of similar length (LLaVA's group_by_modality_length): less padding, same samples per epoch."""
     packing: bool = False
-    """Padding-free: each micro-batch packed into one row with per-sample positions (block-diagonal mask)."""
+    """Padding-free: each micro-batch packed into one row with per-sample positions; variable-length attention
+    (flash-attn's varlen kernels, else FlexAttention's document mask on a GPU) keeps the samples apart."""
+    kernels: Literal["none", "liger"] = "none"
+    """liger: Liger's fused kernels on the LLaVA (RMSNorm, SwiGLU, RoPE of its Mistral/Llama language model, and a
+    linear cross-entropy that never materialises the logits); CUDA GPUs only, the `gpu` extra."""
+    compile: bool = False
+    """torch.compile each transformer block (language model and vision tower) in place; the first steps compile."""
     deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "none"
     """none: plain DDP. zero2/zero3(_offload): DeepSpeed ZeRO, config generated from this section."""
     train_vision: bool = False
@@ -335,6 +346,13 @@ class TrainConfig(LoopConfig):
             raise ValueError("nothing to train: enable one of train_vision, train_projector, train_llm or lora")
         if self.projector_lr is not None and not self.train_projector:
             raise ValueError("projector_lr is set but train_projector is false")
+        if self.deepspeed.startswith("zero3") and self.kernels == "liger":
+            # huggingface/trl#3368: the fused loss multiplies by lm_head.weight without running lm_head.
+            raise ValueError("kernels=liger cannot run under ZeRO-3: Liger's fused cross-entropy reads lm_head's "
+                             "weight outside its forward, where ZeRO-3 leaves it sharded; use deepspeed=zero2 or none")
+        if self.deepspeed.startswith("zero3") and self.compile:
+            raise ValueError("compile=true cannot run under ZeRO-3: its parameter-gathering hooks fire inside each "
+                             "compiled block; use deepspeed=zero2 or none, or compile=false")
         return self
 
 
@@ -360,6 +378,9 @@ class InferConfig(Section):
     answer instead of a prepared split (then `split` and data.samples are not used)."""
     image_root: str | None = None
     """Image folder of `questions` (LLaVA-Med's --image-folder); default: the question file's folder."""
+    compile: bool = False
+    """Free-text answers decode with a static KV cache and a compiled forward (CUDA graphs on a GPU); each new
+    batch shape compiles once (prompts are padded to a multiple of 64 tokens so shapes repeat)."""
 
 
 class EvalConfig(Section):

@@ -144,7 +144,7 @@ class Answerer:
                 texts[i] = metas[i]["choices"][max(range(len(probs)), key=probs.__getitem__)]
         if free:
             out = generate(self.model, [prompts[i] for i in free], self.tokenizer, self.device, inf.max_new_tokens,
-                           inf.num_beams, inf.temperature)
+                           inf.num_beams, inf.temperature, inf.compile)
             for i, text in zip(free, out):
                 texts[i] = text
         return [self.row(s, m, text, sc, idx) for s, m, text, sc in zip(batch, metas, texts, scores)]

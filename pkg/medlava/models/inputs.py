@@ -71,10 +71,11 @@ def raise_batch_error(batch: dict | list[dict]) -> None:
         raise InputError(error["error"])
 
 
-def collate(items: list[dict], pad_id: int, side: str = "right") -> dict:
+def collate(items: list[dict], pad_id: int, side: str = "right", multiple: int = 1) -> dict:
+    """Padded to the longest item, rounded up to `multiple` tokens."""
     if error := item_error(items):
         return error
-    width = max(len(it["input_ids"]) for it in items)
+    width = -(-max(len(it["input_ids"]) for it in items) // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long) if "labels" in items[0] else None

@@ -3,7 +3,6 @@ choose attention and dtype for this machine, and read medlava's own checkpoints 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from medlava.artifacts import read_manifest
-from medlava.config import ModelConfig
+from medlava.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 PROJECTOR_FILE = "projector.safetensors"
@@ -33,15 +32,43 @@ def base_model_path(cfg: ModelConfig) -> str:
     return str(llava_with_vision_tower(base, cfg.vision_tower))
 
 
-def choose_attention(requested: str) -> str:
-    """flash-attn 2 when asked for or available on a GPU, else PyTorch SDPA."""
-    has_fa2 = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash_attention_2" and not has_fa2:
-        raise RuntimeError("model.attn_implementation=flash_attention_2 but flash-attn is not installed or no GPU "
-                           "is visible; install the `gpu` extra or use attn_implementation=auto")
+def choose_attention(requested: str, packing: bool = False) -> str | dict[str, str]:
+    """Training's attention (see ModelConfig.attn_implementation): a name, or per sub-model names when only the
+    language model needs variable-length attention (the vision tower attends within each image)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+
+    gpu = torch.cuda.is_available()
+    if requested == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed or no GPU "
+                          "is visible; install the `gpu` extra or use attn_implementation=auto")
+    if requested == "flash_attention_4" and not (is_flash_attn_4_available()
+                                                 and torch.cuda.get_device_capability()[0] >= 9):
+        raise ConfigError("model.attn_implementation=flash_attention_4 needs the flash-attn-4 wheel (pip install "
+                          "-c constraints.txt flash-attn-4, without flash-attn 2: both install flash_attn) and a "
+                          "Hopper or newer GPU; use attn_implementation=auto")
+    if requested == "flex_attention" and not gpu:
+        raise ConfigError("model.attn_implementation=flex_attention needs a GPU: PyTorch's FlexAttention has no "
+                          "backward pass on CPU; use attn_implementation=auto (SDPA)")
     if requested == "auto":
-        return "flash_attention_2" if has_fa2 else "sdpa"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+        requested = "flex_attention" if packing and gpu else "sdpa"
+    if requested == "flex_attention":
+        return {"text_config": "flex_attention", "vision_config": "sdpa"}
     return requested
+
+
+def varlen(attention: str | dict[str, str]) -> bool:
+    """Whether packed rows are attended sample by sample (flash-attn varlen, FlexAttention's document mask)
+    rather than through a dense block-diagonal mask over the whole row (SDPA, eager)."""
+    text = attention["text_config"] if isinstance(attention, dict) else attention
+    return text.startswith("flash_attention") or text == "flex_attention"
+
+
+def inference_attention(requested: str) -> str:
+    """Answering attends with SDPA, or eager when named: option scoring's shared-prefix mask and the static KV
+    cache of compiled decoding are 4-D masks, which flash-attn does not take."""
+    return "eager" if requested == "eager" else "sdpa"
 
 
 def load_processor(path: str, cfg: ModelConfig):
@@ -51,8 +78,10 @@ def load_processor(path: str, cfg: ModelConfig):
     return processor
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    attn = choose_attention(cfg.attn_implementation)
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype,
+               attn: str | dict[str, str] | None = None) -> LlavaForConditionalGeneration:
+    """The LLaVA at `path`, attending with `attn` (default: as answering does, inference_attention)."""
+    attn = attn or inference_attention(cfg.attn_implementation)
     # flash-attn needs half precision weights; fp32 training keeps fp32 master weights under autocast.
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     log.info("loaded %s (%s, attention=%s)", path, dtype, attn)

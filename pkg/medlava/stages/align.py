@@ -11,8 +11,10 @@ from medlava.runs import mark_complete, resolve, start_run
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    from medlava.models.kernels import check_kernels
     from medlava.train.vlm import train_vlm
 
+    check_kernels(cfg.align.kernels, dist.device, "align")  # before a run directory exists
     run = start_run(cfg, "align", dist.rank, "always" if cfg.align.resume == "auto" else "never",
                     " (or align.resume=auto to continue it)")
     ckpt, info = train_vlm(cfg, "align", dist, run, resolve(cfg, cfg.data.samples, "prepare"), init=None)

@@ -20,8 +20,10 @@ def init_checkpoint(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    from medlava.models.kernels import check_kernels
     from medlava.train.vlm import train_vlm
 
+    check_kernels(cfg.sft.kernels, dist.device, "sft")  # before a run directory exists
     run = start_run(cfg, "sft", dist.rank, "always" if cfg.sft.resume == "auto" else "never",
                     " (or sft.resume=auto to continue it)")
     prepared = resolve(cfg, cfg.data.samples, "prepare")

@@ -74,9 +74,9 @@ def build_for_stage(cfg: Config, stage: str) -> Built:
         notes.append(f"sft.init_from={cfg.sft.init_from}: {e}; sft fails unless that exists by the time it starts")
     if init is not None:
         notes.append(f"projector loaded from {init}")
-    t = cfg.align if stage == "align" else cfg.sft
-    built = build_model(cfg.model_copy(update={stage if stage == "align" else "train": t.model_copy(
-        update={"deepspeed": "none"})}), stage, Dist(0, 1, 0, torch.device("cpu")), init)
+    # Built plainly: one process, no fused kernels or compiled blocks (align and sft: sections of their names).
+    plain = getattr(cfg, stage).model_copy(update={"deepspeed": "none", "kernels": "none", "compile": False})
+    built = build_model(cfg.model_copy(update={stage: plain}), stage, Dist(0, 1, 0, torch.device("cpu")), init)
     return Built(built.model, built.processor, built.template, built.dtype, built.base, notes)
 
 

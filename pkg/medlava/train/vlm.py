@@ -28,7 +28,9 @@ from medlava.models.llava import (
     load_processor,
     load_projector,
     num_image_tokens,
+    varlen,
 )
+from medlava.models.kernels import apply_liger, compile_blocks
 from medlava.precision import choose_dtype
 from medlava.train.checkpoint import Checkpointer
 from medlava.train.loop import Schedule, resume_and_train
@@ -83,6 +85,8 @@ class StageModel:
     kind: str  # projector | lora | full: what its checkpoints hold
     dtype: torch.dtype
     base: str
+    attention: str | dict[str, str]
+    speedups: dict  # kernels, compiled blocks: what train_info.json records
     zero3_config: object = None  # HfDeepSpeedConfig: transformers reads it through a weakref while it lives
 
 
@@ -100,19 +104,24 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
         from medlava.train.deepspeed import deepspeed_config
         ensure_process_group(d)
         zero3 = HfDeepSpeedConfig(deepspeed_config(t, dtype))
-    model, processor = load_model(base, m, dtype), load_processor(base, m)
+    attention = choose_attention(m.attn_implementation, t.packing)
+    model, processor = load_model(base, m, dtype, attention), load_processor(base, m)
+    speedups = {"kernels": apply_liger(model, stage) if t.kernels == "liger" else "none"}
 
     torch.manual_seed(t.seed)  # LoRA's random init must be the same on every rank and every run of a seed
     if stage == "align":
         set_trainable(model, vision=False, projector=True, llm=False)
-        return StageModel(model, processor, "plain", "projector", dtype, base, zero3)
-    if init is not None:
-        with _gathered_for_write(model.get_submodule(f"model.{PROJECTOR}"), t):
-            load_projector(model, init / PROJECTOR_FILE)
-    set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
-    if t.lora:
-        model = _lora(model, t)
-    return StageModel(model, processor, m.template, "lora" if t.lora else "full", dtype, base, zero3)
+        template, kind = "plain", "projector"
+    else:
+        if init is not None:
+            with _gathered_for_write(model.get_submodule(f"model.{PROJECTOR}"), t):
+                load_projector(model, init / PROJECTOR_FILE)
+        set_trainable(model, vision=t.train_vision, projector=t.train_projector, llm=t.train_llm)
+        if t.lora:
+            model = _lora(model, t)
+        template, kind = m.template, "lora" if t.lora else "full"
+    speedups["compiled_blocks"] = compile_blocks(model) if t.compile else 0
+    return StageModel(model, processor, template, kind, dtype, base, attention, speedups, zero3)
 
 
 def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None) -> tuple[Path, dict]:
@@ -131,13 +140,15 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     built = build_model(cfg, stage, d, init)
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
-    if t.packing and choose_attention(m.attn_implementation) != "flash_attention_2":
-        log.warning("sft.packing without flash-attn: SDPA/eager attend over the whole packed row with a "
-                    "block mask, which is slower than padding (bench/train.py); use it with flash-attn 2")
+    if t.packing and not varlen(built.attention):
+        log.warning("%s.packing with %s attention: the packed row is attended through a dense block-diagonal mask, "
+                    "slower than padding (bench/train.py); on a GPU model.attn_implementation=auto attends it "
+                    "sample by sample", stage, built.attention)
     counts = count_parameters(model)
-    info = {"attention": choose_attention(m.attn_implementation), "dtype": str(dtype), "template": template,
-            "world_size": d.world_size, "device": str(d.device), "samples": len(samples), "parameters": counts,
-            "prepared": str(prepared), "init_from": str(init) if init else None}
+    info = {"attention": built.attention, "dtype": str(dtype), "template": template, "world_size": d.world_size,
+            "device": str(d.device), "samples": len(samples), "parameters": counts, "prepared": str(prepared),
+            "init_from": str(init) if init else None, **built.speedups,
+            "optimizer": "deepspeed AdamW" if t.deepspeed != "none" else "torch AdamW (fused)"}
     if d.main:
         atomic_write_json(run / "train_info.json", info)
     log.info("%s: %d samples, %s trainable of %s parameters, attention=%s", stage, len(samples),
