@@ -194,7 +194,7 @@ def test_gpu_multi_node_script_and_environment():
     assert {k: opts[k] for k in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--partition", "--account",
                                  "--qos", "--mem", "--constraint", "--time")} == {
         "--nodes": "2", "--gpus-per-node": "8", "--cpus-per-task": "64", "--partition": "gpu",
-        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2880"}
+        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2-00:00:00"}
     assert "--exclusive" in opts
     assert "OMP_NUM_THREADS=8 NCCL_DEBUG=INFO" in text  # 64 CPUs / 8 processes; cluster.env wins
     assert "--nproc_per_node=8 --nnodes=2" in section[-1]
@@ -348,7 +348,7 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
     assert dry.returncode == 0, dry.stderr
     (job,) = scripts(dry.stdout)  # one job, whatever the stage's node count
     options = sbatch_options(job)
-    assert options["--nodes"] == "1" and options["--time"] == "15" and options["--job-name"] == "tiny.doctor"
+    assert options["--nodes"] == "1" and options["--time"] == "00:15:00" and options["--job-name"] == "tiny.doctor"
     assert any(line.endswith(f"-m medlava doctor --output-root {tmp_path / 'o'} --gpus 0") for line in job), job
     # locally the same command prints doctor's screen; a GPU count this machine lacks fails it
     ok = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)
@@ -357,3 +357,22 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
     assert failed.returncode == 1 and "the job asked for 1 per node" in failed.stdout
     refused = submit("pipeline", "--check", "--executor", "local", *common, cwd=tmp_path)
     assert refused.returncode == 2 and "--check checks one stage" in refused.stderr
+
+
+def test_memory_per_gpu_scales_with_each_jobs_gpus_and_cpu_jobs_ask_for_mem(monkeypatch):
+    from medlava.cluster import slurm
+    from medlava.cluster.sinfo import parse_sinfo
+
+    cfg = load_config(TINY, ["cluster.gpus_per_node=8", "cluster.mem_per_gpu=80G", "cluster.mem=32G",
+                             "cluster.partition=gpu", "infer.chunks=2", "run_id=m"])
+    jobs = {j.name: j for j in stage_jobs(["prepare", "sft", "infer"], "c.yaml", [], cfg)}
+    params = {n: sbatch_parameters(j, cfg, Path("/r"), None) for n, j in jobs.items()}
+    assert params["sft"]["mem_per_gpu"] == "80G" and "mem" not in params["sft"]  # SLURM takes one of the two
+    assert params["infer-chunks"]["mem_per_gpu"] == "80G"  # one GPU, one share
+    assert params["prepare"]["mem"] == "32G" and "mem_per_gpu" not in params["prepare"]
+    assert params["sft"]["additional_parameters"]["time"] == "04:00:00"  # as SLURM writes limits
+    monkeypatch.setattr(slurm, "partitions", lambda: parse_sinfo("gpu*|up|2|64|512000|gpu:a100:8\n"))
+    problems = slurm.resource_problems(list(jobs.values()), cfg)
+    assert problems == ["cluster.mem_per_gpu=80G x 8 GPUs: nodes of partition gpu have at most 512000 MB"]
+    cfg.cluster.mem_per_gpu = "60G"
+    assert slurm.resource_problems(list(jobs.values()), cfg) == []

@@ -50,7 +50,7 @@ def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "u
             started = json.loads((path / "run.json").read_text()).get("started", "?")
             raise ConfigError(f"{path} already holds a {'complete' if complete else 'started'} {stage} run (started "
                               f"{started}): choose another run_id, or leave it unset for a new one{hint}")
-    (path / "logs").mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         atomic_write_json(path / "run.json", {
