@@ -29,7 +29,7 @@ SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
 STEPS = 24  # the USR2 test signals after step 4: the other 20 are the margin for a slow signal under load
-TRAIN = ["sft.init_from=none", f"sft.max_steps={STEPS}", "sft.batch_size=4", "sft.save_every=4"]
+TRAIN = ["sft.init_from=none", f"sft.max_steps={STEPS}", "sft.batch_size=4", "sft.save_every=4", "sft.keep_last=null"]
 
 
 @dataclass
