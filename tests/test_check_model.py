@@ -106,6 +106,8 @@ def test_generation_is_the_models_greedy_answer(tiny, tmp_path):
                              max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
     want = tok.decode(out[0, len(prompt["input_ids"]):], skip_special_tokens=True).strip()
     assert report.generated == want and any(repr(want) in row for row in lines if row.startswith("generate"))
+    after = lines[next(i for i, row in enumerate(lines) if row.startswith("generate")) + 1]
+    assert "the tiny preset's weights are random" in after  # noise is what it should print, and it says so
     assert report.loss > 0 and f"{report.loss:.4f} on 14 tokens" in "\n".join(lines)
 
 

@@ -196,7 +196,7 @@ def test_gpu_multi_node_script_and_environment():
     assert {k: opts[k] for k in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--partition", "--account",
                                  "--qos", "--mem", "--constraint", "--time")} == {
         "--nodes": "2", "--gpus-per-node": "8", "--cpus-per-task": "64", "--partition": "gpu",
-        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2880"}
+        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2-00:00:00"}
     assert "--exclusive" in opts
     assert "OMP_NUM_THREADS=8 NCCL_DEBUG=INFO" in text  # 64 CPUs / 8 processes; cluster.env wins
     assert "--nproc_per_node=8 --nnodes=2" in section[-1]
@@ -350,7 +350,7 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
     assert dry.returncode == 0, dry.stderr
     (job,) = scripts(dry.stdout)  # one job, whatever the stage's node count
     options = sbatch_options(job)
-    assert options["--nodes"] == "1" and options["--time"] == "15" and options["--job-name"] == "tiny.doctor"
+    assert options["--nodes"] == "1" and options["--time"] == "00:15:00" and options["--job-name"] == "tiny.doctor"
     assert any(line.endswith(f"-m medlava doctor --output-root {tmp_path / 'o'} --gpus 0") for line in job), job
     # locally the same command prints doctor's screen; a GPU count this machine lacks fails it
     ok = submit("sft", "--check", "--executor", "local", *common, cwd=tmp_path)
@@ -362,27 +362,33 @@ def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_
 
 
 def test_upstream_runs_are_resolved_when_submitting_not_on_the_nodes(tmp_path):
-    """A 2-node sft with nothing prepared (nor aligned, for sft.init_from=latest) would queue, wait, and die on
-    the nodes: refused here, with the line that says what to run first. A pipeline's own upstream jobs count."""
-    common = ["--config", str(TINY), "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
-              "--cpus-per-task", "1", "--output-root", str(tmp_path / "o"), "run_id=u"]
+    """An sft with nothing prepared (nor aligned, for sft.init_from=latest) would queue, wait, and die on the
+    nodes: refused here, with the lines that say what to run first; a dry run shows them as warnings. A
+    pipeline's own upstream jobs count."""
+    prepare, align = (tmp_path / "o" / "tiny" / s for s in ("prepare", "align"))
+    lines = [f"data.samples=latest: no complete `prepare` run under {prepare}: run `python launch/submit.py prepare "
+             "--config ...` first, or give a path",
+             f"sft.init_from=latest: no complete `align` run under {align}: run `python launch/submit.py align "
+             "--config ...` first, or give a path"]
+    common = ["--config", str(TINY), "--executor", "local", "--output-root", str(tmp_path / "o"), "run_id=u"]
     out = submit("sft", *common, cwd=tmp_path)
     assert out.returncode == 2 and out.stdout == "", out.stdout
-    prepare, align = (tmp_path / "o" / "tiny" / s for s in ("prepare", "align"))
-    assert out.stderr == (f"submit: refused: data.samples=latest: no complete `prepare` run under {prepare}: run "
-                          "`python launch/submit.py prepare --config ...` first, or give a path; sft.init_from=latest: "
-                          f"no complete `align` run under {align}: run `python launch/submit.py align --config ...` "
-                          "first, or give a path\n")
+    assert out.stderr == "".join(f"submit: refused: {line}\n" for line in lines)
     assert not (tmp_path / "o").exists()
-    local = submit("sft", "--config", str(TINY), "--executor", "local", "--dry-run", "--output-root", str(tmp_path / "o"),
-                   "sft.init_from=none", cwd=tmp_path)
-    assert local.returncode == 2 and "data.samples=latest: no complete `prepare` run" in local.stderr
-    assert "sft.init_from" not in local.stderr
-    assert submit("pipeline", *common, cwd=tmp_path).returncode == 0  # prepare and align are its own jobs
+    slurm = ["--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0", "--cpus-per-task", "1"]
+    dry = submit("sft", *common, *slurm, cwd=tmp_path)
+    assert dry.returncode == 0 and "#SBATCH --nodes=2" in dry.stdout
+    assert all(f"submit: warning (submitting would refuse this): {line}\n" in dry.stderr for line in lines)
+    assert not (tmp_path / "o").exists()
+    out = submit("sft", *common, "sft.init_from=none", cwd=tmp_path)
+    assert out.returncode == 2 and lines[0] in out.stderr and "sft.init_from" not in out.stderr
+    pipeline = submit("pipeline", *common, *slurm, cwd=tmp_path)  # prepare and align are its own jobs
+    assert pipeline.returncode == 0 and "data.samples" not in pipeline.stderr and "init_from" not in pipeline.stderr
     complete_runs(tmp_path / "o", "prepare")
     out = submit("sft", *common, cwd=tmp_path)
-    assert out.returncode == 2 and "data.samples" not in out.stderr and "no complete `align` run" in out.stderr
-    assert submit("sft", *common, "sft.init_from=none", cwd=tmp_path).returncode == 0
+    assert out.returncode == 2 and out.stderr == f"submit: refused: {lines[1]}\n"
+    dry = submit("sft", *common, *slurm, "sft.init_from=none", cwd=tmp_path)
+    assert dry.returncode == 0 and "would refuse" not in dry.stderr, dry.stderr
     out = submit("infer", *common, "infer.checkpoint=base", "data.samples=/nowhere/prepared", cwd=tmp_path)
     assert out.returncode == 2 and "data.samples=/nowhere/prepared: /nowhere/prepared does not exist" in out.stderr
 
@@ -409,3 +415,22 @@ def test_a_node_log_keeps_the_first_error_and_cuts_the_lost_rendezvous_noise():
     f = LogFilter()
     assert [k for line in worker for k in f.feed(line)] + f.flush() == worker
     assert f.summary() == "ValueError: the batch is empty"
+
+
+def test_memory_per_gpu_scales_with_each_jobs_gpus_and_cpu_jobs_ask_for_mem(monkeypatch):
+    from medlava.cluster import slurm
+    from medlava.cluster.sinfo import parse_sinfo
+
+    cfg = load_config(TINY, ["cluster.gpus_per_node=8", "cluster.mem_per_gpu=80G", "cluster.mem=32G",
+                             "cluster.partition=gpu", "infer.chunks=2", "run_id=m"])
+    jobs = {j.name: j for j in stage_jobs(["prepare", "sft", "infer"], "c.yaml", [], cfg)}
+    params = {n: sbatch_parameters(j, cfg, Path("/r"), None) for n, j in jobs.items()}
+    assert params["sft"]["mem_per_gpu"] == "80G" and "mem" not in params["sft"]  # SLURM takes one of the two
+    assert params["infer-chunks"]["mem_per_gpu"] == "80G"  # one GPU, one share
+    assert params["prepare"]["mem"] == "32G" and "mem_per_gpu" not in params["prepare"]
+    assert params["sft"]["additional_parameters"]["time"] == "04:00:00"  # as SLURM writes limits
+    monkeypatch.setattr(slurm, "partitions", lambda: parse_sinfo("gpu*|up|2|64|512000|gpu:a100:8\n"))
+    problems = slurm.resource_problems(list(jobs.values()), cfg)
+    assert problems == ["cluster.mem_per_gpu=80G x 8 GPUs: nodes of partition gpu have at most 512000 MB"]
+    cfg.cluster.mem_per_gpu = "60G"
+    assert slurm.resource_problems(list(jobs.values()), cfg) == []

@@ -164,7 +164,12 @@ def test_prediction_needs_only_the_checkpoint(trained, tmp_path):
 
     # The same images without metadata (a folder): median age and "unknown" fill in, the answer changes
     (images / "cases.csv").unlink()
-    medlava("predict", "--checkpoint", ckpt, "--images", images, "--out", tmp_path / "bare.csv", env=trained["env"])
+    out = medlava("predict", "--checkpoint", ckpt, "--images", images, "--out", tmp_path / "bare.csv",
+                  env=trained["env"])
+    n, median = len(ours), spec["meta"]["age_median"]
+    assert (f"filled with training defaults (the model uses patient metadata): age missing for {n} of {n} image(s): "
+            f"the training median age {median:g}; sex missing for {n} of {n} image(s): 'unknown'; localization "
+            f"missing for {n} of {n} image(s): 'unknown'") in out.stderr
     bare = pd.read_csv(tmp_path / "bare.csv", keep_default_na=False).set_index("id").loc[ours.index]
     assert np.abs(bare[cols].to_numpy() - ours[cols].to_numpy()).max() > 1e-3
 
@@ -258,6 +263,9 @@ def test_meta_encoder_fills_missing_values_with_training_statistics():
     assert enc.encode({}) == (0.0, 0, 0)  # median age, unknown, unknown
     assert enc.encode({"age": float("nan"), "sex": "FEMALE", "localization": "scalp"}) == (0.0, 1, 0)
     assert enc.unseen([{"localization": "scalp"}, {"sex": "male"}]) == {"localization": ["scalp"]}
+    assert enc.missing([{"localization": "scalp"}, {"sex": "male", "age": 3.0}, {"age": ""}]) == {
+        "age": (2, "the training median age 50"), "sex": (2, "'unknown'"), "localization": (2, "'unknown'")}
+    assert enc.missing([{"age": 1, "sex": "x", "localization": "y"}]) == {}
     with pytest.raises(InputError, match="no training sample has an age"):
         MetaEncoder.fit([{"sex": "male"}])
 

@@ -164,6 +164,7 @@ def test_main_without_slurm_exits_by_the_screen(tmp_path, monkeypatch, capsys):
     checks = {c["name"]: c for c in report["checks"]}
     assert rc == (0 if report["ok"] else 1) and report["ok"] == all(c["status"] != FAIL for c in checks.values())
     assert checks["slurm"]["status"] == WARN and checks["packages"]["status"] == OK
+    assert checks["gpus"]["status"] == OK or "srun" not in checks["gpus"]["fix"]  # no SLURM: no srun advice
     assert checks["output root"]["detail"].startswith(f"{tmp_path / 'runs'} (will be created)")
     assert not (tmp_path / "runs").exists()  # doctor looks, it does not create
 
@@ -214,6 +215,7 @@ def test_doctor_in_a_broken_environment_fails_with_fixes(tmp_path):
     assert dsp["status"] == WARN and "zero2/zero3 work without it" in dsp["fix"]
     assert "cpu_adam (zero3_offload): not prebuilt and cannot be JIT-compiled here (no ninja)" in dsp["detail"]
     assert checks["slurm"]["status"] == OK and "gpu* (up: 4×8 a100, 2×4 h100)" in checks["slurm"]["detail"]
+    assert checks["gpus"]["status"] == OK or "srun -p gpu --gres=gpu:1" in checks["gpus"]["fix"]
     assert checks["apptainer"]["status"] == OK and checks["python"]["status"] == OK
     assert checks["HF_HOME"]["detail"].startswith(f"{tmp_path / 'hf'} (set)")
     # The text screen carries the same verdicts with the fix under each problem.
@@ -229,6 +231,20 @@ def test_kernels_are_tried_on_the_gpu():
     assert bf16.status == (OK if torch.cuda.is_bf16_supported() else WARN) and "cuda:0" in bf16.detail
     fa = doctor.check_flash_attn({})
     assert (fa.status, "matches SDPA" in fa.detail) == (OK, True) or fa.detail.startswith("not installed")
+
+
+def test_the_default_pin_file_is_the_repositorys():
+    assert doctor.DEFAULT_CONSTRAINTS == ROOT / "constraints.txt" and doctor.DEFAULT_CONSTRAINTS.exists()
+
+
+def test_the_gpu_fix_agrees_with_what_sinfo_found(monkeypatch):
+    """No GPU here: the fix names a GPU partition with its srun line only when sinfo listed one that is up."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with_gpus = check_gpus(0, parse_sinfo(SINFO))
+    assert with_gpus.status == WARN and with_gpus.fix.startswith("run it on a GPU node: srun -p gpu --gres=gpu:1 ")
+    without = check_gpus(0, parse_sinfo("debug*|up|2|1|2000|(null)\ngpu|down|1|8|32000|gpu:8\n"))
+    assert "no partition of this cluster offers GPUs" in without.fix and "srun" not in without.fix
+    assert check_gpus(0, None).fix == "run it on a machine with a CUDA GPU (and torch's CUDA build)"
 
 
 def test_fewer_gpus_than_the_job_asked_for_is_a_failure(monkeypatch):

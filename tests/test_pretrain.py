@@ -23,7 +23,7 @@ from medlava.io import InputError
 from medlava.models.clip import build_clip, create, load_clip, model_config
 from medlava.models.vision_tower import clip_vision_config, to_clip_vision_model
 from medlava.pretrain.data import caption, pairs_of, zero_shot_task
-from medlava.pretrain.metrics import retrieval_metrics
+from medlava.pretrain.metrics import describe, retrieval_metrics
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -73,6 +73,7 @@ def test_launcher_trains_and_zero_shot_and_retrieval_beat_chance(trained):
     assert chance == pytest.approx(1 / 7)
     assert m["balanced_accuracy"] > chance + 0.25 and m["macro_auc"] > 0.75, m
     r = m["retrieval"]
+    assert f"pretrain: {describe(r)}; zero-shot balanced accuracy" in trained["out"].stdout  # chance beside each
     for way in ("image_to_text", "text_to_image"):
         assert r[way]["recall@5"] > r["chance"][way]["recall@5"] + 0.15, r
         assert r[way]["recall@1"] <= r[way]["recall@5"] <= r[way]["recall@10"]
@@ -336,6 +337,10 @@ def test_retrieval_counts_repeated_captions_once_and_knows_chance():
     # caption "a": 2 of 4 images are relevant; random top-1 finds one with probability 1/2, top-2 with 5/6
     assert m["chance"]["text_to_image"]["recall@1"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 4) / 3)
     assert m["chance"]["text_to_image"]["recall@2"] == pytest.approx((5 / 6 + 1 / 2 + 1 / 2) / 3)
+    assert describe(m) == ("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667); "
+                           "text->image R@1 0.667 (chance 0.333), R@2 1.000 (chance 0.611)")
+    m10 = retrieval_metrics(images, texts, ["a", "a", "b", "c"], ks=(1, 10, 2))
+    assert describe(m10).startswith("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667), R@10 ")
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -366,3 +366,30 @@ def test_stage_check_runs_doctor_on_a_node_of_the_partition_and_prints_its_scree
     assert any(line.startswith("WARN  slurm") and "debug" in line for line in screen)  # asked from the node
     (entry,) = record(site.runs / "tiny" / "doctor" / "chk")
     assert entry["name"] == "doctor" and entry["nodes"] == 1
+
+
+def test_dry_run_renders_a_gpu_recipe_for_its_own_cluster_and_warns_what_this_one_lacks(tmp_path):
+    """This cluster (partition debug: 1 CPU, no GPUs per node) cannot run llava_med_sft.yaml's 2 x 8-GPU job; a
+    dry run still prints it as the recipe configures it, with what submitting here would refuse as warnings."""
+    cmd = [PY, str(SUBMIT), "sft", "--config", str(ROOT / "jobs" / "configs" / "llava_med_sft.yaml"), "--nodes", "2",
+           "--gpus", "8", "--output-root", str(tmp_path / "runs"), "--executor", "slurm"]
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    prepare = tmp_path / "runs" / "llava-med-sft" / "prepare"
+    assert dry.stderr == ("submit: warning (submitting would refuse this): partition 'gpu' does not exist; "
+                          "sinfo lists: debug\n"
+                          "submit: warning (submitting would refuse this): data.samples=latest: no complete `prepare` "
+                          f"run under {prepare}: run `python launch/submit.py prepare --config ...` first, or give a "
+                          "path\n")
+    assert "; 2 warning(s) (stderr)" in dry.stdout
+    sbatch = dict(line.removeprefix("#SBATCH --").partition("=")[::2] for line in dry.stdout.splitlines()
+                  if line.startswith("#SBATCH --"))
+    assert {k: sbatch[k] for k in ("partition", "nodes", "gpus-per-node", "mem-per-gpu", "cpus-per-task", "time")} == {
+        "partition": "gpu", "nodes": "2", "gpus-per-node": "8", "mem-per-gpu": "60G", "cpus-per-task": "32",
+        "time": "1-00:00:00"}  # the limit as SLURM writes it, not 1440
+    here = subprocess.run([*cmd, "--partition", "debug", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert here.returncode == 0 and "--partition=debug" in here.stdout
+    assert "--gpus 8 (cluster.gpus_per_node): partition debug has at most 0 GPUs per node" in here.stderr
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith("submit: refused: partition 'gpu' does not exist")
+    assert not (tmp_path / "runs").exists()

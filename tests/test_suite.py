@@ -55,7 +55,8 @@ def test_leaderboard_has_every_protocol_row_with_intervals_and_published_scores(
     done = json.loads((run / "COMPLETE.json").read_text())
     assert done["checkpoint"] == "base" and done["benchmarks"] == BENCHMARKS
     # three jobs: the prepare job, the array of infer.chunks answering tasks, the merge
-    launched = {p.name.split(".")[0]: json.loads(p.read_text())["commands"] for p in (run / "logs").glob("*.launch.json")}
+    launched = {e["name"]: [t["command"] for t in e["tasks"]]
+                for e in json.loads((run / "logs" / "local.json").read_text())}
     assert sorted(launched) == ["suite-chunks", "suite-merge", "suite-prepare"]
     assert launched["suite-prepare"][0].endswith("--prepare-only") and launched["suite-merge"][0].endswith("--merge-only")
     assert [c.split()[-2:] for c in launched["suite-chunks"]] == [["--chunk-idx", "0"], ["--chunk-idx", "1"]]

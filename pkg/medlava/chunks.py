@@ -20,6 +20,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from medlava.config import ConfigError, changed_settings
 from medlava.io import InputError, atomic_write_json
 
@@ -131,9 +133,11 @@ def collect(folder: Path, paths: Sequence[Path], key: str, expected_ids: Sequenc
         check_chunk(path, source, noun)
     by_id: dict[str, dict] = {}
     dupes: list[str] = []
+    bar = tqdm(total=len(expected_ids), desc="merge", unit=noun, mininterval=5, disable=len(expected_ids) < 1000)
     for i, path in enumerate(paths):
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
+                bar.update()
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -143,6 +147,7 @@ def collect(folder: Path, paths: Sequence[Path], key: str, expected_ids: Sequenc
                 if item in by_id:
                     dupes.append(item)
                 by_id[item] = row
+    bar.close()
     expected = [str(i) for i in expected_ids]
     missing = [i for i in expected if i not in by_id]
     extra = sorted(set(by_id) - set(expected))

@@ -10,16 +10,22 @@ the report metrics' weights), and the scoring commands
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import logging
 import os
+import re
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from medlava.config import Config, ConfigError, load_config
 from medlava.io import InputError
+from medlava.quiet import silence_known_warnings
 from medlava.runs import check_reuse, new_run_id, run_dir
-from medlava.stages import OPTIONS, STAGES, CheckFailed
+from medlava.stages import CHAIN, OPTIONS, STAGES, CheckFailed
 
 TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
          "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
@@ -73,8 +79,47 @@ def stage_options(args: argparse.Namespace, cfg: Config) -> dict:
     return {name: getattr(args, name) for name in stage.options}
 
 
+def summary(module: str) -> str:
+    """The first paragraph of a module's docstring without its `name`: prefix, read from the source: importing
+    the stages and tools would load torch and transformers for a help screen."""
+    origin = importlib.util.find_spec(module).origin
+    doc = ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
+    text = " ".join(doc.split("\n\n")[0].split())
+    return re.sub(r"^(The )?`[^`]+`( stage)?( \([^)]*\))?: ", "", text)
+
+
+def overview() -> str:
+    """What `medlava` alone prints: the ways to call it, the stages in pipeline order, the tools."""
+    width = max(60, shutil.get_terminal_size().columns - 1)
+
+    def rows(names: dict[str, str]) -> list[str]:
+        pad = max(map(len, names)) + 2
+        return [f"  {n:<{pad}}" + textwrap.shorten(summary(m), width - pad - 2, placeholder=" ...")
+                for n, m in names.items()]
+
+    stages = {s: f"medlava.stages.{s}" for s in [*CHAIN, *(s for s in STAGES if s not in CHAIN)]}
+    return "\n".join([
+        "usage: medlava STAGE --config FILE [key=value ...]   run one stage in this process (what a job runs)",
+        "       medlava submit STAGE --config FILE [...]      launch stages here or on SLURM; status, logs, cancel",
+        "       medlava TOOL [...]                            each takes --help",
+        "",
+        f"stages ({' -> '.join(CHAIN)} is the chain `medlava submit demo|pipeline` runs):",
+        *rows(stages),
+        "",
+        "tools:",
+        *rows({t: m for t, m in TOOLS.items() if t != "submit"}),
+        "  eval --predictions CSV --out DIR, metrics, label-reports: scoring that needs no config",
+        "",
+        "first run: medlava submit demo --config jobs/configs/tiny.yaml --executor local   (README.md: the rest)",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    silence_known_warnings()
+    if argv in ([], ["-h"], ["--help"]):
+        print(overview())
+        return 0
     if argv and argv[0] in TOOLS:  # each tool parses its own options; the stage parser stays as it is
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if argv and argv[0] in ("metrics", "label-reports") or (argv[:1] == ["eval"] and not _has_config(argv)):

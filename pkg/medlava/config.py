@@ -364,6 +364,11 @@ class TrainConfig(LoopConfig):
     lora: LoraConfig | None = None
     init_from: str = "none"
     """Projector weights to start from: `none`, `latest` (newest complete align run) or a checkpoint dir."""
+    eval_every: int | None = Field(None, ge=1)
+    """Every this many steps and at the last: the loss on the prepared val split (`val/loss`) and, for closed
+    questions, option-scored accuracy on a fixed subset (`val/closed_accuracy`), in TensorBoard and the console."""
+    eval_closed_samples: int = Field(200, ge=0)
+    """At most this many closed validation questions scored each time (the same ones every time); 0: loss only."""
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -600,6 +605,10 @@ class ClusterConfig(Section):
     qos: str | None = None
     time: str = "04:00:00"
     mem: str | None = None
+    """Memory per node (`--mem`, e.g. 256G); for jobs with GPUs, cluster.mem_per_gpu wins when set."""
+    mem_per_gpu: str | None = None
+    """Memory per GPU (`--mem-per-gpu`, e.g. 64G) of jobs with GPUs: a one-GPU infer task asks for one share, a
+    training job for one per GPU. Jobs without GPUs (prepare, eval) ask for cluster.mem."""
     cpus_per_task: int = Field(8, ge=1)
     constraint: str | None = None
     exclusive: bool = False

@@ -57,7 +57,7 @@ def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "u
     path = run_dir(cfg, stage)
     if rank == 0:
         check_reuse(path, stage, reuse, hint)
-    (path / "logs").mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         atomic_write_json(path / "run.json", {

@@ -6,7 +6,8 @@ pickled callable is a NodeTask (node_task.py), which starts torchrun (or python)
 per-task logs into `<run dir>/slurm/`; we add `submissions.json` there (ids, script, command lines), which
 `launch/submit.py status|logs|cancel` read.
 
-What cannot run is refused before anything reaches the queue (check_resources, sbatch_parameters)."""
+What cannot run is refused before anything reaches the queue (check_resources, sbatch_parameters); a dry run
+renders the jobs as configured and shows what sinfo says does not fit as warnings (resource_problems)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ RECORD = "submissions.json"
 PLACEHOLDERS = Rendezvous(node_rank="${SLURM_NODEID}", host="${HEAD}", port="${PORT}", job_id="${SLURM_JOB_ID}")
 ARRAY_INDEX = "${SLURM_ARRAY_TASK_ID}"
 # sbatch options medlava sets itself: cluster.sbatch_extra may not override them.
-MANAGED = {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "time", "mem", "partition",
-           "account", "qos", "constraint", "exclusive", "signal", "open-mode", "output", "error", "array",
+MANAGED = {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "time", "mem", "mem-per-gpu",
+           "partition", "account", "qos", "constraint", "exclusive", "signal", "open-mode", "output", "error", "array",
            "dependency", "requeue", "comment", "kill-on-invalid-dep", "wckey"}
 
 
@@ -59,10 +60,17 @@ def minutes(text: str) -> int:
     return total
 
 
-def megabytes(text: str) -> int:
+def slurm_time(total_minutes: int) -> str:
+    """A limit as SLURM writes it (squeue, scontrol): [D-]HH:MM:SS."""
+    days, rest = divmod(total_minutes, 1440)
+    text = f"{rest // 60:02d}:{rest % 60:02d}:00"
+    return f"{days}-{text}" if days else text
+
+
+def megabytes(text: str, key: str = "cluster.mem") -> int:
     m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
     if not m:
-        raise ValueError(f"cluster.mem {text!r} is not a SLURM memory size (e.g. 64G, 500M)")
+        raise ValueError(f"{key} {text!r} is not a SLURM memory size (e.g. 64G, 500M)")
     return math.ceil(int(m.group(1)) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2}[m.group(2)])
 
 
@@ -81,15 +89,27 @@ def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
     return out
 
 
-def check_resources(jobs: list[Job], cfg: Config) -> None:
-    """Refuse what the partition cannot run (from sinfo): GPUs, CPUs or memory per node, or node count."""
+def job_mem(job: Job, c) -> tuple[int, str]:
+    """The memory per node `job` asks for, in MB, and where it comes from: cluster.mem_per_gpu x its GPUs when
+    both are set, else cluster.mem."""
+    if job.gpus_per_node and c.mem_per_gpu:
+        per_gpu = megabytes(c.mem_per_gpu, "cluster.mem_per_gpu")
+        return per_gpu * job.gpus_per_node, f"cluster.mem_per_gpu={c.mem_per_gpu} x {job.gpus_per_node} GPUs"
+    return (megabytes(c.mem), f"cluster.mem={c.mem}") if c.mem else (0, "")
+
+
+def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
+    """What the partition cannot run (from sinfo): GPUs, CPUs or memory per node, node count, or the partition
+    itself. Refused on submit; a dry run shows them as warnings and renders the jobs as configured."""
     c = cfg.cluster
-    part = choose_partition(partitions(), c.partition)
+    try:
+        part = choose_partition(partitions(), c.partition)
+    except ValueError as e:
+        return [str(e)]
     groups, partition = part.groups, part.name
-    mem = megabytes(c.mem) if c.mem else 0
     problems: list[str] = []
     for job in jobs:
-        most = max(g.gpus for g in groups)
+        most, (mem, asked) = max(g.gpus for g in groups), job_mem(job, c)
         if job.gpus_per_node > most:
             problems.append(f"--gpus {job.gpus_per_node} (cluster.gpus_per_node): partition {partition} has at most "
                             f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({g.gres for g in groups}))})")
@@ -97,16 +117,19 @@ def check_resources(jobs: list[Job], cfg: Config) -> None:
             problems.append(f"cluster.cpus_per_task={c.cpus_per_task}: nodes of partition {partition} have at most "
                             f"{max(g.cpus for g in groups)} CPUs; lower it (--cpus-per-task)")
         elif mem > max(g.mem_mb for g in groups):
-            problems.append(f"cluster.mem={c.mem}: nodes of partition {partition} have at most "
-                            f"{max(g.mem_mb for g in groups)} MB")
+            problems.append(f"{asked}: nodes of partition {partition} have at most {max(g.mem_mb for g in groups)} MB")
         else:
             fit = sum(g.count for g in groups
                       if g.gpus >= job.gpus_per_node and g.cpus >= c.cpus_per_task and g.mem_mb >= mem)
             if fit < job.nodes:
                 problems.append(f"{job.name} needs {job.nodes} nodes with {job.gpus_per_node} GPUs and "
                                 f"{c.cpus_per_task} CPUs; partition {partition} has {fit} such nodes")
-    if problems:
-        raise ValueError("; ".join(dict.fromkeys(problems)))
+    return list(dict.fromkeys(problems))
+
+
+def check_resources(jobs: list[Job], cfg: Config) -> None:
+    if problems := resource_problems(jobs, cfg):
+        raise ValueError("; ".join(problems))
 
 
 def check_paths(run_dirs: dict[str, Path]) -> None:
@@ -123,7 +146,8 @@ def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | No
     if c.signal_delay_s >= time_min * 60:
         raise ValueError(f"cluster.signal_delay_s={c.signal_delay_s} is not shorter than cluster.time={c.time}: "
                          "the warning signal would come at once")
-    extra: dict[str, str | bool] = {"requeue": True, **extra_parameters(c.sbatch_extra)}
+    # submitit takes whole minutes (and keeps them for its own timeout count); the script says what SLURM writes
+    extra: dict[str, str | bool] = {"requeue": True, "time": slurm_time(time_min), **extra_parameters(c.sbatch_extra)}
     params: dict = {"job_name": f"{cfg.name}.{job.name}", "nodes": job.nodes, "ntasks_per_node": 1,
                     "cpus_per_task": c.cpus_per_task, "time": time_min, "signal_delay_s": c.signal_delay_s,
                     "comment": str(run_dir.absolute()), "wckey": None,
@@ -132,8 +156,10 @@ def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | No
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             params[key] = getattr(c, key)
-    if c.mem:
-        megabytes(c.mem)  # a malformed size is refused here, not by sbatch
+    job_mem(job, c)  # a malformed size is refused here, not by sbatch
+    if job.gpus_per_node and c.mem_per_gpu:
+        params["mem_per_gpu"] = c.mem_per_gpu
+    elif c.mem:
         params["mem"] = c.mem
     if c.exclusive:
         params["exclusive"] = True

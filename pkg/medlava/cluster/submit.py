@@ -141,15 +141,27 @@ def missing_inputs(stages: tuple[str, ...], cfg: Config) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def check_runs(jobs: list[Job], run_dirs: dict[str, Path], stages: tuple[str, ...], cfg: Config,
-               check: bool) -> None:
-    """ConfigError for what the jobs would refuse when they start, found before anything is written or queued: a run
-    directory they may not continue (runs.check_reuse), an upstream run that does not exist (missing_inputs)."""
+def run_problems(jobs: list[Job], run_dirs: dict[str, Path], stages: tuple[str, ...], cfg: Config,
+                 check: bool) -> list[str]:
+    """What the jobs would refuse when they start, found before anything is written or queued: a run directory they
+    may not continue (runs.check_reuse), an upstream run that does not exist (missing_inputs)."""
+    problems = []
     for j in jobs:
         if j.stage in STAGES:
-            check_reuse(run_dirs[j.name], j.stage, *STAGES[j.stage].reuse(cfg))
-    if problems := ([] if check else missing_inputs(stages, cfg)):
-        raise ConfigError("; ".join(problems))
+            try:
+                check_reuse(run_dirs[j.name], j.stage, *STAGES[j.stage].reuse(cfg))
+            except ConfigError as e:
+                problems.append(str(e))
+    return problems + ([] if check else missing_inputs(stages, cfg))
+
+
+def warn_or_refuse(problems: list[str], dry_run: bool) -> bool:
+    """A dry run previews the jobs anywhere: what submitting would refuse is printed as warnings. Otherwise the
+    problems are refused; True when the launch must stop."""
+    for problem in problems:
+        print(f"submit: {'warning (submitting would refuse this)' if dry_run else 'refused'}: {problem}",
+              file=sys.stderr)
+    return bool(problems) and not dry_run
 
 
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
@@ -174,7 +186,8 @@ def launch(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"submit: {e}", file=sys.stderr)
         return 2
-    if cfg.run_id is None:  # every job of this launch writes under one run id
+    fresh_id = cfg.run_id is None
+    if fresh_id:  # every job of this launch writes under one run id
         cfg.run_id = new_run_id()
         overrides.append(f"run_id={cfg.run_id}")
     executor = args.executor or (cfg.cluster.executor if cfg.cluster.executor != "auto" else
@@ -219,18 +232,18 @@ def launch(argv: list[str]) -> int:
     run_dirs = {j.name: stage_root(cfg, j.stage) / cfg.run_id for j in jobs}
     if executor == "slurm":
         return launch_slurm(args, jobs, run_dirs, cfg, config_path, stages)
-    try:
-        check_runs(jobs, run_dirs, stages, cfg, args.check)
-    except ConfigError as e:
-        print(f"submit: refused: {e}", file=sys.stderr)
+    problems = run_problems(jobs, run_dirs, stages, cfg, args.check)
+    if warn_or_refuse(problems, args.dry_run):
         return 2
     if args.dry_run:
         print("# resolved config\n" + dump_config(cfg))
-        print(f"# executor: local; run id {cfg.run_id}; commands in order:")
+        print(f"# executor: local; run id {cfg.run_id}; commands in order"
+              + (f"; {len(problems)} warning(s) (stderr)" if problems else "") + ":")
         for j in jobs:
             array = f"  # array of {j.array}: task i adds --chunk-idx i" if j.array else ""
             print(j.shell(0 if j.array else None) + array)
         return 0
+    print(run_id_line(cfg, joinable=fresh_id and len(stages) == 1), flush=True)
     try:
         run_local(jobs, run_dirs, parallelism=cfg.cluster.array_parallelism, env_extra=cfg.cluster.env)
     except JobFailed as e:
@@ -248,8 +261,18 @@ def launch(argv: list[str]) -> int:
                                                      "bleu_4", "rouge_l", "closed_accuracy", "open_recall")}
         print("\nmetrics.json: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in shown.items()))
-    print(f"TensorBoard: tensorboard --logdir {Path(cfg.output_root) / cfg.name}")
+    from medlava.cluster.monitor import tensorboard_hint
+
+    if hint := tensorboard_hint(list(run_dirs.values())):
+        print(hint)
     return 0
+
+
+def run_id_line(cfg: Config, joinable: bool) -> str:
+    """The run id, once, with how to follow it (and, for one stage under a new id, how the next joins it)."""
+    root = shlex.quote(cfg.output_root)
+    join = f"; the next stage joins it with run_id={cfg.run_id}" if joinable else ""
+    return f"run id {cfg.run_id} (python launch/submit.py status {cfg.run_id} --output-root {root}{join})"
 
 
 def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_path: str,
@@ -262,19 +285,19 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
         for job in jobs:
             slurm.sbatch_parameters(job, cfg, run_dirs[job.name], None)
         apptainer_for(cfg, config_path)
-        checked = shutil.which("sinfo") is not None
-        if checked:
-            slurm.check_resources(jobs, cfg)
-        elif not args.dry_run:
-            raise ValueError("sinfo/sbatch are not on PATH: the slurm executor needs a SLURM client "
-                             "(or use --executor local)")
-        check_runs(jobs, run_dirs, stages, cfg, args.check)
+        # the jobs as the recipe configures them, for the cluster it is meant for: a dry run warns, submit refuses
+        problems = (slurm.resource_problems(jobs, cfg) if shutil.which("sinfo") else
+                    ["sinfo/sbatch are not on PATH: the slurm executor needs a SLURM client (or use --executor local)"])
+        problems += run_problems(jobs, run_dirs, stages, cfg, args.check)
         if args.dry_run:
+            warn_or_refuse(problems, dry_run=True)
             print("# resolved config\n" + dump_config(cfg))
             print(f"# executor: slurm; run id {cfg.run_id}; {len(jobs)} job(s), submitted in this order"
-                  + ("" if checked else "; not checked against sinfo (no SLURM client here)"))
+                  + (f"; {len(problems)} warning(s) (stderr)" if problems else ""))
             print(slurm.render(jobs, run_dirs, cfg, config_path))
             return 0
+        if problems:
+            raise ValueError("; ".join(problems))
         command = shlex.join([sys.executable, *sys.argv])
         ids = slurm.submit_slurm(jobs, run_dirs, cfg, config_path, command)
     except ValueError as e:
@@ -291,9 +314,9 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
         array = f"array of {job.array}" if job.array else f"{job.nodes} node(s)"
         print(f"  {job.name:<14} {ids[job.name]:<8} {array:<12} {run_dirs[job.name]}")
     root = shlex.quote(cfg.output_root)
-    print(f"status: python launch/submit.py status {cfg.run_id} --output-root {root}\n"
-          f"logs:   python launch/submit.py logs {cfg.run_id} --output-root {root} --job {jobs[-1].name}\n"
-          f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(cfg.output_root) / cfg.name))}")
+    print(f"status: python launch/submit.py status {cfg.run_id} --output-root {root}  (TensorBoard's command too, "
+          "once a job has written events)\n"
+          f"logs:   python launch/submit.py logs {cfg.run_id} --output-root {root} --job {jobs[-1].name}")
     return 0
 
 
@@ -314,12 +337,11 @@ def show_doctor(job_id: str, run_dir: Path) -> int:
 
 def monitor(argv: list[str]) -> int:
     from medlava.cluster import monitor as mon
-    from medlava.cluster.slurm import cancel
 
     p = argparse.ArgumentParser(prog="submit.py " + argv[0])
     p.add_argument("command", choices=MONITOR)
     p.add_argument("run", nargs=None if argv[0] != "status" else "?",
-                   help="a run id (every stage that shares it) or a run directory")
+                   help="a run id (every stage that shares it) or a run directory; status without it: the newest")
     p.add_argument("--output-root", default="runs", help="where to look a run id up (default: runs)")
     if argv[0] == "logs":
         p.add_argument("--job", help="which job of the run (e.g. sft, infer-chunks); default: the last one")
@@ -328,32 +350,44 @@ def monitor(argv: list[str]) -> int:
     run_dirs = mon.records(args.run, args.output_root)
     if not run_dirs:
         where = args.run if args.run and Path(args.run).is_dir() else f"{args.output_root}/*/*/{args.run or '*'}"
-        print(f"submit {args.command}: no SLURM submissions recorded under {where}", file=sys.stderr)
+        print(f"submit {args.command}: no launched jobs recorded under {where} (neither slurm/{mon.RECORD} nor "
+              f"logs/{mon.local.RECORD}); a run started with `medlava STAGE` directly has only its run directory",
+              file=sys.stderr)
         return 1
     if args.command == "status":
         print("\n".join(mon.status_lines(run_dirs)))
         return 0
-    entries = [(d, e) for d in run_dirs for e in mon.read_record(d)]
+    jobs = [j for d in run_dirs for j in mon.launched(d)]
     if args.command == "cancel":
-        live = [e["job_id"] for _, e in entries
-                if (states := mon.job_states(e["job_id"])) and not all(s.done for s in states)]
-        cancel(live)
-        print(f"cancelled {', '.join(live)}" if live else "nothing to cancel: every job has ended")
-        return 0
-    chosen = [(d, e) for d, e in entries if args.job in (None, e["name"])]
+        return cancel_jobs(jobs)
+    chosen = [j for j in jobs if args.job in (None, j.name)]
     if not chosen:
-        print(f"submit logs: no job {args.job!r} in this run; jobs: {', '.join(e['name'] for _, e in entries)}",
+        print(f"submit logs: no job {args.job!r} in this run; jobs: {', '.join(dict.fromkeys(j.name for j in jobs))}",
               file=sys.stderr)
         return 1
-    run_dir, entry = chosen[-1]
-    files = [f for f in mon.log_files(run_dir, entry, args.task) if f.exists()]
+    files = mon.job_logs(chosen[-1], args.task)
     if not files:
-        print(f"submit logs: job {entry['job_id']} task {args.task} has no log yet under {run_dir / 'slurm'}",
+        print(f"submit logs: {chosen[-1].name} task {args.task} has no log yet in {chosen[-1].run_dir}",
               file=sys.stderr)
         return 1
     for f in files:
         print(f"==> {f} <==")
         sys.stdout.write(f.read_text(errors="replace"))
+    return 0
+
+
+def cancel_jobs(jobs) -> int:
+    from medlava.cluster import monitor as mon
+    from medlava.cluster.slurm import cancel
+
+    live = [j.entry["job_id"] for j in jobs if j.executor == "slurm"
+            and (states := mon.job_states(j.entry["job_id"])) and not all(s.done for s in states)]
+    cancel(live)
+    print(f"cancelled {', '.join(live)}" if live else "nothing to cancel on SLURM: every job has ended")
+    running = [f"{j.name} pid {t['pid']}" for j in jobs if j.executor == "local"
+               for t in j.entry["tasks"] if mon.task_state(j.entry, t) == "RUNNING"]
+    if running:
+        print(f"local jobs still running ({', '.join(running)}): stop them with Ctrl-C where they run, or kill PID")
     return 0
 
 

@@ -22,9 +22,10 @@ Stages, as the CheXpert labeler's:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
+from tqdm import tqdm
 
 NO_FINDING = "No Finding"
 SUPPORT_DEVICES = "Support Devices"
@@ -200,8 +201,9 @@ def label_report(text: str | None) -> tuple[int | None, ...]:
     return tuple(labels.get(name) for name in OBSERVATIONS)
 
 
-def label_reports(texts: Iterable[str | None]) -> list[tuple[int | None, ...]]:
-    return [label_report(t) for t in texts]
+def label_reports(texts: Sequence[str | None]) -> list[tuple[int | None, ...]]:
+    return [label_report(t) for t in tqdm(texts, desc="CheXpert labels", unit="report", mininterval=5,
+                                           disable=len(texts) < 1000)]
 
 
 def labels_frame(texts: Sequence[str | None], index: Sequence | None = None) -> pd.DataFrame:

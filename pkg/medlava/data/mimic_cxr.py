@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from medlava.config import Config
 from medlava.data.prepare import Loaded
@@ -108,7 +109,8 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     studies = studies[studies["split"].notna()]
     loaded = Loaded("mimic_cxr", Path(d.image_root) if d.image_root else root, group_name="subject_id")
     stats: Counter[str] = Counter()
-    for row in studies.to_dict("records"):
+    for row in tqdm(studies.to_dict("records"), desc="reports", unit="report", mininterval=5,
+                    disable=len(studies) < 1000):
         subject, study, where = row["subject_id"], row["study_id"], row["where"]
         rpath = reports_root / report_path(subject, study)
         try:

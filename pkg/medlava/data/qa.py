@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from medlava.config import LlmQAConfig
 from medlava.data.chexpert import (
     NEGATIVE,
@@ -191,4 +193,5 @@ class LlmQA:
     def generate_all(self, reports: list[tuple[str, str]]) -> list[list[QA]]:
         """Pairs for each (report_id, text), in order, `concurrency` requests at a time."""
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            return list(pool.map(lambda r: self.generate(*r), reports))
+            return list(tqdm(pool.map(lambda r: self.generate(*r), reports), total=len(reports), desc="LLM QA",
+                             unit="report", mininterval=5))

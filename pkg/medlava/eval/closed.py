@@ -88,9 +88,10 @@ def evaluate_closed(
         plot_roc(df, enc.classes, out_dir / "roc.png",
                  title="One-vs-rest ROC" + (f" (macro AUC {macro:.3f})" if macro is not None else ""))
     atomic_write_json(out_dir / "metrics.json", metrics)  # last: its presence marks a complete directory
+    auc = "n/a" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.4f}"
     log.info(
         "%s: n=%d accuracy=%.4f balanced_accuracy=%.4f macro_f1=%.4f macro_auc=%s unmapped=%d",
         predictions_csv, metrics["n"], metrics["accuracy"], metrics["balanced_accuracy"],
-        metrics["macro_f1"], metrics["macro_auc"], metrics["unmapped"],
+        metrics["macro_f1"], auc, metrics["unmapped"],
     )
     return metrics

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from medlava.io import InputError
 
@@ -52,7 +53,8 @@ def bertscore(hyps: Sequence[str], refs: Sequence[str], model: str, layers: int 
     keep = [i for i, (h, r) in enumerate(zip(hyps, refs)) if h.strip() and r.strip()]
     out = {k: np.zeros(len(hyps)) for k in ("bertscore_precision", "bertscore_recall", "bertscore_f1")}
     if keep:
-        p, r, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], batch_size=batch_size)
+        p, r, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], batch_size=batch_size,
+                               verbose=True)  # its bars: embedding, then greedy matching
         for key, values in zip(out, (p, r, f)):
             out[key][keep] = values.numpy()
     return out
@@ -97,11 +99,14 @@ def chexbert_embeddings(texts: Sequence[str], model: torch.nn.Module, tokenizer,
     device = _device()
     model = model.to(device)
     out = []
+    bar = tqdm(total=len(texts), desc="CheXbert", unit="report", mininterval=5)
     for start in range(0, len(texts), batch_size):
         batch = [" ".join(str(t).split()) for t in texts[start : start + batch_size]]
+        bar.update(len(batch))
         enc = tokenizer(batch, padding=True, truncation=True, max_length=min(512, tokenizer.model_max_length),
                         return_tensors="pt").to(device)
         out.append(model(**enc).last_hidden_state[:, 0].float().cpu().numpy())
+    bar.close()
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size))
 
 

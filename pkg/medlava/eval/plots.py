@@ -55,33 +55,55 @@ def plot_confusion(
     return atomic_savefig(fig, path, dpi=150)
 
 
-def plot_roc(
-    df: pd.DataFrame, classes: Sequence[str], path: str | os.PathLike, title: str = "One-vs-rest ROC"
-) -> Path:
-    """One ROC curve per class (its score column against the rest), AUC and support in the legend."""
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def class_style(i: int) -> dict[str, str]:
+    """Class i's colour and line style: both differ between neighbours, and the pair is unique for 20 classes."""
+    return {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i % len(LINE_STYLES)]}
+
+
+def roc_figure(df: pd.DataFrame, classes: Sequence[str], title: str = "One-vs-rest ROC") -> Figure:
+    """Small multiples: one panel per class with its one-vs-rest curve (its score column against the rest) over
+    the chance diagonal, AUC and support in the panel's title. Curves of the same shape (several classes at
+    AUC 1.0) would hide each other on one axes; here each has its own, in its own colour and line style."""
     enc = encode(df, classes)
     if enc.scores is None:
         raise InputError(f"ROC needs {SCORE_PREFIX}<class> columns; the predictions have none")
-    fig = figure(6.5, 5.5)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    skipped = []
+    curves, skipped = [], []
     for i, cls in enumerate(enc.classes):
         positive = enc.y_true == i
         if not 0 < positive.sum() < len(positive):
             skipped.append(cls)  # no positives (or no negatives): the curve is undefined
             continue
         fpr, tpr, _ = roc_curve(positive, enc.scores[:, i])
-        ax.plot(fpr, tpr, linewidth=1.5, label=f"{cls} (AUC {auc(fpr, tpr):.3f}, n={int(positive.sum())})")
-    if skipped:
-        ax.plot([], [], linestyle="none", label=f"no curve (absent): {', '.join(skipped)}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
-    return atomic_savefig(fig, path, dpi=150)
+        curves.append((i, cls, fpr, tpr, int(positive.sum())))
+    cols = min(4, max(len(curves), 1))
+    rows = max(1, -(-len(curves) // cols))
+    fig = figure(0.4 + 2.3 * cols, 0.9 + 2.3 * rows)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax, (i, cls, fpr, tpr, n) in zip(axes, curves):
+        ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=0.8)
+        ax.plot(fpr, tpr, linewidth=2, label=cls, **class_style(i))
+        ax.set_title(f"{cls}: AUC {auc(fpr, tpr):.3f}, n={n}", fontsize=9)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.set_aspect("equal")
+    for k, ax in enumerate(axes[len(curves):], len(curves)):
+        ax.axis("off")
+        axes[k - cols].xaxis.set_tick_params(labelbottom=True)  # the panel above ends its column
+    fig.suptitle(title + (f"; no curve (class absent): {', '.join(skipped)}" if skipped else ""), fontsize=10)
+    fig.supxlabel("false positive rate (dotted: chance)", fontsize=9)
+    fig.supylabel("true positive rate", fontsize=9)
+    return fig
+
+
+def plot_roc(
+    df: pd.DataFrame, classes: Sequence[str], path: str | os.PathLike, title: str = "One-vs-rest ROC"
+) -> Path:
+    return atomic_savefig(roc_figure(df, classes, title), path, dpi=150)
 
 
 def plot_bars(values: dict[str, float | None], path: str | os.PathLike, title: str, xlabel: str) -> Path:

@@ -115,10 +115,12 @@ class Answerer:
         loader = torch.utils.data.DataLoader(SampleDataset(todo, self.encoder, prompts=True),
                                              batch_size=inf.batch_size, num_workers=inf.num_workers, collate_fn=list)
         start = time.perf_counter()
-        for lo, prompts in zip(range(0, len(todo), inf.batch_size),
-                               tqdm(loader, desc=f"chunk {idx}/{inf.chunks}", unit="batch"), strict=True):
+        bar = tqdm(total=len(todo), desc=f"chunk {idx}/{inf.chunks}", unit="answer")  # the rate is answers/s
+        for lo, prompts in zip(range(0, len(todo), inf.batch_size), loader, strict=True):
             raise_batch_error(prompts)
             writer.write(self.answer_batch(todo[lo : lo + inf.batch_size], prompts, idx))
+            bar.update(len(prompts))
+        bar.close()
         writer.finish()
         stats.answers, stats.seconds = len(todo), time.perf_counter() - start
         log.info("chunk %d/%d: %d answers in %.1f s (%.2f answers/s)", idx, inf.chunks, stats.answers, stats.seconds,

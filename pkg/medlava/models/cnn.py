@@ -77,6 +77,14 @@ class MetaEncoder:
             self.sexes.index(sex) if sex in self.sexes else 0, \
             self.localizations.index(loc) if loc in self.localizations else 0
 
+    def missing(self, metas: Sequence[dict]) -> dict[str, tuple[int, str]]:
+        """Per field, how many of `metas` lack it and the training default that stands in for it."""
+        defaults = {"age": (lambda m: _age(m.get("age")) is None, f"the training median age {self.age_median:g}"),
+                    **{key: (lambda m, key=key: _text(m.get(key)) is None, f"'{UNKNOWN}'")
+                       for key in ("sex", "localization")}}
+        counts = {key: (sum(map(absent, metas)), default) for key, (absent, default) in defaults.items()}
+        return {key: c for key, c in counts.items() if c[0]}
+
     def unseen(self, metas: Sequence[dict]) -> dict[str, list[str]]:
         """Values given but not in the vocabularies (they are encoded as "unknown"), per field."""
         out: dict[str, list[str]] = {}

@@ -26,6 +26,7 @@ from medlava.models.clip import WEIGHTS, ClipModule, TokenizerFiles, create, ima
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
 from medlava.pretrain.evaluate import write_results
+from medlava.pretrain.metrics import describe
 from medlava.train import runtime
 from medlava.train.checkpoint import Checkpointer
 from medlava.train.loop import Position, Schedule, StepMetrics, resume_and_train
@@ -178,8 +179,8 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
     if not d.main:
         return None
     r = metrics["retrieval"]
-    log.info("pretrain: image->text %s, text->image %s%s -> %s", r["image_to_text"], r["text_to_image"],
-             f", zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f}" if task else "", run)
+    log.info("pretrain: %s%s -> %s", describe(r), f"; zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f} "
+             f"(chance {metrics['zero_shot']['chance_balanced_accuracy']:.3f})" if task else "", run)
     return {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
             "predictions": "predictions.csv" if task else None, "classes": task.classes if task else None,
             "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],

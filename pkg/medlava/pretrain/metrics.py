@@ -35,3 +35,13 @@ def retrieval_metrics(images: np.ndarray, texts: np.ndarray, captions: list[str]
         miss = [math.comb(n - m, top) / math.comb(n, top) for m in per_caption.tolist()]
         out["chance"]["text_to_image"][f"recall@{k}"] = float(1 - np.mean(miss))
     return out
+
+
+def describe(retrieval: dict) -> str:
+    """Recall@K both ways beside what a random ranking scores: `image->text R@1 0.120 (chance 0.016), ...`."""
+    def by_k(way: str) -> list[str]:  # metrics.json sorts its keys as text: recall@10 before recall@5
+        return sorted(retrieval[way], key=lambda key: int(key.split("@")[1]))
+
+    return "; ".join(f"{way.replace('_to_', '->')} " + ", ".join(
+        f"R@{key.split('@')[1]} {retrieval[way][key]:.3f} (chance {retrieval['chance'][way][key]:.3f})"
+        for key in by_k(way)) for way in ("image_to_text", "text_to_image"))

@@ -296,6 +296,9 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
         rep.generated = _step("generate", lambda: generate(model, [prompt], tok, device, MAX_NEW_TOKENS, 1, 0.0)[0])
     line("generate", f"greedy, ≤{MAX_NEW_TOKENS} new tokens, {time.perf_counter() - tic:.1f} s on {device}: "
          f"{rep.generated!r}")
+    if vlm.tiny is not None and vlm.name_or_path is None:
+        line("", "(expected: the tiny preset's weights are random, so its greedy answer is repeated sub-words; "
+             "it shows that generation runs, not what a trained model says)")
     return rep
 
 

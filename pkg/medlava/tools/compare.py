@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from medlava.eval.classification import classification_metrics, score_classes
 from medlava.eval.closed import CLASSIFICATION_TASKS, read_predictions
@@ -136,25 +138,34 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\nBrackets: bootstrap 95% intervals. Macro-AUC is one-vs-rest from the class scores.\n"
 
 
-def plot(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(METRICS), 3.6))
+def comparison_figure(df: pd.DataFrame) -> Figure:
+    """Grouped bars, one group per metric and one bar per run, each with its bootstrap 95% interval as an error
+    bar and its value inside; the legend sits below the axes, where it covers nothing."""
+    fig = Figure(figsize=(2.2 + 1.6 * len(METRICS), 3.2 + 0.25 * len(df)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     width = 0.8 / len(df)
     x = np.arange(len(METRICS))
     for i, row in enumerate(df.to_dict("records")):
-        values = [row[m] if row[m] is not None and not pd.isna(row[m]) else 0.0 for m in METRICS]
-        bars = ax.bar(x + (i - (len(df) - 1) / 2) * width, values, width, label=row["run"])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        values = np.array([_number(row[m]) for m in METRICS])
+        low = np.array([_number(row[f"{m}_ci_low"], v) for m, v in zip(METRICS, values)])
+        high = np.array([_number(row[f"{m}_ci_high"], v) for m, v in zip(METRICS, values)])
+        bars = ax.bar(x + (i - (len(df) - 1) / 2) * width, values, width, label=row["run"],
+                      yerr=[values - low, high - values], capsize=3, error_kw={"linewidth": 1})
+        ax.bar_label(bars, fmt="%.2f", label_type="center", fontsize=7, color="white")
     ax.set_xticks(x, [TITLES[m] for m in METRICS])
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=150)
-    plt.close(fig)
+    ax.set_ylabel("score; whiskers: bootstrap 95% interval", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=min(len(df), 3), fontsize="small")
+    return fig
+
+
+def _number(value: Any, missing: float = 0.0) -> float:
+    return missing if value is None or pd.isna(value) else float(value)
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    atomic_savefig(comparison_figure(df), path, dpi=150)
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from medlava.cluster.sinfo import parse_sinfo
+from medlava.cluster.sinfo import Partition, parse_sinfo
 from medlava.cluster.sinfo import query as sinfo_query
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -36,7 +36,7 @@ GiB = 1024**3
 OUTPUT_FAIL_GIB = 1  # below this not even a LoRA checkpoint and its logs fit
 OUTPUT_WARN_GIB = 50  # a full 7B fine-tune checkpoint with optimizer state is ~80 GiB; LoRA ones are MBs
 CACHE_WARN_GIB = 20  # LLaVA-Med v1.5 (~15 GB) + CLIP ViT-L/14-336 (~1.7 GB)
-DEFAULT_CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
+DEFAULT_CONSTRAINTS = Path(__file__).resolve().parents[3] / "constraints.txt"  # the repository's, beside pkg/
 
 
 @dataclass
@@ -144,8 +144,21 @@ def check_torch(pins: Mapping[str, SpecifierSet]) -> Check:
                  f"distributed: {', '.join(backends)}")
 
 
-def check_gpus(expected: int = 0) -> Check:
-    """What GPUs this process sees; FAIL when fewer than `expected` (what the job asked for per node)."""
+def gpu_fix(partitions: list[Partition] | None) -> str:
+    """Where GPUs are to be had, as the slurm check found them (None: no SLURM answered here)."""
+    if partitions is None:
+        return "run it on a machine with a CUDA GPU (and torch's CUDA build)"
+    with_gpus = [p for p in partitions if p.gpus and p.available == "up"]
+    if not with_gpus:
+        return ("no partition of this cluster offers GPUs (the slurm line): GPU stages cannot run here; "
+                "CPU runs use cluster.gpus_per_node=0 (the tiny preset)")
+    return (f"run it on a GPU node: srun -p {with_gpus[0].name} --gres=gpu:1 medlava doctor "
+            "(or launch/submit.py STAGE --check)")
+
+
+def check_gpus(expected: int = 0, partitions: list[Partition] | None = None) -> Check:
+    """What GPUs this process sees; FAIL when fewer than `expected` (what the job asked for per node). The fix
+    names a GPU partition of `partitions` (the slurm check's), or says there is none."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -155,8 +168,7 @@ def check_gpus(expected: int = 0) -> Check:
         return Check("gpus", FAIL, f"{count} CUDA GPU(s) visible{why}, the job asked for {expected} per node",
                      "check the partition's GPUs (sinfo -o '%P %G') and --gpus; in a container pass --nv")
     if not count:
-        return Check("gpus", WARN, f"no CUDA GPU visible{why}: only the tiny preset is practical",
-                     "run on a GPU node: srun --gres=gpu:1 medlava doctor (or launch/submit.py STAGE --check)")
+        return Check("gpus", WARN, f"no CUDA GPU visible{why}: only the tiny preset is practical", gpu_fix(partitions))
     props = [torch.cuda.get_device_properties(i) for i in range(count)]
     kinds: dict[str, int] = {}
     for p in props:
@@ -263,12 +275,17 @@ def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 def check_slurm() -> Check:
+    return slurm_state()[0]
+
+
+def slurm_state() -> tuple[Check, list[Partition] | None]:
+    """The slurm check and the partitions sinfo listed (None when no SLURM answered)."""
     sbatch, sinfo = shutil.which("sbatch"), shutil.which("sinfo")
     if sbatch is None:
         return Check("slurm", WARN, "sbatch not on PATH: not a SLURM submit host; only --executor local runs here",
-                     "on a cluster: run this on a login node (or `module load slurm`)")
+                     "on a cluster: run this on a login node (or `module load slurm`)"), None
     if sinfo is None:
-        return Check("slurm", FAIL, f"sbatch at {sbatch} but no sinfo on PATH", "fix the SLURM client install")
+        return Check("slurm", FAIL, f"sbatch at {sbatch} but no sinfo on PATH", "fix the SLURM client install"), None
     try:
         out = sinfo_query(sinfo)
     except subprocess.TimeoutExpired:
@@ -277,16 +294,17 @@ def check_slurm() -> Check:
         why = "timed out after 30 s" if out is None else (out.stderr.strip().splitlines() or ["exit status "
                                                                                              f"{out.returncode}"])[0]
         return Check("slurm", FAIL, f"sinfo does not answer: {why}",
-                     "check `scontrol ping` and SLURM_CONF; jobs cannot be submitted until the controller answers")
+                     "check `scontrol ping` and SLURM_CONF; jobs cannot be submitted until the controller answers"), None
     partitions = parse_sinfo(out.stdout)
     version = _run([sinfo, "--version"]).stdout.strip() or "slurm"
     detail = f"{version}; " + ("; ".join(p.describe() for p in partitions) or "no partitions")
     if not partitions:
-        return Check("slurm", FAIL, detail, "this account sees no partitions: ask the cluster admins")
+        return Check("slurm", FAIL, detail, "this account sees no partitions: ask the cluster admins"), partitions
     if not any(p.gpus and p.available == "up" for p in partitions):
         return Check("slurm", WARN, detail + " — no partition that is up offers GPUs",
-                     "GPU training needs a GPU partition (cluster.partition); cluster.gpus_per_node=0 runs on CPUs")
-    return Check("slurm", OK, detail)
+                     "GPU training needs a GPU partition (cluster.partition); cluster.gpus_per_node=0 runs on "
+                     "CPUs"), partitions
+    return Check("slurm", OK, detail), partitions
 
 
 def check_apptainer() -> Check:
@@ -396,11 +414,15 @@ def check_metric_weights(cache: Path, metrics: list[str] | None) -> list[Check]:
 
 # ---------------------------------------------------------------- the screen
 
+def _crashed(name: str, e: Exception) -> Check:
+    return Check(name, FAIL, f"the check itself failed: {type(e).__name__}: {e}", "report this with the output")
+
+
 def _guard(name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
     try:
         result = fn()
     except Exception as e:  # a crashing check is itself the finding; the rest of the screen still prints
-        return [Check(name, FAIL, f"the check itself failed: {type(e).__name__}: {e}", "report this with the output")]
+        return [_crashed(name, e)]
     return result if isinstance(result, list) else [result]
 
 
@@ -416,11 +438,15 @@ def run_checks(output_root: Path | str = "runs", constraints: Path | None = None
     checks += [pins_problem] if pins_problem else []
     checks += _guard("packages", lambda: check_packages(pins))
     checks += _guard("torch", lambda: check_torch(pins))
-    checks += _guard("gpus", lambda: check_gpus(expected_gpus))
+    try:  # before the gpus line, whose fix names what it found
+        slurm, partitions = slurm_state()
+    except Exception as e:
+        slurm, partitions = _crashed("slurm", e), None
+    checks += _guard("gpus", lambda: check_gpus(expected_gpus, partitions))
     checks += _guard("bf16", check_bf16)
     checks += _guard("flash-attn", lambda: check_flash_attn(pins))
     checks += _guard("deepspeed", lambda: check_deepspeed(pins))
-    checks += _guard("slurm", check_slurm)
+    checks.append(slurm)
     checks += _guard("apptainer", check_apptainer)
     checks += _guard("caches", lambda: check_caches(env, on_cluster=shutil.which("sbatch") is not None))
     checks += _guard("output root", lambda: check_output_root(Path(output_root)))

@@ -58,6 +58,9 @@ class CnnPredictor:
             for key, values in self.meta.unseen([it.meta for it in items]).items():
                 log.warning("%s value(s) %s were not in the training data; encoded as 'unknown' (known: %s)",
                             key, values, ", ".join(known[key]))
+            if missing := self.meta.missing([it.meta for it in items]):
+                log.warning("filled with training defaults (the model uses patient metadata): " + "; ".join(
+                    f"{key} missing for {n} of {len(items)} image(s): {default}" for key, (n, default) in missing.items()))
         loader = torch.utils.data.DataLoader(ItemDataset(items, eval_transform(self.spec), self.meta),
                                              batch_size=batch_size)
         return predict_proba(self.model, loader, self.device)

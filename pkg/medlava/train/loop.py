@@ -12,7 +12,7 @@ step, saves a checkpoint, and may close an epoch (the CNN validates, keeps the b
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +21,7 @@ from medlava import signals
 from medlava.distributed import Dist, mean_over_ranks
 from medlava.train import runtime
 from medlava.train.checkpoint import Checkpointer
+from medlava.train.validation import log_validation
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Schedule:
     desc: str
     lr_setting: str
     """The learning rate to lower when the loss diverges, with its value (`sft.lr (now 0.002)`)."""
+    eval_every: int | None = None
+    validate: Callable[[], dict[str, float]] | None = None
+    """Run every `eval_every` steps and at the end (align/sft's validation, train/validation.py), on every rank."""
 
 
 class Task(Protocol):
@@ -131,6 +135,10 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
                 pos.epoch, pos.in_epoch = pos.epoch + 1, 0
                 if (closed := task.end_epoch(pos, losses, writer)) is not None:
                     last, saved_at = closed, pos.step
+            if s.validate is not None and (pos.step % s.eval_every == 0 or pos.done):
+                result = s.validate()
+                if d.main:
+                    log_validation(pos.step, result, writer, bar.write)
             stop = runtime.stop_requested(d) and not pos.done
             if (stop or pos.done or (s.save_every and pos.step % s.save_every == 0)) and saved_at != pos.step:
                 last, saved_at = task.save(pos), pos.step

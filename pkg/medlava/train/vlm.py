@@ -35,6 +35,7 @@ from medlava.precision import choose_dtype
 from medlava.train import runtime
 from medlava.train.checkpoint import Checkpointer
 from medlava.train.loop import Schedule, resume_and_train
+from medlava.train.validation import Validation
 from medlava.train.vlm_trainer import VlmTrainer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,20 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     trainer = VlmTrainer(model, processor, SampleDataset(samples, encoder), t, d, dtype, built.kind,
                          {"base_model": built.base, "stage": stage, "template": template}, checkpointer)
     torch.manual_seed(t.seed + d.rank)
+    validation = validation_of(prepared, encoder, t, stage, template)
+    validate = (lambda: validation.measure(trainer.engine or model, d, trainer.amp)) if validation else None
     ckpt = resume_and_train(trainer, checkpointer, t.resume == "auto", t.seed,
                             Schedule(trainer.total, t.save_every, t.log_every, run.parent.name,
-                                     f"{stage}.lr (now {t.lr:g})"), run, d)
+                                     f"{stage}.lr (now {t.lr:g})", t.eval_every, validate), run, d)
     return ckpt, info
+
+
+def validation_of(prepared: Path, encoder: Encoder, t: TrainConfig, stage: str, template: str) -> Validation | None:
+    """What `<stage>.eval_every` validates on: the prepared val split (None when off, or when the split is empty)."""
+    if t.eval_every is None:
+        return None
+    samples, _ = load_prepared(prepared, "val")
+    if not samples:
+        log.warning("%s.eval_every=%d, but %s has no validation samples: no validation", stage, t.eval_every, prepared)
+        return None
+    return Validation.of(samples, encoder, t, template)
