@@ -54,20 +54,34 @@ def make_images(root: Path, n: int) -> list[str]:
 
 def processor() -> LlavaProcessor:
     image = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_pad=True)
-    return LlavaProcessor(image_processor=image, tokenizer=build_tokenizer(512), patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return LlavaProcessor(
+        image_processor=image,
+        tokenizer=build_tokenizer(512),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 def stage_times(root: Path, name: str, proc: LlavaProcessor, sample: dict, n: int = 50) -> dict[str, float]:
     """Milliseconds per sample of each step on one image, best of 3 runs (the least disturbed by other load)."""
     encoder = Encoder(proc, "mistral_instruct", IMAGE_TOKENS, 2048, root)
     image = load_image(root / name)
-    steps = {"decode": lambda: load_image(root / name),
-             "pad+resize+normalise (processor)": lambda: proc.image_processor(images=[image], return_tensors="pt"),
-             "pad+resize+normalise (medlava)": lambda: pixel_values(image, proc.image_processor),
-             "tokenise": lambda: encoder.train_item({**sample, "image": None, "conversations": [
-                 {"from": "human", "value": sample["conversations"][0]["value"].replace("<image>\n", "")},
-                 sample["conversations"][1]]})}
+    steps = {
+        "decode": lambda: load_image(root / name),
+        "pad+resize+normalise (processor)": lambda: proc.image_processor(images=[image], return_tensors="pt"),
+        "pad+resize+normalise (medlava)": lambda: pixel_values(image, proc.image_processor),
+        "tokenise": lambda: encoder.train_item(
+            {
+                **sample,
+                "image": None,
+                "conversations": [
+                    {"from": "human", "value": sample["conversations"][0]["value"].replace("<image>\n", "")},
+                    sample["conversations"][1],
+                ],
+            }
+        ),
+    }
     out = {}
     for step, fn in steps.items():
         best = float("inf")
@@ -81,8 +95,9 @@ def stage_times(root: Path, name: str, proc: LlavaProcessor, sample: dict, n: in
 
 
 def run(dataset: SampleDataset, workers: int, batch_size: int, pad_id: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=partial(collate, pad_id=pad_id))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=partial(collate, pad_id=pad_id)
+    )
     it = iter(loader)
     next(it)  # the first batch pays for worker start-up: not timed
     start = time.perf_counter()
@@ -104,13 +119,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = make_images(root, 64)
-        samples = [{"id": str(i), "image": names[i % len(names)],
-                    "conversations": [{"from": "human", "value": "<image>\n" + QUESTION},
-                                      {"from": "gpt", "value": "nv"}]} for i in range(args.samples)]
+        samples = [
+            {
+                "id": str(i),
+                "image": names[i % len(names)],
+                "conversations": [{"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": "nv"}],
+            }
+            for i in range(args.samples)
+        ]
         for step, ms in stage_times(root, names[0], proc, samples[0]).items():
             print(f"# {step}: {ms:.2f} ms")
-        print(f"# {platform.node()}: {torch.get_num_threads()} torch thread(s) per process, {len(samples)} samples, "
-              f"batch {args.batch_size}, 600x450 JPEG -> 3x336x336, {IMAGE_TOKENS} image tokens")
+        print(
+            f"# {platform.node()}: {torch.get_num_threads()} torch thread(s) per process, {len(samples)} samples, "
+            f"batch {args.batch_size}, 600x450 JPEG -> 3x336x336, {IMAGE_TOKENS} image tokens"
+        )
         print("| image path | workers | samples/s | samples/s per worker | vs processor |\n|---|---:|---:|---:|---:|")
         for w in args.workers:
             base = None

@@ -34,7 +34,6 @@ from medlava.infer.score import generate, score_choices  # noqa: E402
 from medlava.models.llava import num_image_tokens  # noqa: E402
 from medlava.models.templates import encode, render  # noqa: E402
 from medlava.models.tiny import build_tiny  # noqa: E402
-
 from sizing import llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402  (bench/sizing.py)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -68,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     question = [{"from": "human", "value": "<image>\n" + QUESTION}]
     enc = encode(render("mistral_instruct", question, add_generation_prompt=True), tok, image_id, n_img, 4096)
     g = torch.Generator().manual_seed(0)
-    prompts = [{"input_ids": enc.input_ids, "pixel_values": torch.randn(3, size, size, generator=g).to(dtype)}
-               for _ in range(max(args.n, args.n_single, args.n_report))]
+    prompts = [
+        {"input_ids": enc.input_ids, "pixel_values": torch.randn(3, size, size, generator=g).to(dtype)}
+        for _ in range(max(args.n, args.n_single, args.n_report))
+    ]
     # What the template puts after the prompt when the class is the answer (as Encoder.answer_ids): " nv </s>".
-    full = [encode(render("mistral_instruct", question + [{"from": "gpt", "value": c}]), tok, image_id, n_img,
-                   4096).input_ids for c in CLASSES]
-    choices = [f[len(enc.input_ids):] for f in full]
+    full = [
+        encode(
+            render("mistral_instruct", question + [{"from": "gpt", "value": c}]), tok, image_id, n_img, 4096
+        ).input_ids
+        for c in CLASSES
+    ]
+    choices = [f[len(enc.input_ids) :] for f in full]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn, items: list, batch: int) -> float:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def counting_generate(**kwargs):  # records how many tokens each answer got (pads excluded), per length asked
         out = model_generate(**kwargs)
-        new = out[:, kwargs["input_ids"].shape[1]:]
+        new = out[:, kwargs["input_ids"].shape[1] :]
         produced.setdefault(kwargs["max_new_tokens"], []).extend((new != tok.pad_token_id).sum(1).tolist())
         return out
 
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 * vision * (n_img + 1) + 2 * lm * (prompt_len + new)
 
     flops_score = 2 * vision * (n_img + 1) + 2 * lm * (prompt_len + sum(len(c) for c in choices))
-    rows = [(f"option scoring, batch {b}", timed(score, prompts[: args.n], b), flops_score)
-            for b in map(int, args.score_batch_sizes.split(","))]
+    rows = [
+        (f"option scoring, batch {b}", timed(score, prompts[: args.n], b), flops_score)
+        for b in map(int, args.score_batch_sizes.split(","))
+    ]
     single = timed(gen(args.max_new_tokens, False), prompts[: args.n_single], 1)
     rows.append((f"generation {args.max_new_tokens} tokens, batch 1", single, gen_flops(args.max_new_tokens)))
     lengths = [(args.max_new_tokens, args.n)] + ([(args.report_tokens, args.n_report)] if args.report_tokens else [])
@@ -127,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rate = matmul_rate(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"{args.preset} model ({(lm + vision) / 1e6:,.1f} M parameters without embeddings) on {name}, {dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompt {prompt_len} tokens ({n_img} image), "
-          f"{len(CLASSES)} choices; tokens produced on average: "
-          + ", ".join(f"{sum(v) / len(v):.1f} of {k}" for k, v in produced.items()))
+    print(
+        f"{args.preset} model ({(lm + vision) / 1e6:,.1f} M parameters without embeddings) on {name}, {dtype}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompt {prompt_len} tokens ({n_img} image), "
+        f"{len(CLASSES)} choices; tokens produced on average: "
+        + ", ".join(f"{sum(v) / len(v):.1f} of {k}" for k, v in produced.items())
+    )
     print(f"matmul rate {rate / 1e12:.2f} TFLOP/s")
     print(f"{'mode':<58}{'samples/s':>11}{'vs batch-1':>11}{'floor/s':>10}{'of floor':>10}")
     for label, value, flops in rows:
@@ -140,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ok = best_score >= 5 * single
     print("target (option scoring >= 5x batch-1 generation):", "met" if ok else "MISSED")
     for tokens, _ in lengths:
-        speedup = (by_label[f"generation {tokens} tokens, batch {args.batch_size}, static cache + compiled"]
-                   / by_label[f"generation {tokens} tokens, batch {args.batch_size}, dynamic cache"])
+        speedup = (
+            by_label[f"generation {tokens} tokens, batch {args.batch_size}, static cache + compiled"]
+            / by_label[f"generation {tokens} tokens, batch {args.batch_size}, dynamic cache"]
+        )
         print(f"compiled vs dynamic generation, {tokens} tokens: {speedup:.2f}x (target on a GPU: >= 2x)")
     return 0 if ok else 1
 

@@ -32,17 +32,35 @@ from medlava.eval.radiology import report_metrics  # noqa: E402
 
 SIDES = ["left", "right", "bilateral", "bibasilar", "left basilar", "right upper lobe", "left lower lobe"]
 SIZES = ["small", "moderate", "large", "trace", "mild"]
-FINDINGS = ["pleural effusion", "pneumothorax", "consolidation", "atelectasis", "opacity", "pulmonary edema",
-            "pneumonia", "nodule"]
+FINDINGS = [
+    "pleural effusion",
+    "pneumothorax",
+    "consolidation",
+    "atelectasis",
+    "opacity",
+    "pulmonary edema",
+    "pneumonia",
+    "nodule",
+]
 TEMPLATES = [
-    "There is a {size} {side} {finding}.", "No {finding} is seen.", "There is no {finding} or {finding2}.",
-    "{Side} {finding} may represent {finding2}.", "Possible {side} {finding}.", "{Finding} cannot be excluded.",
-    "Interval improvement of the {side} {finding}.", "The heart size is normal.", "Mild cardiomegaly is unchanged.",
-    "The cardiomediastinal silhouette is within normal limits.", "Mediastinal and hilar contours are stable.",
+    "There is a {size} {side} {finding}.",
+    "No {finding} is seen.",
+    "There is no {finding} or {finding2}.",
+    "{Side} {finding} may represent {finding2}.",
+    "Possible {side} {finding}.",
+    "{Finding} cannot be excluded.",
+    "Interval improvement of the {side} {finding}.",
+    "The heart size is normal.",
+    "Mild cardiomegaly is unchanged.",
+    "The cardiomediastinal silhouette is within normal limits.",
+    "Mediastinal and hilar contours are stable.",
     "A right internal jugular central venous catheter terminates in the mid SVC.",
-    "An endotracheal tube terminates 4 cm above the carina.", "No acute cardiopulmonary process.",
-    "Lungs are well expanded and clear.", "Osseous structures are intact without acute fracture.",
-    "Degenerative changes are noted in the thoracic spine.", "Pulmonary vascular congestion is present.",
+    "An endotracheal tube terminates 4 cm above the carina.",
+    "No acute cardiopulmonary process.",
+    "Lungs are well expanded and clear.",
+    "Osseous structures are intact without acute fracture.",
+    "Degenerative changes are noted in the thoracic spine.",
+    "Pulmonary vascular congestion is present.",
 ]
 
 
@@ -51,8 +69,16 @@ def report(rng: random.Random) -> str:
     for template in rng.sample(TEMPLATES, rng.randint(5, 9)):
         f1, f2 = rng.sample(FINDINGS, 2)
         side = rng.choice(SIDES)
-        out.append(template.format(size=rng.choice(SIZES), side=side, Side=side.capitalize(), finding=f1,
-                                   Finding=f1.capitalize(), finding2=f2))
+        out.append(
+            template.format(
+                size=rng.choice(SIZES),
+                side=side,
+                Side=side.capitalize(),
+                finding=f1,
+                Finding=f1.capitalize(),
+                finding2=f2,
+            )
+        )
     return " ".join(out)
 
 
@@ -69,18 +95,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.radeval and not (args.metric_cache or args.tiny):
         p.error("--radeval needs --metric-cache DIR (staged weights) or --tiny")
     rng = random.Random(args.seed)
-    df = pd.DataFrame({"id": [f"s{i}" for i in range(args.n)], "reference": [report(rng) for _ in range(args.n)],
-                       "prediction": [report(rng) for _ in range(args.n)]})
+    df = pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(args.n)],
+            "reference": [report(rng) for _ in range(args.n)],
+            "prediction": [report(rng) for _ in range(args.n)],
+        }
+    )
     words = df["reference"].str.split().str.len().mean()
-    print(f"{args.n} pairs, {words:.1f} words per report on average; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(
+        f"{args.n} pairs, {words:.1f} words per report on average; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     start = time.perf_counter()
     m, _, _, _ = report_metrics(df, EvalConfig())
     seconds = time.perf_counter() - start
-    print(f"BLEU-1..4, ROUGE-L, labeler (2 x {args.n} reports) and label F1: {seconds:.1f} s, "
-          f"{args.n / seconds:,.0f} pairs/s")
-    print("  " + "  ".join(f"{k} {m[k]:.4f}" for k in ("bleu_1", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
-                                                       "chexpert_rules_f1_macro_5")))
+    print(
+        f"BLEU-1..4, ROUGE-L, labeler (2 x {args.n} reports) and label F1: {seconds:.1f} s, "
+        f"{args.n / seconds:,.0f} pairs/s"
+    )
+    print(
+        "  "
+        + "  ".join(
+            f"{k} {m[k]:.4f}"
+            for k in ("bleu_1", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14", "chexpert_rules_f1_macro_5")
+        )
+    )
     ok = seconds < 120 or args.n < 100_000
     print("target (100,000 pairs < 120 s):", "met" if ok else "MISSED")
     if args.radeval:
@@ -93,7 +133,6 @@ def radeval(df: pd.DataFrame, args: argparse.Namespace, baseline: float) -> None
     import tempfile
 
     import torch
-
     from medlava.eval.radeval_scorers import NO_LLM, load_scorers, use_cache
 
     cache = args.metric_cache
@@ -105,8 +144,10 @@ def radeval(df: pd.DataFrame, args: argparse.Namespace, baseline: float) -> None
     use_cache(Path(cache))
     names = args.report_metrics.split(",") if args.report_metrics else list(NO_LLM)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"RadEval on {len(df)} pairs, {device}, {'tiny random' if args.tiny else 'staged'} weights in {cache}; "
-          f"baseline (BLEU/ROUGE/rules above) {baseline:,.0f} pairs/s")
+    print(
+        f"RadEval on {len(df)} pairs, {device}, {'tiny random' if args.tiny else 'staged'} weights in {cache}; "
+        f"baseline (BLEU/ROUGE/rules above) {baseline:,.0f} pairs/s"
+    )
     refs, hyps = df["reference"].tolist(), df["prediction"].tolist()
     for name in names:
         try:

@@ -50,13 +50,19 @@ from medlava.models.tiny import build_tiny  # noqa: E402
 from medlava.train.optim import make_optimizer  # noqa: E402
 from medlava.train.sampling import epoch_indices  # noqa: E402
 from medlava.train.vlm import _lora, set_trainable  # noqa: E402
-
 from sizing import HOPPER_BF16_PEAK, llava_med_v15, lm_params, matmul_rate, vision_params  # noqa: E402
 
 WORDS = "the lesion shows an irregular pigmented border with asymmetric colour and no regression".split()
 PROMPT = "<image>\nDescribe the lesion."
-BASE = {"batch": 8, "grouped": False, "checkpointing": False, "packed": False, "compile": False, "kernels": "none",
-        "full": False}
+BASE = {
+    "batch": 8,
+    "grouped": False,
+    "checkpointing": False,
+    "packed": False,
+    "compile": False,
+    "kernels": "none",
+    "full": False,
+}
 TODAY = {"grouped": True, "checkpointing": True}  # the best setting before issue 22 (bench/RESULTS.md)
 # --sweep: from TODAY, each setting tried on top of the best so far, then larger micro-batches.
 SEARCH = [("packed", True), ("compile", True), ("kernels", "liger")]
@@ -64,8 +70,13 @@ SEARCH = [("packed", True), ("compile", True), ("kernels", "liger")]
 
 def conversations(n: int) -> list[list[dict]]:
     rng = random.Random(0)
-    return [[{"from": "human", "value": PROMPT},
-             {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(1, 60)))}] for _ in range(n)]
+    return [
+        [
+            {"from": "human", "value": PROMPT},
+            {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(1, 60)))},
+        ]
+        for _ in range(n)
+    ]
 
 
 def tiny_items(root: Path, n: int) -> tuple[list[dict], int]:
@@ -73,8 +84,10 @@ def tiny_items(root: Path, n: int) -> tuple[list[dict], int]:
     images = sorted(root.glob("HAM10000_images_part_*/*.jpg"))
     model, processor = build_tiny(TinyModelConfig())
     enc = Encoder(processor, "mistral_instruct", num_image_tokens(model), 1024, root)
-    samples = [{"id": str(i), "image": str(images[i % len(images)].relative_to(root)), "conversations": c}
-               for i, c in enumerate(conversations(n))]
+    samples = [
+        {"id": str(i), "image": str(images[i % len(images)].relative_to(root)), "conversations": c}
+        for i, c in enumerate(conversations(n))
+    ]
     dataset = SampleDataset(samples, enc)
     return [dataset[i] for i in range(n)], processor.tokenizer.pad_token_id
 
@@ -86,7 +99,9 @@ def llava_med_items(model, tok, size: int, n: int) -> list[dict]:
     items = []
     for conv in conversations(n):
         e = encode(render("mistral_instruct", conv), tok, image_id, num_image_tokens(model), 2048)
-        items.append({"input_ids": e.input_ids, "labels": e.labels, "pixel_values": torch.randn(3, size, size, generator=g)})
+        items.append(
+            {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": torch.randn(3, size, size, generator=g)}
+        )
     return items
 
 
@@ -107,9 +122,11 @@ def label(v: dict) -> str:
 
 
 def overrides(v: dict) -> str:
-    return (f"sft.batch_size={v['batch']} sft.group_by_length={str(v['grouped']).lower()} "
-            f"sft.gradient_checkpointing={str(v['checkpointing']).lower()} sft.packing={str(v['packed']).lower()} "
-            f"sft.compile={str(v['compile']).lower()} sft.kernels={v['kernels']}")
+    return (
+        f"sft.batch_size={v['batch']} sft.group_by_length={str(v['grouped']).lower()} "
+        f"sft.gradient_checkpointing={str(v['checkpointing']).lower()} sft.packing={str(v['packed']).lower()} "
+        f"sft.compile={str(v['compile']).lower()} sft.kernels={v['kernels']}"
+    )
 
 
 def setup(args, device: torch.device, tmp: Path):
@@ -189,22 +206,44 @@ def measure(args, v: dict) -> dict:
     except torch.cuda.OutOfMemoryError:
         return {"oom": True}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": real / seconds, "samples_per_s": steps * bs / seconds, "pad_fraction": 1 - real / slots,
-            "flops_per_s": flops / seconds, "peak_gib": peak, "layers": base_model.config.text_config.num_hidden_layers}
+    return {
+        "tokens_per_s": real / seconds,
+        "samples_per_s": steps * bs / seconds,
+        "pad_fraction": 1 - real / slots,
+        "flops_per_s": flops / seconds,
+        "peak_gib": peak,
+        "layers": base_model.config.text_config.num_hidden_layers,
+    }
 
 
 def run(args, v: dict) -> dict:
     """`measure` in a fresh process (see the module docstring)."""
-    argv = [sys.executable, __file__, "--one", json.dumps(v), "--preset", args.preset, "--steps", str(args.steps),
-            "--repeats", str(args.repeats), "--full-layers", str(args.full_layers),
-            "--batch-size", str(args.batch_size)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--one",
+        json.dumps(v),
+        "--preset",
+        args.preset,
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--full-layers",
+        str(args.full_layers),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     argv += ["--layers", str(args.layers)] if args.layers else []
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {label(v):60s} {result.get('samples_per_s', float('nan')):8.2f} samples/s"
-          + ("  (out of memory)" if result.get("oom") else ""), flush=True)
+    print(
+        f"  {label(v):60s} {result.get('samples_per_s', float('nan')):8.2f} samples/s"
+        + ("  (out of memory)" if result.get("oom") else ""),
+        flush=True,
+    )
     return result
 
 
@@ -258,11 +297,15 @@ def main() -> None:
 def report(args, device: torch.device, base: dict, best: dict, results: dict) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rate = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    print(f"{args.preset} LLaVA sft, {args.steps} steps per variant, {name}, torch {torch.__version__}; "
-          f"matmul rate {rate / 1e12:.1f} TFLOP/s")
+    print(
+        f"{args.preset} LLaVA sft, {args.steps} steps per variant, {name}, torch {torch.__version__}; "
+        f"matmul rate {rate / 1e12:.1f} TFLOP/s"
+    )
     baseline = results[json.dumps(base)]["tokens_per_s"]
-    print(f"{'variant':58s} {'tokens/s':>9s} {'samples/s':>9s} {'pad':>6s} {'vs base':>8s} {'TFLOP/s':>8s} "
-          f"{'MFU':>6s} {'of mm':>6s} {'GiB':>6s}")
+    print(
+        f"{'variant':58s} {'tokens/s':>9s} {'samples/s':>9s} {'pad':>6s} {'vs base':>8s} {'TFLOP/s':>8s} "
+        f"{'MFU':>6s} {'of mm':>6s} {'GiB':>6s}"
+    )
     for key, r in results.items():
         v = json.loads(key)
         text = label(v) + (f" ({r.get('layers', '?')} layers)" if v["full"] else "")
@@ -271,9 +314,11 @@ def report(args, device: torch.device, base: dict, best: dict, results: dict) ->
             continue
         # The H100/H200 peak is no denominator for a CPU: MFU is printed on a GPU only.
         mfu = f"{r['flops_per_s'] / HOPPER_BF16_PEAK:6.1%}" if device.type == "cuda" else f"{'-':>6s}"
-        print(f"{text:58s} {r['tokens_per_s']:9.0f} {r['samples_per_s']:9.2f} {r['pad_fraction']:6.3f} "
-              f"{r['tokens_per_s'] / baseline:7.2f}x {r['flops_per_s'] / 1e12:8.2f} {mfu} "
-              f"{r['flops_per_s'] / rate:6.1%} {r['peak_gib']:6.1f}")
+        print(
+            f"{text:58s} {r['tokens_per_s']:9.0f} {r['samples_per_s']:9.2f} {r['pad_fraction']:6.3f} "
+            f"{r['tokens_per_s'] / baseline:7.2f}x {r['flops_per_s'] / 1e12:8.2f} {mfu} "
+            f"{r['flops_per_s'] / rate:6.1%} {r['peak_gib']:6.1f}"
+        )
     print(f"best: {label(best)}\n  {overrides(best)}")
 
 

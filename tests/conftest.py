@@ -16,8 +16,17 @@ TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
 
 def prepare_dataset(dataset: str, tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
     """The prepare run directory of `dataset` at `root` under the tiny recipe, outputs in `tmp`/runs."""
-    cfg = load_config(TINY, [f"data.dataset={dataset}", "data.synthetic=null", f"data.root={root}",
-                             f"output_root={tmp / 'runs'}", f"run_id={run_id}", *overrides])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.dataset={dataset}",
+            "data.synthetic=null",
+            f"data.root={root}",
+            f"output_root={tmp / 'runs'}",
+            f"run_id={run_id}",
+            *overrides,
+        ],
+    )
     return run_prepare(cfg)
 
 

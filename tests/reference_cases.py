@@ -30,8 +30,9 @@ def tokenizer(name: str):
     if name == "mistral":
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(DATA / "mistral-7b-tokenizer.model", Path(tmp) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=True,
-                                                 model_max_length=2048)
+            tok = LlamaTokenizer.from_pretrained(
+                tmp, add_bos_token=True, add_eos_token=False, legacy=True, model_max_length=2048
+            )
         tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
         tok.pad_token = tok.unk_token  # as LLaVA's train.py and LLaVA-Med's checkpoint set it
         return tok
@@ -53,11 +54,24 @@ CASES = [
     ("last", True, _conv("What is shown in the image?\n<image>", "A chest x-ray, PA view.")),
     ("middle", True, _conv("Look: <image> what is it?", "mel")),
     ("untrimmed", True, _conv("  <image>  Describe the mass.  ", " It is 3.5 cm, left-sided.\nNo effusion. ")),
-    ("multi_turn", True, _conv("Which organ is shown?\n<image>", "The liver.", "Is it enlarged?", "Yes, mildly (18 cm).",
-                               "What else?", "A 2-cm cyst in segment IV; no ascites.")),
+    (
+        "multi_turn",
+        True,
+        _conv(
+            "Which organ is shown?\n<image>",
+            "The liver.",
+            "Is it enlarged?",
+            "Yes, mildly (18 cm).",
+            "What else?",
+            "A 2-cm cyst in segment IV; no ascites.",
+        ),
+    ),
     ("text_only", False, _conv("Is a melanocytic nevus benign?", "Usually, yes.")),
-    ("text_only_multi_turn", False, _conv("What does CT stand for?", "Computed tomography.", "And MRI?",
-                                          "Magnetic resonance imaging.")),
+    (
+        "text_only_multi_turn",
+        False,
+        _conv("What does CT stand for?", "Computed tomography.", "And MRI?", "Magnetic resonance imaging."),
+    ),
 ]
 # Option lists scored by likelihood after the first case's question.
 CHOICES = [["yes", "no"], ["akiec", "bcc", "vascular lesion"], ["3.5 cm", "Left lung.", "T2-weighted MRI"]]
@@ -68,11 +82,67 @@ def applies(template: str, has_image: bool, conversations: list[dict]) -> bool:
     return template != "plain" or (has_image and len(conversations) == 2)
 
 
-_WORDS = ["yes", "no", "Yes", "No.", "not", "none", "normal", "abnormal", "left", "right", "lung", "lungs", "the", "a",
-          "an", "liver", "CT", "MRI", "x-ray", "T2-weighted", "one", "two", "three", "zero", "ten", "1", "2", "3.5",
-          "1,000", "10,5", "e.g.", "cm.", "(left)", "[right]", "lesion;", "lobe,", "upper/lower", "dont", "don't",
-          "isnt", "it's", "well-defined", "?", "!", "-", "\"mass\"", "<b>", "50%", "x", "pleural effusion",
-          "know", "nodule", "nodules", "mid-line", "a.m.", "3 . 5", ", ", " . ", "right-sided"]
+_WORDS = [
+    "yes",
+    "no",
+    "Yes",
+    "No.",
+    "not",
+    "none",
+    "normal",
+    "abnormal",
+    "left",
+    "right",
+    "lung",
+    "lungs",
+    "the",
+    "a",
+    "an",
+    "liver",
+    "CT",
+    "MRI",
+    "x-ray",
+    "T2-weighted",
+    "one",
+    "two",
+    "three",
+    "zero",
+    "ten",
+    "1",
+    "2",
+    "3.5",
+    "1,000",
+    "10,5",
+    "e.g.",
+    "cm.",
+    "(left)",
+    "[right]",
+    "lesion;",
+    "lobe,",
+    "upper/lower",
+    "dont",
+    "don't",
+    "isnt",
+    "it's",
+    "well-defined",
+    "?",
+    "!",
+    "-",
+    '"mass"',
+    "<b>",
+    "50%",
+    "x",
+    "pleural effusion",
+    "know",
+    "nodule",
+    "nodules",
+    "mid-line",
+    "a.m.",
+    "3 . 5",
+    ", ",
+    " . ",
+    "right-sided",
+]
 
 
 def scorer_cases(n: int = 600, seed: int = 12) -> list[tuple[str, str]]:
@@ -91,12 +161,68 @@ def scorer_cases(n: int = 600, seed: int = 12) -> list[tuple[str, str]]:
     return pairs
 
 
-_OPTION_TEXTS = ["Pneumonia", "pleural effusion", "a", "B cell lymphoma", "no abnormality", "left lung", "3.5 cm",
-                 "Hypertrophic cardiomyopathy", "CT", "(C) misleading", "none of the above", "Magnetic resonance"]
-_FRAMES = ["{}", "({})", "{}.", "Answer: {}", "The answer is {}.", "The answer is ({}).", "{}) {}", "Option {}",
-           "I think it is {} because", "{}, {}", "({}) or ({})", "Not {} but {}", "{}:", "'{}'", "**{}**", "{}\n\n"]
-_FILLER = ["the", "image", "shows", "most", "likely", "is", "which", "answer", "this", "lesion", "I", "think", "so",
-           "a", "A", "case", "of", "and", "B.", "(D)", "therefore", "it", "could", "be", "2", "=", "3.50", "1,000"]
+_OPTION_TEXTS = [
+    "Pneumonia",
+    "pleural effusion",
+    "a",
+    "B cell lymphoma",
+    "no abnormality",
+    "left lung",
+    "3.5 cm",
+    "Hypertrophic cardiomyopathy",
+    "CT",
+    "(C) misleading",
+    "none of the above",
+    "Magnetic resonance",
+]
+_FRAMES = [
+    "{}",
+    "({})",
+    "{}.",
+    "Answer: {}",
+    "The answer is {}.",
+    "The answer is ({}).",
+    "{}) {}",
+    "Option {}",
+    "I think it is {} because",
+    "{}, {}",
+    "({}) or ({})",
+    "Not {} but {}",
+    "{}:",
+    "'{}'",
+    "**{}**",
+    "{}\n\n",
+]
+_FILLER = [
+    "the",
+    "image",
+    "shows",
+    "most",
+    "likely",
+    "is",
+    "which",
+    "answer",
+    "this",
+    "lesion",
+    "I",
+    "think",
+    "so",
+    "a",
+    "A",
+    "case",
+    "of",
+    "and",
+    "B.",
+    "(D)",
+    "therefore",
+    "it",
+    "could",
+    "be",
+    "2",
+    "=",
+    "3.50",
+    "1,000",
+]
 
 
 def mmmu_choice_cases(n: int = 400, seed: int = 19) -> list[tuple[str, dict[str, str]]]:

@@ -24,11 +24,13 @@ def _items(model, processor, n, seed=0):
     for i in range(n):
         answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
         conv = [{"from": "human", "value": "<image>\nDescribe the lesion."}, {"from": "gpt", "value": answer}]
-        enc = encode(render("mistral_instruct", conv), tok, tok.convert_tokens_to_ids("<image>"),
-                     num_image_tokens(model), 512)
+        enc = encode(
+            render("mistral_instruct", conv), tok, tok.convert_tokens_to_ids("<image>"), num_image_tokens(model), 512
+        )
         g = torch.Generator().manual_seed(seed * 100 + i)
-        items.append({"input_ids": enc.input_ids, "labels": enc.labels,
-                      "pixel_values": torch.randn(3, 32, 32, generator=g)})
+        items.append(
+            {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": torch.randn(3, 32, 32, generator=g)}
+        )
     return items
 
 
@@ -42,8 +44,9 @@ def _token_loss(model, batch):
     """Summed token loss, so batches of different layout are comparable exactly."""
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 @torch.no_grad()
@@ -66,7 +69,7 @@ def test_packing_does_not_leak_across_samples(tiny):
     a, b = _items(model, processor, 2, seed=3)
     with torch.no_grad():
         alone = model(**collate_packed([b]), use_cache=False).logits[0]
-        after_a = model(**collate_packed([a, b]), use_cache=False).logits[0, len(a["input_ids"]):]
+        after_a = model(**collate_packed([a, b]), use_cache=False).logits[0, len(a["input_ids"]) :]
     torch.testing.assert_close(after_a, alone, rtol=1e-4, atol=1e-4)
 
 
@@ -111,8 +114,9 @@ def test_packed_rows_give_the_padded_loss_and_gradients_through_the_document_mas
 def test_packed_rows_train_as_padded_ones_with_variable_length_attention_on_the_gpu(tiny, attention):
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
-    if {"flash_attention_2": not is_flash_attn_2_available(),
-            "flash_attention_4": not is_flash_attn_4_available()}.get(attention, False):
+    if {"flash_attention_2": not is_flash_attn_2_available(), "flash_attention_4": not is_flash_attn_4_available()}.get(
+        attention, False
+    ):
         pytest.skip(f"{attention} is not installed")
     model, processor = tiny
     dtype = torch.float32 if attention == "flex_attention" else torch.bfloat16  # flash-attn: half precision only
@@ -136,8 +140,10 @@ def test_length_grouping_keeps_every_sample_once_and_cuts_padding(world):
     bs = 8
 
     def pad_fraction(grouped):
-        per_rank = [epoch_indices(len(lengths), 0, 0, Dist(r, world, r, CPU), 0, bs, lengths if grouped else None)
-                    for r in range(world)]
+        per_rank = [
+            epoch_indices(len(lengths), 0, 0, Dist(r, world, r, CPU), 0, bs, lengths if grouped else None)
+            for r in range(world)
+        ]
         seen = sorted(j for idx in per_rank for j in idx)
         assert seen == sorted(list(range(1000)) + list(range(1000))[: (-1000) % world])
         slots = real = 0

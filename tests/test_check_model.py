@@ -53,8 +53,12 @@ def test_parameter_counts_equal_a_manual_count(tiny):
     llm = _n(raw.model.language_model) + _n(raw.lm_head)
     assert vision + projector + llm == _n(raw)
     tc, r = raw.config.text_config, cfg.sft.lora.r
-    h, q, kv, inter = tc.hidden_size, tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim, \
-        tc.intermediate_size
+    h, q, kv, inter = (
+        tc.hidden_size,
+        tc.num_attention_heads * tc.head_dim,
+        tc.num_key_value_heads * tc.head_dim,
+        tc.intermediate_size,
+    )
     # LoRA adds r*(in+out) per adapted Linear: q, k, v, o, gate, up, down in every decoder layer.
     lora = tc.num_hidden_layers * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h))
     assert report.counts == {
@@ -63,10 +67,15 @@ def test_parameter_counts_equal_a_manual_count(tiny):
         "LLM": {"trainable": 0, "frozen": llm},
         "LoRA": {"trainable": lora, "frozen": 0},
     }
-    printed = {row.split()[0]: row.split()[-2:] for row in lines
-               if row.startswith(" ") and row.split()[-1].replace(",", "").isdigit()}
-    assert printed["LoRA"] == [f"{lora:,}", "0"] and printed["total"] == [f"{lora + projector:,}",
-                                                                          f"{vision + projector + llm:,}"]
+    printed = {
+        row.split()[0]: row.split()[-2:]
+        for row in lines
+        if row.startswith(" ") and row.split()[-1].replace(",", "").isdigit()
+    }
+    assert printed["LoRA"] == [f"{lora:,}", "0"] and printed["total"] == [
+        f"{lora + projector:,}",
+        f"{vision + projector + llm:,}",
+    ]
 
 
 def test_printed_loss_mask_and_image_span_are_the_collators(tiny, tmp_path):
@@ -86,7 +95,9 @@ def test_printed_loss_mask_and_image_span_are_the_collators(tiny, tmp_path):
     assert int(m.group(3)) == num_image_tokens(model) == 16
     loss_positions = [i for i, y in enumerate(labels) if y != IGNORE_INDEX]
     assert _expand(m.group(4)) == loss_positions and int(m.group(5)) == len(loss_positions)
-    assert processor.tokenizer.decode([ids[i] for i in loss_positions]) == " A test pattern. </s>"  # LLaVA-Med conv_mistral_instruct
+    assert (
+        processor.tokenizer.decode([ids[i] for i in loss_positions]) == " A test pattern. </s>"
+    )  # LLaVA-Med conv_mistral_instruct
     rendered = "<s>[INST] <image×16>\\nWhat is shown in this image? [/INST]⟦ A test pattern. </s>⟧"
     assert rendered in [row.strip() for row in lines]
 
@@ -102,9 +113,14 @@ def test_generation_is_the_models_greedy_answer(tiny, tmp_path):
     prompt = enc.prompt_item(sample)
     tok = processor.tokenizer
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt["input_ids"]]), pixel_values=prompt["pixel_values"][None],
-                             max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-    want = tok.decode(out[0, len(prompt["input_ids"]):], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=torch.tensor([prompt["input_ids"]]),
+            pixel_values=prompt["pixel_values"][None],
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    want = tok.decode(out[0, len(prompt["input_ids"]) :], skip_special_tokens=True).strip()
     assert report.generated == want and any(repr(want) in row for row in lines if row.startswith("generate"))
     after = lines[next(i for i, row in enumerate(lines) if row.startswith("generate")) + 1]
     assert "the tiny preset's weights are random" in after  # noise is what it should print, and it says so
@@ -116,8 +132,11 @@ def test_align_stage_trains_the_projector_only(tiny, capsys):
     assert main(["--config", str(TINY), "--stage", "align", *overrides]) == 0
     out = capsys.readouterr().out
     assert "template plain" in out and "<s><image×16>⟦A test pattern.\\n⟧" in out
-    rows = {row.split()[0]: row.split()[-2:] for row in out.splitlines()
-            if row.startswith(" ") and row.split()[0] in ("LoRA", "projector", "total")}
+    rows = {
+        row.split()[0]: row.split()[-2:]
+        for row in out.splitlines()
+        if row.startswith(" ") and row.split()[0] in ("LoRA", "projector", "total")
+    }
     assert rows["LoRA"] == ["0", "0"] and rows["projector"][1] == "0" and rows["total"][0] == rows["projector"][0]
     assert out.splitlines()[-1].startswith("OK")
 
@@ -137,8 +156,19 @@ def test_memory_formula():
     # Published anchor: LLaVA-1.5-7B full fine-tune, ZeRO-3 on 8 GPUs, batch 16, checkpointing,
     # used < 35 GB per GPU; the estimate (worst case: every sequence 2048 tokens) lands in that range.
     llm, clip, proj = 6_738_415_616, 303_507_456, 21_024_768
-    full = estimate_memory(llm + proj, clip, torch.bfloat16, "zero3", 8, hidden=4096, layers=32, vocab=32000,
-                           batch=16, seq=2048, checkpointing=True)
+    full = estimate_memory(
+        llm + proj,
+        clip,
+        torch.bfloat16,
+        "zero3",
+        8,
+        hidden=4096,
+        layers=32,
+        vocab=32000,
+        batch=16,
+        seq=2048,
+        checkpointing=True,
+    )
     assert 25 * GiB < full.total < 40 * GiB
 
 
@@ -157,8 +187,16 @@ def test_sample_comes_from_the_prepared_data_when_there_is_one(tiny, tmp_path):
     from medlava.stages.prepare import run as run_prepare
 
     cfg, _, _, overrides = tiny
-    cfg = load_config(TINY, [*overrides, f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'ham'}",
-                             "data.synthetic.n_lesions=14", "run_id=p1"])
+    cfg = load_config(
+        TINY,
+        [
+            *overrides,
+            f"output_root={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'ham'}",
+            "data.synthetic.n_lesions=14",
+            "run_id=p1",
+        ],
+    )
     run_prepare(cfg)
     lines: list[str] = []
     report = check_model(cfg, "sft", out=lines.append)

@@ -46,21 +46,34 @@ def sbatch_options(section: list[str]) -> dict[str, str]:
     out = {}
     for line in section:
         if line.startswith("#SBATCH "):
-            key, _, value = shlex.split(line[len("#SBATCH "):])[0].partition("=")
+            key, _, value = shlex.split(line[len("#SBATCH ") :])[0].partition("=")
             out[key] = value
     return out
 
 
 def test_worker_argv_single_standalone_and_multi_node():
     assert worker_argv(["sft", "--config", "c"], python="py") == ["py", "-m", "medlava", "sft", "--config", "c"]
-    assert worker_argv(["sft"], 1, 4, "py") == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4",
-                                                "--standalone", "-m", "medlava", "sft"]
+    assert worker_argv(["sft"], 1, 4, "py") == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=4",
+        "--standalone",
+        "-m",
+        "medlava",
+        "sft",
+    ]
     with pytest.raises(ValueError, match="needs a rendezvous host: submit it with --executor slurm"):
         worker_argv(["sft"], 2, 1, "py")
     argv = worker_argv(["sft"], 2, 8, "py", Rendezvous("1", "gpu001", "20042", "42"))
     assert argv[:4] == ["py", "-m", "torch.distributed.run", "--nproc_per_node=8"]
-    assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu001:20042",
-            "--rdzv_id=42"} <= set(argv)
+    assert {
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu001:20042",
+        "--rdzv_id=42",
+    } <= set(argv)
     assert argv[-3:] == ["-m", "medlava", "sft"]
     assert port_for("42") == port_for("42") != port_for("43") and 20000 <= port_for("123456789") < 60000
 
@@ -76,16 +89,28 @@ def test_stage_jobs_chain_training_shape_and_infer_array():
     assert merge.args[-1] == "--merge-only" and merge.array is None
 
 
-@pytest.mark.parametrize("text, mins", [("30", 30), ("90:30", 91), ("04:00:00", 240), ("1-00", 1440),
-                                        ("2-03:04", 2 * 1440 + 184), ("0-00:00:59", 1)])
+@pytest.mark.parametrize(
+    "text, mins",
+    [("30", 30), ("90:30", 91), ("04:00:00", 240), ("1-00", 1440), ("2-03:04", 2 * 1440 + 184), ("0-00:00:59", 1)],
+)
 def test_slurm_time_formats(text, mins):
     assert minutes(text) == mins
 
 
-@pytest.mark.parametrize("gres, n, kind", [
-    ("(null)", 0, ""), ("gpu:8", 8, ""), ("gpu", 1, ""), ("gpu:a100:4(S:0-1)", 4, "a100"),
-    ("gpu:a100:4,gpu:v100:2", 6, "a100+v100"), ("gpu:a100:4(S:0,1),gpu:v100:2", 6, "a100+v100"),
-    ("craynetwork:4,gpu:h100:8", 8, "h100"), ("gpu:a100:8(S:0-1),shard:8", 8, "a100"), ("shard:4,gpu:2", 2, "")])
+@pytest.mark.parametrize(
+    "gres, n, kind",
+    [
+        ("(null)", 0, ""),
+        ("gpu:8", 8, ""),
+        ("gpu", 1, ""),
+        ("gpu:a100:4(S:0-1)", 4, "a100"),
+        ("gpu:a100:4,gpu:v100:2", 6, "a100+v100"),
+        ("gpu:a100:4(S:0,1),gpu:v100:2", 6, "a100+v100"),
+        ("craynetwork:4,gpu:h100:8", 8, "h100"),
+        ("gpu:a100:8(S:0-1),shard:8", 8, "a100"),
+        ("shard:4,gpu:2", 2, ""),
+    ],
+)
 def test_gres_counts_every_gpu_of_a_node(gres, n, kind):
     """One parser for doctor and the executor: a node with 4 A100s and 2 V100s has 6 GPUs (doctor said 4)."""
     assert parse_gres(gres) == (n, kind)
@@ -93,7 +118,10 @@ def test_gres_counts_every_gpu_of_a_node(gres, n, kind):
 
 def test_sbatch_extra_is_parsed_and_managed_options_are_refused():
     assert extra_parameters(["--reservation=r 1", "#SBATCH --hint=nomultithread", "--overcommit"]) == {
-        "reservation": "r 1", "hint": "nomultithread", "overcommit": True}
+        "reservation": "r 1",
+        "hint": "nomultithread",
+        "overcommit": True,
+    }
     with pytest.raises(ValueError, match="sets --nodes, which medlava sets itself"):
         extra_parameters(["--nodes=3"])
     with pytest.raises(ValueError, match="is not `--option=value`"):
@@ -102,16 +130,32 @@ def test_sbatch_extra_is_parsed_and_managed_options_are_refused():
 
 def test_display_join_keeps_placeholders_expandable_and_quotes_the_rest():
     line = display_join(["a b", "--node_rank=${SLURM_NODEID}", "x;y", "--e=${HEAD}:${PORT}"])
-    assert line == "'a b' --node_rank=\"${SLURM_NODEID}\" 'x;y' --e=\"${HEAD}\":\"${PORT}\""
-    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {line}"], capture_output=True, text=True,
-                         env={"SLURM_NODEID": "1", "HEAD": "n1", "PORT": "2"}).stdout.splitlines()
+    assert line == '\'a b\' --node_rank="${SLURM_NODEID}" \'x;y\' --e="${HEAD}":"${PORT}"'
+    out = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {line}"],
+        capture_output=True,
+        text=True,
+        env={"SLURM_NODEID": "1", "HEAD": "n1", "PORT": "2"},
+    ).stdout.splitlines()
     assert out == ["a b", "--node_rank=1", "x;y", "--e=n1:2"]
 
 
 def test_dry_run_single_node_has_no_torchrun(tmp_path):
     complete_runs(tmp_path / "runs", "prepare", "align")
-    out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
-                 "--output-root", str(tmp_path / "runs"), "run_id=r1", cwd=tmp_path)
+    out = submit(
+        "sft",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "run_id=r1",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     (section,) = scripts(out.stdout)
     opts = sbatch_options(section)
@@ -129,16 +173,34 @@ def test_dry_run_single_node_has_no_torchrun(tmp_path):
 
 def test_dry_run_multi_node_runs_one_torchrun_per_node(tmp_path):
     complete_runs(tmp_path, "prepare", "align")
-    out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
-                 "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=r2", cwd=tmp_path)
+    out = submit(
+        "sft",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path),
+        "run_id=r2",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     (section,) = scripts(out.stdout)
     opts = sbatch_options(section)
     assert opts["--nodes"] == "2" and opts["--ntasks-per-node"] == "1"
     assert any('HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in line for line in section)
-    assert section[-1].startswith(f"{PY} -m torch.distributed.run --nproc_per_node=1 --nnodes=2 "
-                                  '--node_rank="${SLURM_NODEID}" --rdzv_backend=c10d '
-                                  '--rdzv_endpoint="${HEAD}":"${PORT}" --rdzv_id="${SLURM_JOB_ID}" -m medlava sft ')
+    assert section[-1].startswith(
+        f"{PY} -m torch.distributed.run --nproc_per_node=1 --nnodes=2 "
+        '--node_rank="${SLURM_NODEID}" --rdzv_backend=c10d '
+        '--rdzv_endpoint="${HEAD}":"${PORT}" --rdzv_id="${SLURM_JOB_ID}" -m medlava sft '
+    )
 
 
 def complete_sft_run(output_root: Path, run_id: str) -> Path:
@@ -148,9 +210,24 @@ def complete_sft_run(output_root: Path, run_id: str) -> Path:
 def test_dry_run_array_then_dependent_merge(tmp_path):
     complete_runs(tmp_path, "prepare")
     sft = complete_sft_run(tmp_path, "s1")
-    out = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--chunks", "4",
-                 "--array-parallelism", "2", "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=r3",
-                 cwd=tmp_path)
+    out = submit(
+        "infer",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--chunks",
+        "4",
+        "--array-parallelism",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path),
+        "run_id=r3",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     array, merge = scripts(out.stdout)
     a, m = sbatch_options(array), sbatch_options(merge)
@@ -167,45 +244,122 @@ def test_latest_checkpoint_is_resolved_once_at_submit_time(tmp_path):
     complete_sft_run(tmp_path, "older")
     time.sleep(0.05)
     newest = complete_sft_run(tmp_path, "newer")
-    out = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--chunks", "3",
-                 "--cpus-per-task", "1", "--output-root", str(tmp_path), "run_id=i", cwd=tmp_path)
+    out = submit(
+        "infer",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--chunks",
+        "3",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path),
+        "run_id=i",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(section[-1]) for section in scripts(out.stdout)]
     assert [c.count(f"infer.checkpoint={newest}") for c in commands] == [1, 1]  # the array's and the merge's
     assert f"checkpoint: {newest}" in out.stdout  # the resolved config says so too
-    chain = submit("pipeline", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
-                   "--output-root", str(tmp_path), "run_id=p", cwd=tmp_path)
+    chain = submit(
+        "pipeline",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path),
+        "run_id=p",
+        cwd=tmp_path,
+    )
     assert chain.returncode == 0, chain.stderr
     assert all(f"infer.checkpoint={tmp_path / 'tiny' / 'sft' / 'p'}" in s[-1] for s in scripts(chain.stdout))
-    refused = submit("infer", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
-                     "--output-root", str(tmp_path / "empty"), cwd=tmp_path)
-    assert refused.returncode == 2 and "submit: refused: infer.checkpoint=latest: no complete `sft` run" in \
-        refused.stderr
+    refused = submit(
+        "infer",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path / "empty"),
+        cwd=tmp_path,
+    )
+    assert (
+        refused.returncode == 2 and "submit: refused: infer.checkpoint=latest: no complete `sft` run" in refused.stderr
+    )
 
 
 def test_gpu_multi_node_script_and_environment():
     """The 8-GPU shape the issue names, rendered without asking a cluster (no sinfo check here)."""
-    cfg = load_config(TINY, ["cluster.nodes=2", "cluster.gpus_per_node=8", "cluster.cpus_per_task=64",
-                             "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
-                             "cluster.mem=500G", "cluster.constraint=a100", "cluster.exclusive=true",
-                             "cluster.time=2-00:00:00", "cluster.env={NCCL_DEBUG: INFO}", "run_id=g"])
+    cfg = load_config(
+        TINY,
+        [
+            "cluster.nodes=2",
+            "cluster.gpus_per_node=8",
+            "cluster.cpus_per_task=64",
+            "cluster.partition=gpu",
+            "cluster.account=proj",
+            "cluster.qos=high",
+            "cluster.mem=500G",
+            "cluster.constraint=a100",
+            "cluster.exclusive=true",
+            "cluster.time=2-00:00:00",
+            "cluster.env={NCCL_DEBUG: INFO}",
+            "run_id=g",
+        ],
+    )
     (job,) = stage_jobs(["sft"], "/cfg/tiny.yaml", ["run_id=g"], cfg)
     text = render([job], {"sft": Path("/runs/tiny/sft/g")}, cfg, "/cfg/tiny.yaml")
     (section,) = scripts(text)
     opts = sbatch_options(section)
-    assert {k: opts[k] for k in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--partition", "--account",
-                                 "--qos", "--mem", "--constraint", "--time")} == {
-        "--nodes": "2", "--gpus-per-node": "8", "--cpus-per-task": "64", "--partition": "gpu",
-        "--account": "proj", "--qos": "high", "--mem": "500G", "--constraint": "a100", "--time": "2-00:00:00"}
+    assert {
+        k: opts[k]
+        for k in (
+            "--nodes",
+            "--gpus-per-node",
+            "--cpus-per-task",
+            "--partition",
+            "--account",
+            "--qos",
+            "--mem",
+            "--constraint",
+            "--time",
+        )
+    } == {
+        "--nodes": "2",
+        "--gpus-per-node": "8",
+        "--cpus-per-task": "64",
+        "--partition": "gpu",
+        "--account": "proj",
+        "--qos": "high",
+        "--mem": "500G",
+        "--constraint": "a100",
+        "--time": "2-00:00:00",
+    }
     assert "--exclusive" in opts
     assert "OMP_NUM_THREADS=8 NCCL_DEBUG=INFO" in text  # 64 CPUs / 8 processes; cluster.env wins
     assert "--nproc_per_node=8 --nnodes=2" in section[-1]
 
 
 def test_quoting_paths_and_extra_options_reach_sbatch_as_data(tmp_path):
-    weird = tmp_path / "we'ird dir; $(touch INJECTED) \"q\""
-    cfg = load_config(TINY, [f"output_root={json.dumps(str(weird))}", "run_id=q",
-                             'cluster.sbatch_extra=["--reservation=my res; rm -rf x"]'])
+    weird = tmp_path / 'we\'ird dir; $(touch INJECTED) "q"'
+    cfg = load_config(
+        TINY,
+        [
+            f"output_root={json.dumps(str(weird))}",
+            "run_id=q",
+            'cluster.sbatch_extra=["--reservation=my res; rm -rf x"]',
+        ],
+    )
     (job,) = stage_jobs(["prepare"], str(weird / "my recipe.yaml"), [], cfg)
     run_dir = weird / "tiny" / "prepare" / "q"
     text = render([job], {"prepare": run_dir}, cfg, str(weird / "my recipe.yaml"))
@@ -227,13 +381,16 @@ def test_signal_delay_must_fit_in_the_time_limit():
         sbatch_parameters(job, cfg, Path("/r"), None)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--config", "/no/such/recipe.yaml"], "config file /no/such/recipe.yaml does not exist"),
-    (["--container", "/no/such/image.sif"], "container image /no/such/image.sif does not exist"),
-    (["sft.global_batch_size=30"], "sft.global_batch_size=30 is not divisible by sft.batch_size 16 x world size 2"),
-    (["--time", "soon"], "cluster.time 'soon' is not a SLURM time"),
-    (['cluster.sbatch_extra=["--array=0-3"]'], "sets --array, which medlava sets itself"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "/no/such/recipe.yaml"], "config file /no/such/recipe.yaml does not exist"),
+        (["--container", "/no/such/image.sif"], "container image /no/such/image.sif does not exist"),
+        (["sft.global_batch_size=30"], "sft.global_batch_size=30 is not divisible by sft.batch_size 16 x world size 2"),
+        (["--time", "soon"], "cluster.time 'soon' is not a SLURM time"),
+        (['cluster.sbatch_extra=["--array=0-3"]'], "sets --array, which medlava sets itself"),
+    ],
+)
 def test_refused_before_the_queue_with_the_reason(tmp_path, args, needle):
     base = ["sft", "--executor", "slurm", "--nodes", "2", "--cpus-per-task", "1", "--output-root", str(tmp_path / "o")]
     if "--config" not in args:
@@ -244,20 +401,36 @@ def test_refused_before_the_queue_with_the_reason(tmp_path, args, needle):
     assert not (tmp_path / "o").exists(), "nothing may be written (or queued) for a refused submission"
 
 
-@pytest.mark.parametrize("args, key", [
-    (['cluster.qos="normal\\ntouch INJECTED #"'], "qos"),
-    (["--account", "proj\ntouch INJECTED"], "account"),
-    (["--constraint", "a100\r\n#SBATCH --uid=0"], "constraint"),
-    (['cluster.mem="1G\\n"'], "mem"),
-    (['cluster.partition="gpu\\x1b[2J"'], "partition"),
-    (["--time", "30\t"], "time"),
-    (['cluster.sbatch_extra=["--reservation=r\\ntouch INJECTED"]'], "sbatch_extra"),
-    (['cluster.env={NCCL_DEBUG: "INFO\\u0085"}'], "env"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (['cluster.qos="normal\\ntouch INJECTED #"'], "qos"),
+        (["--account", "proj\ntouch INJECTED"], "account"),
+        (["--constraint", "a100\r\n#SBATCH --uid=0"], "constraint"),
+        (['cluster.mem="1G\\n"'], "mem"),
+        (['cluster.partition="gpu\\x1b[2J"'], "partition"),
+        (["--time", "30\t"], "time"),
+        (['cluster.sbatch_extra=["--reservation=r\\ntouch INJECTED"]'], "sbatch_extra"),
+        (['cluster.env={NCCL_DEBUG: "INFO\\u0085"}'], "env"),
+    ],
+)
 def test_control_characters_in_cluster_strings_are_refused_naming_the_key(tmp_path, args, key):
     """A newline in a cluster value would end its `#SBATCH` line and put a shell line into the job script."""
-    out = submit("sft", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--cpus-per-task", "1",
-                 "--output-root", str(tmp_path / "o"), "run_id=n", *args, cwd=tmp_path)
+    out = submit(
+        "sft",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path / "o"),
+        "run_id=n",
+        *args,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stdout
     assert f"cluster.{key} value " in out.stderr and "holds a control character" in out.stderr, out.stderr
     assert "#SBATCH" not in out.stdout and not list(tmp_path.rglob("INJECTED"))
@@ -273,8 +446,10 @@ def test_launches_in_the_same_second_get_different_run_ids(tmp_path, capsys):
     main = runpy.run_path(str(SUBMIT))["main"]  # in this process: 20 launches well within a second or two
     ids = []
     for _ in range(20):
-        assert main(["prepare", "--config", str(TINY), "--executor", "local", "--dry-run",
-                     "--output-root", str(tmp_path)]) == 0
+        assert (
+            main(["prepare", "--config", str(TINY), "--executor", "local", "--dry-run", "--output-root", str(tmp_path)])
+            == 0
+        )
         ids.append(re.search(r"# executor: local; run id (\S+);", capsys.readouterr().out)[1])
     assert len(set(ids)) == 20, ids
 
@@ -293,17 +468,31 @@ def test_node_task_stops_torchrun_workers_on_usr2_and_asks_for_a_requeue(tmp_pat
     so it asks for a re-run instead of `scontrol requeue`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["MEDLAVA_CACHE"] = str(tmp_path / "cache")
-    base = ["--config", str(TINY), f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'ham'}",
-            "data.synthetic.n_lesions=40"]
+    base = [
+        "--config",
+        str(TINY),
+        f"output_root={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'ham'}",
+        "data.synthetic.n_lesions=40",
+    ]
     subprocess.run([PY, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True, capture_output=True)
     # Build the tiny model cache first: two ranks building it at once can race (models/tiny.py).
-    subprocess.run([PY, "-c", "from medlava.config import load_config; from medlava.models.tiny import "
-                    f"tiny_checkpoint; tiny_checkpoint(load_config({str(TINY)!r}).model.tiny)"], env=env, check=True,
-                   capture_output=True)
-    code = ("import sys; from medlava.cluster.jobs import Job; from medlava.cluster.node_task import NodeTask; "
-            "NodeTask(Job('sft', 'sft', sys.argv[1:], procs_per_node=2))()")
-    args = ["sft", *base, "run_id=s", "sft.init_from=none", "sft.batch_size=4", "sft.max_steps=40",
-            "sft.save_every=2"]
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "from medlava.config import load_config; from medlava.models.tiny import "
+            f"tiny_checkpoint; tiny_checkpoint(load_config({str(TINY)!r}).model.tiny)",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import sys; from medlava.cluster.jobs import Job; from medlava.cluster.node_task import NodeTask; "
+        "NodeTask(Job('sft', 'sft', sys.argv[1:], procs_per_node=2))()"
+    )
+    args = ["sft", *base, "run_id=s", "sft.init_from=none", "sft.batch_size=4", "sft.max_steps=40", "sft.save_every=2"]
     task = subprocess.Popen([PY, "-c", code, *args], env=env, stderr=subprocess.PIPE, text=True)
     ckpts = tmp_path / "runs" / "tiny" / "sft" / "s" / "checkpoints"
     deadline = time.time() + 180
@@ -329,10 +518,18 @@ def test_prepare_check_through_the_launcher(tmp_path):
 
     root = make_synthetic_ham10000(tmp_path / "ham", n_lesions=14, max_images_per_lesion=1)
     next(root.glob("HAM10000_images_part_*/*.jpg")).unlink()
-    common = ["--config", str(TINY), "data.synthetic=null", f"data.root={root}", "--output-root", str(tmp_path / "o"),
-              "run_id=c"]
-    dry = submit("prepare", "--check", "--executor", "slurm", "--dry-run", "--cpus-per-task", "1", *common,
-                 cwd=tmp_path)
+    common = [
+        "--config",
+        str(TINY),
+        "data.synthetic=null",
+        f"data.root={root}",
+        "--output-root",
+        str(tmp_path / "o"),
+        "run_id=c",
+    ]
+    dry = submit(
+        "prepare", "--check", "--executor", "slurm", "--dry-run", "--cpus-per-task", "1", *common, cwd=tmp_path
+    )
     assert dry.returncode == 0, dry.stderr
     (job,) = scripts(dry.stdout)
     assert any(" -m medlava prepare " in line and line.endswith(" --check") for line in job), job
@@ -345,8 +542,23 @@ def test_prepare_check_through_the_launcher(tmp_path):
 
 def test_stage_check_is_doctor_in_a_short_one_node_job_with_the_stages_gpus(tmp_path):
     common = ["--config", str(TINY), "--output-root", str(tmp_path / "o"), "run_id=d"]
-    dry = submit("sft", "--check", "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0",
-                 "--cpus-per-task", "1", "--time", "24:00:00", *common, cwd=tmp_path)
+    dry = submit(
+        "sft",
+        "--check",
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "24:00:00",
+        *common,
+        cwd=tmp_path,
+    )
     assert dry.returncode == 0, dry.stderr
     (job,) = scripts(dry.stdout)  # one job, whatever the stage's node count
     options = sbatch_options(job)
@@ -366,10 +578,12 @@ def test_upstream_runs_are_resolved_when_submitting_not_on_the_nodes(tmp_path):
     nodes: refused here, with the lines that say what to run first; a dry run shows them as warnings. A
     pipeline's own upstream jobs count."""
     prepare, align = (tmp_path / "o" / "tiny" / s for s in ("prepare", "align"))
-    lines = [f"data.samples=latest: no complete `prepare` run under {prepare}: run `python launch/submit.py prepare "
-             "--config ...` first, or give a path",
-             f"sft.init_from=latest: no complete `align` run under {align}: run `python launch/submit.py align "
-             "--config ...` first, or give a path"]
+    lines = [
+        f"data.samples=latest: no complete `prepare` run under {prepare}: run `python launch/submit.py prepare "
+        "--config ...` first, or give a path",
+        f"sft.init_from=latest: no complete `align` run under {align}: run `python launch/submit.py align "
+        "--config ...` first, or give a path",
+    ]
     common = ["--config", str(TINY), "--executor", "local", "--output-root", str(tmp_path / "o"), "run_id=u"]
     out = submit("sft", *common, cwd=tmp_path)
     assert out.returncode == 2 and out.stdout == "", out.stdout
@@ -406,12 +620,20 @@ def test_a_node_log_keeps_the_first_error_and_cuts_the_lost_rendezvous_noise():
     # without the rank's own line, the rendezvous error is what is known, said as such
     f = LogFilter()
     assert [k for line in lines if line != error for k in f.feed(line)] + f.flush() == kept[1:]
-    assert f.summary() == ("the rendezvous with the other nodes failed (torch.distributed.elastic.rendezvous.api."
-                           "RendezvousConnectionError: The connection to the C10d store has failed. See inner exception "
-                           "for details.); if another node's log ends with an error, that one came first")
+    assert f.summary() == (
+        "the rendezvous with the other nodes failed (torch.distributed.elastic.rendezvous.api."
+        "RendezvousConnectionError: The connection to the C10d store has failed. See inner exception "
+        "for details.); if another node's log ends with an error, that one came first"
+    )
     # a worker's own traceback passes whole, and its exception is the error
-    worker = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "    f()",
-              "ValueError: the batch is empty", "", "a log line after it"]
+    worker = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "    f()",
+        "ValueError: the batch is empty",
+        "",
+        "a log line after it",
+    ]
     f = LogFilter()
     assert [k for line in worker for k in f.feed(line)] + f.flush() == worker
     assert f.summary() == "ValueError: the batch is empty"
@@ -421,8 +643,17 @@ def test_memory_per_gpu_scales_with_each_jobs_gpus_and_cpu_jobs_ask_for_mem(monk
     from medlava.cluster import slurm
     from medlava.cluster.sinfo import parse_sinfo
 
-    cfg = load_config(TINY, ["cluster.gpus_per_node=8", "cluster.mem_per_gpu=80G", "cluster.mem=32G",
-                             "cluster.partition=gpu", "infer.chunks=2", "run_id=m"])
+    cfg = load_config(
+        TINY,
+        [
+            "cluster.gpus_per_node=8",
+            "cluster.mem_per_gpu=80G",
+            "cluster.mem=32G",
+            "cluster.partition=gpu",
+            "infer.chunks=2",
+            "run_id=m",
+        ],
+    )
     jobs = {j.name: j for j in stage_jobs(["prepare", "sft", "infer"], "c.yaml", [], cfg)}
     params = {n: sbatch_parameters(j, cfg, Path("/r"), None) for n, j in jobs.items()}
     assert params["sft"]["mem_per_gpu"] == "80G" and "mem" not in params["sft"]  # SLURM takes one of the two

@@ -47,8 +47,9 @@ CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
 def medlava(*args, env, check=True, **kw):
-    out = subprocess.run([sys.executable, "-m", "medlava", *map(str, args)], env=env, capture_output=True, text=True,
-                         **kw)
+    out = subprocess.run(
+        [sys.executable, "-m", "medlava", *map(str, args)], env=env, capture_output=True, text=True, **kw
+    )
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
@@ -69,12 +70,19 @@ def trained(tmp_path_factory):
     medlava("prepare", *base, "run_id=p", env=env)
     tic = time.perf_counter()
     out = medlava("cnn", *base, "run_id=c", env=env)
-    return {"tmp": tmp, "env": env, "base": base, "run": tmp / "runs" / "tiny" / "cnn" / "c",
-            "prepared": tmp / "runs" / "tiny" / "prepare" / "p", "seconds": time.perf_counter() - tic,
-            "log": out.stderr}
+    return {
+        "tmp": tmp,
+        "env": env,
+        "base": base,
+        "run": tmp / "runs" / "tiny" / "cnn" / "c",
+        "prepared": tmp / "runs" / "tiny" / "prepare" / "p",
+        "seconds": time.perf_counter() - tic,
+        "log": out.stderr,
+    }
 
 
 # -- the stage --------------------------------------------------------------------------------------------------
+
 
 def test_metadata_model_beats_the_majority_class(trained):
     run, prepared = trained["run"], trained["prepared"]
@@ -92,8 +100,9 @@ def test_metadata_model_beats_the_majority_class(trained):
     majority = pred.assign(prediction=train_labels.mode()[0])  # always the most frequent training class
     base = classification_metrics(majority, CLASSES, n_bootstrap=0)
     # `medlava eval` scores the CNN's predictions.csv exactly as it scores an infer run's
-    out = medlava("eval", "--predictions", run, "--out", trained["tmp"] / "eval", "--n-bootstrap", "200",
-                  env=trained["env"])
+    out = medlava(
+        "eval", "--predictions", run, "--out", trained["tmp"] / "eval", "--n-bootstrap", "200", env=trained["env"]
+    )
     m = json.loads((trained["tmp"] / "eval" / "metrics.json").read_text())
     assert "macro_f1" in out.stdout and m["n"] == len(test_ids) and m["unmapped"] == 0
     assert m["accuracy"] > base["accuracy"] + 0.1, (m["accuracy"], base["accuracy"])
@@ -101,8 +110,10 @@ def test_metadata_model_beats_the_majority_class(trained):
     assert m["macro_f1"] > base["macro_f1"] + 0.3
     assert m["macro_auc"] > 0.85
     assert done["best_val"]["macro_f1"] == max(h for h in pd.read_csv(run / "history.csv")["val_macro_f1"])
-    print(f"cnn stage: {trained['seconds']:.1f} s; test accuracy {m['accuracy']:.3f} (majority "
-          f"{base['accuracy']:.3f}), macro-F1 {m['macro_f1']:.3f} (majority {base['macro_f1']:.3f})")
+    print(
+        f"cnn stage: {trained['seconds']:.1f} s; test accuracy {m['accuracy']:.3f} (majority "
+        f"{base['accuracy']:.3f}), macro-F1 {m['macro_f1']:.3f} (majority {base['macro_f1']:.3f})"
+    )
 
 
 def test_phases_train_what_train_info_says_and_log_their_rates(trained):
@@ -143,16 +154,33 @@ def test_prediction_needs_only_the_checkpoint(trained, tmp_path):
     for s in read_samples(prepared / "test.jsonl"):
         shutil.copy(Path(json.loads((prepared / "dataset.json").read_text())["image_root"]) / s["image"], images)
         m = s["meta"]
-        rows.append({"image": Path(s["image"]).name, "id": s["id"], "age": m["age"], "sex": m["sex"],
-                     "localization": m["localization"], "dx": m["label"]})
+        rows.append(
+            {
+                "image": Path(s["image"]).name,
+                "id": s["id"],
+                "age": m["age"],
+                "sex": m["sex"],
+                "localization": m["localization"],
+                "dx": m["label"],
+            }
+        )
     pd.DataFrame(rows).to_csv(images / "cases.csv", index=False)
     away = trained["tmp"] / "away"
     away.mkdir()
     for path in (trained["tmp"] / "ham", trained["tmp"] / "runs"):
         shutil.move(path, away / path.name)
     try:
-        medlava("predict", "--checkpoint", ckpt, "--images", images / "cases.csv", "--out", tmp_path / "p.csv",
-                env=trained["env"], cwd=tmp_path)
+        medlava(
+            "predict",
+            "--checkpoint",
+            ckpt,
+            "--images",
+            images / "cases.csv",
+            "--out",
+            tmp_path / "p.csv",
+            env=trained["env"],
+            cwd=tmp_path,
+        )
     finally:
         for path in away.iterdir():
             shutil.move(path, trained["tmp"] / path.name)
@@ -164,12 +192,15 @@ def test_prediction_needs_only_the_checkpoint(trained, tmp_path):
 
     # The same images without metadata (a folder): median age and "unknown" fill in, the answer changes
     (images / "cases.csv").unlink()
-    out = medlava("predict", "--checkpoint", ckpt, "--images", images, "--out", tmp_path / "bare.csv",
-                  env=trained["env"])
+    out = medlava(
+        "predict", "--checkpoint", ckpt, "--images", images, "--out", tmp_path / "bare.csv", env=trained["env"]
+    )
     n, median = len(ours), spec["meta"]["age_median"]
-    assert (f"filled with training defaults (the model uses patient metadata): age missing for {n} of {n} image(s): "
-            f"the training median age {median:g}; sex missing for {n} of {n} image(s): 'unknown'; localization "
-            f"missing for {n} of {n} image(s): 'unknown'") in out.stderr
+    assert (
+        f"filled with training defaults (the model uses patient metadata): age missing for {n} of {n} image(s): "
+        f"the training median age {median:g}; sex missing for {n} of {n} image(s): 'unknown'; localization "
+        f"missing for {n} of {n} image(s): 'unknown'"
+    ) in out.stderr
     bare = pd.read_csv(tmp_path / "bare.csv", keep_default_na=False).set_index("id").loc[ours.index]
     assert np.abs(bare[cols].to_numpy() - ours[cols].to_numpy()).max() > 1e-3
 
@@ -205,9 +236,24 @@ def test_stop_request_checkpoints_and_a_rerun_resumes_exactly(trained):
 
 def test_two_processes_train_under_torchrun(trained):
     tmp, env, base = trained["tmp"], trained["env"], trained["base"]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "medlava", "cnn", *map(str, base), "run_id=ddp", "cnn.epochs=3"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "medlava",
+            "cnn",
+            *map(str, base),
+            "run_id=ddp",
+            "cnn.epochs=3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp / "runs" / "tiny" / "cnn" / "ddp"
     info = json.loads((run / "train_info.json").read_text())
@@ -223,10 +269,19 @@ def test_compare_lines_up_cnn_and_eval_runs(trained, tmp_path):
     """A cnn run (scored in memory from predictions.csv) and an eval run of the same predictions give one table
     with the same numbers."""
     ev = tmp_path / "eval"
-    medlava("eval", "--predictions", trained["run"] / "predictions.csv", "--out", ev, "--n-bootstrap", "100",
-            env=trained["env"])
-    out = medlava("compare", f"cnn={trained['run']}", ev, "--out", tmp_path / "cmp", "--n-bootstrap", "100",
-                  env=trained["env"])
+    medlava(
+        "eval",
+        "--predictions",
+        trained["run"] / "predictions.csv",
+        "--out",
+        ev,
+        "--n-bootstrap",
+        "100",
+        env=trained["env"],
+    )
+    out = medlava(
+        "compare", f"cnn={trained['run']}", ev, "--out", tmp_path / "cmp", "--n-bootstrap", "100", env=trained["env"]
+    )
     table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
     assert table["run"].tolist() == ["cnn", f"{tmp_path.parts[-2]}/{tmp_path.name}/eval"]
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
@@ -241,21 +296,28 @@ def test_compare_lines_up_cnn_and_eval_runs(trained, tmp_path):
 def test_compare_refuses_what_it_cannot_line_up(tmp_path):
     (tmp_path / "vqa").mkdir()
     (tmp_path / "vqa" / "metrics.json").write_text(json.dumps({"family": "vqa", "n_closed": 3}))
-    out = subprocess.run([sys.executable, "-m", "medlava", "compare", str(tmp_path / "vqa"), str(tmp_path / "none")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "medlava", "compare", str(tmp_path / "vqa"), str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "vqa metrics; compare lines up classification runs" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "medlava", "compare", str(tmp_path / "none")], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "medlava", "compare", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "none does not exist" in out.stderr
 
 
 # -- the model and its parts ------------------------------------------------------------------------------------
 
+
 def test_meta_encoder_fills_missing_values_with_training_statistics():
-    metas = [{"age": 30.0, "sex": "male", "localization": "back"},
-             {"age": 50.0, "sex": "Female ", "localization": None},
-             {"age": None, "sex": "unknown", "localization": "face"},
-             {"age": 70.0, "sex": None, "localization": "back"}]
+    metas = [
+        {"age": 30.0, "sex": "male", "localization": "back"},
+        {"age": 50.0, "sex": "Female ", "localization": None},
+        {"age": None, "sex": "unknown", "localization": "face"},
+        {"age": 70.0, "sex": None, "localization": "back"},
+    ]
     enc = MetaEncoder.fit(metas)
     assert enc.sexes == ("unknown", "female", "male") and enc.localizations == ("unknown", "back", "face")
     assert (enc.age_mean, enc.age_median) == (50.0, 50.0) and enc.age_std == pytest.approx(np.std([30, 50, 70]))
@@ -264,17 +326,23 @@ def test_meta_encoder_fills_missing_values_with_training_statistics():
     assert enc.encode({"age": float("nan"), "sex": "FEMALE", "localization": "scalp"}) == (0.0, 1, 0)
     assert enc.unseen([{"localization": "scalp"}, {"sex": "male"}]) == {"localization": ["scalp"]}
     assert enc.missing([{"localization": "scalp"}, {"sex": "male", "age": 3.0}, {"age": ""}]) == {
-        "age": (2, "the training median age 50"), "sex": (2, "'unknown'"), "localization": (2, "'unknown'")}
+        "age": (2, "the training median age 50"),
+        "sex": (2, "'unknown'"),
+        "localization": (2, "'unknown'"),
+    }
     assert enc.missing([{"age": 1, "sex": "x", "localization": "y"}]) == {}
     with pytest.raises(InputError, match="no training sample has an age"):
         MetaEncoder.fit([{"sex": "male"}])
 
 
-@pytest.mark.parametrize("fraction, open_prefixes", [
-    (0.5, ("layer2.1.", "layer3.", "layer4.")),  # ceil(0.5 x 9 groups) = the last 5 blocks
-    (0.2, ("layer4.",)),                           # ceil(1.8) = 2: layer4.0 and layer4.1
-    (1.0, ("",)),
-])
+@pytest.mark.parametrize(
+    "fraction, open_prefixes",
+    [
+        (0.5, ("layer2.1.", "layer3.", "layer4.")),  # ceil(0.5 x 9 groups) = the last 5 blocks
+        (0.2, ("layer4.",)),  # ceil(1.8) = 2: layer4.0 and layer4.1
+        (1.0, ("",)),
+    ],
+)
 def test_two_phases_freeze_and_unfreeze_exactly_the_parameters_they_say(fraction, open_prefixes):
     """Phase 1 trains only the head and the metadata branch; phase 2 opens the last `fraction` of resnet18's
     nine layer groups (stem, layer1.0 ... layer4.1). Training changes exactly what is open; frozen batch norms
@@ -282,15 +350,21 @@ def test_two_phases_freeze_and_unfreeze_exactly_the_parameters_they_say(fraction
     torch.manual_seed(0)
     meta = MetaEncoder(("unknown", "female", "male"), ("unknown", "back"), 50.0, 15.0, 50.0)
     model = CnnClassifier(new_spec("resnet18", CLASSES, 32, [16], 0.0, meta))
-    batch = {"image": torch.randn(6, 3, 32, 32), "age": torch.randn(6), "sex": torch.tensor([0, 1, 2, 0, 1, 2]),
-             "localization": torch.tensor([0, 1, 0, 1, 0, 1])}
+    batch = {
+        "image": torch.randn(6, 3, 32, 32),
+        "age": torch.randn(6),
+        "sex": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "localization": torch.tensor([0, 1, 0, 1, 0, 1]),
+    }
     labels = torch.arange(6)
 
     for frozen in (True, False):
         report = set_phase(model, frozen=frozen, unfreeze_fraction=fraction)
-        expect_open = {n for n, _ in model.named_parameters()
-                       if not n.startswith("backbone.") or
-                       (not frozen and n.removeprefix("backbone.").startswith(open_prefixes))}
+        expect_open = {
+            n
+            for n, _ in model.named_parameters()
+            if not n.startswith("backbone.") or (not frozen and n.removeprefix("backbone.").startswith(open_prefixes))
+        }
         assert {n for n, p in model.named_parameters() if p.requires_grad} == expect_open
         open_count = sum(p.numel() for n, p in model.named_parameters() if n in expect_open)
         assert report["parameters"]["trainable"] == open_count
@@ -320,8 +394,12 @@ def test_efficientnetv2_s_groups_its_blocks_and_opens_the_last_30_percent():
     assert (report["backbone_groups"], report["trainable_groups"]) == (41, 13)
     assert report["first_trainable_group"].startswith("blocks.5.2.")  # groups 28..40 of 0..40
     open_backbone = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
-    assert {"conv_head.weight", "bn2.weight", "blocks.5.14.conv_pw.weight",
-            "blocks.5.2.conv_pw.weight"} <= open_backbone
+    assert {
+        "conv_head.weight",
+        "bn2.weight",
+        "blocks.5.14.conv_pw.weight",
+        "blocks.5.2.conv_pw.weight",
+    } <= open_backbone
     assert "blocks.5.1.conv_pw.weight" not in open_backbone and "conv_stem.weight" not in open_backbone
     assert model.backbone.num_features == 1280 and model.head[-1].in_features == 128
 
@@ -390,18 +468,23 @@ def test_class_balance_by_weights_or_by_sampling():
 
 
 def test_a_sample_with_a_bad_label_is_named(tmp_path):
-    samples = [{"id": "x1", "image": "a.jpg", "meta": {"label": "nv"}}, {"id": "x2", "image": "b.jpg",
-                                                                         "meta": {"label": "melanoma"}}]
+    samples = [
+        {"id": "x1", "image": "a.jpg", "meta": {"label": "nv"}},
+        {"id": "x2", "image": "b.jpg", "meta": {"label": "melanoma"}},
+    ]
     with pytest.raises(InputError, match=r"train.jsonl: sample x2 has label 'melanoma', not one of"):
         sample_items(samples, tmp_path, CLASSES, tmp_path / "train.jsonl")
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("cnn.frozen_epochs=8", "cnn.frozen_epochs=8 leaves no epoch to fine-tune in (cnn.epochs=8)"),
-    ("cnn.unfreeze_fraction=0", "cnn.unfreeze_fraction: Input should be greater than 0"),
-    ("cnn.class_balance=oversample", "cnn.class_balance: Input should be 'none', 'weights' or 'sampler'"),
-    ("cnn.archh=resnet50", "cnn.archh: unknown key. Did you mean cnn.arch?"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("cnn.frozen_epochs=8", "cnn.frozen_epochs=8 leaves no epoch to fine-tune in (cnn.epochs=8)"),
+        ("cnn.unfreeze_fraction=0", "cnn.unfreeze_fraction: Input should be greater than 0"),
+        ("cnn.class_balance=oversample", "cnn.class_balance: Input should be 'none', 'weights' or 'sampler'"),
+        ("cnn.archh=resnet50", "cnn.archh: unknown key. Did you mean cnn.arch?"),
+    ],
+)
 def test_bad_cnn_settings_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(TINY_CNN, [override])
@@ -412,9 +495,27 @@ def test_bad_cnn_settings_are_refused_naming_the_key(override, needle):
 
 def test_submit_runs_cnn_under_torchrun_like_the_other_training_stages(tmp_path):
     complete_runs(tmp_path, "prepare")
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cnn", "--config", str(TINY_CNN),
-                          "--dry-run", "--executor", "local", "--gpus", "4", "--output-root", str(tmp_path),
-                          "run_id=r1"], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "submit.py"),
+            "cnn",
+            "--config",
+            str(TINY_CNN),
+            "--dry-run",
+            "--executor",
+            "local",
+            "--gpus",
+            "4",
+            "--output-root",
+            str(tmp_path),
+            "run_id=r1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     cmds = [line for line in out.stdout.splitlines() if " -m medlava " in line]
     assert len(cmds) == 1 and "--nproc_per_node=4 --standalone -m medlava cnn --config" in cmds[0]
     assert "run_id=r1" in cmds[0] and "cluster.gpus_per_node=4" in cmds[0]
@@ -422,8 +523,14 @@ def test_submit_runs_cnn_under_torchrun_like_the_other_training_stages(tmp_path)
 
 
 def test_missing_pretrained_file_is_refused_with_the_fix(trained):
-    out = medlava("cnn", *trained["base"], "run_id=nofile", "cnn.pretrained=/nowhere/w.safetensors",
-                  env=trained["env"], check=False)
+    out = medlava(
+        "cnn",
+        *trained["base"],
+        "run_id=nofile",
+        "cnn.pretrained=/nowhere/w.safetensors",
+        env=trained["env"],
+        check=False,
+    )
     assert out.returncode == 2
     assert "cnn.pretrained=/nowhere/w.safetensors does not exist" in out.stderr and "cnn.pretrained=null" in out.stderr
     assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nofile").exists()  # refused before a run starts
@@ -434,8 +541,11 @@ def test_a_diverging_cnn_stops_and_a_resume_with_other_settings_is_refused(train
     env, base = trained["env"], trained["base"]
     out = medlava("cnn", *base, "run_id=nan", "cnn.lr=1e30", env=env, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava cnn: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it is "
-                     r"written and the run is not complete\. Lower cnn\.lr \(now 1e\+30\)", out.stderr), out.stderr[-3000:]
+    assert re.search(
+        r"medlava cnn: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it is "
+        r"written and the run is not complete\. Lower cnn\.lr \(now 1e\+30\)",
+        out.stderr,
+    ), out.stderr[-3000:]
     assert not (trained["tmp"] / "runs" / "tiny" / "cnn" / "nan" / "COMPLETE.json").exists()
 
     stopped = trained["run"].with_name("resumed-other")  # the finished run, as if killed before COMPLETE.json
@@ -444,6 +554,9 @@ def test_a_diverging_cnn_stops_and_a_resume_with_other_settings_is_refused(train
     config = (stopped / "config.yaml").read_bytes()
     out = medlava("cnn", *base, "run_id=resumed-other", "cnn.lr=0.05", "cnn.predict_split=val", env=env, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava cnn: \S+/resumed-other/checkpoints/epoch-\d+ was trained with other settings \(cnn\.lr: 0\.01 "
-                     r"then, 0\.05 now\); resuming it", out.stderr), out.stderr[-3000:]  # predict_split: not the weights
+    assert re.search(
+        r"medlava cnn: \S+/resumed-other/checkpoints/epoch-\d+ was trained with other settings \(cnn\.lr: 0\.01 "
+        r"then, 0\.05 now\); resuming it",
+        out.stderr,
+    ), out.stderr[-3000:]  # predict_split: not the weights
     assert (stopped / "config.yaml").read_bytes() == config

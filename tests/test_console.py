@@ -50,10 +50,13 @@ def test_deepspeed_and_torch_notices_are_dropped_from_their_loggers_only(caplog)
     silence_known_warnings()  # twice: still one filter each
     assert len(logging.getLogger("DeepSpeed").filters) == 1
     with caplog.at_level(logging.WARNING):
-        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, "
-                                               "we were unable to detect it.")
+        logging.getLogger("DeepSpeed").warning(
+            "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+        )
         logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/x")
         logging.getLogger("DeepSpeed").warning("a real DeepSpeed warning")
         logging.getLogger("medlava.test").warning("No CUDA runtime is found (said by someone else)")
-    assert [r.getMessage() for r in caplog.records] == ["a real DeepSpeed warning",
-                                                        "No CUDA runtime is found (said by someone else)"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "a real DeepSpeed warning",
+        "No CUDA runtime is found (said by someone else)",
+    ]

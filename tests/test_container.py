@@ -35,8 +35,14 @@ def constraint(name: str) -> str:
 
 def test_versions_file_is_the_only_source_of_pins_and_constraints_agree():
     v = versions()
-    assert set(v) == {"CUDA_IMAGE", "TORCH_VERSION", "TORCHVISION_VERSION", "TORCH_CUDA", "FLASH_ATTN_VERSION",
-                      "LLAVA_MED_COMMIT"}
+    assert set(v) == {
+        "CUDA_IMAGE",
+        "TORCH_VERSION",
+        "TORCHVISION_VERSION",
+        "TORCH_CUDA",
+        "FLASH_ATTN_VERSION",
+        "LLAVA_MED_COMMIT",
+    }
     text = DEF.read_text()
     assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", text)) == set(v), "every pin used, and only these"
     assert "arguments" not in sections(text), "defaults in %arguments would be a second place for pins"
@@ -56,16 +62,26 @@ def test_def_builds_from_the_cuda_image_installs_medlava_pinned_and_tests_it():
     assert ["constraints.txt", "/opt/medlava/src/constraints.txt"] in files and ["pkg", "/opt/medlava/src/pkg"] in files
     post = s["post"]
     joined = post.replace("\\\n", " ")  # continuation lines as the shell reads them
-    assert re.search(r'"torch==\{\{ TORCH_VERSION \}\}" "torchvision==\{\{ TORCHVISION_VERSION \}\}"\s+'
-                     r'--index-url "https://download.pytorch.org/whl/\{\{ TORCH_CUDA \}\}"', joined)
+    assert re.search(
+        r'"torch==\{\{ TORCH_VERSION \}\}" "torchvision==\{\{ TORCHVISION_VERSION \}\}"\s+'
+        r'--index-url "https://download.pytorch.org/whl/\{\{ TORCH_CUDA \}\}"',
+        joined,
+    )
     extras = re.search(r'"/opt/medlava/src\[([a-z,]+)\]"', post).group(1).split(",")
     assert "-c /opt/medlava/src/constraints.txt" in post and {"gpu", "metrics", "data", "cnn"} <= set(extras)
     assert '"flash-attn=={{ FLASH_ATTN_VERSION }}"' in post
-    assert "--no-deps \"git+https://github.com/microsoft/LLaVA-Med.git@{{ LLAVA_MED_COMMIT }}\"" in post
+    assert '--no-deps "git+https://github.com/microsoft/LLaVA-Med.git@{{ LLAVA_MED_COMMIT }}"' in post
     test = s["test"]
-    for needle in ("torch.version.cuda", "torch.cuda.is_available()", "import flash_attn", "{{ TORCHVISION_VERSION }}",
-                   'version("flash-attn") == "{{ FLASH_ATTN_VERSION }}"', "{{ LLAVA_MED_COMMIT }}",
-                   "import medlava.cli", "medlava --help"):
+    for needle in (
+        "torch.version.cuda",
+        "torch.cuda.is_available()",
+        "import flash_attn",
+        "{{ TORCHVISION_VERSION }}",
+        'version("flash-attn") == "{{ FLASH_ATTN_VERSION }}"',
+        "{{ LLAVA_MED_COMMIT }}",
+        "import medlava.cli",
+        "medlava --help",
+    ):
         assert needle in test, needle
     python_test = test.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     compile(python_test, "%test", "exec")  # the embedded check is valid Python
@@ -77,8 +93,9 @@ def test_build_script_passes_every_pin_as_a_build_arg(tmp_path):
     fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$APPTAINER_ARGS"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "APPTAINER_ARGS": str(tmp_path / "args")}
-    subprocess.run([str(ROOT / "containers" / "build.sh"), str(tmp_path / "out dir" / "m.sif")], env=env, check=True,
-                   cwd=tmp_path)
+    subprocess.run(
+        [str(ROOT / "containers" / "build.sh"), str(tmp_path / "out dir" / "m.sif")], env=env, check=True, cwd=tmp_path
+    )
     args = (tmp_path / "args").read_text().splitlines()
     assert args[0] == "build" and args[-2:] == [str(tmp_path / "out dir" / "m.sif"), "containers/medlava.def"]
     pairs = [args[i + 1] for i, a in enumerate(args) if a == "--build-arg"]
@@ -88,11 +105,13 @@ def test_build_script_passes_every_pin_as_a_build_arg(tmp_path):
 def test_binds_cover_data_output_cache_and_recipe_without_nesting(tmp_path):
     (tmp_path / "data").mkdir()
     cfg = load_config(TINY, [f"data.root={tmp_path / 'data' / 'ham'}", f"output_root={tmp_path / 'out'}"])
-    binds = bind_paths(cfg, str(TINY), {"MEDLAVA_CACHE": str(tmp_path / "out" / "cache"),
-                                        "HF_HOME": str(tmp_path / "hf")})
+    binds = bind_paths(
+        cfg, str(TINY), {"MEDLAVA_CACHE": str(tmp_path / "out" / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    )
     # data.root does not exist yet (prepare generates it): its parent is bound; the cache sits inside out/.
-    assert sorted(binds) == sorted([str(tmp_path / "data"), str(tmp_path / "out"), str(TINY.parent),
-                                    str(tmp_path / "hf")])
+    assert sorted(binds) == sorted(
+        [str(tmp_path / "data"), str(tmp_path / "out"), str(TINY.parent), str(tmp_path / "hf")]
+    )
     with pytest.raises(ValueError, match="cannot contain ':' or ','"):
         bind_paths(load_config(TINY, [f"output_root={tmp_path / 'a:b'}"]), str(TINY), {})
 
@@ -101,11 +120,18 @@ def test_binds_cover_the_checkpoints_images_and_weights_the_recipe_names(tmp_pat
     for d in ("data", "models/llava-med", "scratch/imgs", "weights"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "weights" / "effnet.safetensors").write_bytes(b"")
-    cfg = load_config(TINY, [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}",
-                             f"model.name_or_path={tmp_path / 'models/llava-med'}",
-                             f"infer.image_root={tmp_path / 'scratch/imgs'}",
-                             f"cnn.pretrained={tmp_path / 'weights/effnet.safetensors'}",
-                             "sft.init_from=latest", "eval.bertscore_model=roberta-large"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.root={tmp_path / 'data'}",
+            f"output_root={tmp_path / 'out'}",
+            f"model.name_or_path={tmp_path / 'models/llava-med'}",
+            f"infer.image_root={tmp_path / 'scratch/imgs'}",
+            f"cnn.pretrained={tmp_path / 'weights/effnet.safetensors'}",
+            "sft.init_from=latest",
+            "eval.bertscore_model=roberta-large",
+        ],
+    )
     binds = set(bind_paths(cfg, str(TINY), {"MEDLAVA_CACHE": str(tmp_path / "out" / "cache")}))
     # a file binds its folder; `latest` and a hub id are not paths here, so nothing is bound for them
     assert {str(tmp_path / "models/llava-med"), str(tmp_path / "scratch/imgs"), str(tmp_path / "weights")} <= binds
@@ -117,10 +143,33 @@ def test_container_command_wraps_the_same_torchrun_line(tmp_path):
     image = tmp_path / "img dir" / "medlava.sif"
     image.parent.mkdir()
     image.write_bytes(b"SIF")
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "sft", "--config", str(TINY),
-                          "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus", "0", "--cpus-per-task", "1",
-                          "--container", str(image), "--output-root", str(tmp_path / "runs"),
-                          f"data.root={tmp_path / 'ham'}", "run_id=c"], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "submit.py"),
+            "sft",
+            "--config",
+            str(TINY),
+            "--executor",
+            "slurm",
+            "--dry-run",
+            "--nodes",
+            "2",
+            "--gpus",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--container",
+            str(image),
+            "--output-root",
+            str(tmp_path / "runs"),
+            f"data.root={tmp_path / 'ham'}",
+            "run_id=c",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     command = out.stdout.rstrip().splitlines()[-1]
     argv = shlex.split(command.replace('"${', "${").replace('}"', "}"))
@@ -129,9 +178,9 @@ def test_container_command_wraps_the_same_torchrun_line(tmp_path):
     # data.root is not made yet, so its parent (tmp_path) is bound, and the output root inside it with it
     assert {str(tmp_path), str(TINY.parent)} <= set(binds) and str(tmp_path / "runs") not in binds
     i = argv.index(str(image))
-    assert argv[i + 1:i + 4] == ["python", "-m", "torch.distributed.run"]  # the image's python, not ours
+    assert argv[i + 1 : i + 4] == ["python", "-m", "torch.distributed.run"]  # the image's python, not ours
     assert "--nnodes=2" in argv and "--node_rank=${SLURM_NODEID}" in argv
-    assert argv[argv.index("medlava") - 1:argv.index("medlava") + 2] == ["-m", "medlava", "sft"]
+    assert argv[argv.index("medlava") - 1 : argv.index("medlava") + 2] == ["-m", "medlava", "sft"]
 
 
 def test_missing_image_is_refused():
@@ -139,4 +188,13 @@ def test_missing_image_is_refused():
     with pytest.raises(ValueError, match="container image /nowhere/medlava.sif does not exist"):
         apptainer_for(cfg, str(TINY))
     assert Apptainer("/i.sif", ("/a", "/b c")).wrap(["python", "-m", "medlava"]) == [
-        "apptainer", "exec", "--nv", "--bind=/a", "--bind=/b c", "/i.sif", "python", "-m", "medlava"]
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind=/a",
+        "--bind=/b c",
+        "/i.sif",
+        "python",
+        "-m",
+        "medlava",
+    ]

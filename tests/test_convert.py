@@ -28,22 +28,56 @@ from transformers import (
 )
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
-CLIP = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 N_PATCHES = (32 // 8) ** 2
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
-            tie_word_embeddings=False)
-ARCH = {"mistral": ("LlavaMistralForCausalLM", "llava_mistral", MistralConfig, MistralForCausalLM),
-        "llama": ("LlavaLlamaForCausalLM", "llava", LlamaConfig, LlamaForCausalLM)}
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+)
+ARCH = {
+    "mistral": ("LlavaMistralForCausalLM", "llava_mistral", MistralConfig, MistralForCausalLM),
+    "llama": ("LlavaLlamaForCausalLM", "llava", LlamaConfig, LlamaForCausalLM),
+}
 # What LLaVA-Med v1.5's config.json carries besides the Mistral fields, leftovers included.
-LLAVA_KEYS = {"mm_hidden_size": 128, "mm_patch_merge_type": "flat", "mm_projector_lr": None,
-              "mm_projector_type": "mlp2x_gelu", "mm_resampler_type": None, "mm_use_im_patch_token": False,
-              "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
-              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "image_aspect_ratio": "pad",
-              "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False,
-              "freeze_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": False, "use_mm_proj": True,
-              "torch_dtype": "float32", "transformers_version": "4.36.2", "_name_or_path": "llava-med-v1.5"}
+LLAVA_KEYS = {
+    "mm_hidden_size": 128,
+    "mm_patch_merge_type": "flat",
+    "mm_projector_lr": None,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_resampler_type": None,
+    "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "image_aspect_ratio": "pad",
+    "tokenizer_model_max_length": 2048,
+    "tokenizer_padding_side": "right",
+    "tune_mm_mlp_adapter": False,
+    "freeze_mm_mlp_adapter": False,
+    "unfreeze_mm_vision_tower": False,
+    "use_mm_proj": True,
+    "torch_dtype": "float32",
+    "transformers_version": "4.36.2",
+    "_name_or_path": "llava-med-v1.5",
+}
 
 
 def original_tokenizer(pad: str | None) -> PreTrainedTokenizerFast:
@@ -51,16 +85,28 @@ def original_tokenizer(pad: str | None) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["[INST] What is shown in this scan? [/INST] a chest x-ray</s>"] * 4,
-                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token=pad)
+    tok.train_from_iterator(
+        ["[INST] What is shown in this scan? [/INST] a chest x-ray</s>"] * 4,
+        trainer=trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad
+    )
 
 
-def write_original(root: Path, arch: str = "mistral", store_tower: bool = True, pad: str | None = None,
-                   extra_vocab: int = 0, seed: int = 0) -> dict:
+def write_original(
+    root: Path,
+    arch: str = "mistral",
+    store_tower: bool = True,
+    pad: str | None = None,
+    extra_vocab: int = 0,
+    seed: int = 0,
+) -> dict:
     """An original-layout LLaVA checkpoint: two safetensors shards + index, LLaVA's config.json, tokenizer."""
     torch.manual_seed(seed)
     name, model_type, text_cls, lm_cls = ARCH[arch]
@@ -71,8 +117,12 @@ def write_original(root: Path, arch: str = "mistral", store_tower: bool = True, 
     lm = lm_cls(text_cfg)
     clip = CLIPVisionModel(CLIPVisionConfig(**CLIP))
     state = {k: v.clone() for k, v in lm.state_dict().items()}
-    state |= {"model.mm_projector.0.weight": torch.randn(64, 128) * 0.05, "model.mm_projector.0.bias": torch.randn(64),
-              "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1, "model.mm_projector.2.bias": torch.randn(64)}
+    state |= {
+        "model.mm_projector.0.weight": torch.randn(64, 128) * 0.05,
+        "model.mm_projector.0.bias": torch.randn(64),
+        "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1,
+        "model.mm_projector.2.bias": torch.randn(64),
+    }
     if store_tower:
         state |= {TOWER + k: v.clone() for k, v in clip.state_dict().items()}
     root.mkdir(parents=True)
@@ -80,10 +130,20 @@ def write_original(root: Path, arch: str = "mistral", store_tower: bool = True, 
     shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for file, ks in shards.items():
         save_file({k: state[k].contiguous() for k in ks}, str(root / file), metadata={"format": "pt"})
-    (root / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    config = {"architectures": [name], "model_type": model_type, "vocab_size": vocab, "bos_token_id": 1,
-              "eos_token_id": 2, "initializer_range": 0.02, "use_cache": True, **TEXT, **LLAVA_KEYS}
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
+    config = {
+        "architectures": [name],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        **TEXT,
+        **LLAVA_KEYS,
+    }
     if arch == "mistral":
         config["sliding_window"] = None
     (root / "config.json").write_text(json.dumps(config, indent=2))
@@ -94,29 +154,55 @@ def write_original(root: Path, arch: str = "mistral", store_tower: bool = True, 
 def clip_checkpoint(root: Path, seed: int = 1) -> Path:
     """A CLIPModel checkpoint as on the hub (vision + text towers, preprocessor_config.json)."""
     torch.manual_seed(seed)
-    cfg = CLIPConfig(vision_config=CLIP, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                          num_attention_heads=2, vocab_size=100,
-                                                          bos_token_id=0, eos_token_id=1), projection_dim=16)
+    cfg = CLIPConfig(
+        vision_config=CLIP,
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(root)
-    (root / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "image_mean": [0.5, 0.4, 0.3], "image_std": [0.25, 0.26, 0.27], "resample": 3, "size": 32,
-        "feature_extractor_type": "CLIPFeatureExtractor"}))
+    (root / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": 32,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "image_mean": [0.5, 0.4, 0.3],
+                "image_std": [0.25, 0.26, 0.27],
+                "resample": 3,
+                "size": 32,
+                "feature_extractor_type": "CLIPFeatureExtractor",
+            }
+        )
+    )
     return root
 
 
-def reference_logits(orig: dict, clip: CLIPVisionModel, before: list[int], after: list[int],
-                     pixels: torch.Tensor) -> torch.Tensor:
+def reference_logits(
+    orig: dict, clip: CLIPVisionModel, before: list[int], after: list[int], pixels: torch.Tensor
+) -> torch.Tensor:
     """LLaVA's forward from the original weights, without the converter: LM and CLIP loaded by their own
     classes, projector and image splice by hand (LLaVA's prepare_inputs_labels_for_multimodal)."""
     sd = orig["state"]
     lm = orig["lm_cls"](orig["text_cfg"]).eval()
-    lm.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("model.mm_projector", "model.vision_tower"))},
-                       strict=True)
+    lm.load_state_dict(
+        {k: v for k, v in sd.items() if not k.startswith(("model.mm_projector", "model.vision_tower"))}, strict=True
+    )
     with torch.no_grad():
         feats = clip.eval()(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # layer -2, CLS dropped
-        image = F.linear(F.gelu(F.linear(feats, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
-                         sd["model.mm_projector.2.weight"], sd["model.mm_projector.2.bias"])[0]
+        image = F.linear(
+            F.gelu(F.linear(feats, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
+            sd["model.mm_projector.2.weight"],
+            sd["model.mm_projector.2.bias"],
+        )[0]
         embed = lm.get_input_embeddings()
         embeds = torch.cat([embed(torch.tensor(before)), image, embed(torch.tensor(after))])[None]
         return lm(inputs_embeds=embeds).logits[0]
@@ -152,8 +238,10 @@ def test_key_mapping_on_an_original_layout_checkpoint(mistral):
         assert torch.equal(conv[dst], sd[src]), src
     # Every original tensor lands somewhere exactly once; two rows (<image>, <pad>) are added to the vocabulary.
     assert len(conv) == len(sd) == report["tensors"]
-    for src, dst in (("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
-                     ("lm_head.weight", "lm_head.weight")):
+    for src, dst in (
+        ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+    ):
         assert conv[dst].shape[0] == v + 2 and torch.equal(conv[dst][:v], sd[src])
         assert torch.allclose(conv[dst][v:], sd[src].mean(0).expand(2, -1))
     matched = {k for k, t in conv.items() if any(t.shape == s.shape and torch.equal(t, s) for s in sd.values())}
@@ -205,8 +293,11 @@ def test_converted_processor_pads_to_square_and_expands_the_image(mistral):
     assert ids.count(image_id) == N_PATCHES
     text = [i for i in ids if i != image_id]
     tok = orig["tokenizer"]
-    assert text == tok("[INST] ", add_special_tokens=False)["input_ids"] + \
-        tok("\nWhat is shown in this scan? [/INST]", add_special_tokens=False)["input_ids"]
+    assert (
+        text
+        == tok("[INST] ", add_special_tokens=False)["input_ids"]
+        + tok("\nWhat is shown in this scan? [/INST]", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_missing_vision_tower_is_refused_with_the_fix(tmp_path, capsys):
@@ -236,14 +327,16 @@ def test_bad_sources_are_refused_naming_the_file(tmp_path, mistral):
 
 # ---------------------------------------------------------------- delta
 
+
 def write_bin_shards(root: Path, state: dict[str, torch.Tensor]) -> None:
     """As LLaVA's released deltas: pytorch_model-0000i-of-00002.bin + index."""
     keys = sorted(state)
     shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
     for file, ks in shards.items():
         torch.save({k: state[k] for k in ks}, root / file)
-    (root / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (root / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
 
 
 def test_delta_gives_base_plus_delta_exactly_with_added_tokens(tmp_path):
@@ -268,13 +361,32 @@ def test_delta_gives_base_plus_delta_exactly_with_added_tokens(tmp_path):
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "delta" / f).write_bytes((tmp_path / "target" / f).read_bytes())
 
-    assert main(["convert", "--delta", str(tmp_path / "delta"), "--base", str(tmp_path / "base"),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--delta",
+                str(tmp_path / "delta"),
+                "--base",
+                str(tmp_path / "base"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     out_files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert out_files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
-    out = load_file(tmp_path / "out" / "model-00001-of-00002.safetensors") | \
-        load_file(tmp_path / "out" / "model-00002-of-00002.safetensors")
+    assert out_files == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    out = load_file(tmp_path / "out" / "model-00001-of-00002.safetensors") | load_file(
+        tmp_path / "out" / "model-00002-of-00002.safetensors"
+    )
     assert set(out) == set(delta)
     for k, d in delta.items():
         if k not in base:  # projector and stored tower: the delta's own tensors
@@ -311,8 +423,9 @@ def test_delta_in_transformers_layout_loads_as_base_plus_delta(tmp_path):
 def test_delta_against_the_wrong_base_is_refused(tmp_path):
     write_original(tmp_path / "delta")
     torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(vocab_size=len(original_tokenizer(None)),
-                                     **{**TEXT, "intermediate_size": 96})).save_pretrained(tmp_path / "base")
+    MistralForCausalLM(
+        MistralConfig(vocab_size=len(original_tokenizer(None)), **{**TEXT, "intermediate_size": 96})
+    ).save_pretrained(tmp_path / "base")
     shapes = r"model.layers.0.mlp.\w+_proj.weight: delta \(\d+, \d+\) and base \(\d+, \d+\) do not fit"
     with pytest.raises(InputError, match=shapes):
         apply_delta(tmp_path / "delta", tmp_path / "base", tmp_path / "out")

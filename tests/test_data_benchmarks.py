@@ -10,16 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import TINY, prepare_dataset, rows
 from medlava.config import load_config
 from medlava.data.benchmark import MC_INSTRUCTION, side_by_side
+from medlava.data.synthetic_benchmarks import (
+    make_hf_vqa,
+    make_medxpertqa,
+    make_mmmu,
+    make_omnimedvqa,
+    make_pmc_vqa,
+    make_vqa_rad_osf,
+)
 from medlava.io import InputError
 from medlava.stages import CheckFailed
 from medlava.stages.prepare import run as run_prepare
-from medlava.data.synthetic_benchmarks import (make_hf_vqa, make_medxpertqa, make_mmmu, make_omnimedvqa,
-                                  make_pmc_vqa, make_vqa_rad_osf)
+from PIL import Image
 
 SUBJECTS = "data.mmmu_med.subjects=[Clinical_Medicine,Pharmacy]"
 
@@ -27,15 +32,17 @@ SUBJECTS = "data.mmmu_med.subjects=[Clinical_Medicine,Pharmacy]"
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("releases")
-    return {"root": root,
-            "vqa_rad": make_vqa_rad_osf(root / "VQA_RAD"),
-            "vqa_rad_hf": make_hf_vqa(root / "vqa-rad", {"train": 6, "test": 6}),
-            "path_vqa": make_hf_vqa(root / "path-vqa", {"train": 6, "validation": 4, "test": 5}, seed=7),
-            "pmc_vqa": make_pmc_vqa(root / "PMC-VQA"),
-            "pmc_vqa_2": make_pmc_vqa(root / "PMC-VQA-2", version=2),
-            "omnimedvqa": make_omnimedvqa(root / "OmniMedVQA"),
-            "medxpertqa": make_medxpertqa(root / "MedXpertQA"),
-            "mmmu": make_mmmu(root / "MMMU")}
+    return {
+        "root": root,
+        "vqa_rad": make_vqa_rad_osf(root / "VQA_RAD"),
+        "vqa_rad_hf": make_hf_vqa(root / "vqa-rad", {"train": 6, "test": 6}),
+        "path_vqa": make_hf_vqa(root / "path-vqa", {"train": 6, "validation": 4, "test": 5}, seed=7),
+        "pmc_vqa": make_pmc_vqa(root / "PMC-VQA"),
+        "pmc_vqa_2": make_pmc_vqa(root / "PMC-VQA-2", version=2),
+        "omnimedvqa": make_omnimedvqa(root / "OmniMedVQA"),
+        "medxpertqa": make_medxpertqa(root / "MedXpertQA"),
+        "mmmu": make_mmmu(root / "MMMU"),
+    }
 
 
 def _all(run: Path) -> dict[str, dict]:
@@ -46,8 +53,9 @@ def test_vqa_rad_osf_release(releases, tmp_path):
     out = rows(prepare_dataset("vqa_rad", tmp_path, releases["root"] / "VQA_RAD"))
     records = releases["vqa_rad"]["records"]
     assert {s: len(v) for s, v in out.items()} == {"train": 18, "val": 0, "test": 6}
-    assert sorted(r["id"] for r in out["test"]) == sorted(str(r["qid"]) for r in records
-                                                          if r["phrase_type"].startswith("test"))
+    assert sorted(r["id"] for r in out["test"]) == sorted(
+        str(r["qid"]) for r in records if r["phrase_type"].startswith("test")
+    )
     by_id = {str(r["qid"]): r for r in records}
     for split, rs in out.items():
         for r in rs:
@@ -55,10 +63,17 @@ def test_vqa_rad_osf_release(releases, tmp_path):
             m = r["meta"]
             assert (m["split"], m["task"], m["answer_type"]) == (split, src["answer_type"].lower(), src["answer_type"])
             assert r["image"] == src["image_name"] and r["conversations"][0]["value"] == "<image>\n" + src["question"]
-            assert (m["question_type"], m["phrase_type"], m["image_organ"]) == (src["question_type"],
-                                                                               src["phrase_type"], "CHEST")
-    closed = {r["conversations"][0]["value"].split("\n")[1]: r["meta"] for rs in out.values() for r in rs
-              if r["meta"]["task"] == "closed"}
+            assert (m["question_type"], m["phrase_type"], m["image_organ"]) == (
+                src["question_type"],
+                src["phrase_type"],
+                "CHEST",
+            )
+    closed = {
+        r["conversations"][0]["value"].split("\n")[1]: r["meta"]
+        for rs in out.values()
+        for r in rs
+        if r["meta"]["task"] == "closed"
+    }
     assert closed["Is there a pleural effusion?"]["choices"] == ["yes", "no"]
     assert closed["Which side is the lesion on, left or right?"]["choices"] == ["left", "right"]
     assert "choices" not in closed["Is this a CT or an MRI?"]  # no comma before "X or Y": generated, scored as text
@@ -77,8 +92,9 @@ def test_vqa_rad_and_path_vqa_parquet_copies(releases, tmp_path):
             assert r["meta"]["task"] == ("closed" if src[i]["answer"] in ("yes", "no") else "open")
             # the embedded bytes written out unchanged, once per distinct image
             assert (run / "images" / r["image"]).read_bytes() == src[i]["image"]["bytes"]
-    assert len(list((run / "images").rglob("*.jpg"))) == len({r["image"]["bytes"] for s in releases["vqa_rad_hf"].values()
-                                                               for r in s})
+    assert len(list((run / "images").rglob("*.jpg"))) == len(
+        {r["image"]["bytes"] for s in releases["vqa_rad_hf"].values() for r in s}
+    )
     summary = json.loads((run / "dataset.json").read_text())
     assert summary["image_root"] == str((run / "images").resolve()) and summary["closed"] == "yes/no answers"
     path = rows(prepare_dataset("path_vqa", tmp_path, releases["root"] / "path-vqa", run_id="p"))
@@ -97,12 +113,18 @@ def test_pmc_vqa_csvs(releases, tmp_path, version):
             want = src[split][i]
             m = r["meta"]
             assert r["id"] == f"{split}-{i + 1}" and r["image"] == want["Figure_path"]
-            assert m["task"] == "multiple_choice" and m["choices"] == list("ABCD") and m["answer"] == want["Answer_label"]
+            assert (
+                m["task"] == "multiple_choice" and m["choices"] == list("ABCD") and m["answer"] == want["Answer_label"]
+            )
             assert m["options"]["B"] == want["Choice B"].strip()[2:]  # the "B:" prefix (and its space) taken off
             assert r["conversations"] == [
-                {"from": "human", "value": "<image>\n" + "\n".join([want["Question"], *(f"{k}. {v}" for k, v in
-                                                                    m["options"].items()), MC_INSTRUCTION])},
-                {"from": "gpt", "value": want["Answer_label"]}]
+                {
+                    "from": "human",
+                    "value": "<image>\n"
+                    + "\n".join([want["Question"], *(f"{k}. {v}" for k, v in m["options"].items()), MC_INSTRUCTION]),
+                },
+                {"from": "gpt", "value": want["Answer_label"]},
+            ]
 
 
 def test_pmc_vqa_test_file_choice_and_bad_label(releases, tmp_path):
@@ -111,8 +133,11 @@ def test_pmc_vqa_test_file_choice_and_bad_label(releases, tmp_path):
     (root / "test_clean.csv").write_text("\n".join(text[:3] + [text[3].rsplit(",", 1)[0] + ",Z"] + text[4:]) + "\n")
     with pytest.raises(InputError, match=r"test_clean.csv row 3: answer label 'Z'"):
         prepare_dataset("pmc_vqa", tmp_path, root)
-    out = rows(prepare_dataset("pmc_vqa", tmp_path, root, "data.skip=[unknown_label]", "data.pmc_vqa.train_file=null",
-                               run_id="skip"))
+    out = rows(
+        prepare_dataset(
+            "pmc_vqa", tmp_path, root, "data.skip=[unknown_label]", "data.pmc_vqa.train_file=null", run_id="skip"
+        )
+    )
     assert {s: len(v) for s, v in out.items()} == {"train": 0, "val": 0, "test": 7}
 
 
@@ -127,8 +152,9 @@ def test_omnimedvqa_open_access_and_options(releases, tmp_path):
         assert r["image"] == want["image_path"] and m["source_dataset"] == want["dataset"]
         assert m["modality_type"] == want.get("modality_type", want.get("modality"))  # one file writes `modality`
     with pytest.raises(InputError, match="RUS_CHN/000.png"):  # Restricted-access ships no images
-        prepare_dataset("omnimedvqa", tmp_path, releases["root"] / "OmniMedVQA", "data.omnimedvqa.access=all",
-                        run_id="all")
+        prepare_dataset(
+            "omnimedvqa", tmp_path, releases["root"] / "OmniMedVQA", "data.omnimedvqa.access=all", run_id="all"
+        )
 
 
 def test_medxpertqa_multi_image_questions(releases, tmp_path):
@@ -149,8 +175,11 @@ def test_medxpertqa_multi_image_questions(releases, tmp_path):
             assert seen.size == (40 * len(want["images"]) + 8 * (len(want["images"]) - 1), 32)
             first = np.asarray(Image.open(images / want["images"][0]).convert("RGB"))
             assert np.array_equal(np.asarray(seen)[:, :40], first)
-    first = rows(prepare_dataset("medxpertqa", tmp_path, releases["root"] / "MedXpertQA", "data.medxpertqa.images=first",
-                                 run_id="first"))
+    first = rows(
+        prepare_dataset(
+            "medxpertqa", tmp_path, releases["root"] / "MedXpertQA", "data.medxpertqa.images=first", run_id="first"
+        )
+    )
     assert all(r["image"].startswith("linked/") for r in first["test"])
 
 
@@ -171,14 +200,19 @@ def test_mmmu_medical_subjects(releases, tmp_path):
             assert prompt == f"<image>\n{want['question']}\n\nAnswer the question using a single word or phrase."
             continue
         options = eval(want["options"])  # noqa: S307 (the test's own data)
-        assert m["task"] == "multiple_choice" and list(m["options"].values()) == options and m["answer"] == want["answer"]
+        assert (
+            m["task"] == "multiple_choice" and list(m["options"].values()) == options and m["answer"] == want["answer"]
+        )
         listing = "".join(f"({k}) {o}\n" for k, o in zip("ABCDE", options))
         assert prompt == f"<image>\n{want['question']}\n\n{listing}\n\n{MC_INSTRUCTION}"
         # image_1 only, as MMMU's run_llava.py does
         assert (run / "images" / r["image"]).read_bytes() == want["image_1"]["bytes"]
     two = next(r for r in out["val"] if src[r["id"]]["image_2"])
-    both = rows(prepare_dataset("mmmu_med", tmp_path, releases["root"] / "MMMU", SUBJECTS, "data.mmmu_med.images=all",
-                                run_id="all"))
+    both = rows(
+        prepare_dataset(
+            "mmmu_med", tmp_path, releases["root"] / "MMMU", SUBJECTS, "data.mmmu_med.images=all", run_id="all"
+        )
+    )
     combined = next(r for r in both["val"] if r["id"] == two["id"])
     assert combined["image"] == f"combined/{two['id']}.png"
 
@@ -191,8 +225,11 @@ def test_mmmu_bad_row_named_by_file_and_row(releases, tmp_path):
     df = pd.read_parquet(path)
     df.loc[2, "answer"] = "Q"
     df.to_parquet(path)
-    with pytest.raises(InputError, match=r"Pharmacy/validation-00000-of-00001.parquet row 2: answer 'Q' is not an "
-                                         "option letter"):
+    with pytest.raises(
+        InputError,
+        match=r"Pharmacy/validation-00000-of-00001.parquet row 2: answer 'Q' is not an "
+        "option letter",
+    ):
         prepare_dataset("mmmu_med", tmp_path, root, SUBJECTS)
 
 
@@ -203,8 +240,16 @@ def test_check_lists_every_bad_row_of_a_release(releases, tmp_path):
     recs[0]["gt_answer"], recs[1]["question"] = "not an option", ""
     path.write_text(json.dumps(recs))
     (root / "Images" / "ACRIMA" / "002.png").unlink()
-    cfg = load_config(TINY, ["data.dataset=omnimedvqa", "data.synthetic=null", f"data.root={root}",
-                             f"output_root={tmp_path / 'runs'}", "run_id=check"])
+    cfg = load_config(
+        TINY,
+        [
+            "data.dataset=omnimedvqa",
+            "data.synthetic=null",
+            f"data.root={root}",
+            f"output_root={tmp_path / 'runs'}",
+            "run_id=check",
+        ],
+    )
     with pytest.raises(CheckFailed) as failed:
         run_prepare(cfg, check=True)
     report = json.loads(Path(str(failed.value)).read_text())
@@ -217,4 +262,8 @@ def test_side_by_side_scales_to_one_height():
     a, b = Image.new("RGB", (10, 20), (255, 0, 0)), Image.new("RGB", (30, 10), (0, 255, 0))
     out = side_by_side([a, b])
     assert out.size == (10 + 8 + 60, 20)
-    assert out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((14, 5)) == (0, 0, 0) and out.getpixel((20, 5)) == (0, 255, 0)
+    assert (
+        out.getpixel((0, 0)) == (255, 0, 0)
+        and out.getpixel((14, 5)) == (0, 0, 0)
+        and out.getpixel((20, 5)) == (0, 255, 0)
+    )

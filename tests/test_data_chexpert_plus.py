@@ -23,8 +23,15 @@ SECRET = "sk-test-not-a-real-key-4242"
 
 
 def prepare(tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:
-    return prepare_dataset("chexpert_plus", tmp, root, f"data.image_root={root / 'PNG'}",
-                           "data.split_ratios=[0.5,0.25,0.25]", *overrides, run_id=run_id)
+    return prepare_dataset(
+        "chexpert_plus",
+        tmp,
+        root,
+        f"data.image_root={root / 'PNG'}",
+        "data.split_ratios=[0.5,0.25,0.25]",
+        *overrides,
+        run_id=run_id,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +40,10 @@ def plus(tmp_path_factory) -> Path:
 
 
 def test_rules_qa_is_grounded_in_the_report():
-    qa = rules_qa("There is a small left pleural effusion. The heart is moderately enlarged. No pneumothorax.",
-                  "Possible right lower lobe pneumonia.")
+    qa = rules_qa(
+        "There is a small left pleural effusion. The heart is moderately enlarged. No pneumothorax.",
+        "Possible right lower lobe pneumonia.",
+    )
     assert [(q.question, q.answer) for q in qa] == [
         ("Is there a pleural effusion?", "Yes. There is a small left pleural effusion."),
         ("Where is the pleural effusion?", "Left."),
@@ -45,8 +54,11 @@ def test_rules_qa_is_grounded_in_the_report():
     assert qa[0].choices == ["Yes", "No"] and qa[0].label == "Yes" and qa[1].choices is None
     more = rules_qa("No pneumothorax.", "Possible right lower lobe pneumonia.", n=10)
     assert [(q.kind, q.answer) for q in more] == [
-        ("presence", "No. No pneumothorax."), ("presence", "Possibly. Possible right lower lobe pneumonia."),
-        ("findings", "No pneumothorax."), ("impression", "Possible right lower lobe pneumonia.")]
+        ("presence", "No. No pneumothorax."),
+        ("presence", "Possibly. Possible right lower lobe pneumonia."),
+        ("findings", "No pneumothorax."),
+        ("impression", "Possible right lower lobe pneumonia."),
+    ]
     assert [q.kind for q in rules_qa("", "No acute process.")] == ["impression"]
 
 
@@ -111,12 +123,25 @@ class _Endpoint(BaseHTTPRequestHandler):
             return
         n = body["response_format"]["json_schema"]["schema"]["properties"]["qa"]["minItems"]
         report = body["messages"][1]["content"]
-        content = "not json" if how == "garbage" else json.dumps(
-            {"qa": [{"question": f"Q{i} about {report.split()[3]}?", "answer": f"A{i}"} for i in range(n)]})
-        reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": content}}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        content = (
+            "not json"
+            if how == "garbage"
+            else json.dumps(
+                {"qa": [{"question": f"Q{i} about {report.split()[3]}?", "answer": f"A{i}"} for i in range(n)]}
+            )
+        )
+        reply = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(reply)))
@@ -142,9 +167,12 @@ def test_llm_generator_retries_limits_rate_and_caches(plus, tmp_path, endpoint, 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("QA_KEY", SECRET)
     _Endpoint.script = ["500", "garbage"]  # one HTTP error (client retry), one reply that is not the JSON asked for
-    llm = ["data.chexpert_plus.generator=llm", f"data.chexpert_plus.llm={{base_url: '{endpoint}', model: m1, "
-           f"api_key_env: QA_KEY, requests_per_minute: 600, concurrency: 2, max_retries: 2, "
-           f"cache_dir: '{tmp_path / 'cache'}'}}"]
+    llm = [
+        "data.chexpert_plus.generator=llm",
+        f"data.chexpert_plus.llm={{base_url: '{endpoint}', model: m1, "
+        f"api_key_env: QA_KEY, requests_per_minute: 600, concurrency: 2, max_retries: 2, "
+        f"cache_dir: '{tmp_path / 'cache'}'}}",
+    ]
     run = prepare(tmp_path, plus, *llm, run_id="llm1")
     n_reports = json.loads((run / "dataset.json").read_text())["reports"]
     seen = _Endpoint.seen
@@ -165,8 +193,11 @@ def test_llm_generator_retries_limits_rate_and_caches(plus, tmp_path, endpoint, 
     assert rows(prepare(tmp_path, plus, *llm, run_id="llm2")) == rows(run)
     assert len(_Endpoint.seen) == before
     # the key is never written or logged
-    written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
-                      and p.suffix in (".json", ".jsonl", ".yaml", ".log"))
+    written = "".join(
+        p.read_text(errors="replace")
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log")
+    )
     assert SECRET not in written and SECRET not in caplog.text and "QA_KEY" in written
 
 
@@ -187,6 +218,9 @@ def test_llm_generator_gives_up_with_a_clear_error(tmp_path, endpoint):
     with pytest.raises(QAGenerationError, match=r"report r1: .* \(m\): the reply was not the requested JSON after 2"):
         gen.generate("r1", "FINDINGS: x")
     dead = LlmQA(LlmQAConfig(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0), tmp_path / "c")
-    with pytest.raises(QAGenerationError, match=r"report r2: http://127.0.0.1:9/v1 \(m\): APIConnectionError: .* "
-                                                 r"after 1 attempts"):
+    with pytest.raises(
+        QAGenerationError,
+        match=r"report r2: http://127.0.0.1:9/v1 \(m\): APIConnectionError: .* "
+        r"after 1 attempts",
+    ):
         dead.generate("r2", "FINDINGS: x")

@@ -32,8 +32,23 @@ from medlava.data.synthetic import MARKER, make_synthetic_ham10000
 from medlava.io import InputError, read_jsonl
 from PIL import Image
 
-LOCALIZATIONS = {"back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "unknown",
-                 "neck", "scalp", "hand", "ear", "genital", "acral"}
+LOCALIZATIONS = {
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "foot",
+    "unknown",
+    "neck",
+    "scalp",
+    "hand",
+    "ear",
+    "genital",
+    "acral",
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +75,7 @@ def _tree_digest(root: Path) -> str:
 
 
 # --- synthetic release ---------------------------------------------------------------------------------------
+
 
 def test_synthetic_writes_the_real_layout(ham, meta):
     assert list(meta.columns) == ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -126,8 +142,10 @@ def _lesion_colour(path: Path) -> np.ndarray:
 def test_synthetic_classes_are_learnable(ham, meta):
     """Class colours are far apart and a nearest-centroid rule fit on some lesions labels the others."""
     files = find_images(ham)
-    df = meta.assign(colour=[_lesion_colour(files[i]) for i in meta["image_id"]],
-                     split=grouped_split(meta, "lesion_id", "dx", (0.5, 0.0, 0.5), seed=0))
+    df = meta.assign(
+        colour=[_lesion_colour(files[i]) for i in meta["image_id"]],
+        split=grouped_split(meta, "lesion_id", "dx", (0.5, 0.0, 0.5), seed=0),
+    )
     centroids = {dx: np.stack(g["colour"]).mean(0) for dx, g in df[df["split"] == "train"].groupby("dx")}
     assert min(np.linalg.norm(centroids[a] - centroids[b]) for a, b in itertools.combinations(CLASSES, 2)) > 30
     test = df[df["split"] == "test"]
@@ -137,6 +155,7 @@ def test_synthetic_classes_are_learnable(ham, meta):
 
 
 # --- splits ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def big() -> pd.DataFrame:
@@ -160,8 +179,9 @@ def test_grouped_split_keeps_lesions_whole_and_respects_ratios(big):
     for s, r in {"train": 0.7, "val": 0.15, "test": 0.15}.items():
         assert abs(group_share[s] - r) < 0.01 and abs(image_share[s] - r) < 0.02
     # stratified: each class's lesions are shared out by the same ratios
-    per_class = pd.crosstab(df.drop_duplicates("lesion_id")["dx"], df.drop_duplicates("lesion_id")["split"],
-                            normalize="index")
+    per_class = pd.crosstab(
+        df.drop_duplicates("lesion_id")["dx"], df.drop_duplicates("lesion_id")["split"], normalize="index"
+    )
     assert (per_class["train"] - 0.7).abs().max() < 0.05 and (per_class[["val", "test"]] > 0.1).all().all()
 
 
@@ -188,8 +208,11 @@ def test_grouped_split_rejects_bad_ratios(big, ratios):
 
 def test_check_no_group_leak_names_the_groups():
     df = pd.DataFrame({"lesion_id": ["a", "a", "b", "c", "c"], "split": ["train", "test", "val", "val", "train"]})
-    with pytest.raises(InputError, match=r"2 lesion_id values fall in more than one split: a \(test/train\), "
-                                         r"c \(train/val\)"):
+    with pytest.raises(
+        InputError,
+        match=r"2 lesion_id values fall in more than one split: a \(test/train\), "
+        r"c \(train/val\)",
+    ):
         check_no_group_leak(df, "lesion_id", "split")
 
 
@@ -212,6 +235,7 @@ def test_read_split_file(tmp_path):
 
 # --- images ---------------------------------------------------------------------------------------------------
 
+
 def test_resolve_image_refuses_paths_that_leave_root(tmp_path):
     root = tmp_path / "root"
     assert resolve_image(root, "a/../b/x.jpg") == root / "b" / "x.jpg"
@@ -223,10 +247,16 @@ def test_resolve_image_refuses_paths_that_leave_root(tmp_path):
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that only claims its size: enough for a decompression-bomb check, which reads the header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_load_image_errors_name_path_sample_and_fix(ham, tmp_path):
@@ -259,6 +289,7 @@ def test_load_image_stretches_16_bit_images(tmp_path):
 
 # --- prepare --------------------------------------------------------------------------------------------------
 
+
 def test_prepare_writes_samples_in_the_design_schema(ham, meta, tmp_path):
     out = tmp_path / "out"
     summary = prepare_ham10000(ham, out, seed=0)
@@ -276,12 +307,27 @@ def test_prepare_writes_samples_in_the_design_schema(ham, meta, tmp_path):
         for r in rs:
             m = by_id.loc[r["id"]]
             age = None if pd.isna(m["age"]) else float(m["age"])
-            assert r == {"id": r["id"], "image": r["image"],
-                         "conversations": [{"from": "human", "value": "<image>\n" + QUESTION},
-                                           {"from": "gpt", "value": m["dx"]}],
-                         "meta": {"dataset": "ham10000", "split": split, "task": "closed", "choices": list(CLASSES),
-                                  "answer": m["dx"], "label": m["dx"], "group": m["lesion_id"], "age": age,
-                                  "sex": m["sex"], "localization": m["localization"], "dx_type": m["dx_type"]}}
+            assert r == {
+                "id": r["id"],
+                "image": r["image"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + QUESTION},
+                    {"from": "gpt", "value": m["dx"]},
+                ],
+                "meta": {
+                    "dataset": "ham10000",
+                    "split": split,
+                    "task": "closed",
+                    "choices": list(CLASSES),
+                    "answer": m["dx"],
+                    "label": m["dx"],
+                    "group": m["lesion_id"],
+                    "age": age,
+                    "sex": m["sex"],
+                    "localization": m["localization"],
+                    "dx_type": m["dx_type"],
+                },
+            }
             assert re.fullmatch(r"HAM10000_images_part_[12]/ISIC_\d{7}\.jpg", r["image"])
             assert (ham / r["image"]).is_file()
     assert QUESTION == "What is the lesion type? Choose one of: akiec, bcc, bkl, df, mel, nv, vasc."
@@ -303,8 +349,11 @@ def _write_csv(root: Path, df: pd.DataFrame) -> Path:
 
 def test_prepare_rejects_bad_metadata(meta, tmp_path):
     csv = _write_csv(tmp_path / "a", meta.drop(columns=["localization"]))
-    with pytest.raises(InputError, match=rf"{csv}: missing columns \['localization'\]; expected "
-                                         r"lesion_id,image_id,dx,dx_type,age,sex,localization"):
+    with pytest.raises(
+        InputError,
+        match=rf"{csv}: missing columns \['localization'\]; expected "
+        r"lesion_id,image_id,dx,dx_type,age,sex,localization",
+    ):
         prepare_ham10000(tmp_path / "a", tmp_path / "out")
     bad = meta.copy()
     bad.loc[7, "dx"] = "melanoma"
@@ -364,8 +413,9 @@ def test_prepare_uses_a_split_file_and_checks_it(ham, meta, tmp_path):
     summary = prepare_ham10000(ham, tmp_path / "out", split_file=f)
     assert summary["split"] == {"file": str(f)}
     for s in ("train", "val", "test"):
-        assert {r["id"] for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")} == \
-            set(meta.loc[meta["lesion_id"].map(lesion_split) == s, "image_id"])
+        assert {r["id"] for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")} == set(
+            meta.loc[meta["lesion_id"].map(lesion_split) == s, "image_id"]
+        )
     # the two images of one lesion put in different splits: the leak is refused
     lesion = meta["lesion_id"][meta["lesion_id"].duplicated()].iloc[0]
     leaky = meta.assign(split=meta["lesion_id"].map(lesion_split))

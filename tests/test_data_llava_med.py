@@ -29,8 +29,9 @@ def test_alignment_file_as_released(med, tmp_path):
     out = rows(prepare(tmp_path, med, f"data.llava_med.train_file={ALIGNMENT}", "data.split_ratios=[1,0,0]"))
     source = json.loads((med / ALIGNMENT).read_text())
     assert [len(v) for v in out.values()] == [20, 0, 0]
-    assert [(r["id"], r["image"], r["conversations"]) for r in out["train"]] == \
-        [(s["id"], s["image"], s["conversations"]) for s in source]
+    assert [(r["id"], r["image"], r["conversations"]) for r in out["train"]] == [
+        (s["id"], s["image"], s["conversations"]) for s in source
+    ]
     assert all((med / "images" / r["image"]).is_file() for r in out["train"])
 
 
@@ -44,16 +45,23 @@ def test_instruct_and_qa50_split_by_article(med, tmp_path):
     assert [c["from"] for c in r["conversations"]] == ["human", "gpt", "human", "gpt"]
     assert r["conversations"][0]["value"].endswith("\n<image>")
     qa = [json.loads(line) for line in (med / QA50).read_text().splitlines()]
-    assert [(t["id"], t["conversations"][0]["value"], t["meta"]["answer"], t["meta"]["type"]) for t in out["test"]] \
-        == [(f"qa50-{q['question_id']}", q["text"], q["gpt4_answer"], q["type"]) for q in qa]
+    assert [(t["id"], t["conversations"][0]["value"], t["meta"]["answer"], t["meta"]["type"]) for t in out["test"]] == [
+        (f"qa50-{q['question_id']}", q["text"], q["gpt4_answer"], q["type"]) for q in qa
+    ]
 
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that only claims its size (enough for the bomb check, which reads the header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _break(root: Path, kind: str) -> None:
@@ -76,8 +84,11 @@ def _break(root: Path, kind: str) -> None:
         instruct[1]["conversatons"][1]["value"] = "  "
     elif kind in ("bad_record", "non_utf8"):
         lines = (root / QA50).read_bytes().splitlines(keepends=True)
-        lines[1] = (b'{"question_id": 1, "text": "cut\n' if kind == "bad_record"
-                    else lines[1].replace(b"image", b"im\xffage", 1))
+        lines[1] = (
+            b'{"question_id": 1, "text": "cut\n'
+            if kind == "bad_record"
+            else lines[1].replace(b"image", b"im\xffage", 1)
+        )
         (root / QA50).write_bytes(b"".join(lines))
     if kind in ("image_outside_root", "duplicate_id", "empty_report"):
         (root / INSTRUCT).write_text(json.dumps(instruct))
@@ -89,8 +100,11 @@ BAD = {
     "unreadable_image": ("unreadable_image", rf"{INSTRUCT} record 1: image .*\.jpg cannot be read \(UnidentifiedImage"),
     "truncated_image": ("unreadable_image", rf"{INSTRUCT} record 1: image .*\.jpg cannot be read .*runcated"),
     "oversized_image": ("oversized_image", rf"{INSTRUCT} record 1: image .* is over the 67,108,864-pixel limit"),
-    "image_outside_root": ("image_outside_root", rf"{INSTRUCT} record 1: image path '../../etc/passwd' is not a file "
-                                                 "inside the image root"),
+    "image_outside_root": (
+        "image_outside_root",
+        rf"{INSTRUCT} record 1: image path '../../etc/passwd' is not a file "
+        "inside the image root",
+    ),
     "bad_record": ("bad_record", rf"{QA50}:2: not valid JSON \(Unterminated string"),
     "duplicate_id": ("duplicate_id", rf"{INSTRUCT} record 1: sample id '\S+' was already used at .*record 0"),
     "empty_report": ("empty_report", rf"{INSTRUCT} record 1: turn 1 \(gpt\) is empty"),

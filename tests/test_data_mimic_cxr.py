@@ -26,12 +26,20 @@ def mimic(tmp_path_factory) -> Path:
 
 
 def test_section_rules():
-    text = (" FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n FINDINGS: \n\n No effusion.\n Heart normal.\n\n"
-            " IMPRESSIONS:\n No acute process.\n")
-    assert sections(text) == {"preamble": "FINAL REPORT", "examination": "CHEST (PA AND LAT)",
-                              "findings": "No effusion. Heart normal.", "impression": "No acute process."}
-    assert sections("CHEST, PA AND LATERAL: Clear lungs.\nCONCLUSION: Normal.") == {"findings": "Clear lungs.",
-                                                                                    "impression": "Normal."}
+    text = (
+        " FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n FINDINGS: \n\n No effusion.\n Heart normal.\n\n"
+        " IMPRESSIONS:\n No acute process.\n"
+    )
+    assert sections(text) == {
+        "preamble": "FINAL REPORT",
+        "examination": "CHEST (PA AND LAT)",
+        "findings": "No effusion. Heart normal.",
+        "impression": "No acute process.",
+    }
+    assert sections("CHEST, PA AND LATERAL: Clear lungs.\nCONCLUSION: Normal.") == {
+        "findings": "Clear lungs.",
+        "impression": "Normal.",
+    }
     assert target_text("FINDINGS AND IMPRESSION: Normal chest.", "findings") == ""  # impression ranks first
     assert target_text("FINDINGS: A.\nIMPRESSION: B.", "findings_impression") == "A. B."
     assert target_text("FINDINGS:\n\nIMPRESSION: B.", "findings") == ""  # an empty section is absent
@@ -56,12 +64,17 @@ def test_one_sample_per_study_from_a_frontal_image(mimic, tmp_path, layout):
             assert dicom["ViewPosition"] in ("PA", "AP") and dicom["study_id"] == r["id"] == m["study_id"]
             assert {"train": "train", "validate": "val", "test": "test"}[split[m["dicom_id"]]] == s == m["split"]
             assert m["group"] == m["subject_id"] == dicom["subject_id"] and m["task"] == "report"
-            expected = (f"files/p{m['subject_id'][:2]}/p{m['subject_id']}/s{r['id']}/{m['dicom_id']}.jpg"
-                        if layout == "official" else f"images/{r['id']}-{m['dicom_id']}.png")
+            expected = (
+                f"files/p{m['subject_id'][:2]}/p{m['subject_id']}/s{r['id']}/{m['dicom_id']}.jpg"
+                if layout == "official"
+                else f"images/{r['id']}-{m['dicom_id']}.png"
+            )
             assert r["image"] == expected and (root / expected).is_file()
             report = (root / report_path(m["subject_id"], r["id"])).read_text()
-            assert r["conversations"] == [{"from": "human", "value": "<image>\nDescribe the findings of the chest X-ray."},
-                                          {"from": "gpt", "value": target_text(report, "impression")}]
+            assert r["conversations"] == [
+                {"from": "human", "value": "<image>\nDescribe the findings of the chest X-ray."},
+                {"from": "gpt", "value": target_text(report, "impression")},
+            ]
             assert sum(v == 1 for v in m["chexpert"].values()) == 1  # the study's labels from the CheXpert table
 
 
@@ -70,19 +83,29 @@ def test_findings_target_skips_reports_without_findings(mimic, tmp_path):
         prepare(tmp_path, mimic, run_id="strict")
     run = prepare(tmp_path, mimic, "data.skip=[missing_section]", run_id="skip")
     meta = pd.read_csv(mimic / METADATA, dtype=str)
-    no_findings = [s for s, sub in meta.groupby("study_id")["subject_id"].first().items()
-                   if "FINDINGS:" not in (mimic / report_path(sub, s)).read_text()]
+    no_findings = [
+        s
+        for s, sub in meta.groupby("study_id")["subject_id"].first().items()
+        if "FINDINGS:" not in (mimic / report_path(sub, s)).read_text()
+    ]
     assert len(no_findings) > 0
     summary = json.loads((run / "dataset.json").read_text())
     assert summary["skipped"]["missing_section"] == len(no_findings)
     assert sum(summary["splits"].values()) == meta["study_id"].nunique() - len(no_findings)
-    assert summary["view_counts"] == {v: n for v, n in pd.Series(
-        [r["meta"]["view"] for rs in rows(run).values() for r in rs]).value_counts().items()}
+    assert summary["view_counts"] == {
+        v: n for v, n in pd.Series([r["meta"]["view"] for rs in rows(run).values() for r in rs]).value_counts().items()
+    }
 
 
 def test_grouped_split_by_subject(mimic, tmp_path):
-    run = prepare(tmp_path, mimic, "data.mimic_cxr.split=grouped", "data.mimic_cxr.section=impression",
-                  "data.split_ratios=[0.5,0.25,0.25]", run_id="g")
+    run = prepare(
+        tmp_path,
+        mimic,
+        "data.mimic_cxr.split=grouped",
+        "data.mimic_cxr.section=impression",
+        "data.split_ratios=[0.5,0.25,0.25]",
+        run_id="g",
+    )
     out = rows(run)
     subjects = [{r["meta"]["subject_id"] for r in v} for v in out.values()]
     assert sum(map(len, subjects)) == 9 and all(subjects)  # all 9 patients, each split holds some
@@ -110,6 +133,10 @@ def test_bad_reports_and_tables(mimic, tmp_path):
         prepare(tmp_path, root, *base, "data.skip=[unknown_label,empty_report,non_utf8]", run_id="d")
     run = prepare(tmp_path, root, *base, "data.skip=[unknown_label,empty_report,non_utf8,missing_report]", run_id="e")
     summary = json.loads((run / "dataset.json").read_text())
-    assert {k: v for k, v in summary["skipped"].items() if v} == {"unknown_label": 1, "empty_report": 1,
-                                                                  "non_utf8": 1, "missing_report": 1}
+    assert {k: v for k, v in summary["skipped"].items() if v} == {
+        "unknown_label": 1,
+        "empty_report": 1,
+        "non_utf8": 1,
+        "missing_report": 1,
+    }
     assert sum(summary["splits"].values()) == len(studies) - 3  # the unknown label only drops the label row

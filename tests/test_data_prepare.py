@@ -43,29 +43,54 @@ def broken_mimic(tmp_path) -> tuple[Path, list[tuple[str, str]]]:
     labels = pd.read_csv(root / CHEXPERT, dtype=str)
     labels.loc[0, "Edema"] = "maybe"
     labels.to_csv(root / CHEXPERT, index=False)
-    return root, [("missing_image", a[2]), ("unreadable_image", b[2]), ("empty_report", f"s{c[1]}.txt"),
-                  ("non_utf8", f"s{d[1]}.txt"), ("unknown_label", f"{CHEXPERT}:2")]
+    return root, [
+        ("missing_image", a[2]),
+        ("unreadable_image", b[2]),
+        ("empty_report", f"s{c[1]}.txt"),
+        ("non_utf8", f"s{d[1]}.txt"),
+        ("unknown_label", f"{CHEXPERT}:2"),
+    ]
 
 
 def test_check_lists_every_problem_in_one_pass(broken_mimic, tmp_path, capsys):
     root, planted = broken_mimic
-    code = cli(tmp_path, "--check", "data.dataset=mimic_cxr", f"data.root={root}", "data.mimic_cxr.section=impression",
-               "run_id=c1")
+    code = cli(
+        tmp_path,
+        "--check",
+        "data.dataset=mimic_cxr",
+        f"data.root={root}",
+        "data.mimic_cxr.section=impression",
+        "run_id=c1",
+    )
     out = capsys.readouterr().out
-    assert code == 1 and "5 problem(s): empty_report 1, missing_image 1, non_utf8 1, unknown_label 1, " \
-                         "unreadable_image 1" in out
+    assert (
+        code == 1
+        and "5 problem(s): empty_report 1, missing_image 1, non_utf8 1, unknown_label 1, unreadable_image 1" in out
+    )
     run = tmp_path / "runs" / "tiny" / "prepare" / "c1"
     report = json.loads((run / "prepare_report.json").read_text())
     assert not report["ok"] and report["mode"] == "check"
-    assert sorted((e["reason"], next(w for r, w in planted if r == e["reason"]) in e["where"] + e["message"])
-                  for e in report["errors"]) == sorted((r, True) for r, _ in planted)
+    assert sorted(
+        (e["reason"], next(w for r, w in planted if r == e["reason"]) in e["where"] + e["message"])
+        for e in report["errors"]
+    ) == sorted((r, True) for r, _ in planted)
     for reason, where in planted:
         assert where in out
     assert not (run / "train.jsonl").exists() and not (run / "COMPLETE.json").exists()  # a check writes no samples
     # the same problems, allowed to be skipped: the check passes and says what would be skipped
     skip = "data.skip=[missing_image,unreadable_image,empty_report,non_utf8,unknown_label]"
-    assert cli(tmp_path, "--check", "data.dataset=mimic_cxr", f"data.root={root}",
-               "data.mimic_cxr.section=impression", skip, "run_id=c2") == 0
+    assert (
+        cli(
+            tmp_path,
+            "--check",
+            "data.dataset=mimic_cxr",
+            f"data.root={root}",
+            "data.mimic_cxr.section=impression",
+            skip,
+            "run_id=c2",
+        )
+        == 0
+    )
     assert "no problems" in capsys.readouterr().out
 
 
@@ -107,8 +132,10 @@ def test_check_refuses_an_image_whose_padded_square_is_too_large(tmp_path, capsy
     assert cli(tmp_path, "--check", f"data.root={root}", "run_id=w") == 1
     out = capsys.readouterr().out
     assert "1 problem(s): oversized_image 1" in out
-    assert (f"{wide} is 60000x1: padded to a square it would be 60000x60000 = 3,600,000,000 pixels, over the "
-            "67,108,864-pixel limit (the longest side may be at most 8192); downscale it") in out
+    assert (
+        f"{wide} is 60000x1: padded to a square it would be 60000x60000 = 3,600,000,000 pixels, over the "
+        "67,108,864-pixel limit (the longest side may be at most 8192); downscale it"
+    ) in out
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # kB: nothing padded
 
 
@@ -123,8 +150,10 @@ def test_a_finished_run_directory_is_not_started_again(tmp_path, capsys):
     capsys.readouterr()
     assert cli(tmp_path, f"data.root={root}", "data.split_ratios=[0.5,0.25,0.25]", "run_id=same") == 2
     started = json.loads((run / "run.json").read_text())["started"]
-    assert (f"medlava prepare: {run} already holds a complete prepare run (started {started}), and a finished run is "
-            "never rewritten: choose another run_id, or leave it unset for a new one") in capsys.readouterr().err
+    assert (
+        f"medlava prepare: {run} already holds a complete prepare run (started {started}), and a finished run is "
+        "never rewritten: choose another run_id, or leave it unset for a new one"
+    ) in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
@@ -138,18 +167,27 @@ def test_bad_data_is_a_message_not_a_traceback(broken_mimic, tmp_path, capsys):
     assert "--check is an option of prepare, not sft" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["data.dataset=slake", "data.mimic_cxr.section=impression"],
-     "data.mimic_cxr is set but data.dataset is slake; set data.dataset=mimic_cxr or remove data.mimic_cxr"),
-    (["data.dataset=slake", "data.synthetic={n_lesions: 20}"], "data.synthetic generates HAM10000 only"),
-    (["data.dataset=mimic_cxr", "data.split_file=s.csv"],
-     "data.split_file is set but mimic_cxr uses its official split; remove it or set data.mimic_cxr.split=grouped"),
-    (["data.dataset=llava_med", "data.llava_med.eval_file=q.jsonl"], "data.llava_med.eval_file is the test split"),
-    (["data.dataset=chexpert_plus", "data.chexpert_plus.generator=llm"],
-     "data.chexpert_plus.generator=llm needs data.chexpert_plus.llm"),
-    (["data.skip=[missing_images]"], "data.skip.0: Input should be 'missing_image'"),
-    (["data.slake.mask=blur", "data.dataset=slake"], "data.slake.mask: Input should be 'none', 'crop' or 'masked'"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            ["data.dataset=slake", "data.mimic_cxr.section=impression"],
+            "data.mimic_cxr is set but data.dataset is slake; set data.dataset=mimic_cxr or remove data.mimic_cxr",
+        ),
+        (["data.dataset=slake", "data.synthetic={n_lesions: 20}"], "data.synthetic generates HAM10000 only"),
+        (
+            ["data.dataset=mimic_cxr", "data.split_file=s.csv"],
+            "data.split_file is set but mimic_cxr uses its official split; remove it or set data.mimic_cxr.split=grouped",
+        ),
+        (["data.dataset=llava_med", "data.llava_med.eval_file=q.jsonl"], "data.llava_med.eval_file is the test split"),
+        (
+            ["data.dataset=chexpert_plus", "data.chexpert_plus.generator=llm"],
+            "data.chexpert_plus.generator=llm needs data.chexpert_plus.llm",
+        ),
+        (["data.skip=[missing_images]"], "data.skip.0: Input should be 'missing_image'"),
+        (["data.slake.mask=blur", "data.dataset=slake"], "data.slake.mask: Input should be 'none', 'crop' or 'masked'"),
+    ],
+)
 def test_dataset_options_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["data.synthetic=null", *overrides])
@@ -161,14 +199,14 @@ def test_every_skip_reason_is_a_config_choice():
 
     from medlava.config import SkipReason
     from medlava.data.problems import REASONS
+
     assert set(get_args(SkipReason)) == set(REASONS)
 
 
 @pytest.mark.parametrize("pad", [True, False])
 @pytest.mark.parametrize("size", [(600, 450), (450, 600), (336, 336), (90, 120), (601, 449)])
 def test_fast_pixel_values_match_the_processors(pad, size):
-    processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                       do_pad=pad)
+    processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_pad=pad)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
     got = pixel_values(image, processor)
@@ -180,8 +218,9 @@ def test_fast_pixel_values_match_the_processors(pad, size):
 
 
 def test_fast_pixel_values_defer_to_a_processor_they_do_not_model():
-    processor = LlavaImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                                       resample=Image.Resampling.LANCZOS)
+    processor = LlavaImageProcessorPil(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=Image.Resampling.LANCZOS
+    )
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 80, 3), dtype=np.uint8))
     expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
     assert torch.equal(pixel_values(image, processor), expected)
@@ -190,8 +229,7 @@ def test_fast_pixel_values_defer_to_a_processor_they_do_not_model():
 def test_slake_check_with_masks_writes_nothing(tmp_path):
     root = make_synthetic_slake(tmp_path / "slake")
     shutil.rmtree(root / "imgs" / "xmlab3")
-    assert cli(tmp_path, "--check", "data.dataset=slake", f"data.root={root}", "data.slake.mask=crop",
-               "run_id=m") == 1
+    assert cli(tmp_path, "--check", "data.dataset=slake", f"data.root={root}", "data.slake.mask=crop", "run_id=m") == 1
     run = tmp_path / "runs" / "tiny" / "prepare" / "m"
     report = json.loads((run / "prepare_report.json").read_text())
     assert report["error_counts"] == {"missing_image": 1} and not (run / "images").exists()
@@ -203,16 +241,28 @@ def test_recipes_carry_the_seed_settings():
     assert (align.data.dataset, align.data.llava_med.train_file) == ("llava_med", "llava_med_alignment_500k.json")
     assert (align.align.lr, align.align.global_batch_size, align.align.grad_accum) == (2e-3, 128, 1)
     sft = load_config(configs / "llava_med_sft.yaml")
-    assert (sft.data.llava_med.train_file, sft.sft.lr, sft.sft.epochs, sft.sft.grad_accum) == \
-        ("llava_med_instruct_60k.json", 2e-5, 3, 2) and sft.sft.train_llm and sft.sft.lora is None
+    assert (
+        (sft.data.llava_med.train_file, sft.sft.lr, sft.sft.epochs, sft.sft.grad_accum)
+        == ("llava_med_instruct_60k.json", 2e-5, 3, 2)
+        and sft.sft.train_llm
+        and sft.sft.lora is None
+    )
     cxp = load_config(configs / "chexpert_plus_lora.yaml")
-    assert (cxp.model.name_or_path, cxp.model.template, cxp.sft.lora.r, cxp.sft.lora.alpha) == \
-        ("llava-hf/llava-1.5-7b-hf", "vicuna_v1", 64, 16) and cxp.data.chexpert_plus.qa_per_report == 5
+    assert (cxp.model.name_or_path, cxp.model.template, cxp.sft.lora.r, cxp.sft.lora.alpha) == (
+        "llava-hf/llava-1.5-7b-hf",
+        "vicuna_v1",
+        64,
+        16,
+    ) and cxp.data.chexpert_plus.qa_per_report == 5
     slake = load_config(configs / "slake_lora.yaml")
     assert slake.data.dataset == "slake" and slake.data.slake.language == "en" and slake.eval.family == "vqa"
     mimic = load_config(configs / "mimic_cxr_report_sft.yaml")
-    assert (mimic.data.mimic_cxr.section, mimic.data.mimic_cxr.views, mimic.infer.mode, mimic.eval.family) == \
-        ("findings", ["PA", "AP"], "generate", "report")
+    assert (mimic.data.mimic_cxr.section, mimic.data.mimic_cxr.views, mimic.infer.mode, mimic.eval.family) == (
+        "findings",
+        ["PA", "AP"],
+        "generate",
+        "report",
+    )
 
 
 def test_a_non_utf8_csv_row_is_its_own_problem(tmp_path):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import prepare_dataset, rows
 from medlava.data.benchmark import closed_choices
+from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 from medlava.io import InputError
 from PIL import Image
-from medlava.data.synthetic_benchmarks import make_synthetic_slake, make_synthetic_slake_hf, slake_records
 
 prepare = partial(prepare_dataset, "slake")
 
@@ -32,8 +32,9 @@ def test_local_layout_english_samples_with_vqa_meta(local, tmp_path):
     en = {s: [r for r in records[s] if r["q_lang"] == "en"] for s in records}
     # 12 images (6/3/3 by split) x 5 English questions; the Chinese ones are filtered out
     assert {s: len(v) for s, v in out.items()} == {"train": 30, "val": 15, "test": 15}
-    assert {s: sorted(r["id"] for r in v) for s, v in out.items()} == \
-        {s: sorted(str(r["qid"]) for r in en[k]) for s, k in (("train", "train"), ("val", "validate"), ("test", "test"))}
+    assert {s: sorted(r["id"] for r in v) for s, v in out.items()} == {
+        s: sorted(str(r["qid"]) for r in en[k]) for s, k in (("train", "train"), ("val", "validate"), ("test", "test"))
+    }
     images = [{r["meta"]["group"] for r in v} for v in out.values()]
     assert not any(a & b for a, b in itertools.combinations(images, 2))  # no image in two splits
     by_id = {str(r["qid"]): r for rs in records.values() for r in rs}
@@ -44,8 +45,9 @@ def test_local_layout_english_samples_with_vqa_meta(local, tmp_path):
             assert r["conversations"][0]["value"] == "<image>\n" + src["question"]
             m = r["meta"]
             assert (m["dataset"], m["split"], m["task"]) == ("slake", split, src["answer_type"].lower())
-            assert {k: m[k] for k in ("answer_type", "content_type", "modality", "location", "base_type", "q_lang")} \
-                == {k: src[k] for k in ("answer_type", "content_type", "modality", "location", "base_type", "q_lang")}
+            assert {
+                k: m[k] for k in ("answer_type", "content_type", "modality", "location", "base_type", "q_lang")
+            } == {k: src[k] for k in ("answer_type", "content_type", "modality", "location", "base_type", "q_lang")}
     closed = [r for rs in out.values() for r in rs if r["meta"]["task"] == "closed"]
     yes_no = [r for r in closed if r["meta"].get("choices") == ["yes", "no"]]
     either = [r for r in closed if r["meta"].get("choices") not in (None, ["yes", "no"])]
@@ -53,10 +55,16 @@ def test_local_layout_english_samples_with_vqa_meta(local, tmp_path):
     assert all(r["conversations"][1]["value"] == r["meta"]["answer"] in ("yes", "no") for r in yes_no)
     assert all(r["meta"]["answer"] in r["meta"]["choices"] for r in either)
     summary = json.loads((run / "dataset.json").read_text())
-    assert summary["stats"] == {"closed_with_choices": 24, "closed_without_choices": 12, "other_language": 12,
-                                "with_knowledge": 0}
-    assert prepare(tmp_path, local, "data.slake.language=all", run_id="all") and \
-        sum(len(v) for v in rows(tmp_path / "runs" / "tiny" / "prepare" / "all").values()) == 72
+    assert summary["stats"] == {
+        "closed_with_choices": 24,
+        "closed_without_choices": 12,
+        "other_language": 12,
+        "with_knowledge": 0,
+    }
+    assert (
+        prepare(tmp_path, local, "data.slake.language=all", run_id="all")
+        and sum(len(v) for v in rows(tmp_path / "runs" / "tiny" / "prepare" / "all").values()) == 72
+    )
 
 
 def test_hf_layouts_give_the_same_samples(local, tmp_path):
@@ -85,8 +93,9 @@ def test_kg_in_the_prompt(local, tmp_path):
         assert r["conversations"][1]["value"] in r["conversations"][0]["value"]  # the fact holds the answer
     vqa = [r for rs in facts.values() for r in rs if r["meta"]["base_type"] == "vqa"]
     assert not any("Knowledge" in r["conversations"][0]["value"] for r in vqa)
-    triple = rows(prepare(tmp_path, local, "data.slake.kg=triple", "data.slake.instruction=Answer briefly.",
-                          run_id="triple"))
+    triple = rows(
+        prepare(tmp_path, local, "data.slake.kg=triple", "data.slake.instruction=Answer briefly.", run_id="triple")
+    )
     r = next(r for rs in triple.values() for r in rs if r["meta"]["base_type"] == "kvqa")
     assert r["conversations"][0]["value"].startswith("<image>\nKnowledge: (vhead, function, _)\nWhat is the function")
     assert r["conversations"][0]["value"].endswith("? Answer briefly.")
@@ -121,12 +130,16 @@ def test_bad_records_are_errors_or_counted_skips(local, tmp_path):
     (root / "imgs" / "xmlab2" / "mask.png").unlink()
     with pytest.raises(InputError, match=rf"{root}/train.json record 0: q_lang 'en' / answer_type 'MAYBE'"):
         prepare(tmp_path, root, run_id="a")
-    run = prepare(tmp_path, root, "data.skip=[unknown_label,bad_record,missing_image]", "data.slake.mask=crop",
-                  run_id="b")
+    run = prepare(
+        tmp_path, root, "data.skip=[unknown_label,bad_record,missing_image]", "data.slake.mask=crop", run_id="b"
+    )
     report = json.loads((run / "prepare_report.json").read_text())
     # xmlab2 has 5 English questions but its mask is gone: counted once per question
-    assert {k: v for k, v in report["skipped"].items() if v} == {"unknown_label": 1, "bad_record": 1,
-                                                                "missing_image": 5}
+    assert {k: v for k, v in report["skipped"].items() if v} == {
+        "unknown_label": 1,
+        "bad_record": 1,
+        "missing_image": 5,
+    }
     assert sum(report["splits"].values()) == 60 - 2 - 5
     (root / "test.json").write_text('[{"qid": 1,')
     with pytest.raises(InputError, match=rf"{root}/test.json:1: not valid JSON"):

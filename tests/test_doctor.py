@@ -37,16 +37,19 @@ debug|down|1|8|32000|gpu:1
 """
 
 
-def fake_tools(bin_dir: Path, sinfo_out: str = SINFO, sinfo_rc: int = 0, sinfo_err: str = "",
-               apptainer: bool = False) -> Path:
+def fake_tools(
+    bin_dir: Path, sinfo_out: str = SINFO, sinfo_rc: int = 0, sinfo_err: str = "", apptainer: bool = False
+) -> Path:
     """A PATH directory holding sbatch, a sinfo that answers only the query doctor must make, and apptainer."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     scripts = {
         "sbatch": "#!/bin/sh\necho 'sbatch: error: no script given' >&2\nexit 1\n",
-        "sinfo": ("#!/bin/sh\n"
-                  'if [ "$1" = "--version" ]; then echo "slurm 23.11.4"; exit 0; fi\n'
-                  f'if [ "$*" != "-h -o {SINFO_FORMAT}" ]; then echo "unexpected: $*" >&2; exit 9; fi\n'
-                  f"printf '%s' '{sinfo_err}' >&2\nprintf '%s' '{sinfo_out}'\nexit {sinfo_rc}\n"),  # builtins only
+        "sinfo": (
+            "#!/bin/sh\n"
+            'if [ "$1" = "--version" ]; then echo "slurm 23.11.4"; exit 0; fi\n'
+            f'if [ "$*" != "-h -o {SINFO_FORMAT}" ]; then echo "unexpected: $*" >&2; exit 9; fi\n'
+            f"printf '%s' '{sinfo_err}' >&2\nprintf '%s' '{sinfo_out}'\nexit {sinfo_rc}\n"
+        ),  # builtins only
     }
     if apptainer:
         scripts["apptainer"] = "#!/bin/sh\necho 'apptainer version 1.3.4'\n"
@@ -71,8 +74,7 @@ def test_slurm_cluster_reachable(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(fake_tools(tmp_path / "bin")))
     c = check_slurm()
     assert c.status == OK
-    assert c.detail == ("slurm 23.11.4; gpu* (up: 4×8 a100, 2×4 h100); cpu (up: 16 without GPUs); "
-                        "debug (down: 1×1)")
+    assert c.detail == ("slurm 23.11.4; gpu* (up: 4×8 a100, 2×4 h100); cpu (up: 16 without GPUs); debug (down: 1×1)")
 
 
 def test_no_slurm_on_this_machine(tmp_path, monkeypatch):
@@ -120,8 +122,9 @@ def test_versions_are_compared_with_the_pins(tmp_path):
     assert {"torch", "transformers", "peft", "deepspeed", "flash-attn"} <= set(real)
     pins = read_pins(pins_of_this_env(tmp_path / "c.txt"))
     assert str(pins["flash-attn"]) == "==2.8.3.post2" and len(pins) == len(required_names()) + 2
-    assert check_packages(pins)[0].detail == f"{len(required_names())} required packages import and match " \
-                                             "constraints.txt"
+    assert (
+        check_packages(pins)[0].detail == f"{len(required_names())} required packages import and match constraints.txt"
+    )
     (c,) = check_packages(read_pins(pins_of_this_env(tmp_path / "c1.txt", transformers="0.0.1")))
     assert (c.name, c.status) == ("package transformers", WARN)
     assert c.detail == f"{metadata.version('transformers')}, tested with transformers==0.0.1"
@@ -158,8 +161,9 @@ def test_main_without_slurm_exits_by_the_screen(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     for var in ("HF_HOME", "TORCH_HOME", "MEDLAVA_CACHE"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    rc = doctor.main(["--output-root", str(tmp_path / "runs"), "--json",
-                      "--constraints", str(pins_of_this_env(tmp_path / "c.txt"))])
+    rc = doctor.main(
+        ["--output-root", str(tmp_path / "runs"), "--json", "--constraints", str(pins_of_this_env(tmp_path / "c.txt"))]
+    )
     report = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in report["checks"]}
     assert rc == (0 if report["ok"] else 1) and report["ok"] == all(c["status"] != FAIL for c in checks.values())
@@ -177,8 +181,11 @@ def broken_site(tmp_path: Path) -> Path:
     for folder in map(Path, site.getsitepackages()):  # first one wins, as on sys.path
         for entry in folder.iterdir() if folder.is_dir() else ():
             top = entry.name.split("-")[0].lower()
-            if top not in ("peft", "deepspeed", "flash_attn") and not entry.name.endswith(".pth") \
-                    and not (site_dir / entry.name).exists():
+            if (
+                top not in ("peft", "deepspeed", "flash_attn")
+                and not entry.name.endswith(".pth")
+                and not (site_dir / entry.name).exists()
+            ):
                 (site_dir / entry.name).symlink_to(entry)
     ds = site_dir / "deepspeed"
     (ds / "ops" / "op_builder").mkdir(parents=True)
@@ -188,26 +195,47 @@ def broken_site(tmp_path: Path) -> Path:
     (ds / "ops" / "op_builder" / "__init__.py").write_text("")
     (ds / "ops" / "op_builder" / "all_ops.py").write_text(
         "class CPUAdamBuilder:\n    def is_compatible(self, verbose=False):\n        return False\n"
-        "ALL_OPS = {'cpu_adam': CPUAdamBuilder()}\n")
+        "ALL_OPS = {'cpu_adam': CPUAdamBuilder()}\n"
+    )
     (site_dir / "flash_attn").mkdir()
     (site_dir / "flash_attn" / "__init__.py").write_text(  # as a wheel built against another torch fails
-        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n"
+    )
     return site_dir
 
 
 def test_doctor_in_a_broken_environment_fails_with_fixes(tmp_path):
     site_dir = broken_site(tmp_path)
     bin_dir = fake_tools(tmp_path / "bin", apptainer=True)
-    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
-           "TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": os.pathsep.join([str(site_dir), str(ROOT / "pkg")])}
+    env = {
+        "PATH": str(bin_dir),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "PYTHONPATH": os.pathsep.join([str(site_dir), str(ROOT / "pkg")]),
+    }
     # -S: no site-packages, so the environment is exactly what the test built.
-    cmd = [sys.executable, "-S", "-m", "medlava", "doctor", "--json", "--output-root", str(tmp_path / "runs"),
-           "--constraints", str(pins_of_this_env(tmp_path / "c.txt", peft="0.21.2"))]
+    cmd = [
+        sys.executable,
+        "-S",
+        "-m",
+        "medlava",
+        "doctor",
+        "--json",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--constraints",
+        str(pins_of_this_env(tmp_path / "c.txt", peft="0.21.2")),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
     checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
-    assert checks["package peft"] == {"name": "package peft", "status": FAIL, "detail": "not installed",
-                                      "fix": "pip install -c constraints.txt 'peft==0.21.2'"}
+    assert checks["package peft"] == {
+        "name": "package peft",
+        "status": FAIL,
+        "detail": "not installed",
+        "fix": "pip install -c constraints.txt 'peft==0.21.2'",
+    }
     assert "packages" not in checks  # no blanket OK when one is missing
     fa = checks["flash-attn"]
     assert fa["status"] == FAIL and "undefined symbol" in fa["detail"] and "flash-attn==2.8.3.post2" in fa["fix"]

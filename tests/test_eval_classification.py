@@ -51,8 +51,14 @@ def random_table(n: int, k: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
     scores = rng.dirichlet(np.ones(k), n)
     scores[np.arange(n), y] += 0.5  # informative scores, then renormalised
     scores /= scores.sum(axis=1, keepdims=True)
-    df = pd.DataFrame({"id": np.arange(n).astype(str), "reference": np.array(classes)[y],
-                       "prediction": np.array(classes, dtype=object)[pred], "task": "closed"})
+    df = pd.DataFrame(
+        {
+            "id": np.arange(n).astype(str),
+            "reference": np.array(classes)[y],
+            "prediction": np.array(classes, dtype=object)[pred],
+            "task": "closed",
+        }
+    )
     for i, c in enumerate(classes):
         df[f"score_{c}"] = scores[:, i]
     return df, classes
@@ -75,7 +81,9 @@ def test_small_table_by_hand():
         assert m["per_class"][c]["auc"] == pytest.approx(auc[c])
     assert m["macro_auc"] == pytest.approx(sum(auc.values()) / 3)
     assert m["auc_excluded_classes"] == [] and "macro_auc_reason" not in m
-    assert m["per_class"]["b"] == pytest.approx({"precision": 1 / 3, "recall": 0.5, "f1": 0.4, "support": 2, "auc": 0.8})
+    assert m["per_class"]["b"] == pytest.approx(
+        {"precision": 1 / 3, "recall": 0.5, "f1": 0.4, "support": 2, "auc": 0.8}
+    )
     json.dumps(m, allow_nan=False)  # JSON-able, no NaN
 
 
@@ -167,7 +175,9 @@ def test_vectorised_resample_metrics_match_sklearn_weights(table):
             warnings.simplefilter("ignore")  # sklearn warns that "??" never occurs in the references
             assert got["balanced_accuracy"][b] == pytest.approx(balanced_accuracy_score(ref, pred, sample_weight=w[b]))
         assert got["accuracy"][b] == pytest.approx(np.average(ref == pred, weights=w[b]))
-        assert got["macro_f1"][b] == pytest.approx(f1_score(ref, pred, labels=present, average="macro", sample_weight=w[b]))
+        assert got["macro_f1"][b] == pytest.approx(
+            f1_score(ref, pred, labels=present, average="macro", sample_weight=w[b])
+        )
         aucs = [roc_auc_score(ref == c, df[f"score_{c}"], sample_weight=w[b]) for c in classes]
         assert got["macro_auc"][b] == pytest.approx(np.mean(aucs))
 

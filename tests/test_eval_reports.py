@@ -21,10 +21,18 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-SENTENCES = ["The heart size is normal.", "There is no pleural effusion or pneumothorax.", "Mild cardiomegaly.",
-             "Left lower lobe opacity may represent atelectasis.", "Lungs are clear without focal consolidation.",
-             "There is a small right pleural effusion, unchanged.", "No acute cardiopulmonary process.",
-             "Mediastinal contours are stable.", "Right IJ catheter tip in the mid SVC.", "Possible pneumonia."]
+SENTENCES = [
+    "The heart size is normal.",
+    "There is no pleural effusion or pneumothorax.",
+    "Mild cardiomegaly.",
+    "Left lower lobe opacity may represent atelectasis.",
+    "Lungs are clear without focal consolidation.",
+    "There is a small right pleural effusion, unchanged.",
+    "No acute cardiopulmonary process.",
+    "Mediastinal contours are stable.",
+    "Right IJ catheter tip in the mid SVC.",
+    "Possible pneumonia.",
+]
 
 
 def synthetic_pairs(n: int, seed: int) -> pd.DataFrame:
@@ -41,18 +49,23 @@ def test_bleu_and_rouge_match_pycocoevalcap_sacrebleu_and_rouge_score():
     hyp = [report_tokens(t) for t in df["prediction"]]
     ref = [report_tokens(t) for t in df["reference"]]
     assert hyp[0].endswith(" .") and "," not in ref[5]
-    coco_bleu, _ = Bleu(4).compute_score({i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)},
-                                         verbose=0)
+    coco_bleu, _ = Bleu(4).compute_score(
+        {i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)}, verbose=0
+    )
     for n in range(1, 5):
         assert m[f"bleu_{n}"] == pytest.approx(coco_bleu[n - 1], abs=1e-6)
         direct = BLEU(tokenize="none", max_ngram_order=n).corpus_score(hyp, [ref]).score / 100
         assert m[f"bleu_{n}"] == pytest.approx(direct, abs=1e-9)
-    coco_rouge, per_coco = Rouge().compute_score({i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)})
+    coco_rouge, per_coco = Rouge().compute_score(
+        {i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)}
+    )
     assert m["rouge_l_coco"] == pytest.approx(coco_rouge, abs=1e-9)
     assert per["rouge_l_coco"].to_numpy() == pytest.approx(per_coco, abs=1e-9)
     # rouge-score's own tokenizer drops "." and punctuation; on reports without them both agree.
-    plain = df.assign(reference=df["reference"].str.replace(r"[.,]", "", regex=True),
-                      prediction=df["prediction"].str.replace(r"[.,]", "", regex=True))
+    plain = df.assign(
+        reference=df["reference"].str.replace(r"[.,]", "", regex=True),
+        prediction=df["prediction"].str.replace(r"[.,]", "", regex=True),
+    )
     m_plain, per_plain, _, _ = report_metrics(plain, EvalConfig())
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     want = [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(plain["reference"], plain["prediction"])]
@@ -85,18 +98,35 @@ def _labels(rows: list[dict]) -> np.ndarray:
 
 
 def test_label_f1_by_hand_with_the_uncertain_flag():
-    ref = _labels([{"Cardiomegaly": 1, "Edema": 1}, {"Cardiomegaly": 0, "Pleural Effusion": 1},
-                   {"No Finding": 1}, {"Atelectasis": -1, "Fracture": 1}])
-    pred = _labels([{"Cardiomegaly": 1}, {"Cardiomegaly": 1, "Pleural Effusion": -1},
-                    {"No Finding": 1, "Edema": 0}, {"Atelectasis": 1}])
+    ref = _labels(
+        [
+            {"Cardiomegaly": 1, "Edema": 1},
+            {"Cardiomegaly": 0, "Pleural Effusion": 1},
+            {"No Finding": 1},
+            {"Atelectasis": -1, "Fracture": 1},
+        ]
+    )
+    pred = _labels(
+        [
+            {"Cardiomegaly": 1},
+            {"Cardiomegaly": 1, "Pleural Effusion": -1},
+            {"No Finding": 1, "Edema": 0},
+            {"Atelectasis": 1},
+        ]
+    )
     s = label_scores(ref, pred, uncertain_as_positive=False)
     # positives: ref {C,E}, {PE}, {NF}, {F}; pred {C}, {C}, {NF}, {A}. TP = C(row0), NF(row2) = 2; FP = C(row1), A = 2;
     # FN = E, PE, F = 3.
     assert s["micro_14"] == pytest.approx({"precision": 2 / 4, "recall": 2 / 5, "f1": 2 * 2 / (4 + 5)})
     # per label F1: C 2*1/(2+1), E 0, PE 0, NF 1, F 0, A 0, others undefined -> 0; macro over 14
     assert s["macro_14"]["f1"] == pytest.approx((2 / 3 + 1) / 14)
-    assert s["per_label"]["Cardiomegaly"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
-                                              "support": 1, "predicted": 2}
+    assert s["per_label"]["Cardiomegaly"] == {
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "support": 1,
+        "predicted": 2,
+    }
     # example-based: row F1s 2*1/(2+1), 0, 1, 0
     assert s["example_14"]["f1"] == pytest.approx((2 / 3 + 0 + 1 + 0) / 4)
     # the 5-label set (C, E, Cons, A, PE): TP = C; FP = C(row1), A; FN = E, PE
@@ -113,8 +143,16 @@ def tiny_bert(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=128)
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=3, num_attention_heads=1,
-                                 intermediate_size=128, max_position_embeddings=128)).eval()
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+    ).eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path, model, tok
@@ -150,8 +188,9 @@ def test_chexbert_similarity_uses_the_checkpoint_cls_embedding(tiny_bert, tmp_pa
     state.update({f"module.linear_heads.{i}.weight": torch.randn(4, 64) for i in range(14)})
     torch.save({"model_state_dict": state, "epoch": 3}, tmp_path / "chexbert.pth")
     df = synthetic_pairs(5, 2)
-    m, per, _, _ = report_metrics(df, EvalConfig(chexbert_checkpoint=str(tmp_path / "chexbert.pth"),
-                                                 chexbert_tokenizer=str(path)))
+    m, per, _, _ = report_metrics(
+        df, EvalConfig(chexbert_checkpoint=str(tmp_path / "chexbert.pth"), chexbert_tokenizer=str(path))
+    )
     for i, (h, r) in enumerate(zip(df["prediction"], df["reference"])):
         a, b = _embed(model, tok, h, -1)[0], _embed(model, tok, r, -1)[0]
         assert per.loc[i, "chexbert_similarity"] == pytest.approx(torch.cosine_similarity(a, b, dim=0).item(), abs=1e-5)
@@ -168,7 +207,10 @@ def test_metrics_command_on_two_csvs(tmp_path, capsys):
     gt.to_csv(tmp_path / "gt.csv", index=False)
     pred.to_csv(tmp_path / "pred.csv", index=False)
     out = tmp_path / "m"
-    assert main(["metrics", "--gt", str(tmp_path / "gt.csv"), "--pred", str(tmp_path / "pred.csv"), "--out", str(out)]) == 0
+    assert (
+        main(["metrics", "--gt", str(tmp_path / "gt.csv"), "--pred", str(tmp_path / "pred.csv"), "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     direct, _, _, _ = report_metrics(df, EvalConfig())
@@ -183,7 +225,10 @@ def test_metrics_command_on_two_csvs(tmp_path, capsys):
     assert (out / "chexpert_rules_f1.png").stat().st_size > 1000
     # a study missing from one file is an error naming it and the fix
     pred.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
-    assert main(["metrics", "--gt", str(tmp_path / "gt.csv"), "--pred", str(tmp_path / "short.csv"), "--out", str(out)]) == 2
+    assert (
+        main(["metrics", "--gt", str(tmp_path / "gt.csv"), "--pred", str(tmp_path / "short.csv"), "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "1 only in" in err and "s0" in err and "give every study a row" in err
 

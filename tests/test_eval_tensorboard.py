@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import TINY
 from medlava.config import load_config
 from medlava.eval.tensorboard import option_probabilities, worst_first
 from medlava.io import atomic_write_json
 from medlava.predictions import write_predictions
 from medlava.stages.eval import run as run_eval
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SIZE = {"images": 0, "scalars": 0, "histograms": 0, "tensors": 0}
 
@@ -36,17 +35,37 @@ def _infer_run(tmp: Path, step: int) -> Path:
         ref = ("yes", "no")[i % 2] if closed else "liver"
         p_yes = 0.9 if i in (0, 3) else 0.2
         pred = ("yes" if p_yes > 0.5 else "no") if closed else ("liver" if i == 6 else "lung")
-        rows.append({"id": str(i), "prediction": pred, "reference": ref, "task": "closed" if closed else "open",
-                     "prompt": f"Question {i}?", "text": pred, "image": name,
-                     "score_yes": p_yes if closed else None, "score_no": 1 - p_yes if closed else None,
-                     "meta_modality": ("CT", "MRI")[i % 2], "meta_content_type": "Organ", "meta_dataset": "slake"})
+        rows.append(
+            {
+                "id": str(i),
+                "prediction": pred,
+                "reference": ref,
+                "task": "closed" if closed else "open",
+                "prompt": f"Question {i}?",
+                "text": pred,
+                "image": name,
+                "score_yes": p_yes if closed else None,
+                "score_no": 1 - p_yes if closed else None,
+                "meta_modality": ("CT", "MRI")[i % 2],
+                "meta_content_type": "Organ",
+                "meta_dataset": "slake",
+            }
+        )
     infer = tmp / "runs" / "t" / "infer" / f"s{step}"
     infer.mkdir(parents=True)
     write_predictions(infer / "predictions.csv", pd.DataFrame(rows))
     ckpt = tmp / "runs" / "t" / "sft" / "r1" / "checkpoints" / f"step-{step}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(infer / "COMPLETE.json", {"predictions": "predictions.csv", "checkpoint": str(ckpt), "step": step,
-                                                "image_root": str(images), "split": "test"})
+    atomic_write_json(
+        infer / "COMPLETE.json",
+        {
+            "predictions": "predictions.csv",
+            "checkpoint": str(ckpt),
+            "step": step,
+            "image_root": str(images),
+            "split": "test",
+        },
+    )
     return infer
 
 
@@ -55,8 +74,16 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaltb")
     runs = []
     for step in (100, 200):
-        cfg = load_config(TINY, [f"output_root={tmp / 'runs'}", "name=t", f"run_id=e{step}", "eval.n_bootstrap=50",
-                                 f"eval.predictions={_infer_run(tmp, step)}"])
+        cfg = load_config(
+            TINY,
+            [
+                f"output_root={tmp / 'runs'}",
+                "name=t",
+                f"run_id=e{step}",
+                "eval.n_bootstrap=50",
+                f"eval.predictions={_infer_run(tmp, step)}",
+            ],
+        )
         runs.append(run_eval(cfg))
     return tmp, runs
 
@@ -77,7 +104,8 @@ def test_eval_events_hold_scalars_images_text_and_histograms(evaluated):
         assert event.step == 100 and event.value == pytest.approx(metrics[name])
     # per SLAKE content type and modality
     assert acc.Scalars("eval_modality/CT/closed_accuracy")[0].value == pytest.approx(
-        metrics["by_group"]["modality"]["CT"]["closed_accuracy"])
+        metrics["by_group"]["modality"]["CT"]["closed_accuracy"]
+    )
     assert "eval_content_type/Organ/llava_med_closed_accuracy" in tags["scalars"]
     assert {"eval/vqa_groups", "eval/worst_samples"} <= set(tags["images"])
     grid = acc.Images("eval/worst_samples")[0]
@@ -100,8 +128,14 @@ def test_eval_scalars_draw_a_curve_in_the_trained_run(evaluated):
 
 
 def test_option_probabilities_and_worst_first_by_hand():
-    df = pd.DataFrame({"id": ["a", "b", "c"], "reference": ["yes", "no", "x"], "score_yes": [0.8, 0.3, None],
-                       "score_no": [0.2, 0.7, None]})
+    df = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "reference": ["yes", "no", "x"],
+            "score_yes": [0.8, 0.3, None],
+            "score_no": [0.2, 0.7, None],
+        }
+    )
     p = option_probabilities(df)
     assert p["eval/p_reference"].tolist() == [0.8, 0.7] and p["eval/p_predicted"].tolist() == [0.8, 0.7]
     per = pd.DataFrame({"id": ["a", "b", "c"], "correct": [True, False, False], "reference_score": [0.9, 0.4, 0.1]})
@@ -112,16 +146,25 @@ def test_classification_eval_has_confusion_and_roc_images(tmp_path):
     rng = np.random.default_rng(0)
     classes = ["mel", "nv", "bkl"]
     probs = rng.dirichlet(np.ones(3), 30)
-    df = pd.DataFrame({"id": [str(i) for i in range(30)], "prediction": [classes[int(np.argmax(p))] for p in probs],
-                       "reference": [classes[i % 3] for i in range(30)], "task": "label",
-                       **{f"score_{c}": probs[:, k] for k, c in enumerate(classes)}})
+    df = pd.DataFrame(
+        {
+            "id": [str(i) for i in range(30)],
+            "prediction": [classes[int(np.argmax(p))] for p in probs],
+            "reference": [classes[i % 3] for i in range(30)],
+            "task": "label",
+            **{f"score_{c}": probs[:, k] for k, c in enumerate(classes)},
+        }
+    )
     src = tmp_path / "cnn"
     src.mkdir()
     write_predictions(src / "predictions.csv", df)
-    atomic_write_json(src / "COMPLETE.json", {"predictions": "predictions.csv", "classes": classes,
-                                              "checkpoint": "checkpoints/epoch-7"})
-    cfg = load_config(TINY, [f"output_root={tmp_path / 'runs'}", "run_id=c", "eval.n_bootstrap=0",
-                             f"eval.predictions={src}"])
+    atomic_write_json(
+        src / "COMPLETE.json",
+        {"predictions": "predictions.csv", "classes": classes, "checkpoint": "checkpoints/epoch-7"},
+    )
+    cfg = load_config(
+        TINY, [f"output_root={tmp_path / 'runs'}", "run_id=c", "eval.n_bootstrap=0", f"eval.predictions={src}"]
+    )
     acc = _events(run_eval(cfg) / "tensorboard")
     assert {"eval/confusion", "eval/roc", "eval/worst_samples"} <= set(acc.Tags()["images"])
     assert acc.Scalars("eval/macro_auc")[0].step == 7  # the cnn checkpoint's epoch

@@ -24,27 +24,33 @@ from sacrebleu.metrics import BLEU
 VOCAB = ("liver", "spleen", "left lung", "right lung", "ct", "mri", "t2")
 
 
-@pytest.mark.parametrize(("question", "options"), [
-    ("Which is bigger in this image, the liver or the spleen?", ["liver", "spleen"]),
-    ("Is this the left lung or the right lung?", ["left lung", "right lung"]),
-    ("Is this an MRI or a CT scan?", ["mri", "ct scan"]),
-    ("What modality is used?", []),
-    ("Does the picture contain liver?", []),
-])
+@pytest.mark.parametrize(
+    ("question", "options"),
+    [
+        ("Which is bigger in this image, the liver or the spleen?", ["liver", "spleen"]),
+        ("Is this the left lung or the right lung?", ["left lung", "right lung"]),
+        ("Is this an MRI or a CT scan?", ["mri", "ct scan"]),
+        ("What modality is used?", []),
+        ("Does the picture contain liver?", []),
+    ],
+)
 def test_question_options(question, options):
     assert question_options(question) == options
 
 
-@pytest.mark.parametrize(("question", "prediction", "reference", "want"), [
-    ("Is there a pleural effusion?", "Yes, a small one.", "Yes", ("yes", "yes_no")),
-    ("Is the lung healthy?", "There is no abnormality", "No", ("no", "yes_no")),
-    ("Is the lung healthy?", "The lung looks abnormal", "No", (None, "yes_no")),   # unparsed: wrong, counted
-    ("Which is bigger, the liver or the spleen?", "The spleen is bigger.", "Spleen", ("spleen", "options")),
-    ("Which is bigger, the liver or the spleen?", "Not the liver, the spleen", "spleen", ("spleen", "options")),
-    ("Which organ is abnormal?", "It is the right lung.", "Right Lung", ("right lung", "vocab")),
-    ("Which organ is abnormal?", "It is the liver.", "Right Lung", ("liver", "vocab")),
-    ("Which organ is abnormal?", "kidney", "Right Lung", (None, "vocab")),
-])
+@pytest.mark.parametrize(
+    ("question", "prediction", "reference", "want"),
+    [
+        ("Is there a pleural effusion?", "Yes, a small one.", "Yes", ("yes", "yes_no")),
+        ("Is the lung healthy?", "There is no abnormality", "No", ("no", "yes_no")),
+        ("Is the lung healthy?", "The lung looks abnormal", "No", (None, "yes_no")),  # unparsed: wrong, counted
+        ("Which is bigger, the liver or the spleen?", "The spleen is bigger.", "Spleen", ("spleen", "options")),
+        ("Which is bigger, the liver or the spleen?", "Not the liver, the spleen", "spleen", ("spleen", "options")),
+        ("Which organ is abnormal?", "It is the right lung.", "Right Lung", ("right lung", "vocab")),
+        ("Which organ is abnormal?", "It is the liver.", "Right Lung", ("liver", "vocab")),
+        ("Which organ is abnormal?", "kidney", "Right Lung", (None, "vocab")),
+    ],
+)
 def test_route_closed(question, prediction, reference, want):
     assert route_closed(question, prediction, reference, VOCAB) == want
 
@@ -64,8 +70,9 @@ def table() -> pd.DataFrame:
         ("o2", "open", "Where is the lesion?", "right upper lobe", "upper lobe of the lung", "OPEN", "X-Ray"),
         ("o3", "open", "What modality?", "MRI", "CT", "OPEN", "MRI"),
     ]
-    df = pd.DataFrame(rows, columns=["id", "task", "prompt", "reference", "prediction", "meta_answer_type",
-                                     "meta_modality"])
+    df = pd.DataFrame(
+        rows, columns=["id", "task", "prompt", "reference", "prediction", "meta_answer_type", "meta_modality"]
+    )
     return df.assign(text=df["prediction"])
 
 
@@ -80,21 +87,33 @@ def test_vqa_metrics_by_hand():
     # in "the liver") right, c4 wrong; run_eval.py also wants a yes/no word, which c3 lacks
     assert m["llava_med_closed_accuracy"] == 0.75 and m["llava_med_closed_accuracy_run_eval"] == 0.5
     assert m["llava_med_open_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
-    assert m["closed_exact_accuracy"] == 0.5      # c1, c3 ("the liver" -> "liver" after article removal)
+    assert m["closed_exact_accuracy"] == 0.5  # c1, c3 ("the liver" -> "liver" after article removal)
     # open: o1 exact; recall o1 2/2, o2 2/3 (upper, lobe), o3 0; F1 o2: P 2/4 (upper lobe of lung), R 2/3
     assert m["open_exact_match"] == pytest.approx(1 / 3)
     assert m["open_token_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["open_token_f1"] == pytest.approx((1 + 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3) + 0) / 3)
     hyps, refs = ["left lung", "upper lobe of lung", "ct"], ["left lung", "right upper lobe", "mri"]
-    sentence = [BLEU(tokenize="none", effective_order=True).sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)]
+    sentence = [
+        BLEU(tokenize="none", effective_order=True).sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)
+    ]
     assert m["open_bleu"] == pytest.approx(np.mean(sentence))
-    coco, _ = Bleu(1).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}, verbose=0)
+    coco, _ = Bleu(1).compute_score(
+        {i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}, verbose=0
+    )
     assert m["open_bleu_1"] == pytest.approx(coco[0], abs=1e-9)
-    assert m["by_group"]["modality"]["CT"] == {"n": 3, "n_closed": 2, "n_open": 1, "n_multiple_choice": 0,
-                                               "closed_accuracy": 1.0, "closed_unparsed": 0,
-                                               "llava_med_closed_accuracy": 1.0, "open_exact_match": 1.0,
-                                               "open_token_recall": 1.0, "open_token_f1": 1.0,
-                                               "llava_med_open_recall": 1.0}
+    assert m["by_group"]["modality"]["CT"] == {
+        "n": 3,
+        "n_closed": 2,
+        "n_open": 1,
+        "n_multiple_choice": 0,
+        "closed_accuracy": 1.0,
+        "closed_unparsed": 0,
+        "llava_med_closed_accuracy": 1.0,
+        "open_exact_match": 1.0,
+        "open_token_recall": 1.0,
+        "open_token_f1": 1.0,
+        "llava_med_open_recall": 1.0,
+    }
     assert m["by_group"]["answer_type"]["OPEN"]["n_open"] == 3
     lo, hi = m["ci95"]["closed_accuracy"]
     assert lo <= 0.5 <= hi and m["ci95"]["open_token_recall"][0] <= m["open_token_recall"]
@@ -105,7 +124,9 @@ def test_vqa_metrics_by_hand():
 def test_evaluate_writes_vqa_directory_with_error_dump(tmp_path):
     df = table()
     df.to_csv(tmp_path / "predictions.csv", index=False)
-    m = evaluate(tmp_path / "predictions.csv", tmp_path / "ev", EvalConfig(n_bootstrap=0, error_dump=3), vocab=list(VOCAB))
+    m = evaluate(
+        tmp_path / "predictions.csv", tmp_path / "ev", EvalConfig(n_bootstrap=0, error_dump=3), vocab=list(VOCAB)
+    )
     assert m["family"] == "vqa" and json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 7
     errors = pd.read_csv(tmp_path / "ev" / "errors.csv", keep_default_na=False)
     # worst first: the unparsed closed answer, the wrong closed one, then the open answer with the lowest F1
@@ -121,9 +142,11 @@ def test_vocabulary_from_samples_and_eval_inputs(tmp_path):
     prepared, infer = tmp_path / "prepare", tmp_path / "infer"
     prepared.mkdir()
     infer.mkdir()
-    rows = [{"id": "1", "conversations": [], "meta": {"task": "closed", "answer": "Left Lung", "choices": ["a", "b"]}},
-            {"id": "2", "conversations": [], "meta": {"task": "closed", "answer": "Yes"}},
-            {"id": "3", "conversations": [], "meta": {"task": "open", "answer": "heart"}}]
+    rows = [
+        {"id": "1", "conversations": [], "meta": {"task": "closed", "answer": "Left Lung", "choices": ["a", "b"]}},
+        {"id": "2", "conversations": [], "meta": {"task": "closed", "answer": "Yes"}},
+        {"id": "3", "conversations": [], "meta": {"task": "open", "answer": "heart"}},
+    ]
     (prepared / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (infer / "predictions.csv").write_text("id,prediction,reference,task\n")
     (infer / "COMPLETE.json").write_text(json.dumps({"samples": str(prepared), "classes": None}))
@@ -149,17 +172,26 @@ def test_family_of_tasks(tmp_path):
 def test_multiple_choice_and_mmmu_rows_by_hand():
     # m1 right by likelihood; m2 wrong; m3 generated and unparsed: wrong and counted, never guessed. MMMU: q1 a letter
     # question answered right, q2 an open one answered "so it is 2.0" (MMMU's eval_open: 2.0 == 2), q3 open, wrong.
-    rows = [("m1", "multiple_choice", "B", "B", "B", "pmc_vqa", ""), ("m2", "multiple_choice", "A", "C", "C", "pmc_vqa", ""),
-            ("m3", "multiple_choice", "", "D", "I cannot tell", "pmc_vqa", ""),
-            ("q1", "multiple_choice", "A", "A", "(A)", "mmmu_med", "Pharmacy"),
-            ("q2", "open", "so it is 2.0", "2", "so it is 2.0", "mmmu_med", "Pharmacy"),
-            ("q3", "open", "three", "['4', '4.0']", "three", "mmmu_med", "Clinical_Medicine")]
+    rows = [
+        ("m1", "multiple_choice", "B", "B", "B", "pmc_vqa", ""),
+        ("m2", "multiple_choice", "A", "C", "C", "pmc_vqa", ""),
+        ("m3", "multiple_choice", "", "D", "I cannot tell", "pmc_vqa", ""),
+        ("q1", "multiple_choice", "A", "A", "(A)", "mmmu_med", "Pharmacy"),
+        ("q2", "open", "so it is 2.0", "2", "so it is 2.0", "mmmu_med", "Pharmacy"),
+        ("q3", "open", "three", "['4', '4.0']", "three", "mmmu_med", "Clinical_Medicine"),
+    ]
     df = pd.DataFrame(rows, columns=["id", "task", "prediction", "reference", "text", "meta_dataset", "meta_subject"])
     m, per = vqa_metrics(df.assign(prompt="q"), [], n_bootstrap=100)
     assert m["n_multiple_choice"] == 4 and m["mc_accuracy"] == 0.5 and m["mc_unparsed"] == 1
     assert m["mc_unparsed_rate"] == 0.25 and m["mmmu_accuracy"] == pytest.approx(2 / 3)
-    assert per.set_index("id")["mmmu_correct"].to_dict() == {"m1": None, "m2": None, "m3": None, "q1": True, "q2": True,
-                                                            "q3": False}
+    assert per.set_index("id")["mmmu_correct"].to_dict() == {
+        "m1": None,
+        "m2": None,
+        "m3": None,
+        "q1": True,
+        "q2": True,
+        "q3": False,
+    }
     lo, hi = m["ci95"]["mc_accuracy"]
     assert 0 <= lo <= 0.5 <= hi <= 1
     assert m["by_group"]["subject"]["Pharmacy"]["mmmu_accuracy"] == 1.0

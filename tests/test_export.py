@@ -15,11 +15,18 @@ from transformers import LlavaForConditionalGeneration
 
 def test_exported_lora_model_matches_adapter_on_base(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDLAVA_CACHE", str(tmp_path / "cache"))
-    base = ["--config", str(TINY), f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'ham'}",
-            "data.synthetic.n_lesions=30", "run_id=x"]
+    base = [
+        "--config",
+        str(TINY),
+        f"output_root={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'ham'}",
+        "data.synthetic.n_lesions=30",
+        "run_id=x",
+    ]
     for stage, extra in (("prepare", []), ("sft", ["sft.init_from=none", "sft.max_steps=3", "sft.lr=1e-2"])):
-        out = subprocess.run([sys.executable, "-m", "medlava", stage, *base, *extra], capture_output=True, text=True,
-                             env=os.environ)
+        out = subprocess.run(
+            [sys.executable, "-m", "medlava", stage, *base, *extra], capture_output=True, text=True, env=os.environ
+        )
         assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "runs" / "tiny" / "sft" / "x"
     ckpt = run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"]

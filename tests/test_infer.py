@@ -85,8 +85,13 @@ def tiny():
 def _prompt(processor, model, question, seed):
     tok = processor.tokenizer
     conv = [{"from": "human", "value": f"<image>\n{question}"}]
-    enc = encode(render("mistral_instruct", conv, add_generation_prompt=True), tok,
-                 tok.convert_tokens_to_ids("<image>"), num_image_tokens(model), 512)
+    enc = encode(
+        render("mistral_instruct", conv, add_generation_prompt=True),
+        tok,
+        tok.convert_tokens_to_ids("<image>"),
+        num_image_tokens(model),
+        512,
+    )
     g = torch.Generator().manual_seed(seed)
     return {"input_ids": enc.input_ids, "pixel_values": torch.randn(3, 32, 32, generator=g)}
 
@@ -104,12 +109,16 @@ def test_option_scoring_with_shared_prompt_matches_one_pass_per_choice(tiny):
     model, processor = tiny
     tok = processor.tokenizer
     # Prompts of different lengths (left padding) and choice lists of different sizes and token lengths.
-    prompts = [_prompt(processor, model, "What is the lesion type?", 0),
-               _prompt(processor, model, "Is this a melanocytic nevus or a melanoma, given the border?", 1)]
+    prompts = [
+        _prompt(processor, model, "What is the lesion type?", 0),
+        _prompt(processor, model, "Is this a melanocytic nevus or a melanoma, given the border?", 1),
+    ]
     encoder = Encoder(processor, "mistral_instruct", num_image_tokens(model), 512, ".")
     sample = {"id": "q", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
-    choices = [[encoder.answer_ids(sample, c) for c in ["akiec", "bcc", "nv", "vascular lesion"]],
-               [encoder.answer_ids(sample, c) for c in ["yes", "no"]]]
+    choices = [
+        [encoder.answer_ids(sample, c) for c in ["akiec", "bcc", "nv", "vascular lesion"]],
+        [encoder.answer_ids(sample, c) for c in ["yes", "no"]],
+    ]
     assert tok.decode(choices[1][0]) == " yes </s>"  # LLaVA-Med's conv_mistral_instruct answer
     got = score_choices(model, prompts, choices, tok.pad_token_id, torch.device("cpu"))
     want = [[_naive_logp(model, p, c) for c in cs] for p, cs in zip(prompts, choices)]
@@ -123,14 +132,17 @@ def test_option_scoring_with_shared_prompt_matches_one_pass_per_choice(tiny):
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     assert score_choices(eager, prompts, choices, tok.pad_token_id, torch.device("cpu")) == [
-        pytest.approx(g, rel=1e-6, abs=1e-5) for g in got]
+        pytest.approx(g, rel=1e-6, abs=1e-5) for g in got
+    ]
 
 
 def test_batched_generation_with_left_padding_matches_one_by_one(tiny):
     model, processor = tiny
     tok = processor.tokenizer
-    prompts = [_prompt(processor, model, "What is the lesion type?", 0),
-               _prompt(processor, model, "Describe the lesion border and colour in detail please.", 1)]
+    prompts = [
+        _prompt(processor, model, "What is the lesion type?", 0),
+        _prompt(processor, model, "Describe the lesion border and colour in detail please.", 1),
+    ]
     batched = generate(model, prompts, tok, torch.device("cpu"), 6, 1, 0.0)
     single = [generate(model, [p], tok, torch.device("cpu"), 6, 1, 0.0)[0] for p in prompts]
     assert batched == single
@@ -141,8 +153,10 @@ def test_compiled_decoding_with_a_static_cache_answers_as_eager_decoding(tiny):
     compiled (inductor; CUDA graphs on a GPU): the same greedy answers, in one compiled graph."""
     model, processor = tiny
     tok = processor.tokenizer
-    prompts = [_prompt(processor, model, "What is the lesion type?", 0),
-               _prompt(processor, model, "Describe the lesion border and colour in detail please.", 1)]
+    prompts = [
+        _prompt(processor, model, "What is the lesion type?", 0),
+        _prompt(processor, model, "Describe the lesion border and colour in detail please.", 1),
+    ]
     eager = generate(model, prompts, tok, torch.device("cpu"), 8, 1, 0.0)
     torch._dynamo.utils.counters.clear()
     compiled = generate(model, prompts, tok, torch.device("cpu"), 8, 1, 0.0, compile=True)

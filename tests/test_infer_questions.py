@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from conftest import TINY
 from medlava.config import load_config
 from medlava.distributed import Dist
@@ -29,6 +28,7 @@ from medlava.infer.questions import question_sample
 from medlava.io import InputError
 from medlava.stages.infer import run as run_infer
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -44,16 +44,42 @@ def questions(tmp_path_factory) -> Path:
         (root / "img").mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
         if i % 3 == 0:
-            rows.append({"question_id": f"h{i}", "image": name, "text": "What is the lesion type?",
-                         "choices": HAM, "answer": HAM[i % 7], "answer_type": "CLOSED", "modality": "dermoscopy"})
+            rows.append(
+                {
+                    "question_id": f"h{i}",
+                    "image": name,
+                    "text": "What is the lesion type?",
+                    "choices": HAM,
+                    "answer": HAM[i % 7],
+                    "answer_type": "CLOSED",
+                    "modality": "dermoscopy",
+                }
+            )
         elif i % 3 == 1:
-            rows.append({"question_id": f"y{i}", "image": name, "text": "Is there a pleural effusion?",
-                         "answer": "Yes" if i % 2 else "No", "answer_type": "CLOSED", "modality": "X-Ray",
-                         "content_type": "Abnormality"})
+            rows.append(
+                {
+                    "question_id": f"y{i}",
+                    "image": name,
+                    "text": "Is there a pleural effusion?",
+                    "answer": "Yes" if i % 2 else "No",
+                    "answer_type": "CLOSED",
+                    "modality": "X-Ray",
+                    "content_type": "Abnormality",
+                }
+            )
         else:
-            rows.append({"question_id": i, "image": name if i != 29 else "", "text": "Which organ is shown?",
-                         "answer": "left lung", "answer_type": "OPEN", "modality": "CT", "content_type": "Organ",
-                         "triple": ["vhead", "_", "_"]})
+            rows.append(
+                {
+                    "question_id": i,
+                    "image": name if i != 29 else "",
+                    "text": "Which organ is shown?",
+                    "answer": "left lung",
+                    "answer_type": "OPEN",
+                    "modality": "CT",
+                    "content_type": "Organ",
+                    "triple": ["vhead", "_", "_"],
+                }
+            )
     path = root / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -66,8 +92,16 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _overrides(out: Path, questions: Path, run_id: str, **extra) -> list[str]:
-    items = {"output_root": out, "run_id": run_id, "infer.questions": questions, "infer.checkpoint": "base",
-             "infer.chunks": 2, "infer.batch_size": 2, "infer.max_new_tokens": 4, **extra}
+    items = {
+        "output_root": out,
+        "run_id": run_id,
+        "infer.questions": questions,
+        "infer.checkpoint": "base",
+        "infer.chunks": 2,
+        "infer.batch_size": 2,
+        "infer.max_new_tokens": 4,
+        **extra,
+    }
     return [f"{k}={v}" for k, v in items.items()]
 
 
@@ -76,7 +110,8 @@ def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, 
     # The child writes two batches, then half of the next row, and is SIGKILLed there: the state a kill
     # during a write leaves (complete rows fsynced, a torn last line, no finished chunk file).
     hook = tmp_path / "killable.py"
-    hook.write_text(textwrap.dedent("""
+    hook.write_text(
+        textwrap.dedent("""
         import sys, time
         from medlava.infer import chunks
         original, calls = chunks.ChunkWriter.write, []
@@ -90,10 +125,17 @@ def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, 
         chunks.ChunkWriter.write = write
         from medlava.cli import main
         sys.exit(main(sys.argv[1:]))
-    """))
+    """)
+    )
     args = ["infer", "--config", str(TINY), *_overrides(tmp_path / "runs", questions, "k1")]
-    child = subprocess.Popen([sys.executable, str(hook), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(hook), *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     lines = []
     for line in child.stdout:  # blocks until the child prints; the deadline guards a hung child
@@ -111,8 +153,9 @@ def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, 
     before = [json.loads(line) for line in torn.splitlines()[:-1]]
     assert len(before) == 4  # two batches of two
 
-    out = subprocess.run([sys.executable, "-m", "medlava", *args], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "medlava", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ids = [str(json.loads(line)["question_id"]) for line in questions.read_text().splitlines()]
     pred = pd.read_csv(run / "predictions.csv", dtype={"id": str}, keep_default_na=False)
@@ -138,9 +181,12 @@ def test_killed_mid_chunk_resumes_and_merges_every_id_once(tmp_path, questions, 
 
 def test_generate_mode_normalises_choices_and_carries_meta(tmp_path, questions, cache, monkeypatch):
     monkeypatch.setenv("MEDLAVA_CACHE", str(cache))
-    cfg = load_config(TINY, _overrides(tmp_path / "runs", questions, "g1", **{"infer.mode": "generate",
-                                                                              "infer.chunks": 1,
-                                                                              "infer.batch_size": 8}))
+    cfg = load_config(
+        TINY,
+        _overrides(
+            tmp_path / "runs", questions, "g1", **{"infer.mode": "generate", "infer.chunks": 1, "infer.batch_size": 8}
+        ),
+    )
     run = run_infer(cfg, Dist(0, 1, 0, torch.device("cpu")))
     answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
     pred = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False).set_index("id")
@@ -191,11 +237,20 @@ def test_a_bad_image_stops_infer_with_the_message_not_a_traceback(tmp_path, ques
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "MEDLAVA_CACHE": str(cache)}
     args = _overrides(tmp_path / "runs", bad, "b1", **{"infer.chunks": 1, "infer.num_workers": 2})
-    out = subprocess.run([sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"medlava infer: image {tmp_path / rows[4]['image']} (sample {rows[4]['question_id']}) cannot be read" \
-        in out.stderr and "Traceback" not in out.stderr
+    assert (
+        f"medlava infer: image {tmp_path / rows[4]['image']} (sample {rows[4]['question_id']}) cannot be read"
+        in out.stderr
+        and "Traceback" not in out.stderr
+    )
 
 
 def test_question_keeps_its_id_type_and_gets_the_image_first():
@@ -209,8 +264,14 @@ def test_question_keeps_its_id_type_and_gets_the_image_first():
 
 def _infer(tmp_path: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEDLAVA_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medlava", "infer", "--config", str(TINY), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_an_image_too_large_once_padded_is_refused(tmp_path, cache):
@@ -220,8 +281,10 @@ def test_an_image_too_large_once_padded_is_refused(tmp_path, cache):
     q.write_text(json.dumps({"question_id": "w1", "image": "wide.png", "text": "What is shown?"}) + "\n")
     out = _infer(tmp_path, cache, *_overrides(tmp_path / "runs", q, "w", **{"infer.chunks": 1}))
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava infer: image {tmp_path / 'wide.png'} (sample w1) is 9000x1: padded to a square it would be "
-            "9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit") in out.stderr, out.stderr[-3000:]
+    assert (
+        f"medlava infer: image {tmp_path / 'wide.png'} (sample w1) is 9000x1: padded to a square it would be "
+        "9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit"
+    ) in out.stderr, out.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +303,18 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed_with_the_old_chunks(tm
     shutil.copytree(run, unfinished)
     for name in ("COMPLETE.json", "answers.jsonl", "predictions.csv"):
         (unfinished / name).unlink()
-    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [f"output_root={tmp_path / 'runs'}",
-                                                                                 "run_id=u"]
+    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [
+        f"output_root={tmp_path / 'runs'}",
+        "run_id=u",
+    ]
     files = {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file() and p.parent.name != "logs"}
     out = _infer(tmp_path, cache, *args, "infer.mode=generate", "infer.max_new_tokens=8")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava infer: the answers in {unfinished / 'chunks'} were made with other settings "
-            "(infer.max_new_tokens: 4 then, 8 now; infer.mode: 'score' then, 'generate' now); one answer file must "
-            "come from one model and one setting: use a new run_id") in out.stderr, out.stderr[-3000:]
+    assert (
+        f"medlava infer: the answers in {unfinished / 'chunks'} were made with other settings "
+        "(infer.max_new_tokens: 4 then, 8 now; infer.mode: 'score' then, 'generate' now); one answer file must "
+        "come from one model and one setting: use a new run_id"
+    ) in out.stderr, out.stderr[-3000:]
     assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file() and p.parent.name != "logs"} == files
     source = json.loads((unfinished / "chunks" / "source.json").read_text())
     assert source["infer.checkpoint"] == "base" and source["infer.mode"] == "score"
@@ -264,9 +331,11 @@ def test_a_damaged_chunk_file_is_named_not_a_traceback(tmp_path, answered, cache
     args = [a for a in args if not a.startswith(("run_id=", "output_root="))]
     out = _infer(tmp_path, cache, *args, f"output_root={tmp_path / 'runs'}", "run_id=d", "--merge-only")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava infer: {last}:{len(lines)}: not a JSON answer row (" in out.stderr
-            and "the chunk file is damaged; delete it and run chunk 1 again (--chunk-idx 1), then merge"
-            in out.stderr and "Traceback" not in out.stderr), out.stderr[-3000:]
+    assert (
+        f"medlava infer: {last}:{len(lines)}: not a JSON answer row (" in out.stderr
+        and "the chunk file is damaged; delete it and run chunk 1 again (--chunk-idx 1), then merge" in out.stderr
+        and "Traceback" not in out.stderr
+    ), out.stderr[-3000:]
 
 
 def test_a_question_longer_than_the_model_s_context_is_refused(tmp_path, cache):
@@ -274,12 +343,15 @@ def test_a_question_longer_than_the_model_s_context_is_refused(tmp_path, cache):
     Image.new("RGB", (40, 48)).save(tmp_path / "a.png")
     long = "Describe every finding in this image, in order, " * 40
     q.write_text(json.dumps({"question_id": "long1", "image": "a.png", "text": long}) + "\n")
-    out = _infer(tmp_path, cache, *_overrides(tmp_path / "runs", q, "l", **{"infer.chunks": 1,
-                                                                           "infer.mode": "generate"}))
+    out = _infer(
+        tmp_path, cache, *_overrides(tmp_path / "runs", q, "l", **{"infer.chunks": 1, "infer.mode": "generate"})
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava infer: sample long1: the prompt is \d+ tokens \(image tokens included\), over "
-                     r"model.model_max_length=256; .* Shorten the question or raise model.model_max_length",
-                     out.stderr), out.stderr[-3000:]
+    assert re.search(
+        r"medlava infer: sample long1: the prompt is \d+ tokens \(image tokens included\), over "
+        r"model.model_max_length=256; .* Shorten the question or raise model.model_max_length",
+        out.stderr,
+    ), out.stderr[-3000:]
 
 
 def _sft_run(runs: Path, run_id: str, seed: int) -> Path:
@@ -304,8 +376,9 @@ def _sft_run(runs: Path, run_id: str, seed: int) -> Path:
     ckpt.mkdir(parents=True)
     save_projector(model, ckpt / PROJECTOR_FILE)
     load_processor(base, m).save_pretrained(ckpt)
-    (ckpt / MANIFEST).write_text(json.dumps({"kind": "projector", "step": 1, "base_model": base, "stage": "sft",
-                                             "template": m.template}))
+    (ckpt / MANIFEST).write_text(
+        json.dumps({"kind": "projector", "step": 1, "base_model": base, "stage": "sft", "template": m.template})
+    )
     (run / "COMPLETE.json").write_text(json.dumps({"checkpoint": "checkpoints/step-000001"}))
     return run
 
@@ -334,13 +407,17 @@ def test_one_run_s_chunks_come_from_one_checkpoint(tmp_path, questions, cache, m
     merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
     mine = chunk_path(chunks, 1, 2)
-    assert (f"medlava infer: {mine} has no record of the settings it was made with (answers-0001-of-0002.settings"
-            ".json): it was not made by this run") in merged.stderr, merged.stderr[-3000:]
+    assert (
+        f"medlava infer: {mine} has no record of the settings it was made with (answers-0001-of-0002.settings"
+        ".json): it was not made by this run"
+    ) in merged.stderr, merged.stderr[-3000:]
     shutil.copy(settings_path(theirs), chunks)  # with it
     merged = _infer(tmp_path, cache, *common, f"infer.checkpoint={older}", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
-    assert (f"medlava infer: {mine} was made with other settings (infer.checkpoint: '{b}' then, '{a}' now); "
-            "one answer file must come from one model and one setting") in merged.stderr, merged.stderr[-3000:]
+    assert (
+        f"medlava infer: {mine} was made with other settings (infer.checkpoint: '{b}' then, '{a}' now); "
+        "one answer file must come from one model and one setting"
+    ) in merged.stderr, merged.stderr[-3000:]
     assert not (runs / "tiny" / "infer" / "x" / "answers.jsonl").exists()
 
 
@@ -348,8 +425,10 @@ def test_the_merge_compares_each_chunk_s_settings(tmp_path, answered, cache):
     """Chunk 1 answered again with infer.mode=generate beside chunk 0's option scores (source.json removed in
     between, as in a hand-cleaned folder): the merge refuses, naming the chunk and the keys."""
     run, args = answered
-    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [f"output_root={tmp_path / 'runs'}",
-                                                                                 "run_id=m"]
+    args = [a for a in args if not a.startswith(("run_id=", "output_root="))] + [
+        f"output_root={tmp_path / 'runs'}",
+        "run_id=m",
+    ]
     copy = tmp_path / "runs" / "tiny" / "infer" / "m"
     shutil.copytree(run, copy)
     for name in ("COMPLETE.json", "answers.jsonl", "predictions.csv", "chunks/source.json"):
@@ -362,7 +441,9 @@ def test_the_merge_compares_each_chunk_s_settings(tmp_path, answered, cache):
     assert {json.loads(line)["metadata"]["mode"] for line in second.read_text().splitlines()} == {"generate"}
     merged = _infer(tmp_path, cache, *args, "infer.mode=generate", "--merge-only")
     assert merged.returncode == 2, merged.stderr[-3000:]
-    assert (f"medlava infer: {first} was made with other settings (infer.mode: 'score' then, 'generate' now); "
-            "one answer file must come from one model and one setting: delete that chunk and make it again, or use "
-            "a new run_id") in merged.stderr, merged.stderr[-3000:]
+    assert (
+        f"medlava infer: {first} was made with other settings (infer.mode: 'score' then, 'generate' now); "
+        "one answer file must come from one model and one setting: delete that chunk and make it again, or use "
+        "a new run_id"
+    ) in merged.stderr, merged.stderr[-3000:]
     assert not (copy / "answers.jsonl").exists() and not (copy / "COMPLETE.json").exists()

@@ -8,8 +8,6 @@ import pytest
 import torch
 import transformers.utils
 from conftest import TINY
-from transformers import LlavaConfig
-
 from medlava.cli import main
 from medlava.config import ConfigError, load_config
 from medlava.distributed import Dist
@@ -18,6 +16,7 @@ from medlava.models.kernels import apply_liger, check_kernels
 from medlava.models.llava import choose_attention, num_image_tokens, varlen
 from medlava.models.templates import encode, render
 from medlava.train.vlm import build_model
+from transformers import LlavaConfig
 
 CPU = torch.device("cpu")
 FLEX = {"text_config": "flex_attention", "vision_config": "sdpa"}
@@ -46,8 +45,11 @@ def test_liger_is_refused_where_it_cannot_run(tmp_path, capsys):
     with pytest.raises(ConfigError, match="sft.kernels=liger needs a CUDA GPU .* runs on cpu; set sft.kernels=none"):
         check_kernels("liger", CPU, "sft")
     qwen = SimpleNamespace(config=LlavaConfig(text_config={"model_type": "qwen2"}))
-    with pytest.raises(ConfigError, match="covers LLaVA with a mistral or llama language model; this model is llava "
-                                          "with qwen2: set align.kernels=none"):
+    with pytest.raises(
+        ConfigError,
+        match="covers LLaVA with a mistral or llama language model; this model is llava "
+        "with qwen2: set align.kernels=none",
+    ):
         apply_liger(qwen, "align")
     for key in ("kernels=liger", "compile=true"):
         with pytest.raises(ConfigError, match="cannot run under ZeRO-3.*use deepspeed=zero2 or none"):
@@ -76,10 +78,20 @@ def _batch(built):
     items = []
     for i, answer in enumerate(["nv", "a melanocytic nevus with a regular border"]):
         conv = [{"from": "human", "value": "<image>\nWhat is the lesion type?"}, {"from": "gpt", "value": answer}]
-        enc = encode(render("mistral_instruct", conv), tok, tok.convert_tokens_to_ids("<image>"),
-                     num_image_tokens(built.model), 256)
-        items.append({"input_ids": enc.input_ids, "labels": enc.labels,
-                      "pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))})
+        enc = encode(
+            render("mistral_instruct", conv),
+            tok,
+            tok.convert_tokens_to_ids("<image>"),
+            num_image_tokens(built.model),
+            256,
+        )
+        items.append(
+            {
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)),
+            }
+        )
     return collate(items, tok.pad_token_id)
 
 
@@ -93,8 +105,10 @@ def _loss_and_grads(model, batch):
 def test_compiled_blocks_train_to_the_eager_loss_and_gradients(lora_models):
     """sft.compile=true: every decoder and vision encoder layer compiled (inductor), the same loss and gradients."""
     eager, compiled = lora_models[False], lora_models[True]
-    assert (eager.speedups, compiled.speedups) == ({"kernels": "none", "compiled_blocks": 0},
-                                                   {"kernels": "none", "compiled_blocks": 4})
+    assert (eager.speedups, compiled.speedups) == (
+        {"kernels": "none", "compiled_blocks": 0},
+        {"kernels": "none", "compiled_blocks": 4},
+    )
     for name, p in eager.model.named_parameters():  # B starts at zero, which would leave A without a gradient
         if "lora_B" in name:
             p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))

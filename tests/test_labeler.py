@@ -9,29 +9,39 @@ from medlava.data.chexpert import OBSERVATIONS, label_report
 CASES = [
     ("No pneumothorax.", {"No Finding": 1, "Pneumothorax": 0}),
     ("Left lower lobe opacity may represent atelectasis.", {"Lung Opacity": 1, "Atelectasis": -1}),
-    ("Heart size is normal. No focal consolidation, pleural effusion, or pneumothorax.",
-     {"No Finding": 1, "Cardiomegaly": 0, "Consolidation": 0, "Pleural Effusion": 0, "Pneumothorax": 0}),
-    ("Moderate cardiomegaly. Small bilateral pleural effusions. Mild pulmonary edema. Right rib fracture.",
-     {"Cardiomegaly": 1, "Pleural Effusion": 1, "Edema": 1, "Fracture": 1}),
+    (
+        "Heart size is normal. No focal consolidation, pleural effusion, or pneumothorax.",
+        {"No Finding": 1, "Cardiomegaly": 0, "Consolidation": 0, "Pleural Effusion": 0, "Pneumothorax": 0},
+    ),
+    (
+        "Moderate cardiomegaly. Small bilateral pleural effusions. Mild pulmonary edema. Right rib fracture.",
+        {"Cardiomegaly": 1, "Pleural Effusion": 1, "Edema": 1, "Fracture": 1},
+    ),
     ("There is no pneumothorax but there is a small left effusion.", {"Pneumothorax": 0, "Pleural Effusion": 1}),
     ("Pneumonia cannot be excluded.", {"Pneumonia": -1}),
     ("Cannot exclude early pneumonia.", {"Pneumonia": -1}),
     ("No new consolidation.", {"Consolidation": -1}),  # "no new" implies an old one: uncertain, as CheXpert
     ("Possible right lower lobe pneumonia versus atelectasis.", {"Pneumonia": -1, "Atelectasis": -1}),
     ("The cardiomediastinal silhouette is stable.", {"Enlarged Cardiomediastinum": -1}),
-    ("Mediastinal and hilar contours are unremarkable. Lungs are clear.",
-     {"No Finding": 1, "Enlarged Cardiomediastinum": 0}),
+    (
+        "Mediastinal and hilar contours are unremarkable. Lungs are clear.",
+        {"No Finding": 1, "Enlarged Cardiomediastinum": 0},
+    ),
     ("The heart is normal in size.", {"No Finding": 1, "Cardiomegaly": 0}),
     ("Heart size is top normal.", {"Cardiomegaly": -1}),
     ("Pulmonary vascular congestion without frank edema.", {"Edema": -1}),  # negative + uncertain -> uncertain
     ("Small right effusion. No left effusion.", {"Pleural Effusion": 1}),  # positive + negative -> positive
     ("Findings suggest CHF.", {"Edema": -1, "Cardiomegaly": -1}),  # heart failure also makes Cardiomegaly uncertain
-    ("Endotracheal tube 4 cm above the carina. Right PICC line ends in the SVC. No acute cardiopulmonary process.",
-     {"No Finding": 1, "Support Devices": 1}),  # devices do not stop No Finding
+    (
+        "Endotracheal tube 4 cm above the carina. Right PICC line ends in the SVC. No acute cardiopulmonary process.",
+        {"No Finding": 1, "Support Devices": 1},
+    ),  # devices do not stop No Finding
     ("Small pericardial effusion.", {"No Finding": 1}),  # not a pleural effusion
     ("No change in the small left pleural effusion.", {"Pleural Effusion": 1}),
-    ("Bibasilar opacities, likely atelectasis, although infection is not excluded.",
-     {"Lung Opacity": 1, "Atelectasis": 1, "Pneumonia": -1}),
+    (
+        "Bibasilar opacities, likely atelectasis, although infection is not excluded.",
+        {"Lung Opacity": 1, "Atelectasis": 1, "Pneumonia": -1},
+    ),
     ("", {"No Finding": 1}),  # nothing positive or uncertain: CheXpert's No Finding rule
 ]
 
@@ -43,10 +53,16 @@ def test_hand_written_reports(report, want):
 
 
 def test_label_reports_command_writes_chexpert_columns(tmp_path):
-    reports = pd.DataFrame({"study_id": ["s1", "s2", "s3"],
-                            "report": ["No pneumothorax.", "", "Left lower lobe opacity may represent atelectasis."]})
+    reports = pd.DataFrame(
+        {
+            "study_id": ["s1", "s2", "s3"],
+            "report": ["No pneumothorax.", "", "Left lower lobe opacity may represent atelectasis."],
+        }
+    )
     reports.to_csv(tmp_path / "reports.csv", index=False)
-    assert main(["label-reports", "--reports", str(tmp_path / "reports.csv"), "--out", str(tmp_path / "labels.csv")]) == 0
+    assert (
+        main(["label-reports", "--reports", str(tmp_path / "reports.csv"), "--out", str(tmp_path / "labels.csv")]) == 0
+    )
     text = (tmp_path / "labels.csv").read_text().splitlines()
     assert text[0] == "study_id," + ",".join(OBSERVATIONS)
     assert text[1] == "s1,1" + "," * 9 + "0" + "," * 4  # No Finding 1, Pneumothorax 0, the rest empty

@@ -6,9 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from medlava.eval.leaderboard import (benchmark_rows, bootstrap_ci, compare_leaderboards, comparison_markdown,
-                                      leaderboard, markdown, published, write_leaderboard)
+from medlava.eval.leaderboard import (
+    benchmark_rows,
+    bootstrap_ci,
+    compare_leaderboards,
+    comparison_markdown,
+    leaderboard,
+    markdown,
+    published,
+    write_leaderboard,
+)
 
 
 def _per_sample(tmp, name, rows):
@@ -19,27 +26,68 @@ def _per_sample(tmp, name, rows):
 
 @pytest.fixture()
 def rows(tmp_path):
-    rad = _per_sample(tmp_path, "rad", [
-        {"id": i, "task": t, "llava_med_closed_hit": h if t == "closed" else False, "llava_med_open_recall": r,
-         "correct": False, "mmmu_correct": None}
-        for i, (t, h, r) in enumerate([("closed", True, 0), ("closed", True, 0), ("closed", False, 0),
-                                       ("closed", True, 0), ("open", False, 0.5), ("open", False, 1.0)])])
-    mmmu = _per_sample(tmp_path, "mmmu", [
-        {"id": i, "task": "multiple_choice" if i < 4 else "open", "subject": s, "correct": c, "mmmu_correct": c,
-         "llava_med_closed_hit": False, "llava_med_open_recall": 0}
-        for i, (s, c) in enumerate([("Pharmacy", True), ("Pharmacy", False), ("Clinical_Medicine", True),
-                                    ("Clinical_Medicine", True), ("Pharmacy", True)])])
-    return (benchmark_rows("vqa_rad", "vqa_rad", rad, n_bootstrap=200)
-            + benchmark_rows("mmmu_med", "mmmu_med", mmmu, n_bootstrap=200))
+    rad = _per_sample(
+        tmp_path,
+        "rad",
+        [
+            {
+                "id": i,
+                "task": t,
+                "llava_med_closed_hit": h if t == "closed" else False,
+                "llava_med_open_recall": r,
+                "correct": False,
+                "mmmu_correct": None,
+            }
+            for i, (t, h, r) in enumerate(
+                [
+                    ("closed", True, 0),
+                    ("closed", True, 0),
+                    ("closed", False, 0),
+                    ("closed", True, 0),
+                    ("open", False, 0.5),
+                    ("open", False, 1.0),
+                ]
+            )
+        ],
+    )
+    mmmu = _per_sample(
+        tmp_path,
+        "mmmu",
+        [
+            {
+                "id": i,
+                "task": "multiple_choice" if i < 4 else "open",
+                "subject": s,
+                "correct": c,
+                "mmmu_correct": c,
+                "llava_med_closed_hit": False,
+                "llava_med_open_recall": 0,
+            }
+            for i, (s, c) in enumerate(
+                [
+                    ("Pharmacy", True),
+                    ("Pharmacy", False),
+                    ("Clinical_Medicine", True),
+                    ("Clinical_Medicine", True),
+                    ("Pharmacy", True),
+                ]
+            )
+        ],
+    )
+    return benchmark_rows("vqa_rad", "vqa_rad", rad, n_bootstrap=200) + benchmark_rows(
+        "mmmu_med", "mmmu_med", mmmu, n_bootstrap=200
+    )
 
 
 def test_rows_follow_each_published_protocol(rows):
     got = [(r["benchmark"], r["row"], r["metric"], r["n"], r["score"]) for r in rows]
-    assert got == [("vqa_rad", "closed", "llava_med_closed_accuracy", 4, 75.0),
-                   ("vqa_rad", "open", "llava_med_open_recall", 2, 75.0),
-                   ("mmmu_med", "all", "mmmu_accuracy", 5, 80.0),
-                   ("mmmu_med", "Clinical_Medicine", "mmmu_accuracy", 2, 100.0),
-                   ("mmmu_med", "Pharmacy", "mmmu_accuracy", 3, pytest.approx(66.67))]
+    assert got == [
+        ("vqa_rad", "closed", "llava_med_closed_accuracy", 4, 75.0),
+        ("vqa_rad", "open", "llava_med_open_recall", 2, 75.0),
+        ("mmmu_med", "all", "mmmu_accuracy", 5, 80.0),
+        ("mmmu_med", "Clinical_Medicine", "mmmu_accuracy", 2, 100.0),
+        ("mmmu_med", "Pharmacy", "mmmu_accuracy", 3, pytest.approx(66.67)),
+    ]
     closed = rows[0]
     assert 0 <= closed["ci_low"] <= 75.0 <= closed["ci_high"] <= 100
 
@@ -62,7 +110,9 @@ def test_published_scores_only_on_rows_with_the_same_metric(rows, tmp_path):
     text = markdown(df, used, "suite")
     sources, _ = published()
     assert sources["llava_med_paper"] in text and "run_eval_batch.py" in text
-    assert "Published with other protocols" in text and "medevalkit_accuracy: Lingshu-7B 67.9 (`lingshu_report`)" in text
+    assert (
+        "Published with other protocols" in text and "medevalkit_accuracy: Lingshu-7B 67.9 (`lingshu_report`)" in text
+    )
     write_leaderboard(rows, tmp_path, "suite")
     assert {p.name for p in tmp_path.glob("leaderboard.*")} == {"leaderboard.csv", "leaderboard.md", "leaderboard.png"}
 

@@ -16,15 +16,21 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 def lint(pkg_root: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     """lint-imports with setup.cfg's contracts over the medlava package found under `pkg_root`."""
     env = {**os.environ, "PYTHONPATH": str(pkg_root)}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(ROOT / "setup.cfg")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", str(ROOT / "setup.cfg")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture
 def planted(tmp_path):
     """A copy of the package to plant bad imports in."""
-    shutil.copytree(ROOT / "pkg" / "medlava", tmp_path / "pkg" / "medlava",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "pkg" / "medlava", tmp_path / "pkg" / "medlava", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return tmp_path / "pkg"
 
 

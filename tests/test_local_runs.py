@@ -26,8 +26,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
-SFT = ("sft.init_from=none", "sft.max_steps=4", "sft.batch_size=8", "sft.eval_every=2", "sft.save_every=2",
-       "sft.eval_closed_samples=8")
+SFT = (
+    "sft.init_from=none",
+    "sft.max_steps=4",
+    "sft.batch_size=8",
+    "sft.eval_every=2",
+    "sft.save_every=2",
+    "sft.eval_closed_samples=8",
+)
 
 
 def under_pty(cmd: list[str], env: dict, cwd: Path) -> tuple[int, list[tuple[float, str]]]:
@@ -60,22 +66,43 @@ def first(reads: list[tuple[float, str]], pattern: str) -> float:
 def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chain")
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
-    base = ["--config", str(TINY), "--executor", "local", "--output-root", str(tmp / "runs"),
-            f"data.root={tmp / 'ham'}", "data.synthetic.n_lesions=40", "run_id=c"]
+    base = [
+        "--config",
+        str(TINY),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp / "runs"),
+        f"data.root={tmp / 'ham'}",
+        "data.synthetic.n_lesions=40",
+        "run_id=c",
+    ]
     prepared = subprocess.run([PY, str(SUBMIT), "prepare", *base], capture_output=True, text=True, env=env, cwd=tmp)
     assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
     sft_rc, sft = under_pty([PY, str(SUBMIT), "sft", *base, *SFT], env, tmp)
     assert sft_rc == 0, "".join(text for _, text in sft)[-3000:]
-    infer_rc, infer = under_pty([PY, str(SUBMIT), "infer", *base, "infer.split=val", "infer.chunks=2",
-                                 "infer.num_workers=0"], env, tmp)
+    infer_rc, infer = under_pty(
+        [PY, str(SUBMIT), "infer", *base, "infer.split=val", "infer.chunks=2", "infer.num_workers=0"], env, tmp
+    )
     assert infer_rc == 0, "".join(text for _, text in infer)[-3000:]
-    return {"tmp": tmp, "env": env, "runs": tmp / "runs" / "tiny", "prepare": prepared.stdout, "sft": sft,
-            "infer": infer}
+    return {
+        "tmp": tmp,
+        "env": env,
+        "runs": tmp / "runs" / "tiny",
+        "prepare": prepared.stdout,
+        "sft": sft,
+        "infer": infer,
+    }
 
 
 def monitor(chain, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, str(SUBMIT), *args, "--output-root", str(chain["tmp"] / "runs")],
-                          capture_output=True, text=True, env=chain["env"], cwd=chain["tmp"])
+    return subprocess.run(
+        [PY, str(SUBMIT), *args, "--output-root", str(chain["tmp"] / "runs")],
+        capture_output=True,
+        text=True,
+        env=chain["env"],
+        cwd=chain["tmp"],
+    )
 
 
 def test_training_progress_reaches_the_terminal_while_it_runs(chain):
@@ -95,8 +122,9 @@ def test_array_tasks_show_answers_per_second_on_the_terminal(chain):
     reads = chain["infer"]
     text = "".join(t for _, t in reads)
     for i in (0, 1):  # the task's last line: its bar, or the answering's closing line after it
-        assert re.search(rf"task {i} done: chunk {i}/2: (100% \d+/\d+ \[.*answer/s\]|\d+ answers in .*answers/s\))",
-                         text), text[-3000:]
+        assert re.search(
+            rf"task {i} done: chunk {i}/2: (100% \d+/\d+ \[.*answer/s\]|\d+ answers in .*answers/s\))", text
+        ), text[-3000:]
     assert first(reads, r"\r\[[01]\] ") < first(reads, r"task [01] done"), "no live line before a task ended"
 
 
@@ -125,8 +153,10 @@ def test_status_and_logs_follow_the_chain_by_its_run_id(chain):
     expected = runs / with_events[0] / "c" if len(with_events) == 1 else runs  # the run, or the folder above them
     assert lines[-1] == f"TensorBoard: tensorboard --logdir {expected}"
     assert "run id c (python launch/submit.py status c" in chain["prepare"]
-    assert "TensorBoard" not in chain["prepare"] and "TensorBoard" not in monitor(chain, "status", str(
-        runs / "prepare" / "c")).stdout  # prepare writes no events: no hint
+    assert (
+        "TensorBoard" not in chain["prepare"]
+        and "TensorBoard" not in monitor(chain, "status", str(runs / "prepare" / "c")).stdout
+    )  # prepare writes no events: no hint
     logs = monitor(chain, "logs", "c", "--job", "infer-chunks", "--task", "1")
     assert logs.returncode == 0 and f"==> {runs / 'infer' / 'c' / 'logs' / 'infer-chunks_1.log'} <==" in logs.stdout
     assert "chunk 1/2: 100%" in logs.stdout and "chunk 0/2" not in logs.stdout
@@ -160,9 +190,25 @@ def test_a_resumed_run_continues_the_validation_curve(chain):
     run = out / "tiny" / "sft" / "c"
     shutil.rmtree(run / "checkpoints" / "step-000004")
     (run / "COMPLETE.json").unlink()
-    again = subprocess.run([PY, "-m", "medlava", "sft", "--config", str(TINY), f"output_root={out}", "run_id=c",
-                            f"data.root={chain['tmp'] / 'ham'}", "data.synthetic.n_lesions=40", *SFT],
-                           capture_output=True, text=True, env=chain["env"], cwd=chain["tmp"])
+    again = subprocess.run(
+        [
+            PY,
+            "-m",
+            "medlava",
+            "sft",
+            "--config",
+            str(TINY),
+            f"output_root={out}",
+            "run_id=c",
+            f"data.root={chain['tmp'] / 'ham'}",
+            "data.synthetic.n_lesions=40",
+            *SFT,
+        ],
+        capture_output=True,
+        text=True,
+        env=chain["env"],
+        cwd=chain["tmp"],
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2 of 4" in again.stderr
     whole, resumed = scalars(chain["runs"] / "sft" / "c", "val/loss"), scalars(run, "val/loss")
@@ -175,20 +221,36 @@ def test_status_reconciles_jobs_their_scheduler_forgot_with_complete_json(tmp_pa
         d = tmp_path / "tiny" / "sft" / name
         if executor == "slurm":
             (d / "slurm").mkdir(parents=True)
-            (d / "slurm" / "submissions.json").write_text(json.dumps([
-                {"name": "sft", "job_id": "999999991", "array": None, "submitted": "2025-01-01T00:00:00+0000"}]))
+            (d / "slurm" / "submissions.json").write_text(
+                json.dumps(
+                    [{"name": "sft", "job_id": "999999991", "array": None, "submitted": "2025-01-01T00:00:00+0000"}]
+                )
+            )
         else:
             (d / "logs").mkdir(parents=True)
-            (d / "logs" / "local.json").write_text(json.dumps([
-                {"name": "sft", "array": None, "host": os.uname().nodename, "started": "2025-01-01T00:00:00+0000",
-                 "ended": None, "tasks": [{"idx": None, "command": "x", "log": "sft.log", "pid": 2**22 + 7,
-                                           "exit_code": None}]}]))
+            (d / "logs" / "local.json").write_text(
+                json.dumps(
+                    [
+                        {
+                            "name": "sft",
+                            "array": None,
+                            "host": os.uname().nodename,
+                            "started": "2025-01-01T00:00:00+0000",
+                            "ended": None,
+                            "tasks": [
+                                {"idx": None, "command": "x", "log": "sft.log", "pid": 2**22 + 7, "exit_code": None}
+                            ],
+                        }
+                    ]
+                )
+            )
         if complete:
             (d / "COMPLETE.json").write_text("{}")
         return d
 
-    lines = status_lines([run_dir("done", True, "slurm"), run_dir("lost", False, "slurm"),
-                          run_dir("killed", True, "local")])
+    lines = status_lines(
+        [run_dir("done", True, "slurm"), run_dir("lost", False, "slurm"), run_dir("killed", True, "local")]
+    )
     text = "\n".join(lines)
     assert re.search(r"    sft +job 999999991 +COMPLETED per COMPLETE.json \(SLURM no longer knows the job\)", text)
     assert "ended, outcome unknown (SLURM no longer knows the job); the run is not complete: see `logs`" in text

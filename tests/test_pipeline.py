@@ -24,9 +24,23 @@ def scalars(run: Path, tag: str) -> list[float]:
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
-    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "demo", "--config", str(TINY), "--executor", "local",
-           "--output-root", str(tmp / "runs"), "run_id=t1", f"data.root={tmp / 'ham'}",
-           "data.synthetic.n_lesions=60", "align.epochs=1", "sft.epochs=3", "eval.n_bootstrap=50"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "submit.py"),
+        "demo",
+        "--config",
+        str(TINY),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp / "runs"),
+        "run_id=t1",
+        f"data.root={tmp / 'ham'}",
+        "data.synthetic.n_lesions=60",
+        "align.epochs=1",
+        "sft.epochs=3",
+        "eval.n_bootstrap=50",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp / "runs" / "tiny", out.stdout
@@ -95,10 +109,26 @@ def test_relaunching_a_finished_run_is_refused_before_anything_is_written(demo):
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft.rglob("*") if p.is_file()}
     assert {"logs/sft.launch.json", "logs/sft.log", "config.yaml"} <= {str(p.relative_to(sft)) for p in before}
     for executor in (["--executor", "local"], ["--executor", "slurm", "--dry-run", "--cpus-per-task", "1"]):
-        out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "sft", "--config", str(TINY),
-                              *executor, "--output-root", str(tmp / "runs"), "run_id=t1", f"data.root={tmp / 'ham'}",
-                              "data.synthetic.n_lesions=60", "sft.epochs=3"], capture_output=True, text=True,
-                             env={**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}, cwd=tmp)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch" / "submit.py"),
+                "sft",
+                "--config",
+                str(TINY),
+                *executor,
+                "--output-root",
+                str(tmp / "runs"),
+                "run_id=t1",
+                f"data.root={tmp / 'ham'}",
+                "data.synthetic.n_lesions=60",
+                "sft.epochs=3",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")},
+            cwd=tmp,
+        )
         assert out.returncode == 2 and out.stdout == "", out.stdout[-2000:]
         assert out.stderr.startswith(f"submit: refused: {sft} already holds a complete sft run (started "), out.stderr
         assert "a finished run is never rewritten: choose another run_id" in out.stderr

@@ -71,5 +71,6 @@ def test_comparison_bars_carry_their_intervals_and_the_legend_covers_none():
     assert [t.get_text() for t in legend.get_texts()] == ["cnn", "llava-med lora"]
     assert not box.overlaps(ax.get_window_extent(renderer))  # below the axes: no bar, whisker or label under it
     labels = [t.get_text() for t in ax.texts]
-    assert sorted(labels) == sorted(f"{v:.2f}" for v in df[["accuracy", "balanced_accuracy", "macro_f1",
-                                                            "macro_auc"]].to_numpy().ravel())
+    assert sorted(labels) == sorted(
+        f"{v:.2f}" for v in df[["accuracy", "balanced_accuracy", "macro_f1", "macro_auc"]].to_numpy().ravel()
+    )

@@ -45,7 +45,9 @@ def scalars(run: Path, tag: str = "train/loss") -> dict[int, float]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"] / "open_clip_model.safetensors"))
+    return load_file(
+        str(run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"] / "open_clip_model.safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,18 @@ def trained(tmp_path_factory):
     base = [f"output_root={tmp / 'runs'}", f"data.root={tmp / 'ham'}"]
     run_cmd("-m", "medlava", "prepare", "--config", TINY_PRETRAIN, *base, "run_id=p", env=env)
     tic = time.perf_counter()
-    out = run_cmd(SUBMIT, "pretrain", "--config", TINY_PRETRAIN, "--executor", "local", *base, SAVE, "run_id=whole",
-                  env=env)
-    return {"tmp": tmp, "env": env, "base": base, "run": tmp / "runs" / "tiny" / "pretrain" / "whole",
-            "prepared": tmp / "runs" / "tiny" / "prepare" / "p", "seconds": time.perf_counter() - tic, "out": out}
+    out = run_cmd(
+        SUBMIT, "pretrain", "--config", TINY_PRETRAIN, "--executor", "local", *base, SAVE, "run_id=whole", env=env
+    )
+    return {
+        "tmp": tmp,
+        "env": env,
+        "base": base,
+        "run": tmp / "runs" / "tiny" / "pretrain" / "whole",
+        "prepared": tmp / "runs" / "tiny" / "prepare" / "p",
+        "seconds": time.perf_counter() - tic,
+        "out": out,
+    }
 
 
 def test_launcher_trains_and_zero_shot_and_retrieval_beat_chance(trained):
@@ -91,14 +101,36 @@ def test_eval_and_compare_read_the_zero_shot_predictions(trained, tmp_path):
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert [f"score_{c}" for c in classes] == [c for c in pred.columns if c.startswith("score_")]
     np.testing.assert_allclose(pred[[f"score_{c}" for c in classes]].sum(axis=1), 1, atol=1e-5)
-    run_cmd("-m", "medlava", "eval", "--predictions", run / "predictions.csv", "--out", tmp_path / "ev",
-            "--n-bootstrap", "50", env=env)
-    ours, theirs = json.loads((run / "metrics.json").read_text()), json.loads((tmp_path / "ev" / "metrics.json")
-                                                                              .read_text())
+    run_cmd(
+        "-m",
+        "medlava",
+        "eval",
+        "--predictions",
+        run / "predictions.csv",
+        "--out",
+        tmp_path / "ev",
+        "--n-bootstrap",
+        "50",
+        env=env,
+    )
+    ours, theirs = (
+        json.loads((run / "metrics.json").read_text()),
+        json.loads((tmp_path / "ev" / "metrics.json").read_text()),
+    )
     for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
         assert ours[k] == pytest.approx(theirs[k])
-    run_cmd("-m", "medlava", "compare", f"clip={run}", tmp_path / "ev", "--out", tmp_path / "cmp", "--n-bootstrap",
-            "50", env=env)
+    run_cmd(
+        "-m",
+        "medlava",
+        "compare",
+        f"clip={run}",
+        tmp_path / "ev",
+        "--out",
+        tmp_path / "cmp",
+        "--n-bootstrap",
+        "50",
+        env=env,
+    )
     table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
     assert table["accuracy"][0] == pytest.approx(table["accuracy"][1]) == pytest.approx(ours["accuracy"])
 
@@ -142,10 +174,34 @@ def test_two_processes_gather_features_with_gradients_like_one_process_with_the_
     are its gradients, so losses and weights match step for step."""
     tmp, env, base = trained["tmp"], trained["env"], trained["base"]
     steps = ["pretrain.max_steps=4", "pretrain.warmup_ratio=0"]
-    run_cmd("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medlava", "pretrain",
-            "--config", TINY_PRETRAIN, *base, *steps, "pretrain.batch_size=8", "run_id=ddp", env=env)
-    run_cmd("-m", "medlava", "pretrain", "--config", TINY_PRETRAIN, *base, *steps, "pretrain.batch_size=16",
-            "run_id=one", env=env)
+    run_cmd(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "medlava",
+        "pretrain",
+        "--config",
+        TINY_PRETRAIN,
+        *base,
+        *steps,
+        "pretrain.batch_size=8",
+        "run_id=ddp",
+        env=env,
+    )
+    run_cmd(
+        "-m",
+        "medlava",
+        "pretrain",
+        "--config",
+        TINY_PRETRAIN,
+        *base,
+        *steps,
+        "pretrain.batch_size=16",
+        "run_id=one",
+        env=env,
+    )
     ddp, one = tmp / "runs" / "tiny" / "pretrain" / "ddp", tmp / "runs" / "tiny" / "pretrain" / "one"
     info = json.loads((ddp / "train_info.json").read_text())
     assert info["world_size"] == 2 and info["contrastive_batch"] == 16
@@ -158,18 +214,32 @@ def test_two_processes_gather_features_with_gradients_like_one_process_with_the_
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert diffs.max() < 2e-3 and diffs.mean() < 1e-5, (diffs.max(), diffs.mean())
     # evaluation is sharded over the ranks and gathered: the same numbers as one process computes
-    assert json.loads((ddp / "metrics.json").read_text())["retrieval"]["n_images"] == \
-        json.loads((one / "metrics.json").read_text())["retrieval"]["n_images"]
+    assert (
+        json.loads((ddp / "metrics.json").read_text())["retrieval"]["n_images"]
+        == json.loads((one / "metrics.json").read_text())["retrieval"]["n_images"]
+    )
 
 
 def test_submit_runs_pretrain_under_torchrun_like_the_other_training_stages(trained):
-    out = run_cmd(SUBMIT, "pretrain", "--config", TINY_PRETRAIN, "--executor", "local", "--gpus", "4", "--dry-run",
-                  *trained["base"], env=trained["env"])
+    out = run_cmd(
+        SUBMIT,
+        "pretrain",
+        "--config",
+        TINY_PRETRAIN,
+        "--executor",
+        "local",
+        "--gpus",
+        "4",
+        "--dry-run",
+        *trained["base"],
+        env=trained["env"],
+    )
     cmds = [line for line in out.stdout.splitlines() if "-m medlava" in line]
     assert len(cmds) == 1 and "--nproc_per_node=4 --standalone -m medlava pretrain --config" in cmds[0]
 
 
 # -- the open_clip ViT as the LLaVA vision tower -----------------------------------------------------------------
+
 
 def _open_clip_hidden_states(visual, images: torch.Tensor) -> list[torch.Tensor]:
     outs = []
@@ -193,6 +263,7 @@ def test_open_clip_vit_converts_exactly_to_clip_vision_model(quick_gelu, eps):
     torch.manual_seed(0)
     clip = build_clip(cfg, {}, pretrained_text=False).eval()
     from medlava.models.clip import ClipModule, tokenizer_for
+
     vision = to_clip_vision_model(ClipModule(clip, cfg, tokenizer_for(cfg)), "test")
     assert vision.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     assert vision.config.intermediate_size == 80 and vision.config.layer_norm_eps == (eps or 1e-5)
@@ -206,11 +277,15 @@ def test_open_clip_vit_converts_exactly_to_clip_vision_model(quick_gelu, eps):
         torch.testing.assert_close(ours.pooler_output, clip.visual.ln_post(theirs[-1][:, 0]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"timm_model_name": "vit_base_patch16_224"}, "timm trunk (vit_base_patch16_224, as BiomedCLIP's)"),
-    ({"ls_init_value": 0.1}, "{'ls_init_value': 0.1} have no CLIPVisionModel counterpart"),
-    ({"no_ln_pre": True}, "'no_ln_pre': True"),
-    ({"layers": [2, 2, 2, 2]}, "is a ResNet")])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"timm_model_name": "vit_base_patch16_224"}, "timm trunk (vit_base_patch16_224, as BiomedCLIP's)"),
+        ({"ls_init_value": 0.1}, "{'ls_init_value': 0.1} have no CLIPVisionModel counterpart"),
+        ({"no_ln_pre": True}, "'no_ln_pre': True"),
+        ({"layers": [2, 2, 2, 2]}, "is a ResNet"),
+    ],
+)
 def test_architectures_without_an_exact_counterpart_are_refused(change, needle):
     cfg = model_config(PretrainConfig(model="medlava-tiny-clip"))
     cfg["vision_cfg"].update(change)
@@ -230,6 +305,7 @@ def test_pretrained_encoder_is_the_llava_vision_tower_through_the_same_path(trai
 
     os.environ["MEDLAVA_CACHE"] = env["MEDLAVA_CACHE"]
     from medlava.models.llava import base_model_path, load_model, load_processor
+
     cfg = load_config(tiny, args)
     path = base_model_path(cfg.model)
     model, processor = load_model(path, cfg.model, torch.float32), load_processor(path, cfg.model)
@@ -245,6 +321,7 @@ def test_pretrained_encoder_is_the_llava_vision_tower_through_the_same_path(trai
 
 # -- a transformers text tower from a local path (the real recipe's PubMedBERT) ---------------------------------
 
+
 def _tiny_bert(path: Path) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -253,17 +330,36 @@ def _tiny_bert(path: Path) -> Path:
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "."]) + "\n")
     BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words) + 6,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     return path
 
 
 def test_local_text_tower_trains_and_the_checkpoint_loads_on_its_own(trained, tmp_path):
     tmp, env = trained["tmp"], trained["env"]
     bert = _tiny_bert(tmp_path / "bert")
-    run_cmd("-m", "medlava", "pretrain", "--config", TINY_PRETRAIN, *trained["base"], f"pretrain.text_tower={bert}",
-            "pretrain.context_length=16", "pretrain.max_steps=3", "pretrain.gradient_checkpointing=true",
-            "run_id=bert", env=env)
+    run_cmd(
+        "-m",
+        "medlava",
+        "pretrain",
+        "--config",
+        TINY_PRETRAIN,
+        *trained["base"],
+        f"pretrain.text_tower={bert}",
+        "pretrain.context_length=16",
+        "pretrain.max_steps=3",
+        "pretrain.gradient_checkpointing=true",
+        "run_id=bert",
+        env=env,
+    )
     run = tmp / "runs" / "tiny" / "pretrain" / "bert"
     ckpt = run / json.loads((run / "COMPLETE.json").read_text())["checkpoint"]
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in ckpt.iterdir()}
@@ -292,22 +388,38 @@ def test_real_recipe_builds_vit_b16_with_the_local_text_tower(tmp_path):
 
 # -- pieces ----------------------------------------------------------------------------------------------------
 
+
 def test_captions_follow_each_dataset():
-    ham = {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                          {"from": "gpt", "value": "mel"}],
-           "meta": {"dataset": "ham10000", "label": "mel", "localization": "back"}}
+    ham = {
+        "id": "1",
+        "image": "a.jpg",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "mel"}],
+        "meta": {"dataset": "ham10000", "label": "mel", "localization": "back"},
+    }
     assert caption(ham) == "a dermoscopy image of melanoma on the back"
     assert caption({**ham, "meta": {**ham["meta"], "localization": "unknown"}}) == "a dermoscopy image of melanoma"
-    report = {"id": "2", "image": "b.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the findings of the chest X-ray."},
-        {"from": "gpt", "value": "Small left pleural effusion."}], "meta": {"dataset": "mimic_cxr", "task": "report"}}
+    report = {
+        "id": "2",
+        "image": "b.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the findings of the chest X-ray."},
+            {"from": "gpt", "value": "Small left pleural effusion."},
+        ],
+        "meta": {"dataset": "mimic_cxr", "task": "report"},
+    }
     assert caption(report) == "Small left pleural effusion."
-    slake = {"id": "3", "image": "c.jpg", "conversations": [{"from": "human", "value": "<image>\nIs the liver normal?"},
-                                                            {"from": "gpt", "value": "Yes"}],
-             "meta": {"dataset": "slake", "task": "closed", "modality": "CT", "location": "Abdomen"}}
+    slake = {
+        "id": "3",
+        "image": "c.jpg",
+        "conversations": [{"from": "human", "value": "<image>\nIs the liver normal?"}, {"from": "gpt", "value": "Yes"}],
+        "meta": {"dataset": "slake", "task": "closed", "modality": "CT", "location": "Abdomen"},
+    }
     assert caption(slake) == "a CT image of the abdomen. Is the liver normal? Yes"
-    second = {**slake, "id": "4", "conversations": [{"from": "human", "value": "<image>\nWhich organ?"},
-                                                   {"from": "gpt", "value": "Liver"}]}
+    second = {
+        **slake,
+        "id": "4",
+        "conversations": [{"from": "human", "value": "<image>\nWhich organ?"}, {"from": "gpt", "value": "Liver"}],
+    }
     pairs = pairs_of([slake, second, {**report, "image": None}], Path("x.jsonl"))
     assert len(pairs) == 1 and pairs[0].caption.endswith("Yes a CT image of the abdomen. Which organ? Liver")
     with pytest.raises(InputError, match="x.jsonl: sample 2 gives an empty caption"):
@@ -316,8 +428,13 @@ def test_captions_follow_each_dataset():
 
 def test_chexpert_zero_shot_takes_studies_with_one_competition_label():
     def pair(labels):
-        return {"id": str(len(labels)), "image": f"{labels}.png", "conversations": [{"from": "gpt", "value": "x"}],
-                "meta": {"dataset": "mimic_cxr", "task": "report", "chexpert": labels}}
+        return {
+            "id": str(len(labels)),
+            "image": f"{labels}.png",
+            "conversations": [{"from": "gpt", "value": "x"}],
+            "meta": {"dataset": "mimic_cxr", "task": "report", "chexpert": labels},
+        }
+
     samples = [pair({"Edema": 1, "Atelectasis": 0}), pair({"Edema": 1, "Cardiomegaly": 1}), pair({"Edema": -1})]
     task = zero_shot_task(pairs_of(samples, Path("x")), None, [])
     assert task.classes == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -337,16 +454,22 @@ def test_retrieval_counts_repeated_captions_once_and_knows_chance():
     # caption "a": 2 of 4 images are relevant; random top-1 finds one with probability 1/2, top-2 with 5/6
     assert m["chance"]["text_to_image"]["recall@1"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 4) / 3)
     assert m["chance"]["text_to_image"]["recall@2"] == pytest.approx((5 / 6 + 1 / 2 + 1 / 2) / 3)
-    assert describe(m) == ("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667); "
-                           "text->image R@1 0.667 (chance 0.333), R@2 1.000 (chance 0.611)")
+    assert describe(m) == (
+        "image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667); "
+        "text->image R@1 0.667 (chance 0.333), R@2 1.000 (chance 0.611)"
+    )
     m10 = retrieval_metrics(images, texts, ["a", "a", "b", "c"], ks=(1, 10, 2))
     assert describe(m10).startswith("image->text R@1 0.750 (chance 0.333), R@2 1.000 (chance 0.667), R@10 ")
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("pretrain.prompt_templates=[a photo]", "must each hold one `{}`"),
-    ("pretrain.batch_size=1", "pretrain.batch_size"),
-    ("pretrain.model=ViT-Q-99", "pretrain.model=ViT-Q-99 is not an open_clip model config")])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("pretrain.prompt_templates=[a photo]", "must each hold one `{}`"),
+        ("pretrain.batch_size=1", "pretrain.batch_size"),
+        ("pretrain.model=ViT-Q-99", "pretrain.model=ViT-Q-99 is not an open_clip model config"),
+    ],
+)
 def test_bad_pretrain_settings_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError, match="pretrain") as e:
         create(load_config(TINY_PRETRAIN, [override]).pretrain)
@@ -364,14 +487,20 @@ def test_a_diverging_pretrain_stops_and_a_resume_with_other_settings_is_refused(
     args = ["-m", "medlava", "pretrain", "--config", TINY_PRETRAIN, *base]
     out = run_cmd(*args, "run_id=nan", "pretrain.lr=1e30", env=env, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava pretrain: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it "
-                     r"is written and the run is not complete\. Lower pretrain\.lr \(now 1e\+30\)", out.stderr), \
-        out.stderr[-3000:]
+    assert re.search(
+        r"medlava pretrain: training diverged: the loss is nan at step \d+ \(.*\); no checkpoint of it "
+        r"is written and the run is not complete\. Lower pretrain\.lr \(now 1e\+30\)",
+        out.stderr,
+    ), out.stderr[-3000:]
     stopped = trained["run"].with_name("resumed-other")  # the finished run, as if killed before COMPLETE.json
     shutil.copytree(trained["run"], stopped)
     (stopped / "COMPLETE.json").unlink()
-    out = run_cmd(*args, SAVE, "run_id=resumed-other", "pretrain.batch_size=16", "pretrain.eval_split=val", env=env,
-                  check=False)
+    out = run_cmd(
+        *args, SAVE, "run_id=resumed-other", "pretrain.batch_size=16", "pretrain.eval_split=val", env=env, check=False
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava pretrain: \S+/resumed-other/checkpoints/step-\d+ was trained with other settings "
-                     r"\(pretrain\.batch_size: 32 then, 16 now\); resuming it", out.stderr), out.stderr[-3000:]
+    assert re.search(
+        r"medlava pretrain: \S+/resumed-other/checkpoints/step-\d+ was trained with other settings "
+        r"\(pretrain\.batch_size: 32 then, 16 now\); resuming it",
+        out.stderr,
+    ), out.stderr[-3000:]

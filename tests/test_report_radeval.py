@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import submitit  # noqa: F401  (configures logging when imported, closing every handler: absl's, made when RadEval
-# loads ROUGE, would close pytest's capture stream if the submit test imported submitit after it)
 
+# loads ROUGE, would close pytest's capture stream if the submit test imported submitit after it)
 from fixtures.metric_weights import build
 from medlava.cli import main
 from medlava.config import EvalConfig
@@ -24,14 +24,26 @@ from medlava.eval.weights import MANIFEST, verify_staged
 
 STAGED = ["bertscore", "f1chexbert", "radgraph", "radcliq", "green"]
 ALL = ["bleu", "rouge", *STAGED]
-REFS = ["The heart size is normal. No pleural effusion or pneumothorax.",
-        "Mild cardiomegaly. Small right pleural effusion, unchanged.",
-        "Left lower lobe opacity may represent atelectasis.", "Lungs are clear without focal consolidation.",
-        "Possible pneumonia in the right lower lobe.", "No acute cardiopulmonary process.",
-        "Moderate pulmonary edema with bilateral pleural effusion.", "Right IJ catheter tip in the mid SVC."]
-HYPS = ["No pleural effusion. The heart size is normal.", "Moderate cardiomegaly with bilateral pleural effusion.",
-        "Left lower lobe atelectasis.", "", "Right lower lobe consolidation, possible pneumonia.",
-        "Mediastinal contours are stable.", "Mild pulmonary edema. Small left effusion.", "Chest tube in place."]
+REFS = [
+    "The heart size is normal. No pleural effusion or pneumothorax.",
+    "Mild cardiomegaly. Small right pleural effusion, unchanged.",
+    "Left lower lobe opacity may represent atelectasis.",
+    "Lungs are clear without focal consolidation.",
+    "Possible pneumonia in the right lower lobe.",
+    "No acute cardiopulmonary process.",
+    "Moderate pulmonary edema with bilateral pleural effusion.",
+    "Right IJ catheter tip in the mid SVC.",
+]
+HYPS = [
+    "No pleural effusion. The heart size is normal.",
+    "Moderate cardiomegaly with bilateral pleural effusion.",
+    "Left lower lobe atelectasis.",
+    "",
+    "Right lower lobe consolidation, possible pneumonia.",
+    "Mediastinal contours are stable.",
+    "Mild pulmonary edema. Small left effusion.",
+    "Chest tube in place.",
+]
 IDS = [f"s{i}" for i in range(len(REFS))]
 SCORED = [i for i, h in enumerate(HYPS) if h]  # s3's generated report is empty: counted, not scored
 
@@ -96,8 +108,26 @@ def direct(cache):
 @pytest.fixture(scope="module")
 def unchunked(cache, reports):
     out = reports / "unchunked"
-    assert main(["metrics", "--gt", str(reports / "gt.csv"), "--pred", str(reports / "pred.csv"), "--out", str(out),
-                 "--metric-cache", str(cache), "--report-metrics", ",".join(ALL), "--n-bootstrap", "200"]) == 0
+    assert (
+        main(
+            [
+                "metrics",
+                "--gt",
+                str(reports / "gt.csv"),
+                "--pred",
+                str(reports / "pred.csv"),
+                "--out",
+                str(out),
+                "--metric-cache",
+                str(cache),
+                "--report-metrics",
+                ",".join(ALL),
+                "--n-bootstrap",
+                "200",
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "metrics.json").read_text()), pd.read_csv(out / "per_sample.csv")
 
 
@@ -119,8 +149,10 @@ def test_every_number_equals_radeval_called_directly(direct, unchunked):
             got = per.set_index("id").loc[[IDS[i] for i in SCORED], col].to_numpy(float)
             assert got == pytest.approx(np.array(values, dtype=float), abs=1e-6), (name, col)
     assert per.set_index("id").loc["s3", ["bleu", "radgraph_partial", "green"]].isna().all()
-    assert per.set_index("id").loc[[IDS[i] for i in SCORED], "green_analysis"].fillna("").tolist() == \
-        direct["green_analysis"]
+    assert (
+        per.set_index("id").loc[[IDS[i] for i in SCORED], "green_analysis"].fillna("").tolist()
+        == direct["green_analysis"]
+    )
     # the tiny weights give informative numbers, not constants
     assert 0 < metrics["radeval"]["radgraph_partial"] < 1 and 0 < metrics["radeval"]["f1chexbert_all_macro_f1"] < 1
     assert per["radcliq_v1"].nunique() == len(SCORED)
@@ -190,8 +222,12 @@ def test_chunked_equals_unchunked_and_a_killed_chunk_resumes(cache, reports, unc
     assert _close(metrics["radeval"], want["radeval"])
     per = pd.read_csv(out / "per_sample.csv").set_index("id")
     numeric = [c for c in want_per.columns if c != "green_analysis"]
-    assert np.allclose(per.loc[want_per["id"], numeric[1:]].to_numpy(float),
-                       want_per.set_index("id")[numeric[1:]].to_numpy(float), atol=1e-6, equal_nan=True)
+    assert np.allclose(
+        per.loc[want_per["id"], numeric[1:]].to_numpy(float),
+        want_per.set_index("id")[numeric[1:]].to_numpy(float),
+        atol=1e-6,
+        equal_nan=True,
+    )
     # a report present twice across chunks is refused at the merge, naming it
     with chunk_file(folder, 0, 3).open("a") as f:
         f.write(json.dumps(rows[-1]) + "\n")
@@ -203,7 +239,9 @@ def test_chunked_equals_unchunked_and_a_killed_chunk_resumes(cache, reports, unc
 def test_bad_input_and_missing_or_damaged_weights_are_refused(cache, reports, tmp_path, capsys):
     gt, pred = reports / "gt.csv", reports / "pred.csv"
     (tmp_path / "latin1.csv").write_bytes("study_id,report\ns0,Cardiomégalie\n".encode("latin-1"))
-    assert main(["metrics", "--gt", str(tmp_path / "latin1.csv"), "--pred", str(pred), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["metrics", "--gt", str(tmp_path / "latin1.csv"), "--pred", str(pred), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "latin1.csv: not a readable reports CSV ('utf-8' codec can't decode" in capsys.readouterr().err
     assert verify_staged(cache, STAGED) == []
     damaged = tmp_path / "cache"
@@ -215,24 +253,75 @@ def test_bad_input_and_missing_or_damaged_weights_are_refused(cache, reports, tm
     config = next((damaged / "hub").glob("models--distilbert-base-uncased/snapshots/*/config.json"))
     config.unlink()
     problems = verify_staged(damaged, STAGED)
-    assert any(p.startswith(f"radgraph: {weights} is damaged (100 bytes") and
-               f"medlava weights fetch --metrics radgraph --cache {damaged}" in p for p in problems), problems
+    assert any(
+        p.startswith(f"radgraph: {weights} is damaged (100 bytes")
+        and f"medlava weights fetch --metrics radgraph --cache {damaged}" in p
+        for p in problems
+    ), problems
     assert any(p.startswith(f"bertscore: {config} is missing") for p in problems), problems
     out = tmp_path / "refused"
-    assert main(["metrics", "--gt", str(gt), "--pred", str(pred), "--out", str(out), "--metric-cache", str(damaged),
-                 "--report-metrics", "bleu,radgraph"]) == 2
+    assert (
+        main(
+            [
+                "metrics",
+                "--gt",
+                str(gt),
+                "--pred",
+                str(pred),
+                "--out",
+                str(out),
+                "--metric-cache",
+                str(damaged),
+                "--report-metrics",
+                "bleu,radgraph",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "eval.report_metrics: cannot run radgraph:" in err and "weights.th is damaged" in err and not out.exists()
     (damaged / MANIFEST).unlink()
-    assert main(["metrics", "--gt", str(gt), "--pred", str(pred), "--out", str(out), "--metric-cache", str(damaged),
-                 "--report-metrics", "f1chexbert"]) == 2
+    assert (
+        main(
+            [
+                "metrics",
+                "--gt",
+                str(gt),
+                "--pred",
+                str(pred),
+                "--out",
+                str(out),
+                "--metric-cache",
+                str(damaged),
+                "--report-metrics",
+                "f1chexbert",
+            ]
+        )
+        == 2
+    )
     assert f"no staged weights in {damaged}" in capsys.readouterr().err
 
 
 def test_default_metrics_run_what_can_run_and_say_why_not_the_rest(reports, tmp_path, capsys):
     out = tmp_path / "default"
-    assert main(["metrics", "--gt", str(reports / "gt.csv"), "--pred", str(reports / "pred.csv"), "--out", str(out),
-                 "--metric-cache", str(tmp_path / "nothing-staged"), "--n-bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "metrics",
+                "--gt",
+                str(reports / "gt.csv"),
+                "--pred",
+                str(reports / "pred.csv"),
+                "--out",
+                str(out),
+                "--metric-cache",
+                str(tmp_path / "nothing-staged"),
+                "--n-bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["radeval_metrics"] == ["bleu", "rouge"] and "chexpert_rules_f1_micro_14" in metrics
     assert set(metrics["radeval_unavailable"]) == {"bertscore", "f1chexbert", "radgraph", "radcliq", "ratescore"}
@@ -246,19 +335,27 @@ def test_default_metrics_run_what_can_run_and_say_why_not_the_rest(reports, tmp_
 def test_eval_stage_array_tasks_then_one_merge(cache, reports, unchunked, tmp_path):
     """The eval job of a report run: chunk tasks score into the run's radeval-chunks, the merge refuses until
     every chunk is there, then writes metrics equal to the one-process run, TensorBoard and published.png."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from conftest import TINY
     from medlava.config import load_config
     from medlava.runs import is_complete
     from medlava.stages.eval import run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     preds = pd.DataFrame({"id": IDS, "reference": REFS, "prediction": HYPS, "task": "report"})
     preds.to_csv(tmp_path / "predictions.csv", index=False)
     metrics = ["bleu", "f1chexbert", "radgraph"]
-    cfg = load_config(TINY, [f"output_root={tmp_path / 'runs'}", "run_id=e", f"eval.predictions={tmp_path}/predictions.csv",
-                             f"eval.report_metrics=[{','.join(metrics)}]", f"eval.metric_cache={cache}",
-                             "eval.chunks=2", "eval.n_bootstrap=50"])
+    cfg = load_config(
+        TINY,
+        [
+            f"output_root={tmp_path / 'runs'}",
+            "run_id=e",
+            f"eval.predictions={tmp_path}/predictions.csv",
+            f"eval.report_metrics=[{','.join(metrics)}]",
+            f"eval.metric_cache={cache}",
+            "eval.chunks=2",
+            "eval.n_bootstrap=50",
+        ],
+    )
     with pytest.raises(FileNotFoundError, match="2 of 2 chunks are not finished"):
         run(cfg, merge_only=True)
     for idx in (1, 0):
@@ -282,9 +379,23 @@ def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cac
     from medlava.cluster.submit import main as submit
 
     (tmp_path / "p.csv").write_text("id,reference,prediction\n")  # the launcher checks that the input exists
-    common = ["eval", "--config", str(TINY), "--executor", "slurm", "--dry-run", "--gpus", "0", "--cpus-per-task", "1",
-              "--output-root", str(tmp_path / "o"), "run_id=s", f"eval.predictions={tmp_path / 'p.csv'}",
-              "eval.report_metrics=[f1chexbert,radgraph]"]
+    common = [
+        "eval",
+        "--config",
+        str(TINY),
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--gpus",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--output-root",
+        str(tmp_path / "o"),
+        "run_id=s",
+        f"eval.predictions={tmp_path / 'p.csv'}",
+        "eval.report_metrics=[f1chexbert,radgraph]",
+    ]
     assert submit([*common, "--chunks", "3", f"eval.metric_cache={cache}"]) == 0
     jobs = capsys.readouterr().out.split("# ---- job ")[1:]
     assert [j.split()[1].rstrip(";") for j in jobs] == ["eval-chunks", "eval-merge"]
@@ -295,9 +406,11 @@ def test_submit_checks_the_weights_before_queueing_and_arrays_the_metric_job(cac
     assert submit([*common, f"eval.metric_cache={empty}"]) == 2
     out, err = capsys.readouterr()
     assert "# ---- job" not in out
-    assert (f"submit: refused: eval.report_metrics: cannot run f1chexbert: no staged weights in {empty} "
-            f"(no medlava-metric-weights.json); where there is internet run `medlava weights fetch --metrics "
-            f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}") in err
+    assert (
+        f"submit: refused: eval.report_metrics: cannot run f1chexbert: no staged weights in {empty} "
+        f"(no medlava-metric-weights.json); where there is internet run `medlava weights fetch --metrics "
+        f"f1chexbert --cache {empty}`; radgraph: no staged weights in {empty}"
+    ) in err
 
 
 def test_weights_fetch_stages_exactly_what_each_metric_loads(cache, tmp_path, capsys):
@@ -307,7 +420,8 @@ def test_weights_fetch_stages_exactly_what_each_metric_loads(cache, tmp_path, ca
     import tarfile
 
     from medlava.eval.weights import RRG_SCORERS, radgraph_dir, repo_folder, snapshot_dir
-    from medlava.tools.weights import fetch, main as weights_main
+    from medlava.tools.weights import fetch
+    from medlava.tools.weights import main as weights_main
 
     archives = tmp_path / "archives"
     archives.mkdir()
@@ -320,8 +434,10 @@ def test_weights_fetch_stages_exactly_what_each_metric_loads(cache, tmp_path, ca
     class Hub:  # the tiny repos as a hub would list and serve them, with files no metric loads
         def source(self, repo):
             if repo == RRG_SCORERS:
-                return {"chexbert.pth": snapshot_dir(cache / "chexbert", repo) / "chexbert.pth",
-                        **{p.name: p for p in archives.iterdir()}}
+                return {
+                    "chexbert.pth": snapshot_dir(cache / "chexbert", repo) / "chexbert.pth",
+                    **{p.name: p for p in archives.iterdir()},
+                }
             return {p.name: p for p in snapshot_dir(cache / "hub", repo).iterdir()}
 
         def files(self, repo):
@@ -329,8 +445,13 @@ def test_weights_fetch_stages_exactly_what_each_metric_loads(cache, tmp_path, ca
 
         def download(self, repo, filename, cache_dir):
             assert filename not in decoys, f"{repo}/{filename} is not needed"
-            rev = (repo_folder(cache / ("chexbert" if filename == "chexbert.pth" else "hub"), repo) / "refs" / "main"
-                   ).read_text() if repo != RRG_SCORERS or filename == "chexbert.pth" else "0" * 40
+            rev = (
+                (
+                    repo_folder(cache / ("chexbert" if filename == "chexbert.pth" else "hub"), repo) / "refs" / "main"
+                ).read_text()
+                if repo != RRG_SCORERS or filename == "chexbert.pth"
+                else "0" * 40
+            )
             root = repo_folder(Path(cache_dir), repo)
             (root / "refs").mkdir(parents=True, exist_ok=True)
             (root / "refs" / "main").write_text(rev)
@@ -357,7 +478,9 @@ def test_doctor_verifies_the_metrics_a_job_will_run(cache, tmp_path):
     (staged,) = check_metric_weights(cache, None)
     assert staged.status == "OK" and "bertscore, f1chexbert, green, radcliq, radgraph" in staged.detail
     (none,) = check_metric_weights(tmp_path, None)
-    assert none.status == "WARN" and "medlava weights fetch --metrics bertscore,f1chexbert,radgraph,radcliq," in none.fix
+    assert (
+        none.status == "WARN" and "medlava weights fetch --metrics bertscore,f1chexbert,radgraph,radcliq," in none.fix
+    )
     failed = check_metric_weights(tmp_path, ["f1chexbert", "ratescore"])
     assert [c.status for c in failed] == ["FAIL", "FAIL"] and "no staged weights" in failed[0].detail
 
@@ -368,7 +491,7 @@ def test_readme_table_is_the_published_data_and_published_png_draws_it(tmp_path)
     from medlava.eval.published_reports import LABELS, PUBLISHED, plot_published
 
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("| model | F1-CheXbert macro-14"):].split("\n\n")[0].splitlines()[2:]
+    table = text[text.index("| model | F1-CheXbert macro-14") :].split("\n\n")[0].splitlines()[2:]
     keys = list(LABELS)
     for row, result in zip(table, PUBLISHED, strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -378,8 +501,10 @@ def test_readme_table_is_the_published_data_and_published_png_draws_it(tmp_path)
     assert plot_published({"bleu": 0.1}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
-@pytest.mark.skipif(radeval_scorers.importable("ratescore") is not None,
-                    reason="RaTEScore needs medspacy, which imports only on Python >= 3.12 with numpy 2 (README)")
+@pytest.mark.skipif(
+    radeval_scorers.importable("ratescore") is not None,
+    reason="RaTEScore needs medspacy, which imports only on Python >= 3.12 with numpy 2 (README)",
+)
 def test_ratescore_equals_radeval_called_directly(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         hold_cache_env(mp)

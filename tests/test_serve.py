@@ -46,9 +46,13 @@ def checkpoint(tmp_path_factory) -> Path:
     """A metadata CNN checkpoint. Random weights: the page must show what predict computes, whatever that is;
     the head is scaled up so the classes' probabilities differ visibly."""
     torch.manual_seed(0)
-    meta = MetaEncoder.fit([{"age": 40, "sex": "female", "localization": "back"},
-                            {"age": 70, "sex": "male", "localization": "face"},
-                            {"age": 55, "sex": "male", "localization": "scalp"}])
+    meta = MetaEncoder.fit(
+        [
+            {"age": 40, "sex": "female", "localization": "back"},
+            {"age": 70, "sex": "male", "localization": "face"},
+            {"age": 55, "sex": "male", "localization": "scalp"},
+        ]
+    )
     spec = new_spec("resnet18", CLASSES, 32, [16], 0.0, meta)
     model = CnnClassifier(spec)
     with torch.no_grad():
@@ -70,16 +74,24 @@ def client(checkpoint, tmp_path, monkeypatch):
 
 
 def post(client, data: bytes, name: str = "lesion.jpg", content_type: str = "image/jpeg", **form):
-    return client.post("/predict", data={"image": (io.BytesIO(data), name, content_type), **form},
-                       content_type="multipart/form-data")
+    return client.post(
+        "/predict", data={"image": (io.BytesIO(data), name, content_type), **form}, content_type="multipart/form-data"
+    )
 
 
 def test_page_lists_the_model_and_its_metadata_choices(client):
     c, predictor = client
     page = c.get("/").get_data(as_text=True)
     assert "resnet18 + patient metadata" in page and str(predictor.checkpoint) in page
-    assert re.findall(r'<option value="([^"]+)">', page) == ["unknown", "female", "male", "unknown", "back", "face",
-                                                              "scalp"]
+    assert re.findall(r'<option value="([^"]+)">', page) == [
+        "unknown",
+        "female",
+        "male",
+        "unknown",
+        "back",
+        "face",
+        "scalp",
+    ]
     assert "Up to 1 MB" in page
 
 
@@ -109,22 +121,35 @@ def _truncated_jpeg(tmp: Path) -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("make, name, form, status, needle", [
-    (lambda: os.urandom(2**20 + 10_000), "big.jpg", {}, 413, "big.jpg is larger than the 1 MB upload limit"),
-    (lambda: os.urandom(3 * 2**20), "huge.jpg", {}, 413, "the upload is larger than the 1 MB limit"),
-    (lambda: b"Patient notes: lesion on the back, 6 mm.\n", "notes.jpg", {}, 415,
-     "notes.jpg is not an image: its content is none of JPEG, PNG, BMP, TIFF, WEBP"),
-    (lambda: _png("1", (12000, 12000)), "bomb.png", {}, 413, "declares too many pixels, a decompression bomb?"),
-    (lambda: _png("1", (8200, 8200)), "bomb2.png", {}, 413,
-     "bomb2.png is 8200x8200 = 67,240,000 pixels, over the 67,108,864-pixel limit, a decompression bomb?"),
-    (lambda: _png("RGB", (1, 1)).replace(b"PNG", b"PNX"), "x.png", {}, 415, "x.png is not an image"),
-    (None, "anim.gif", {}, 415, "anim.gif is a GIF image; accepted: JPEG, PNG, BMP, TIFF, WEBP"),
-    ("truncated", "cut.jpg", {}, 400, "cut.jpg is a JPEG file that cannot be decoded; re-export it"),
-    (lambda: b"", "empty.jpg", {}, 400, "empty.jpg is empty"),
-    ("ok", "a.jpg", {"age": "sixty"}, 400, "age 'sixty' is not a number of years from 0 to 120"),
-    ("ok", "a.jpg", {"age": "300"}, 400, "age '300' is not a number of years from 0 to 120"),
-    ("ok", "a.jpg", {"sex": "other"}, 400, "sex 'other' is not one the model knows (unknown, female, male)"),
-])
+@pytest.mark.parametrize(
+    "make, name, form, status, needle",
+    [
+        (lambda: os.urandom(2**20 + 10_000), "big.jpg", {}, 413, "big.jpg is larger than the 1 MB upload limit"),
+        (lambda: os.urandom(3 * 2**20), "huge.jpg", {}, 413, "the upload is larger than the 1 MB limit"),
+        (
+            lambda: b"Patient notes: lesion on the back, 6 mm.\n",
+            "notes.jpg",
+            {},
+            415,
+            "notes.jpg is not an image: its content is none of JPEG, PNG, BMP, TIFF, WEBP",
+        ),
+        (lambda: _png("1", (12000, 12000)), "bomb.png", {}, 413, "declares too many pixels, a decompression bomb?"),
+        (
+            lambda: _png("1", (8200, 8200)),
+            "bomb2.png",
+            {},
+            413,
+            "bomb2.png is 8200x8200 = 67,240,000 pixels, over the 67,108,864-pixel limit, a decompression bomb?",
+        ),
+        (lambda: _png("RGB", (1, 1)).replace(b"PNG", b"PNX"), "x.png", {}, 415, "x.png is not an image"),
+        (None, "anim.gif", {}, 415, "anim.gif is a GIF image; accepted: JPEG, PNG, BMP, TIFF, WEBP"),
+        ("truncated", "cut.jpg", {}, 400, "cut.jpg is a JPEG file that cannot be decoded; re-export it"),
+        (lambda: b"", "empty.jpg", {}, 400, "empty.jpg is empty"),
+        ("ok", "a.jpg", {"age": "sixty"}, 400, "age 'sixty' is not a number of years from 0 to 120"),
+        ("ok", "a.jpg", {"age": "300"}, 400, "age '300' is not a number of years from 0 to 120"),
+        ("ok", "a.jpg", {"sex": "other"}, 400, "sex 'other' is not one the model knows (unknown, female, male)"),
+    ],
+)
 def test_refused_uploads_say_why(client, tmp_path, make, name, form, status, needle):
     c, _ = client
     if make is None:
@@ -146,9 +171,11 @@ def test_a_request_without_a_file_is_refused(client):
     assert r.status_code == 400 and "no image in the request" in r.get_json()["error"]
 
 
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
-                           ".ci/run installs them)")
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+    ".ci/run installs them)",
+)
 def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_path, monkeypatch):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -158,9 +185,14 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     image = lesion(tmp_path / "lesion.jpg", colour=(45, 30, 30))
-    server = subprocess.Popen([sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                              cwd=tmp_path)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
     driver = None
     try:
         line, deadline = "", time.time() + 180
@@ -173,9 +205,17 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
 
         options = Options()
         options.binary_location = str(CHROMIUM)
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,760",
-                     f"--user-data-dir={tmp_path / 'profile'}"):
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--window-size=1200,760",
+            f"--user-data-dir={tmp_path / 'profile'}",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
         driver.get(url)
@@ -188,8 +228,9 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
         shown_class = driver.find_element(By.ID, "predicted-class").text
         rows = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
         shown = {r.get_attribute("data-class"): float(r.find_element(By.CLASS_NAME, "prob").text) for r in rows}
-        widths = {r.get_attribute("data-class"): r.find_element(By.CLASS_NAME, "fill").get_attribute("style")
-                  for r in rows}
+        widths = {
+            r.get_attribute("data-class"): r.find_element(By.CLASS_NAME, "fill").get_attribute("style") for r in rows
+        }
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert list(shown) == CLASSES
         assert driver.find_element(By.CSS_SELECTOR, "#bars .row.top").get_attribute("data-class") == shown_class
@@ -210,10 +251,27 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
 
     # `medlava predict` on the same image with the same metadata
     pd.DataFrame([{"image": "lesion.jpg", "age": 45, "sex": "female", "localization": "back"}]).to_csv(
-        tmp_path / "one.csv", index=False)
-    out = subprocess.run([sys.executable, "-m", "medlava", "predict", "--checkpoint", str(checkpoint), "--images",
-                          str(tmp_path / "one.csv"), "--out", str(tmp_path / "p.csv"), "--device", "cpu"],
-                         capture_output=True, text=True, env=ENV)
+        tmp_path / "one.csv", index=False
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlava",
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(tmp_path / "one.csv"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     row = pd.read_csv(tmp_path / "p.csv").iloc[0]
     assert shown_class == row["prediction"]
@@ -226,20 +284,29 @@ def test_page_in_headless_chromium_shows_what_predict_computes(checkpoint, tmp_p
 
 # -- `medlava serve` over HTTP ---------------------------------------------------------------------------------
 
+
 def _multipart(name: str, data: bytes, **fields: str) -> tuple[bytes, str]:
     """A multipart/form-data body, by hand: the standard library has no encoder and the test needs no package."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def http_post(url: str, name: str, data: bytes, timeout: float = 60, headers: dict | None = None,
-              **fields: str) -> tuple[int, dict]:
+def http_post(
+    url: str, name: str, data: bytes, timeout: float = 60, headers: dict | None = None, **fields: str
+) -> tuple[int, dict]:
     body, content_type = _multipart(name, data, **fields)
-    request = urllib.request.Request(url + "predict", data=body, headers={"Content-Type": content_type, **(headers or {})})
+    request = urllib.request.Request(
+        url + "predict", data=body, headers={"Content-Type": content_type, **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -258,10 +325,33 @@ def served(checkpoint, tmp_path_factory):
     after 2 s idle, headers due within 3 s and 8 threads; (its URL, its process)."""
     tmp = tmp_path_factory.mktemp("served")
     with (tmp / "stderr.txt").open("w") as err:
-        server = subprocess.Popen([sys.executable, "-m", "medlava", "serve", "--checkpoint", str(checkpoint),
-                                   "--port", "0", "--device", "cpu", "--max-upload-mb", "1", "--timeout", "2",
-                                   "--header-timeout", "3", "--threads", "8"],
-                                  stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=tmp)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "medlava",
+                "serve",
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+                "--max-upload-mb",
+                "1",
+                "--timeout",
+                "2",
+                "--header-timeout",
+                "3",
+                "--threads",
+                "8",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=ENV,
+            cwd=tmp,
+        )
     try:
         line, deadline = "", time.monotonic() + 180
         while "http://" not in line and server.poll() is None and time.monotonic() < deadline:
@@ -281,8 +371,10 @@ def test_served_an_idle_half_sent_request_blocks_nobody_and_is_closed(served, tm
     port = int(url.rsplit(":", 1)[1].strip("/"))
     idle = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:  # headers promise 100 kB, then nothing more comes
-        idle.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=")
+        idle.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="
+        )
         tic = time.monotonic()
         with urllib.request.urlopen(url, timeout=10) as r:
             assert r.status == 200 and "resnet18" in r.read().decode()
@@ -301,8 +393,10 @@ def test_served_refuses_an_image_whose_padded_square_is_too_large_without_alloca
     data = _png("RGB", (65536, 1))  # a few hundred bytes; padded to a square: 65536^2 x 3 bytes = 12 GB
     status, body = http_post(url, "wide.png", data, timeout=30)
     assert len(data) < 1000 and status == 413, body
-    assert body["error"].startswith("wide.png is 65536x1: padded to a square it would be 65536x65536 = "
-                                    "4,294,967,296 pixels, over the 67,108,864-pixel limit"), body
+    assert body["error"].startswith(
+        "wide.png is 65536x1: padded to a square it would be 65536x65536 = "
+        "4,294,967,296 pixels, over the 67,108,864-pixel limit"
+    ), body
     assert peak_rss_mb(server.pid) - before < 100
 
 
@@ -341,9 +435,11 @@ def test_served_refuses_images_larger_than_the_model_needs_and_decodes_a_few_at_
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda i: http_post(url, f"big{i}.png", big, timeout=60), range(4)))
     assert len(big) < 2**20 and all(status == 413 for status, _ in answers), answers
-    assert answers[0][1]["error"] == ("big0.png is 8192x8192 pixels; this server takes images of at most 4096 pixels "
-                                      "on the longest side (the model sees a few hundred): downscale it before "
-                                      "sending it")
+    assert answers[0][1]["error"] == (
+        "big0.png is 8192x8192 pixels; this server takes images of at most 4096 pixels "
+        "on the longest side (the model sees a few hundred): downscale it before "
+        "sending it"
+    )
     assert peak_rss_mb(server.pid) - base < 100, "an image was decoded before it was refused"
 
     # The largest accepted, eight at once on eight threads: two decoded at a time (--decode-slots 2), the model on
@@ -375,8 +471,9 @@ def test_served_answers_only_its_own_names_and_same_origin_posts(served, checkpo
     # a page whose DNS name was rebound to 127.0.0.1 reaches the server under its own name
     status, page = get(f"rebound.example:{port}")
     assert status == 400 and str(checkpoint) not in page
-    assert json.loads(page)["error"].startswith("this server answers requests for 127.0.0.1, localhost, ::1 only, "
-                                                f"not 'rebound.example:{port}'")
+    assert json.loads(page)["error"].startswith(
+        f"this server answers requests for 127.0.0.1, localhost, ::1 only, not 'rebound.example:{port}'"
+    )
 
     # a form on another site posting here (a "simple" request: the browser sends it without asking first)
     status, body = http_post(url, "a.jpg", data, timeout=30, headers={"Origin": "http://attacker.example"})

@@ -22,9 +22,13 @@ from medlava.data.samples import read_samples
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
-    shutil.which("sinfo") is None,
-    reason="no SLURM client (sinfo) on PATH: start the local cluster with `bash .ci/slurm-up.sh` (as root)")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        shutil.which("sinfo") is None,
+        reason="no SLURM client (sinfo) on PATH: start the local cluster with `bash .ci/slurm-up.sh` (as root)",
+    ),
+]
 
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
@@ -43,10 +47,25 @@ class Site:
     def runs(self) -> Path:
         return self.tmp / "runs"
 
-    def submit(self, *args: str, check: bool = True, root: Path | None = None,
-               config: Path = TINY) -> subprocess.CompletedProcess:
-        cmd = [PY, str(SUBMIT), *args, "--config", str(config), "--executor", "slurm", "--cpus-per-task", "1",
-               "--time", "10", "--output-root", str(root or self.runs), *self.base]
+    def submit(
+        self, *args: str, check: bool = True, root: Path | None = None, config: Path = TINY
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            PY,
+            str(SUBMIT),
+            *args,
+            "--config",
+            str(config),
+            "--executor",
+            "slurm",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+            "--output-root",
+            str(root or self.runs),
+            *self.base,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=self.tmp, env=self.env)
         if check:
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -58,8 +77,11 @@ def record(run_dir: Path) -> list[dict]:
 
 
 def show(job_id: str) -> dict[str, str]:
-    return scontrol_fields(subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                                  check=True).stdout.splitlines()[0])
+    return scontrol_fields(
+        subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0]
+    )
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -81,8 +103,10 @@ def node_log(run: Path, job_id: str, task: int) -> str:
 def site(tmp_path_factory) -> Site:
     up = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
     if up.returncode != 0 or not up.stdout.strip():
-        pytest.fail(f"sinfo is on PATH but the cluster does not answer ({up.stderr.strip()}): "
-                    "run `bash .ci/slurm-up.sh` as root")
+        pytest.fail(
+            f"sinfo is on PATH but the cluster does not answer ({up.stderr.strip()}): "
+            "run `bash .ci/slurm-up.sh` as root"
+        )
     tmp = tmp_path_factory.mktemp("slurm")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["MEDLAVA_CACHE"] = str(tmp / "cache")  # jobs inherit the submitting environment (sbatch --export=ALL)
@@ -90,9 +114,17 @@ def site(tmp_path_factory) -> Site:
     local = ["--config", str(TINY), f"output_root={tmp / 'runs'}", *base]
     subprocess.run([PY, "-m", "medlava", "prepare", *local, "run_id=p"], env=env, check=True, capture_output=True)
     # The tiny model cache, built once here: two ranks building it at once can race (models/tiny.py).
-    subprocess.run([PY, "-c", "from medlava.config import load_config; from medlava.models.tiny import "
-                    f"tiny_checkpoint; tiny_checkpoint(load_config({str(TINY)!r}).model.tiny)"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "from medlava.config import load_config; from medlava.models.tiny import "
+            f"tiny_checkpoint; tiny_checkpoint(load_config({str(TINY)!r}).model.tiny)",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     return Site(tmp, env, base)
 
 
@@ -131,11 +163,16 @@ def test_two_node_sft_trains_two_torchrun_processes_and_completes(site, two_node
     printed = dry.split("# ---- job 1/1: sft", 1)[1].split("\n", 1)[1].split("\n# each of the 2 srun tasks")[0]
     assert printed == script.read_text().rstrip()
     # status and logs find the run by its id
-    status = subprocess.run([PY, str(SUBMIT), "status", "mn", "--output-root", str(site.runs)],
-                            capture_output=True, text=True, check=True).stdout
+    status = subprocess.run(
+        [PY, str(SUBMIT), "status", "mn", "--output-root", str(site.runs)], capture_output=True, text=True, check=True
+    ).stdout
     assert f"job {job_id}" in status and "COMPLETED" in status
-    logs = subprocess.run([PY, str(SUBMIT), "logs", "mn", "--job", "sft", "--task", "1", "--output-root",
-                           str(site.runs)], capture_output=True, text=True, check=True).stdout
+    logs = subprocess.run(
+        [PY, str(SUBMIT), "logs", "mn", "--job", "sft", "--task", "1", "--output-root", str(site.runs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "[medlava node task n2 (node 1 of 2)]" in logs
     print(f"2-node sft: {seconds:.0f} s from submission to COMPLETED")
 
@@ -173,8 +210,17 @@ def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_no
 
 def test_two_node_pretrain_gathers_features_across_the_nodes(site):
     """The contrastive stage as a 2-node job: one torchrun per node, features gathered with gradients over both."""
-    site.submit("pretrain", "--nodes", "2", "--gpus", "0", "run_id=clip", "pretrain.max_steps=6",
-                "pretrain.batch_size=8", config=TINY_PRETRAIN)
+    site.submit(
+        "pretrain",
+        "--nodes",
+        "2",
+        "--gpus",
+        "0",
+        "run_id=clip",
+        "pretrain.max_steps=6",
+        "pretrain.batch_size=8",
+        config=TINY_PRETRAIN,
+    )
     run = site.runs / "tiny" / "pretrain" / "clip"
     (entry,) = record(run)
     wait([entry["job_id"]], WAIT)
@@ -216,18 +262,28 @@ def test_infer_chunks_run_as_one_job_array_and_merge_covers_every_sample_once(si
 
 def test_plain_sbatch_scripts_run_the_same_array_and_merge(site, two_node_sft):
     sbatch = ROOT / "jobs" / "sbatch"
-    common = [str(TINY), "plain", f"output_root={site.runs}", *site.base,
-              f"infer.checkpoint={two_node_sft[0]}"]
+    common = [str(TINY), "plain", f"output_root={site.runs}", *site.base, f"infer.checkpoint={two_node_sft[0]}"]
     env = {**site.env, "PYTHON": PY}
 
     def sbatch_id(*args: str) -> str:
-        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--chdir={site.tmp}", *args],
-                             capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(
+            ["sbatch", "--parsable", "--cpus-per-task=1", f"--chdir={site.tmp}", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         return out.stdout.strip().split(";")[0]
 
     array = sbatch_id("--array=0-1%2", str(sbatch / "infer_array.sbatch"), *common)
-    merge = sbatch_id(f"--dependency=afterok:{array}", str(sbatch / "stage.sbatch"), "infer", *common,
-                      "infer.chunks=2", "--merge-only")
+    merge = sbatch_id(
+        f"--dependency=afterok:{array}",
+        str(sbatch / "stage.sbatch"),
+        "infer",
+        *common,
+        "infer.chunks=2",
+        "--merge-only",
+    )
     states = wait([array, merge], WAIT)
     assert [t.state for t in states[array]] == ["COMPLETED"] * 2 and states[merge][0].state == "COMPLETED"
     run = site.runs / "tiny" / "infer" / "plain"
@@ -235,24 +291,41 @@ def test_plain_sbatch_scripts_run_the_same_array_and_merge(site, two_node_sft):
     pred = pd.read_csv(run / "predictions.csv", keep_default_na=False)
     assert sorted(pred["id"]) == sorted(test_ids) and pred["id"].is_unique
     assert sorted(p.name for p in (run / "chunks").glob("answers-*")) == [
-        f"answers-{i:04d}-of-0002.{kind}" for i in range(2) for kind in ("jsonl", "settings.json")]
+        f"answers-{i:04d}-of-0002.{kind}" for i in range(2) for kind in ("jsonl", "settings.json")
+    ]
 
 
 def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, two_node_sft):
     """A fresh output root (so prepare is needed) whose path holds spaces, quotes, `;` and `$(...)`: it must
     reach SLURM and the jobs as data."""
-    weird = site.tmp / "we'ird dir; $(touch INJECTED) \"q\""
+    weird = site.tmp / 'we\'ird dir; $(touch INJECTED) "q"'
     weird.mkdir()
     recipe = weird / "my recipe.yaml"
     shutil.copy(TINY, recipe)
     t0 = time.time()
-    out = site.submit("pipeline", "run_id=pl", "--chunks", "2", "align.max_steps=4", "sft.max_steps=4",
-                      "align.batch_size=4", "sft.batch_size=4", "eval.n_bootstrap=20", config=recipe,
-                      root=weird / "runs")
+    out = site.submit(
+        "pipeline",
+        "run_id=pl",
+        "--chunks",
+        "2",
+        "align.max_steps=4",
+        "sft.max_steps=4",
+        "align.batch_size=4",
+        "sft.batch_size=4",
+        "eval.n_bootstrap=20",
+        config=recipe,
+        root=weird / "runs",
+    )
     submit_s = time.time() - t0
     runs = weird / "runs" / "tiny"
-    stage_of = {"prepare": "prepare", "align": "align", "sft": "sft", "infer-chunks": "infer",
-                "infer-merge": "infer", "eval": "eval"}
+    stage_of = {
+        "prepare": "prepare",
+        "align": "align",
+        "sft": "sft",
+        "infer-chunks": "infer",
+        "infer-merge": "infer",
+        "eval": "eval",
+    }
     names = list(stage_of)
     entries = {e["name"]: e for stage in dict.fromkeys(stage_of.values()) for e in record(runs / stage / "pl")}
     assert list(entries) == names
@@ -264,8 +337,12 @@ def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, tw
     wait(ids, WAIT)
     ends: dict[str, str] = {}
     for name, job_id in zip(names, ids):
-        tasks = [scontrol_fields(line) for line in subprocess.run(["scontrol", "show", "job", "-o", job_id],
-                                                          capture_output=True, text=True).stdout.splitlines()]
+        tasks = [
+            scontrol_fields(line)
+            for line in subprocess.run(
+                ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
+            ).stdout.splitlines()
+        ]
         assert {t["JobState"] for t in tasks} == {"COMPLETED"}, (name, tasks)
         if ends:  # starts only after the job before it ended (ISO times compare as text)
             assert min(t["StartTime"] for t in tasks) >= list(ends.values())[-1], name
@@ -279,9 +356,23 @@ def test_pipeline_submits_without_blocking_and_runs_in_dependency_order(site, tw
 
 def test_suite_runs_as_a_prepare_job_an_answering_array_and_a_merge(site):
     t0 = time.time()
-    cmd = [PY, str(SUBMIT), "suite", "--config", str(ROOT / "jobs" / "configs" / "tiny_suite.yaml"), "--executor",
-           "slurm", "--cpus-per-task", "1", "--time", "10", "--output-root", str(site.runs),
-           f"data.root={site.tmp / 'medvqa'}", "run_id=su"]
+    cmd = [
+        PY,
+        str(SUBMIT),
+        "suite",
+        "--config",
+        str(ROOT / "jobs" / "configs" / "tiny_suite.yaml"),
+        "--executor",
+        "slurm",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--output-root",
+        str(site.runs),
+        f"data.root={site.tmp / 'medvqa'}",
+        "run_id=su",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=site.tmp, env=site.env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = site.runs / "tiny-suite" / "suite" / "su"
@@ -294,8 +385,10 @@ def test_suite_runs_as_a_prepare_job_an_answering_array_and_a_merge(site):
     assert sorted(t.job_id for t in tasks) == [f"{chunks['job_id']}_{i}" for i in range(2)]
     assert all(t.state == "COMPLETED" for t in tasks) and show(merge["job_id"])["JobState"] == "COMPLETED"
     board = pd.read_csv(run / "leaderboard.csv")
-    assert set(board["benchmark"]) == {"vqa_rad", "slake", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa",
-                                       "mmmu_med"} and board["n"].sum() > 0
+    assert (
+        set(board["benchmark"]) == {"vqa_rad", "slake", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmmu_med"}
+        and board["n"].sum() > 0
+    )
     for bench in board["benchmark"].unique():  # each benchmark's answers from both tasks, merged exactly once
         assert len(list((run / bench / "chunks").glob("answers-*-of-0002.jsonl"))) == 2
         assert pd.read_csv(run / bench / "predictions.csv", dtype=str)["id"].is_unique
@@ -308,8 +401,12 @@ def test_cancel_stops_a_run_that_is_still_queued(site):
     (entry,) = record(run)
     assert "#SBATCH --begin=now+3600" in Path(entry["sbatch_script"]).read_text()
     assert show(entry["job_id"])["JobState"] == "PENDING"
-    out = subprocess.run([PY, str(SUBMIT), "cancel", "later", "--output-root", str(site.runs)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [PY, str(SUBMIT), "cancel", "later", "--output-root", str(site.runs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert f"cancelled {entry['job_id']}" in out.stdout
     wait([entry["job_id"]], 60)
     assert show(entry["job_id"])["JobState"] == "CANCELLED"
@@ -334,20 +431,31 @@ def test_a_failing_two_node_job_ends_each_node_log_with_its_first_error(site):
         assert ends[task].startswith(f"RuntimeError: sft failed on n{task + 1} (node {task} of 2) (exit "), log
     # Each rank prints its error unless the other node's failure stopped it first: then its log says that. (c10d
     # hands out the ranks, so node 0 may run rank 1.)
-    own = {t for t, end in ends.items() if re.search(rf"\(exit -?\d+\): medlava sft \(rank [01]\): {re.escape(str(empty))} "
-                                                     r"holds no dataset\.json: is it a `prepare` run directory\?$", end)}
+    own = {
+        t
+        for t, end in ends.items()
+        if re.search(
+            rf"\(exit -?\d+\): medlava sft \(rank [01]\): {re.escape(str(empty))} "
+            r"holds no dataset\.json: is it a `prepare` run directory\?$",
+            end,
+        )
+    }
     assert own, ends
     for task in set(ends) - own:
-        assert ends[task].endswith(("if another node's log ends with an error, that one came first",
-                                    "no error was printed; see the log above")), ends
+        assert ends[task].endswith(
+            ("if another node's log ends with an error, that one came first", "no error was printed; see the log above")
+        ), ends
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--gpus", "1"], "--gpus 1 (cluster.gpus_per_node): partition debug has at most 0 GPUs per node"),
-    (["--nodes", "3"], "sft needs 3 nodes with 0 GPUs and 1 CPUs; partition debug has 2 such nodes"),
-    (["--partition", "gpu"], "partition 'gpu' does not exist; sinfo lists: debug"),
-    (["--mem", "100T"], "cluster.mem=100T: nodes of partition debug have at most"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--gpus", "1"], "--gpus 1 (cluster.gpus_per_node): partition debug has at most 0 GPUs per node"),
+        (["--nodes", "3"], "sft needs 3 nodes with 0 GPUs and 1 CPUs; partition debug has 2 such nodes"),
+        (["--partition", "gpu"], "partition 'gpu' does not exist; sinfo lists: debug"),
+        (["--mem", "100T"], "cluster.mem=100T: nodes of partition debug have at most"),
+    ],
+)
 def test_submission_the_partition_cannot_run_is_refused_before_the_queue(site, args, needle):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     out = site.submit("sft", *args, "run_id=refused", check=False)
@@ -371,22 +479,45 @@ def test_stage_check_runs_doctor_on_a_node_of_the_partition_and_prints_its_scree
 def test_dry_run_renders_a_gpu_recipe_for_its_own_cluster_and_warns_what_this_one_lacks(tmp_path):
     """This cluster (partition debug: 1 CPU, no GPUs per node) cannot run llava_med_sft.yaml's 2 x 8-GPU job; a
     dry run still prints it as the recipe configures it, with what submitting here would refuse as warnings."""
-    cmd = [PY, str(SUBMIT), "sft", "--config", str(ROOT / "jobs" / "configs" / "llava_med_sft.yaml"), "--nodes", "2",
-           "--gpus", "8", "--output-root", str(tmp_path / "runs"), "--executor", "slurm"]
+    cmd = [
+        PY,
+        str(SUBMIT),
+        "sft",
+        "--config",
+        str(ROOT / "jobs" / "configs" / "llava_med_sft.yaml"),
+        "--nodes",
+        "2",
+        "--gpus",
+        "8",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--executor",
+        "slurm",
+    ]
     dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     prepare = tmp_path / "runs" / "llava-med-sft" / "prepare"
-    assert dry.stderr == ("submit: warning (submitting would refuse this): partition 'gpu' does not exist; "
-                          "sinfo lists: debug\n"
-                          "submit: warning (submitting would refuse this): data.samples=latest: no complete `prepare` "
-                          f"run under {prepare}: run `python launch/submit.py prepare --config ...` first, or give a "
-                          "path\n")
+    assert dry.stderr == (
+        "submit: warning (submitting would refuse this): partition 'gpu' does not exist; "
+        "sinfo lists: debug\n"
+        "submit: warning (submitting would refuse this): data.samples=latest: no complete `prepare` "
+        f"run under {prepare}: run `python launch/submit.py prepare --config ...` first, or give a "
+        "path\n"
+    )
     assert "; 2 warning(s) (stderr)" in dry.stdout
-    sbatch = dict(line.removeprefix("#SBATCH --").partition("=")[::2] for line in dry.stdout.splitlines()
-                  if line.startswith("#SBATCH --"))
+    sbatch = dict(
+        line.removeprefix("#SBATCH --").partition("=")[::2]
+        for line in dry.stdout.splitlines()
+        if line.startswith("#SBATCH --")
+    )
     assert {k: sbatch[k] for k in ("partition", "nodes", "gpus-per-node", "mem-per-gpu", "cpus-per-task", "time")} == {
-        "partition": "gpu", "nodes": "2", "gpus-per-node": "8", "mem-per-gpu": "60G", "cpus-per-task": "32",
-        "time": "1-00:00:00"}  # the limit as SLURM writes it, not 1440
+        "partition": "gpu",
+        "nodes": "2",
+        "gpus-per-node": "8",
+        "mem-per-gpu": "60G",
+        "cpus-per-task": "32",
+        "time": "1-00:00:00",
+    }  # the limit as SLURM writes it, not 1440
     here = subprocess.run([*cmd, "--partition", "debug", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert here.returncode == 0 and "--partition=debug" in here.stdout
     assert "--gpus 8 (cluster.gpus_per_node): partition debug has at most 0 GPUs per node" in here.stderr

@@ -11,19 +11,28 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import ROOT
 from medlava.cli import main as medlava
 from medlava.data.samples import read_samples
 from medlava.infer.answer import mapped_answer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 CONFIG = ROOT / "jobs" / "configs" / "tiny_suite.yaml"
 BENCHMARKS = ["vqa_rad", "slake", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmmu_med"]
-ROWS = {("vqa_rad", "closed"): 4, ("vqa_rad", "open"): 2, ("slake", "closed"): 9, ("slake", "open"): 6,
-        ("path_vqa", "closed"): 4, ("path_vqa", "open"): 2, ("pmc_vqa", "all"): 8, ("omnimedvqa", "all"): 8,
-        ("medxpertqa", "all"): 6, ("mmmu_med", "all"): 12, ("mmmu_med", "Clinical_Medicine"): 6,
-        ("mmmu_med", "Pharmacy"): 6}
+ROWS = {
+    ("vqa_rad", "closed"): 4,
+    ("vqa_rad", "open"): 2,
+    ("slake", "closed"): 9,
+    ("slake", "open"): 6,
+    ("path_vqa", "closed"): 4,
+    ("path_vqa", "open"): 2,
+    ("pmc_vqa", "all"): 8,
+    ("omnimedvqa", "all"): 8,
+    ("medxpertqa", "all"): 6,
+    ("mmmu_med", "all"): 12,
+    ("mmmu_med", "Clinical_Medicine"): 6,
+    ("mmmu_med", "Pharmacy"): 6,
+}
 METRIC = {"closed": "llava_med_closed_accuracy", "open": "llava_med_open_recall", "all": "mc_accuracy"}
 
 
@@ -31,8 +40,22 @@ METRIC = {"closed": "llava_med_closed_accuracy", "open": "llava_med_open_recall"
 def suite(tmp_path_factory) -> tuple[Path, list[str]]:
     tmp = tmp_path_factory.mktemp("suite")
     common = [f"output_root={tmp / 'runs'}", f"data.root={tmp / 'data'}"]
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "suite", "--config", str(CONFIG),
-                          "--executor", "local", "run_id=s1", *common], capture_output=True, text=True, cwd=tmp)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "submit.py"),
+            "suite",
+            "--config",
+            str(CONFIG),
+            "--executor",
+            "local",
+            "run_id=s1",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return tmp / "runs" / "tiny-suite" / "suite" / "s1", common
 
@@ -55,10 +78,13 @@ def test_leaderboard_has_every_protocol_row_with_intervals_and_published_scores(
     done = json.loads((run / "COMPLETE.json").read_text())
     assert done["checkpoint"] == "base" and done["benchmarks"] == BENCHMARKS
     # three jobs: the prepare job, the array of infer.chunks answering tasks, the merge
-    launched = {e["name"]: [t["command"] for t in e["tasks"]]
-                for e in json.loads((run / "logs" / "local.json").read_text())}
+    launched = {
+        e["name"]: [t["command"] for t in e["tasks"]] for e in json.loads((run / "logs" / "local.json").read_text())
+    }
     assert sorted(launched) == ["suite-chunks", "suite-merge", "suite-prepare"]
-    assert launched["suite-prepare"][0].endswith("--prepare-only") and launched["suite-merge"][0].endswith("--merge-only")
+    assert launched["suite-prepare"][0].endswith("--prepare-only") and launched["suite-merge"][0].endswith(
+        "--merge-only"
+    )
     assert [c.split()[-2:] for c in launched["suite-chunks"]] == [["--chunk-idx", "0"], ["--chunk-idx", "1"]]
 
 
@@ -71,7 +97,8 @@ def test_every_question_answered_once_multiple_choice_by_letter_likelihood(suite
         ids = [s["id"] for s in read_samples(Path(source["data.samples"]) / f"{split}.jsonl")]
         assert sorted(pred["id"]) == sorted(ids) and pred["id"].is_unique
         assert sorted((run / bench / "chunks").glob("answers-*.jsonl")) == [
-            run / bench / "chunks" / f"answers-{i:04d}-of-0002.jsonl" for i in range(2)]
+            run / bench / "chunks" / f"answers-{i:04d}-of-0002.jsonl" for i in range(2)
+        ]
     pmc = pd.read_csv(run / "pmc_vqa" / "predictions.csv", keep_default_na=False)
     scores = pmc[[f"score_{k}" for k in "ABCD"]]
     assert (scores.sum(axis=1) - 1).abs().max() < 1e-5  # a softmax over the four letters' likelihoods
@@ -92,8 +119,12 @@ def test_tensorboard_of_the_answers_and_of_each_eval(suite):
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"infer/pmc_vqa/answers_per_s", "infer/pmc_vqa/share_scored", "infer/slake/share_free_text",
-            "suite/mmmu_med/Pharmacy"} <= tags
+    assert {
+        "infer/pmc_vqa/answers_per_s",
+        "infer/pmc_vqa/share_scored",
+        "infer/slake/share_free_text",
+        "suite/mmmu_med/Pharmacy",
+    } <= tags
     assert acc.Scalars("infer/pmc_vqa/share_scored")[0].value == 1.0  # every multiple-choice answer by likelihood
     assert {e.step for e in acc.Scalars("infer/pmc_vqa/answers_per_s")} == {0, 1}  # one point per chunk task
     ev = EventAccumulator(str(run / "slake" / "eval" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
@@ -107,7 +138,9 @@ def test_compare_lines_up_two_suite_runs(suite, tmp_path, capsys):
     assert medlava(["compare", f"zero-shot={run}", f"again={run}", "--out", str(tmp_path / "cmp")]) == 0
     df = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
     assert len(df) == len(ROWS) and (df["again - zero-shot"] == 0).all()
-    assert (tmp_path / "cmp" / "comparison.png").exists() and "| PMC-VQA | all | mc_accuracy |" in capsys.readouterr().out
+    assert (
+        tmp_path / "cmp" / "comparison.png"
+    ).exists() and "| PMC-VQA | all | mc_accuracy |" in capsys.readouterr().out
 
 
 def test_generated_answers_are_read_as_letters_or_left_unmapped():
@@ -121,8 +154,22 @@ def test_generated_answers_are_read_as_letters_or_left_unmapped():
 def test_sft_trains_on_a_benchmarks_train_split(suite, bench):
     run, common = suite
     prepared = next((run.parents[1] / "prepare").glob(f"suite-{bench}-*"))
-    assert medlava(["sft", "--config", str(CONFIG), f"data.samples={prepared}", f"run_id=ft-{bench}",
-                    "sft.max_steps=2", "sft.batch_size=4", "sft.lora={r: 4, alpha: 8}", *common]) == 0
+    assert (
+        medlava(
+            [
+                "sft",
+                "--config",
+                str(CONFIG),
+                f"data.samples={prepared}",
+                f"run_id=ft-{bench}",
+                "sft.max_steps=2",
+                "sft.batch_size=4",
+                "sft.lora={r: 4, alpha: 8}",
+                *common,
+            ]
+        )
+        == 0
+    )
     sft = run.parents[1] / "sft" / f"ft-{bench}"
     done = json.loads((sft / "COMPLETE.json").read_text())
     assert done["checkpoint"] == "checkpoints/step-000002"

@@ -50,7 +50,8 @@ def test_mistral_multi_turn_masks_every_prompt(tok):
     spans, cur = [], []
     for t in labelled:
         if t is None and cur:
-            spans.append(_text(tok, cur)); cur = []
+            spans.append(_text(tok, cur))
+            cur = []
         elif t is not None:
             cur.append(t)
     spans.append(_text(tok, cur))
@@ -59,8 +60,10 @@ def test_mistral_multi_turn_masks_every_prompt(tok):
 
 def test_vicuna_v1_layout(tok):
     enc = _enc(tok, "vicuna_v1")
-    assert _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>") == \
-        f"<s>{VICUNA_SYSTEM} USER: <IMG>\nWhat is the lesion type? ASSISTANT: nv</s>"
+    assert (
+        _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>")
+        == f"<s>{VICUNA_SYSTEM} USER: <IMG>\nWhat is the lesion type? ASSISTANT: nv</s>"
+    )
     assert _text(tok, [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]) == " nv</s>"
 
 
@@ -82,8 +85,10 @@ def test_image_placeholder_is_moved_first_as_the_original_does(tok):
     for value in ("Look: <image> what is it?", "Look:  what is it?\n<image>"):
         conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "mel"}]
         enc = _enc(tok, "mistral_instruct", conv)
-        assert _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>") == \
-            "<s>[INST] <IMG>\nLook:  what is it? [/INST] mel </s>"
+        assert (
+            _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>")
+            == "<s>[INST] <IMG>\nLook:  what is it? [/INST] mel </s>"
+        )
 
 
 def test_truncation_that_would_cut_the_image_fails_loudly(tok):
@@ -103,7 +108,15 @@ def test_bad_conversations_are_refused(tok):
     with pytest.raises(InputError, match="no answer to train on"):
         _enc(tok, "mistral_instruct", CONV[:1])
     with pytest.raises(InputError, match="one image per sample"):
-        _enc(tok, "mistral_instruct", [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "x"},
-                                       {"from": "human", "value": "<image>b"}, {"from": "gpt", "value": "y"}])
+        _enc(
+            tok,
+            "mistral_instruct",
+            [
+                {"from": "human", "value": "<image>a"},
+                {"from": "gpt", "value": "x"},
+                {"from": "human", "value": "<image>b"},
+                {"from": "gpt", "value": "y"},
+            ],
+        )
     with pytest.raises(InputError, match="one image-caption pair"):
         _enc(tok, "plain", [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}])

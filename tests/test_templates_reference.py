@@ -53,8 +53,13 @@ def _encoder(tok, template):
     return Encoder(processor, template, N_IMAGE, 4096, ".")
 
 
-CASE_IDS = [(t, tpl, name) for t in TOKENIZERS for tpl in TEMPLATES for name, has_image, conv in CASES
-            if applies(tpl, has_image, conv)]
+CASE_IDS = [
+    (t, tpl, name)
+    for t in TOKENIZERS
+    for tpl in TEMPLATES
+    for name, has_image, conv in CASES
+    if applies(tpl, has_image, conv)
+]
 
 
 def test_every_case_has_its_reference():
@@ -106,5 +111,6 @@ def test_mistral_answer_ends_with_a_space_before_eos():
     """LLaVA-Med's conv_mistral_instruct: " nv </s>", on the real tokenizer ▁nv ▁ </s>."""
     tok = tokenizer("mistral")
     ids = _encoder(tok, "mistral_instruct").answer_ids(
-        {"id": "q", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}, "nv")
+        {"id": "q", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}, "nv"
+    )
     assert tok.convert_ids_to_tokens(ids) == ["▁nv", "▁", "</s>"]

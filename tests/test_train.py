@@ -28,17 +28,32 @@ def _losses(run: Path) -> dict[int, float]:
 def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")}
-    base = ["--config", str(TINY), f"output_root={tmp / 'runs'}", f"data.root={tmp / 'ham'}",
-            "data.synthetic.n_lesions=60"]
-    subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
-                   capture_output=True)
+    base = [
+        "--config",
+        str(TINY),
+        f"output_root={tmp / 'runs'}",
+        f"data.root={tmp / 'ham'}",
+        "data.synthetic.n_lesions=60",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True, capture_output=True
+    )
     return tmp, env, base
 
 
 def _sft(prepared, run_id, *extra, popen=False):
     tmp, env, base = prepared
-    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={run_id}", "sft.init_from=none",
-           "sft.batch_size=4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medlava",
+        "sft",
+        *base,
+        f"run_id={run_id}",
+        "sft.init_from=none",
+        "sft.batch_size=4",
+        *extra,
+    ]
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -59,8 +74,10 @@ def whole(prepared):
     return _sft(prepared, "whole", *ARGS)
 
 
-@pytest.mark.parametrize("sig, code, strategy", [(signal.SIGKILL, -signal.SIGKILL, "none"),
-                                                 (signal.SIGUSR2, 75, "none"), (signal.SIGUSR2, 75, "zero3")])
+@pytest.mark.parametrize(
+    "sig, code, strategy",
+    [(signal.SIGKILL, -signal.SIGKILL, "none"), (signal.SIGUSR2, 75, "none"), (signal.SIGUSR2, 75, "zero3")],
+)
 def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(prepared, whole, sig, code, strategy):
     """SIGKILL: resume from the last periodic checkpoint. SIGUSR2 (SLURM's pre-timeout signal): the loop
     saves a checkpoint at the step it stopped and exits with EXIT_REQUEUE (75). Under DeepSpeed the
@@ -99,9 +116,23 @@ def test_a_stray_copy_in_checkpoints_does_not_stop_a_resume(prepared):
     (run / "COMPLETE.json").unlink()
     shutil.copytree(run / "checkpoints" / "step-000002", run / "checkpoints" / "step-100.bak")  # a user's backup
     tmp, env, base = prepared
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=bak", "sft.init_from=none",
-                          "sft.batch_size=4", "sft.max_steps=4", "sft.save_every=2"], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlava",
+            "sft",
+            *base,
+            "run_id=bak",
+            "sft.init_from=none",
+            "sft.batch_size=4",
+            "sft.max_steps=4",
+            "sft.save_every=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2 of 4" in out.stderr, out.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-100.bak"]
@@ -125,9 +156,26 @@ def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepar
     tmp, env, base = prepared
     driver = tmp_path / "slow_rank.py"
     driver.write_text(SLOW_RANK)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(driver), "sft", *base, "run_id=slow-rank", "sft.init_from=none", "sft.batch_size=4",
-                          "sft.max_steps=2", "sft.save_every=1"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(driver),
+            "sft",
+            *base,
+            "run_id=slow-rank",
+            "sft.init_from=none",
+            "sft.batch_size=4",
+            "sft.max_steps=2",
+            "sft.save_every=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ckpts = tmp / "runs" / "tiny" / "sft" / "slow-rank" / "checkpoints"
     for step in ("step-000001", "step-000002"):
@@ -145,12 +193,29 @@ def test_a_finished_run_is_never_rewritten(prepared, whole):
     tmp, env, base = prepared
     before = _files(whole)
     for extra in ((), ("sft.lr=0.05",), ("sft.resume=never",)):
-        out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=whole", "sft.init_from=none",
-                              "sft.batch_size=4", *ARGS, *extra], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medlava",
+                "sft",
+                *base,
+                "run_id=whole",
+                "sft.init_from=none",
+                "sft.batch_size=4",
+                *ARGS,
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 2, out.stderr[-3000:]
-        assert (f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr and
-                "and a finished run is never rewritten: choose another run_id, or leave it unset for a new one"
-                in out.stderr), out.stderr[-3000:]
+        assert (
+            f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr
+            and "and a finished run is never rewritten: choose another run_id, or leave it unset for a new one"
+            in out.stderr
+        ), out.stderr[-3000:]
     assert _files(whole) == before
 
 
@@ -165,13 +230,28 @@ def stopped(prepared, whole, tmp_path):
 
 def test_a_started_run_is_not_continued_with_resume_never(prepared, stopped):
     tmp, env, base = prepared
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, f"run_id={stopped.name}",
-                          "sft.init_from=none", "sft.batch_size=4", *ARGS, "sft.resume=never"], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlava",
+            "sft",
+            *base,
+            f"run_id={stopped.name}",
+            "sft.init_from=none",
+            "sft.batch_size=4",
+            *ARGS,
+            "sft.resume=never",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"medlava sft: {stopped} already holds a started sft run (started " in out.stderr and
-            "choose another run_id, or leave it unset for a new one (or sft.resume=auto to continue it)"
-            in out.stderr), out.stderr[-3000:]
+    assert (
+        f"medlava sft: {stopped} already holds a started sft run (started " in out.stderr
+        and "choose another run_id, or leave it unset for a new one (or sft.resume=auto to continue it)" in out.stderr
+    ), out.stderr[-3000:]
 
 
 def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, stopped, tmp_path):
@@ -186,16 +266,32 @@ def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, s
     lines = (other / "train.jsonl").read_text().splitlines(keepends=True)
     (other / "train.jsonl").write_text("".join(lines[1:]))
     before = _files(stopped)
-    cmd = [sys.executable, "-m", "medlava", "sft", *base, f"run_id={stopped.name}", "sft.init_from=none",
-           "sft.batch_size=4", *ARGS]
-    out = subprocess.run([*cmd, "sft.lr=0.05", "sft.lora.r=8", f"data.samples={other}", "model.model_max_length=300"],
-                         env=env, capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "medlava",
+        "sft",
+        *base,
+        f"run_id={stopped.name}",
+        "sft.init_from=none",
+        "sft.batch_size=4",
+        *ARGS,
+    ]
+    out = subprocess.run(
+        [*cmd, "sft.lr=0.05", "sft.lora.r=8", f"data.samples={other}", "model.model_max_length=300"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     old, new = manifest["settings"]["data.train"], hashlib.sha256((other / "train.jsonl").read_bytes()).hexdigest()
-    for changed in (f"medlava sft: {ckpt} was trained with other settings (data.train: '{old}' then, '{new}' now",
-                    "; model.model_max_length: 256 then, 300 now; sft.lora.r: 16 then, 8 now; ", "; sft.lr: 0.002 then, 0.05 now)",
-                    "; resuming it with these would mix two trainings in one set of weights: relaunch with its "
-                    f"settings ({stopped / 'config.yaml'}), or leave run_id unset to train a new run"):
+    for changed in (
+        f"medlava sft: {ckpt} was trained with other settings (data.train: '{old}' then, '{new}' now",
+        "; model.model_max_length: 256 then, 300 now; sft.lora.r: 16 then, 8 now; ",
+        "; sft.lr: 0.002 then, 0.05 now)",
+        "; resuming it with these would mix two trainings in one set of weights: relaunch with its "
+        f"settings ({stopped / 'config.yaml'}), or leave run_id unset to train a new run",
+    ):
         assert changed in out.stderr, out.stderr[-3000:]
     assert _files(stopped) == before  # config.yaml still says what the checkpoints were trained with
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # its own settings: it continues
@@ -207,13 +303,31 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(prepared):
     """sft.lr=1e30 (finite, so the config takes it): the loss is NaN by the third step. Training stops there,
     naming the step, the last finite loss and the key; no checkpoint of that step, no COMPLETE.json."""
     tmp, env, base = prepared
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=nan", "sft.init_from=none",
-                          "sft.batch_size=4", "sft.max_steps=6", "sft.save_every=1", "sft.lr=1e30"], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlava",
+            "sft",
+            *base,
+            "run_id=nan",
+            "sft.init_from=none",
+            "sft.batch_size=4",
+            "sft.max_steps=6",
+            "sft.save_every=1",
+            "sft.lr=1e30",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    m = re.search(r"medlava sft: training diverged: the loss is nan at step (\d+) \(the last finite loss was "
-                  r"[\d.]+ at step (\d+)\); no checkpoint of it is written and the run is not complete\. Lower "
-                  r"sft\.lr \(now 1e\+30\) and train a new run_id", out.stderr)
+    m = re.search(
+        r"medlava sft: training diverged: the loss is nan at step (\d+) \(the last finite loss was "
+        r"[\d.]+ at step (\d+)\); no checkpoint of it is written and the run is not complete\. Lower "
+        r"sft\.lr \(now 1e\+30\) and train a new run_id",
+        out.stderr,
+    )
     assert m and int(m[2]) == int(m[1]) - 1, out.stderr[-3000:]
     run = tmp / "runs" / "tiny" / "sft" / "nan"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in range(1, int(m[1]))]
@@ -229,15 +343,39 @@ def test_training_refuses_an_image_too_large_once_padded(tmp_path):
     for path in root.glob("HAM10000_images_part_*/*.jpg"):
         Image.new("RGB", (1, 9000)).save(path, "JPEG")  # padded to a square: 9000^2 pixels each
     env = {**os.environ, "MEDLAVA_CACHE": str(tmp_path / "cache")}
-    base = ["--config", str(TINY), f"output_root={tmp_path / 'runs'}", f"data.root={root}", "data.synthetic=null",
-            "data.verify_images=none"]
-    subprocess.run([sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True,
-                   capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "medlava", "sft", *base, "run_id=w", "sft.init_from=none",
-                          "sft.batch_size=2", "sft.max_steps=1"], env=env, capture_output=True, text=True)
+    base = [
+        "--config",
+        str(TINY),
+        f"output_root={tmp_path / 'runs'}",
+        f"data.root={root}",
+        "data.synthetic=null",
+        "data.verify_images=none",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "medlava", "prepare", *base, "run_id=p"], env=env, check=True, capture_output=True
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlava",
+            "sft",
+            *base,
+            "run_id=w",
+            "sft.init_from=none",
+            "sft.batch_size=2",
+            "sft.max_steps=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"medlava sft: image \S+\.jpg \(sample \S+\) is 1x9000: padded to a square it would be "
-                     r"9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit", out.stderr), out.stderr[-3000:]
+    assert re.search(
+        r"medlava sft: image \S+\.jpg \(sample \S+\) is 1x9000: padded to a square it would be "
+        r"9000x9000 = 81,000,000 pixels, over the 67,108,864-pixel limit",
+        out.stderr,
+    ), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["none", "zero2", "zero3"])
@@ -246,10 +384,27 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
     if strategy != "none":
         pytest.importorskip("deepspeed")
     tmp, env, base = prepared
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "medlava", "sft", *base, f"run_id=ddp-{strategy}", "sft.init_from=none",
-                          "sft.epochs=3", "sft.batch_size=4", f"sft.deepspeed={strategy}"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "medlava",
+            "sft",
+            *base,
+            f"run_id=ddp-{strategy}",
+            "sft.init_from=none",
+            "sft.epochs=3",
+            "sft.batch_size=4",
+            f"sft.deepspeed={strategy}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp / "runs" / "tiny" / "sft" / f"ddp-{strategy}"
     info = json.loads((run / "COMPLETE.json").read_text())
@@ -263,6 +418,7 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
 
     from medlava.config import load_config
     from medlava.models.llava import load_for_inference
+
     cfg = load_config(TINY, [f"data.root={tmp / 'ham'}"])
     os.environ["MEDLAVA_CACHE"] = env["MEDLAVA_CACHE"]
     model, _, _ = load_for_inference(cfg.model, run / info["checkpoint"], torch.float32)
@@ -276,10 +432,25 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
 
 def _torchrun(prepared, procs: int, run_id: str, *extra) -> subprocess.CompletedProcess:
     tmp, env, base = prepared
-    launcher = [sys.executable, "-m", "medlava"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "medlava"]
-    return subprocess.run([*launcher, "sft", *base, f"run_id={run_id}", "sft.init_from=none", *extra], env=env,
-                          capture_output=True, text=True)
+    launcher = (
+        [sys.executable, "-m", "medlava"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "medlava",
+        ]
+    )
+    return subprocess.run(
+        [*launcher, "sft", *base, f"run_id={run_id}", "sft.init_from=none", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_keep_last_leaves_the_newest_checkpoints(prepared):
@@ -326,6 +497,7 @@ def test_a_zero3_checkpoint_is_not_resumed_on_another_number_of_processes(prepar
     (run / "COMPLETE.json").unlink()
     out = _torchrun(prepared, 2, "zero3-elastic", "sft.batch_size=4", "sft.max_steps=2", "sft.deepspeed=zero3")
     assert out.returncode != 0
-    assert (f"medlava sft (rank 0): {run / 'checkpoints' / 'step-000001'} holds DeepSpeed ZeRO state sharded over 1 "
-            "process(es), one optimizer shard per rank, and cannot be resumed by 2: resume with 1 process(es)"
-            in out.stderr), out.stderr[-3000:]
+    assert (
+        f"medlava sft (rank 0): {run / 'checkpoints' / 'step-000001'} holds DeepSpeed ZeRO state sharded over 1 "
+        "process(es), one optimizer shard per rank, and cannot be resumed by 2: resume with 1 process(es)" in out.stderr
+    ), out.stderr[-3000:]

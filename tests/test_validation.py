@@ -32,13 +32,27 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("validation")
     old = os.environ.get("MEDLAVA_CACHE")
     os.environ["MEDLAVA_CACHE"] = str(tmp / "cache")
-    cfg = load_config(TINY, [f"output_root={tmp / 'runs'}", f"data.root={tmp / 'ham'}", "run_id=v",
-                             "data.synthetic.n_lesions=40", "sft.batch_size=3", "sft.eval_closed_samples=7"])
+    cfg = load_config(
+        TINY,
+        [
+            f"output_root={tmp / 'runs'}",
+            f"data.root={tmp / 'ham'}",
+            "run_id=v",
+            "data.synthetic.n_lesions=40",
+            "sft.batch_size=3",
+            "sft.eval_closed_samples=7",
+        ],
+    )
     samples, manifest = load_prepared(run_prepare(cfg), "val")
     base = base_model_path(cfg.model)
     model = load_model(base, cfg.model, torch.float32).eval()
-    encoder = Encoder(load_processor(base, cfg.model), cfg.model.template, num_image_tokens(model),
-                      cfg.model.model_max_length, Path(manifest["image_root"]))
+    encoder = Encoder(
+        load_processor(base, cfg.model),
+        cfg.model.template,
+        num_image_tokens(model),
+        cfg.model.model_max_length,
+        Path(manifest["image_root"]),
+    )
     yield cfg, samples, model, encoder, Validation.of(samples, encoder, cfg.sft, cfg.model.template)
     if old is None:
         os.environ.pop("MEDLAVA_CACHE")
@@ -76,14 +90,20 @@ def test_loss_is_the_token_weighted_mean_of_one_sample_at_a_time(tiny):
 def test_accuracy_is_option_scoring_on_a_fixed_subset(tiny):
     cfg, samples, model, encoder, v = tiny
     assert [s["id"] for s in v.closed] == [s["id"] for s in closed_questions(samples)][:7]
-    assert [s["id"] for s in Validation.of(samples[::-1], encoder, cfg.sft, "mistral_instruct").closed] == \
-        [s["id"] for s in v.closed]  # the subset depends on the ids, not on the file's order
+    assert [s["id"] for s in Validation.of(samples[::-1], encoder, cfg.sft, "mistral_instruct").closed] == [
+        s["id"] for s in v.closed
+    ]  # the subset depends on the ids, not on the file's order
     assert Validation.of(samples, encoder, cfg.sft, "plain").closed == []  # alignment prompts ask no question
     right = 0
     for s in v.closed:
         choices = s["meta"]["choices"]
-        (lp,) = score_choices(model, [encoder.prompt_item(s)], [[encoder.answer_ids(s, c) for c in choices]],
-                              encoder.tokenizer.pad_token_id, CPU)
+        (lp,) = score_choices(
+            model,
+            [encoder.prompt_item(s)],
+            [[encoder.answer_ids(s, c) for c in choices]],
+            encoder.tokenizer.pad_token_id,
+            CPU,
+        )
         right += choices[lp.index(max(lp))] == s["conversations"][-1]["value"]
     result = v.measure(model, dist(0, 1))
     assert result["closed_accuracy"] == right / 7 and result["closed_n"] == 7
@@ -100,5 +120,7 @@ def test_results_reach_tensorboard_and_the_console(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("val/loss")] == [(6, 1.25), (9, 1.0)]
     assert [(e.step, e.value) for e in acc.Scalars("val/closed_accuracy")] == [(6, 0.5)]
-    assert lines == ["step 6: validation loss 1.2500, closed-question accuracy 0.500 on 8 (option likelihood)",
-                     "step 9: validation loss 1.0000"]
+    assert lines == [
+        "step 6: validation loss 1.2500, closed-question accuracy 0.500 on 8 (option likelihood)",
+        "step 9: validation loss 1.0000",
+    ]

@@ -42,8 +42,10 @@ def write_manifest(folder: Path, kind: Kind, **fields: object) -> None:
 def read_manifest(ckpt: Path) -> dict:
     path = Path(ckpt) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{ckpt} is not a medlava checkpoint (no {MANIFEST}); pass a checkpoint "
-                                "directory written by a training stage (checkpoints/step-N) or its complete run")
+        raise FileNotFoundError(
+            f"{ckpt} is not a medlava checkpoint (no {MANIFEST}); pass a checkpoint "
+            "directory written by a training stage (checkpoints/step-N) or its complete run"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("kind") not in KINDS:
         raise ValueError(f"{path}: unknown checkpoint kind {manifest.get('kind')!r}; one of {', '.join(KINDS)}")

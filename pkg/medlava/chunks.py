@@ -44,11 +44,15 @@ def check_chunk(final: Path, source: dict, noun: str = "answer") -> None:
     """Refuse a chunk made with settings other than `source`, or with none recorded."""
     path = settings_path(final)
     if not path.exists():
-        raise InputError(f"{final} has no record of the settings it was made with ({path.name}): it was not made "
-                         f"by this run; delete it and make that chunk again, or use a new run_id")
+        raise InputError(
+            f"{final} has no record of the settings it was made with ({path.name}): it was not made "
+            f"by this run; delete it and make that chunk again, or use a new run_id"
+        )
     if changed := changed_settings(json.loads(path.read_text()), source):
-        raise ConfigError(f"{final} was made with other settings ({'; '.join(changed)}); one {noun} file must come "
-                          "from one model and one setting: delete that chunk and make it again, or use a new run_id")
+        raise ConfigError(
+            f"{final} was made with other settings ({'; '.join(changed)}); one {noun} file must come "
+            "from one model and one setting: delete that chunk and make it again, or use a new run_id"
+        )
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -90,9 +94,11 @@ def check_source(folder: Path, source: dict, claim: bool = False, noun: str = "a
     recorded = json.loads(path.read_text())
     changed = changed_settings(recorded, source)
     if changed:
-        raise ConfigError(f"the {noun}s in {folder} were made with other settings ({'; '.join(changed)}); one "
-                          f"{noun} file must come from one model and one setting: use a new run_id, or delete "
-                          f"{folder} to make everything again")
+        raise ConfigError(
+            f"the {noun}s in {folder} were made with other settings ({'; '.join(changed)}); one "
+            f"{noun} file must come from one model and one setting: use a new run_id, or delete "
+            f"{folder} to make everything again"
+        )
 
 
 class ChunkWriter:
@@ -121,14 +127,24 @@ class ChunkWriter:
         os.replace(self.partial, self.final)
 
 
-def collect(folder: Path, paths: Sequence[Path], key: str, expected_ids: Sequence[str], rerun: str, source: dict,
-            noun: str = "answer", verb: str = "answered") -> list[dict]:
+def collect(
+    folder: Path,
+    paths: Sequence[Path],
+    key: str,
+    expected_ids: Sequence[str],
+    rerun: str,
+    source: dict,
+    noun: str = "answer",
+    verb: str = "answered",
+) -> list[dict]:
     """The rows of the finished chunk files `paths` in `expected_ids` order; every id exactly once, every chunk made
     with `source`. `rerun` says how to redo a chunk (formatted with its index)."""
     missing_files = [str(p) for p in paths if not p.exists()]
     if missing_files:
-        raise FileNotFoundError(f"{len(missing_files)} of {len(paths)} chunks are not finished: {missing_files[:5]}; "
-                                "re-run those chunks (they resume) before merging")
+        raise FileNotFoundError(
+            f"{len(missing_files)} of {len(paths)} chunks are not finished: {missing_files[:5]}; "
+            "re-run those chunks (they resume) before merging"
+        )
     for path in paths:
         check_chunk(path, source, noun)
     by_id: dict[str, dict] = {}
@@ -141,8 +157,10 @@ def collect(folder: Path, paths: Sequence[Path], key: str, expected_ids: Sequenc
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not a JSON {noun} row ({e.msg}): the chunk file is damaged; "
-                                     f"delete it and {rerun.format(i)}, then merge") from None
+                    raise InputError(
+                        f"{path}:{n}: not a JSON {noun} row ({e.msg}): the chunk file is damaged; "
+                        f"delete it and {rerun.format(i)}, then merge"
+                    ) from None
                 item = str(row[key])
                 if item in by_id:
                     dupes.append(item)
@@ -152,6 +170,8 @@ def collect(folder: Path, paths: Sequence[Path], key: str, expected_ids: Sequenc
     missing = [i for i in expected if i not in by_id]
     extra = sorted(set(by_id) - set(expected))
     if dupes or missing or extra:
-        raise InputError(f"chunks in {folder} do not cover the split exactly once: {len(dupes)} {verb} twice "
-                         f"{dupes[:5]}, {len(missing)} missing {missing[:5]}, {len(extra)} unknown {extra[:5]}")
+        raise InputError(
+            f"chunks in {folder} do not cover the split exactly once: {len(dupes)} {verb} twice "
+            f"{dupes[:5]}, {len(missing)} missing {missing[:5]}, {len(extra)} unknown {extra[:5]}"
+        )
     return [by_id[i] for i in expected]

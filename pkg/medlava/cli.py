@@ -27,9 +27,17 @@ from medlava.quiet import silence_known_warnings
 from medlava.runs import check_reuse, new_run_id, run_dir
 from medlava.stages import CHAIN, OPTIONS, STAGES, CheckFailed
 
-TOOLS = {"doctor": "medlava.tools.doctor", "check-model": "medlava.tools.check_model", "convert": "medlava.tools.convert",
-         "export": "medlava.tools.export", "predict": "medlava.tools.predict", "serve": "medlava.serve.app",
-         "compare": "medlava.tools.compare", "submit": "medlava.cluster.submit", "weights": "medlava.tools.weights"}
+TOOLS = {
+    "doctor": "medlava.tools.doctor",
+    "check-model": "medlava.tools.check_model",
+    "convert": "medlava.tools.convert",
+    "export": "medlava.tools.export",
+    "predict": "medlava.tools.predict",
+    "serve": "medlava.serve.app",
+    "compare": "medlava.tools.compare",
+    "submit": "medlava.cluster.submit",
+    "weights": "medlava.tools.weights",
+}
 
 
 def run_stage(stage: str, cfg: Config, **options) -> Path:
@@ -54,8 +62,9 @@ def _has_config(argv: list[str]) -> bool:
 
 
 def stage_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medlava", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medlava", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", required=True, help="YAML recipe (jobs/configs/*.yaml)")
     for o in OPTIONS.values():
@@ -71,11 +80,15 @@ def stage_options(args: argparse.Namespace, cfg: Config) -> dict:
     stage = STAGES[args.stage]
     for o in OPTIONS.values():
         if o.name not in stage.options and getattr(args, o.name) not in (None, False):
-            raise ConfigError(f"{o.flag} is an option of "
-                              f"{', '.join(s.name for s in STAGES.values() if o.name in s.options)}, not {stage.name}")
+            raise ConfigError(
+                f"{o.flag} is an option of "
+                f"{', '.join(s.name for s in STAGES.values() if o.name in s.options)}, not {stage.name}"
+            )
     if stage.array and args.chunk_idx is not None and not 0 <= args.chunk_idx < stage.tasks(cfg):
-        raise ConfigError(f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} "
-                          f"({stage.keys_in or stage.section}.{stage.array})")
+        raise ConfigError(
+            f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} "
+            f"({stage.keys_in or stage.section}.{stage.array})"
+        )
     return {name: getattr(args, name) for name in stage.options}
 
 
@@ -94,24 +107,28 @@ def overview() -> str:
 
     def rows(names: dict[str, str]) -> list[str]:
         pad = max(map(len, names)) + 2
-        return [f"  {n:<{pad}}" + textwrap.shorten(summary(m), width - pad - 2, placeholder=" ...")
-                for n, m in names.items()]
+        return [
+            f"  {n:<{pad}}" + textwrap.shorten(summary(m), width - pad - 2, placeholder=" ...")
+            for n, m in names.items()
+        ]
 
     stages = {s: f"medlava.stages.{s}" for s in [*CHAIN, *(s for s in STAGES if s not in CHAIN)]}
-    return "\n".join([
-        "usage: medlava STAGE --config FILE [key=value ...]   run one stage in this process (what a job runs)",
-        "       medlava submit STAGE --config FILE [...]      launch stages here or on SLURM; status, logs, cancel",
-        "       medlava TOOL [...]                            each takes --help",
-        "",
-        f"stages ({' -> '.join(CHAIN)} is the chain `medlava submit demo|pipeline` runs):",
-        *rows(stages),
-        "",
-        "tools:",
-        *rows({t: m for t, m in TOOLS.items() if t != "submit"}),
-        "  eval --predictions CSV --out DIR, metrics, label-reports: scoring that needs no config",
-        "",
-        "first run: medlava submit demo --config jobs/configs/tiny.yaml --executor local   (README.md: the rest)",
-    ])
+    return "\n".join(
+        [
+            "usage: medlava STAGE --config FILE [key=value ...]   run one stage in this process (what a job runs)",
+            "       medlava submit STAGE --config FILE [...]      launch stages here or on SLURM; status, logs, cancel",
+            "       medlava TOOL [...]                            each takes --help",
+            "",
+            f"stages ({' -> '.join(CHAIN)} is the chain `medlava submit demo|pipeline` runs):",
+            *rows(stages),
+            "",
+            "tools:",
+            *rows({t: m for t, m in TOOLS.items() if t != "submit"}),
+            "  eval --predictions CSV --out DIR, metrics, label-reports: scoring that needs no config",
+            "",
+            "first run: medlava submit demo --config jobs/configs/tiny.yaml --executor local   (README.md: the rest)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,17 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         from medlava.eval.cli import (
             main as scoring_main,  # `medlava eval --predictions ...` needs no config
         )
+
         return scoring_main(argv)
     args = stage_parser().parse_intermixed_args(argv)
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.run_id is None:
             if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                raise ConfigError("run_id is not set: every rank must agree on the run directory, "
-                                  "pass run_id=... (launch/submit.py does)")
+                raise ConfigError(
+                    "run_id is not set: every rank must agree on the run directory, "
+                    "pass run_id=... (launch/submit.py does)"
+                )
             cfg.run_id = new_run_id()
         run_stage(args.stage, cfg, **stage_options(args, cfg))
     except CheckFailed:

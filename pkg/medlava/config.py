@@ -53,8 +53,10 @@ class Section(BaseModel):
     def _int_range(cls, value: Any) -> Any:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
-                raise ValueError(f"{_short(v)} is out of range: integers in a recipe are at most {MAX_INT:,} "
-                                 "in size; check for a typo")
+                raise ValueError(
+                    f"{_short(v)} is out of range: integers in a recipe are at most {MAX_INT:,} "
+                    "in size; check for a typo"
+                )
         return value
 
 
@@ -80,11 +82,15 @@ class TinyModelConfig(Section):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.vision_hidden % self.vision_heads:
-            raise ValueError(f"vision_hidden {self.vision_hidden} must be a multiple of vision_heads "
-                             f"{self.vision_heads} (each attention head gets hidden / heads dimensions)")
+            raise ValueError(
+                f"vision_hidden {self.vision_hidden} must be a multiple of vision_heads "
+                f"{self.vision_heads} (each attention head gets hidden / heads dimensions)"
+            )
         if self.text_hidden % (2 * self.text_heads):
-            raise ValueError(f"text_hidden {self.text_hidden} must be a multiple of 2 x text_heads {self.text_heads} "
-                             "(each head's dimensions are split in two halves by the rotary embedding)")
+            raise ValueError(
+                f"text_hidden {self.text_hidden} must be a multiple of 2 x text_heads {self.text_heads} "
+                "(each head's dimensions are split in two halves by the rotary embedding)"
+            )
         if self.text_heads % self.text_kv_heads:
             raise ValueError("text_heads must be a multiple of text_kv_heads")
         return self
@@ -95,8 +101,9 @@ class ModelConfig(Section):
     """Hub id or local dir of a transformers LLaVA checkpoint; None with `tiny` set builds one."""
     tiny: TinyModelConfig | None = None
     template: Literal["mistral_instruct", "vicuna_v1", "plain"] = "mistral_instruct"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_4",
-                                 "flex_attention"] = "auto"
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_4", "flex_attention"
+    ] = "auto"
     """Training's attention. auto: flash-attn 2 where installed on a GPU; else, with packing on a GPU, FlexAttention on
     the language model (its document mask computes no padding); else SDPA. flash_attention_4 (the `flash-attn-4`
     wheel, Hopper or newer) only when named. Answering (infer, predict, serve) uses SDPA (eager when named): option
@@ -122,8 +129,19 @@ class SyntheticDataConfig(Section):
     seed: Seed = 0
 
 
-SkipReason = Literal["missing_image", "unreadable_image", "oversized_image", "image_outside_root", "bad_record",
-                     "unknown_label", "duplicate_id", "empty_report", "missing_section", "missing_report", "non_utf8"]
+SkipReason = Literal[
+    "missing_image",
+    "unreadable_image",
+    "oversized_image",
+    "image_outside_root",
+    "bad_record",
+    "unknown_label",
+    "duplicate_id",
+    "empty_report",
+    "missing_section",
+    "missing_report",
+    "non_utf8",
+]
 """Kinds of bad sample (medlava.data.problems.REASONS describes each)."""
 
 
@@ -222,8 +240,13 @@ class OmniMedVqaConfig(Section):
     """open: QA_information/Open-access/*.json (what is distributed with images); all: Restricted-access too."""
 
 
-MMMU_MEDICINE = ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
-                 "Public_Health"]
+MMMU_MEDICINE = [
+    "Basic_Medical_Science",
+    "Clinical_Medicine",
+    "Diagnostics_and_Laboratory_Medicine",
+    "Pharmacy",
+    "Public_Health",
+]
 """MMMU's Health and Medicine discipline (its DOMAIN_CAT2SUB_CAT)."""
 
 
@@ -245,8 +268,19 @@ BENCHMARKS = ("vqa_rad", "path_vqa", "pmc_vqa", "omnimedvqa", "medxpertqa", "mmm
 
 
 class DataConfig(Section):
-    dataset: Literal["ham10000", "slake", "mimic_cxr", "chexpert_plus", "llava_med", "vqa_rad", "path_vqa", "pmc_vqa",
-                     "omnimedvqa", "medxpertqa", "mmmu_med"] = "ham10000"
+    dataset: Literal[
+        "ham10000",
+        "slake",
+        "mimic_cxr",
+        "chexpert_plus",
+        "llava_med",
+        "vqa_rad",
+        "path_vqa",
+        "pmc_vqa",
+        "omnimedvqa",
+        "medxpertqa",
+        "mmmu_med",
+    ] = "ham10000"
     root: str
     """Raw dataset as distributed (HAM10000: HAM10000_metadata.csv + image folders; the others: their sections)."""
     image_root: str | None = None
@@ -286,25 +320,37 @@ class DataConfig(Section):
     def _dataset_options(self) -> DataConfig:
         for key in ("slake", "mimic_cxr", "chexpert_plus", "llava_med", *BENCHMARKS):
             if key != self.dataset and getattr(self, key) != type(getattr(self, key))():
-                raise ValueError(f"data.{key} is set but data.dataset is {self.dataset}; set data.dataset={key} "
-                                 f"or remove data.{key}")
+                raise ValueError(
+                    f"data.{key} is set but data.dataset is {self.dataset}; set data.dataset={key} or remove data.{key}"
+                )
         if self.synthetic is not None and self.dataset != "ham10000":
-            raise ValueError("data.synthetic generates HAM10000 only; remove it for data.dataset="
-                             f"{self.dataset} (tests build the other layouts with tests/synthetic/)")
+            raise ValueError(
+                "data.synthetic generates HAM10000 only; remove it for data.dataset="
+                f"{self.dataset} (tests build the other layouts with tests/synthetic/)"
+            )
         published = self.dataset in ("slake", *BENCHMARKS)
-        official = (published or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
-                    or (self.dataset == "chexpert_plus" and self.chexpert_plus.split == "official"))
+        official = (
+            published
+            or (self.dataset == "mimic_cxr" and self.mimic_cxr.split == "official")
+            or (self.dataset == "chexpert_plus" and self.chexpert_plus.split == "official")
+        )
         if self.split_file and official:
-            raise ValueError(f"data.split_file is set but {self.dataset} uses its official split; remove it"
-                             + ("" if published else f" or set data.{self.dataset}.split=grouped"))
+            raise ValueError(
+                f"data.split_file is set but {self.dataset} uses its official split; remove it"
+                + ("" if published else f" or set data.{self.dataset}.split=grouped")
+            )
         if self.split_file and self.dataset == "llava_med":
             raise ValueError("data.split_file is not read for llava_med (its split is by data.split_ratios)")
         if self.dataset == "llava_med" and self.llava_med.eval_file and self.split_ratios[2] > 0:
-            raise ValueError("data.llava_med.eval_file is the test split; set data.split_ratios' test share to 0 "
-                             f"(e.g. [0.95, 0.05, 0.0]), got {list(self.split_ratios)}")
+            raise ValueError(
+                "data.llava_med.eval_file is the test split; set data.split_ratios' test share to 0 "
+                f"(e.g. [0.95, 0.05, 0.0]), got {list(self.split_ratios)}"
+            )
         if self.dataset == "chexpert_plus" and self.chexpert_plus.generator == "llm" and self.chexpert_plus.llm is None:
-            raise ValueError("data.chexpert_plus.generator=llm needs data.chexpert_plus.llm "
-                             "(base_url and model of an OpenAI-compatible endpoint)")
+            raise ValueError(
+                "data.chexpert_plus.generator=llm needs data.chexpert_plus.llm "
+                "(base_url and model of an OpenAI-compatible endpoint)"
+            )
         if self.skip_missing_images and "missing_image" not in self.skip:
             self.skip = [*self.skip, "missing_image"]  # the older switch for one reason
         return self
@@ -314,12 +360,14 @@ class LoraConfig(Section):
     r: int = Field(128, ge=1)
     alpha: int = Field(256, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[Name] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                       min_length=1)
+    target_modules: list[Name] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
 
 
 class LoopConfig(Section):
     """What every training loop (align, sft, pretrain) takes: when it saves, what it keeps, how it resumes."""
+
     save_every: int | None = Field(None, ge=1)
     """Steps between checkpoints (one is always written at the end, and at a stop request)."""
     keep_last: int | None = Field(2, ge=1)
@@ -374,19 +422,25 @@ class TrainConfig(LoopConfig):
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         if self.lora is not None and self.train_llm:
-            raise ValueError("lora and train_llm are exclusive: LoRA trains adapters on a frozen LLM; "
-                             "set train_llm=false for LoRA or lora=null for a full fine-tune")
+            raise ValueError(
+                "lora and train_llm are exclusive: LoRA trains adapters on a frozen LLM; "
+                "set train_llm=false for LoRA or lora=null for a full fine-tune"
+            )
         if not (self.train_vision or self.train_projector or self.train_llm or self.lora):
             raise ValueError("nothing to train: enable one of train_vision, train_projector, train_llm or lora")
         if self.projector_lr is not None and not self.train_projector:
             raise ValueError("projector_lr is set but train_projector is false")
         if self.deepspeed.startswith("zero3") and self.kernels == "liger":
             # huggingface/trl#3368: the fused loss multiplies by lm_head.weight without running lm_head.
-            raise ValueError("kernels=liger cannot run under ZeRO-3: Liger's fused cross-entropy reads lm_head's "
-                             "weight outside its forward, where ZeRO-3 leaves it sharded; use deepspeed=zero2 or none")
+            raise ValueError(
+                "kernels=liger cannot run under ZeRO-3: Liger's fused cross-entropy reads lm_head's "
+                "weight outside its forward, where ZeRO-3 leaves it sharded; use deepspeed=zero2 or none"
+            )
         if self.deepspeed.startswith("zero3") and self.compile:
-            raise ValueError("compile=true cannot run under ZeRO-3: its parameter-gathering hooks fire inside each "
-                             "compiled block; use deepspeed=zero2 or none, or compile=false")
+            raise ValueError(
+                "compile=true cannot run under ZeRO-3: its parameter-gathering hooks fire inside each "
+                "compiled block; use deepspeed=zero2 or none, or compile=false"
+            )
         return self
 
 
@@ -542,11 +596,14 @@ class CnnConfig(Section):
     @model_validator(mode="after")
     def _phases(self) -> CnnConfig:
         if self.frozen_epochs >= self.epochs:
-            raise ValueError(f"cnn.frozen_epochs={self.frozen_epochs} leaves no epoch to fine-tune in "
-                             f"(cnn.epochs={self.epochs}); raise epochs or lower frozen_epochs")
+            raise ValueError(
+                f"cnn.frozen_epochs={self.frozen_epochs} leaves no epoch to fine-tune in "
+                f"(cnn.epochs={self.epochs}); raise epochs or lower frozen_epochs"
+            )
         if self.finetune_lr is not None and self.frozen_epochs == 0:
-            raise ValueError("cnn.finetune_lr is the rate after the frozen epochs, but cnn.frozen_epochs=0: "
-                             "set cnn.lr instead")
+            raise ValueError(
+                "cnn.finetune_lr is the rate after the frozen epochs, but cnn.frozen_epochs=0: set cnn.lr instead"
+            )
         return self
 
 
@@ -631,8 +688,10 @@ class ClusterConfig(Section):
         texts = value if isinstance(value, list) else [*value, *value.values()] if isinstance(value, dict) else [value]
         for text in texts:
             if isinstance(text, str) and re.search(r"[\x00-\x1f\x7f-\x9f]", text):
-                raise ValueError(f"cluster.{info.field_name} value {text!r} holds a control character (newline, tab, "
-                                 "...); SLURM values are one line of printable text: remove it")
+                raise ValueError(
+                    f"cluster.{info.field_name} value {text!r} holds a control character (newline, tab, "
+                    "...); SLURM values are one line of printable text: remove it"
+                )
         return value
 
 
@@ -660,18 +719,24 @@ class Config(Section):
     def _stages(self) -> Config:
         a = self.align
         if a.train_llm or a.lora is not None or a.train_vision or not a.train_projector:
-            raise ValueError("align trains the projector only: align.train_projector=true and "
-                             "align.train_llm/train_vision=false, align.lora=null")
+            raise ValueError(
+                "align trains the projector only: align.train_projector=true and "
+                "align.train_llm/train_vision=false, align.lora=null"
+            )
         if self.model and self.model.template == "plain" and self.sft.lora is not None:
-            raise ValueError("model.template=plain is the alignment template; sft needs a chat template "
-                             "(mistral_instruct or vicuna_v1)")
+            raise ValueError(
+                "model.template=plain is the alignment template; sft needs a chat template "
+                "(mistral_instruct or vicuna_v1)"
+            )
         return self
 
     def vlm(self, stage: str) -> ModelConfig:
         """The model section, which `stage` needs: a ConfigError naming the fix when the recipe has none."""
         if self.model is None:
-            raise ConfigError(f"{stage} runs a VLM, but this recipe ({self.name}) has no `model:` section; add one "
-                              "with model.name_or_path (a LLaVA checkpoint) or model.tiny")
+            raise ConfigError(
+                f"{stage} runs a VLM, but this recipe ({self.name}) has no `model:` section; add one "
+                "with model.name_or_path (a LLaVA checkpoint) or model.tiny"
+            )
         return self.model
 
     @model_validator(mode="after")
@@ -683,12 +748,16 @@ class Config(Section):
             per_step = t.batch_size * world
             accum = t.global_batch_size // per_step
             if t.global_batch_size % per_step:
-                raise ValueError(f"{key}.global_batch_size={t.global_batch_size} is not divisible by {key}.batch_size "
-                                 f"{t.batch_size} x world size {world} (cluster.nodes x GPUs per node) = {per_step}; "
-                                 "change one of them")
+                raise ValueError(
+                    f"{key}.global_batch_size={t.global_batch_size} is not divisible by {key}.batch_size "
+                    f"{t.batch_size} x world size {world} (cluster.nodes x GPUs per node) = {per_step}; "
+                    "change one of them"
+                )
             if "grad_accum" in t.model_fields_set and t.grad_accum != accum:
-                raise ValueError(f"{key}.global_batch_size={t.global_batch_size} means grad_accum={accum} at batch_size "
-                                 f"{t.batch_size} and world size {world}, but {key}.grad_accum={t.grad_accum}; set one")
+                raise ValueError(
+                    f"{key}.global_batch_size={t.global_batch_size} means grad_accum={accum} at batch_size "
+                    f"{t.batch_size} and world size {world}, but {key}.grad_accum={t.grad_accum}; set one"
+                )
             t.grad_accum = accum
         return self
 
@@ -706,9 +775,11 @@ class _RecipeLoader(yaml.SafeLoader):
         node = super().compose_document()
         sizes: dict[int, int] = {}
         if _expanded_size(node, sizes, set()) - len(sizes) > MAX_YAML_VALUES:
-            raise RecipeYamlError(f"its YAML aliases add more than {MAX_YAML_VALUES:,} values (an alias bomb? each "
-                                  "alias copies its anchor's whole value, aliases inside it included); write the "
-                                  "values out or nest fewer aliases")
+            raise RecipeYamlError(
+                f"its YAML aliases add more than {MAX_YAML_VALUES:,} values (an alias bomb? each "
+                "alias copies its anchor's whole value, aliases inside it included); write the "
+                "values out or nest fewer aliases"
+            )
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -718,8 +789,10 @@ class _RecipeLoader(yaml.SafeLoader):
                 continue  # a merged mapping's keys are meant to be overridden
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in lines:
-                raise RecipeYamlError(f"key {_short(key)} is given twice, on lines {lines[key]} and {line}: the second would silently replace "
-                                      "the first; merge them into one")
+                raise RecipeYamlError(
+                    f"key {_short(key)} is given twice, on lines {lines[key]} and {line}: the second would silently replace "
+                    "the first; merge them into one"
+                )
             lines[key] = line
         return super().construct_mapping(node, deep)
 
@@ -730,11 +803,18 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> i
     if id(node) in sizes:
         return sizes[id(node)]
     if id(node) in open_:
-        raise RecipeYamlError(f"line {node.start_mark.line + 1}: an alias refers to the value that holds it (a "
-                              "recursive YAML alias); write the value out")
+        raise RecipeYamlError(
+            f"line {node.start_mark.line + 1}: an alias refers to the value that holds it (a "
+            "recursive YAML alias); write the value out"
+        )
     open_.add(id(node))
-    children = [] if isinstance(node, yaml.ScalarNode) else [
-        c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+    children = (
+        []
+        if isinstance(node, yaml.ScalarNode)
+        else [c for pair in node.value for c in pair]
+        if isinstance(node, yaml.MappingNode)
+        else node.value
+    )
     sizes[id(node)] = 1 + sum(_expanded_size(c, sizes, open_) for c in children)
     open_.discard(id(node))
     return sizes[id(node)]
@@ -769,8 +849,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         if path[0] in RENAMED:
             new = ".".join([RENAMED[path[0]], *path[1:]])
-            raise ConfigError(f"override {_short(text)}: the `{path[0]}:` section is now `{RENAMED[path[0]]}:` (named after "
-                              f"its stage); write {new}={text.partition('=')[2]}")
+            raise ConfigError(
+                f"override {_short(text)}: the `{path[0]}:` section is now `{RENAMED[path[0]]}:` (named after "
+                f"its stage); write {new}={text.partition('=')[2]}"
+            )
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -789,8 +871,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
         annotation = model.model_fields[part].annotation
-        model = next((t for t in getattr(annotation, "__args__", (annotation,)) if isinstance(t, type)
-                      and issubclass(t, BaseModel)), None)
+        model = next(
+            (
+                t
+                for t in getattr(annotation, "__args__", (annotation,))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
     return sorted(model.model_fields) if model else []
 
 
@@ -824,8 +912,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for old in RENAMED.keys() & data.keys():
-        raise ConfigError(f"{path}: the `{old}:` section is now `{RENAMED[old]}:` (sections are named after their "
-                          f"stage); rename it in the recipe")
+        raise ConfigError(
+            f"{path}: the `{old}:` section is now `{RENAMED[old]}:` (sections are named after their "
+            f"stage); rename it in the recipe"
+        )
     data = apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)
@@ -839,5 +929,8 @@ def dump_config(cfg: Config) -> str:
 
 def changed_settings(then: dict, now: dict) -> list[str]:
     """The dotted keys whose values differ between two records of settings, as `key: old then, new now`."""
-    return [f"{k}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in sorted(set(then) | set(now))
-            if then.get(k) != now.get(k)]
+    return [
+        f"{k}: {_short(then.get(k))} then, {_short(now.get(k))} now"
+        for k in sorted(set(then) | set(now))
+        if then.get(k) != now.get(k)
+    ]

@@ -20,7 +20,9 @@ _NOT_META = {"task", "choices", "answer", "label"}
 
 
 def scalar_meta(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in _NOT_META and (v is None or isinstance(v, (str, int, float, bool)))}
+    return {
+        k: v for k, v in meta.items() if k not in _NOT_META and (v is None or isinstance(v, (str, int, float, bool)))
+    }
 
 
 def answers_frame(rows: list[dict]) -> pd.DataFrame:
@@ -28,8 +30,15 @@ def answers_frame(rows: list[dict]) -> pd.DataFrame:
     records = []
     for r in rows:
         md = r["metadata"]
-        rec = {"id": r["question_id"], "prediction": md["prediction"], "reference": md["reference"],
-               "task": md["task"], "prompt": r["prompt"], "text": r["text"], "image": md.get("image")}
+        rec = {
+            "id": r["question_id"],
+            "prediction": md["prediction"],
+            "reference": md["reference"],
+            "task": md["task"],
+            "prompt": r["prompt"],
+            "text": r["text"],
+            "image": md.get("image"),
+        }
         rec.update({f"meta_{k}": v for k, v in (md.get("meta") or {}).items()})
         for choice, p in (md.get("scores") or {}).items():
             rec[f"score_{choice}"] = p
@@ -37,14 +46,25 @@ def answers_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def label_frame(ids: Sequence[str], images: Sequence[str], labels: Sequence[int], metas: Sequence[dict],
-                probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+def label_frame(
+    ids: Sequence[str],
+    images: Sequence[str],
+    labels: Sequence[int],
+    metas: Sequence[dict],
+    probs: np.ndarray,
+    classes: Sequence[str],
+) -> pd.DataFrame:
     """From class probabilities (a CNN, or a VLM's option likelihoods); task `label`, plus the image; a
     label of -1 is an unknown reference."""
     rows = []
     for i, image, label, meta, p in zip(ids, images, labels, metas, probs, strict=True):
-        row = {"id": i, "prediction": classes[int(np.argmax(p))], "reference": classes[label] if label >= 0 else "",
-               "task": "label", "image": image}
+        row = {
+            "id": i,
+            "prediction": classes[int(np.argmax(p))],
+            "reference": classes[label] if label >= 0 else "",
+            "task": "label",
+            "image": image,
+        }
         row.update({f"score_{c}": float(v) for c, v in zip(classes, p, strict=True)})
         row.update({f"meta_{k}": v for k, v in scalar_meta(meta).items()})
         rows.append(row)
@@ -53,6 +73,7 @@ def label_frame(ids: Sequence[str], images: Sequence[str], labels: Sequence[int]
 
 class LabelledImage(Protocol):
     """An image to classify, as `medlava predict`, the CNN and zero-shot CLIP read them (models.cnn.Item)."""
+
     id: str
     rel: str
     label: int
@@ -60,8 +81,14 @@ class LabelledImage(Protocol):
 
 
 def predictions_frame(items: Sequence[LabelledImage], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    return label_frame([it.id for it in items], [it.rel for it in items], [it.label for it in items],
-                       [it.meta for it in items], probs, classes)
+    return label_frame(
+        [it.id for it in items],
+        [it.rel for it in items],
+        [it.label for it in items],
+        [it.meta for it in items],
+        probs,
+        classes,
+    )
 
 
 def write_predictions(path: Path, frame: pd.DataFrame) -> None:

@@ -27,8 +27,12 @@ class _DropNotice(logging.Filter):
 
 def silence_known_warnings() -> None:
     """Install the filters; calling it again adds nothing."""
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                            module=r"transformers\.modeling_utils")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module=r"transformers\.modeling_utils",
+    )
     for name, prefix in LOG_NOTICES.items():
         logger = logging.getLogger(name)  # DeepSpeed configures this logger later; its filters stay
         if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):

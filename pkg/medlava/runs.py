@@ -44,15 +44,20 @@ def check_reuse(path: Path, stage: str, reuse: Literal["never", "unfinished"], h
         return
     started = json.loads((path / "run.json").read_text()).get("started", "?")
     if is_complete(path):
-        raise ConfigError(f"{path} already holds a complete {stage} run (started {started}), and a finished run is "
-                          "never rewritten: choose another run_id, or leave it unset for a new one")
+        raise ConfigError(
+            f"{path} already holds a complete {stage} run (started {started}), and a finished run is "
+            "never rewritten: choose another run_id, or leave it unset for a new one"
+        )
     if reuse == "never":
-        raise ConfigError(f"{path} already holds a started {stage} run (started {started}): choose another run_id, "
-                          f"or leave it unset for a new one{hint}")
+        raise ConfigError(
+            f"{path} already holds a started {stage} run (started {started}): choose another run_id, "
+            f"or leave it unset for a new one{hint}"
+        )
 
 
-def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "unfinished"] = "unfinished",
-              hint: str = "") -> Path:
+def start_run(
+    cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "unfinished"] = "unfinished", hint: str = ""
+) -> Path:
     """Create the run directory (check_reuse first); rank 0 records the resolved config and how it was started."""
     path = run_dir(cfg, stage)
     if rank == 0:
@@ -60,11 +65,20 @@ def start_run(cfg: Config, stage: str, rank: int = 0, reuse: Literal["never", "u
     path.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
-        atomic_write_json(path / "run.json", {
-            "stage": stage, "run_id": cfg.run_id, "argv": sys.argv, "cwd": os.getcwd(),
-            "host": platform.node(), "python": sys.version.split()[0], "started": time.strftime("%FT%T%z"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-        })
+        atomic_write_json(
+            path / "run.json",
+            {
+                "stage": stage,
+                "run_id": cfg.run_id,
+                "argv": sys.argv,
+                "cwd": os.getcwd(),
+                "host": platform.node(),
+                "python": sys.version.split()[0],
+                "started": time.strftime("%FT%T%z"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+            },
+        )
     return path
 
 
@@ -84,8 +98,10 @@ def latest_complete(cfg: Config, stage: str) -> Path:
     root = stage_root(cfg, stage)
     runs = [p for p in root.glob("*") if is_complete(p)] if root.exists() else []
     if not runs:
-        raise FileNotFoundError(f"no complete `{stage}` run under {root}: run "
-                                f"`python launch/submit.py {stage} --config ...` first, or give a path")
+        raise FileNotFoundError(
+            f"no complete `{stage}` run under {root}: run "
+            f"`python launch/submit.py {stage} --config ...` first, or give a path"
+        )
     # Prefer the run that shares this run's id (a chained pipeline), else the newest.
     same = [p for p in runs if p.name == cfg.run_id]
     return same[0] if same else max(runs, key=lambda p: (p / COMPLETE).stat().st_mtime)

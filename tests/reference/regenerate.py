@@ -44,16 +44,20 @@ from reference_cases import (  # noqa: E402
 SOURCES = {  # name: (repository, commit, licence)
     "llava": ("haotian-liu/LLaVA", "c121f0432da27facab705978f83c4ada465e46fd", "Apache-2.0"),
     "llava_med": ("microsoft/LLaVA-Med", "d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c", "Microsoft Research License"),
-    "llava_med_v1": ("microsoft/LLaVA-Med", "b9a98a736d2ef05bcf5ff345be6403fb3a664eaf (tag v1.0.0)",
-                     "Microsoft Research License"),
+    "llava_med_v1": (
+        "microsoft/LLaVA-Med",
+        "b9a98a736d2ef05bcf5ff345be6403fb3a664eaf (tag v1.0.0)",
+        "Microsoft Research License",
+    ),
     "mmmu": ("MMMU-Benchmark/MMMU", "bb0b95a945998d91dfef37e969e07d49d1139438", "Apache-2.0"),
 }
 
 
 def read(clone: Path, name: str, path: str) -> str:
     commit = SOURCES[name][1].split()[0]
-    return subprocess.run(["git", "-C", str(clone), "show", f"{commit}:{path}"], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(clone), "show", f"{commit}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def run_module(name: str, code: str, namespace: dict | None = None, package: str | None = None) -> types.ModuleType:
@@ -68,13 +72,17 @@ def run_module(name: str, code: str, namespace: dict | None = None, package: str
 def definitions(code: str, names: set[str]) -> str:
     """The source of the named top-level functions and assignments, unchanged."""
     tree = ast.parse(code)
-    keep = [n for n in tree.body if getattr(n, "name", None) in names
-            or (isinstance(n, ast.Assign) and {getattr(t, "id", None) for t in n.targets} & names)]
+    keep = [
+        n
+        for n in tree.body
+        if getattr(n, "name", None) in names
+        or (isinstance(n, ast.Assign) and {getattr(t, "id", None) for t in n.targets} & names)
+    ]
     return "\n\n".join(ast.get_source_segment(code, n) for n in keep)
 
 
 def load_llava(llava: Path, llava_med: Path) -> types.SimpleNamespace:
-    from typing import Dict, Sequence
+    from collections.abc import Sequence
 
     import tokenizers
     import torch
@@ -85,16 +93,39 @@ def load_llava(llava: Path, llava_med: Path) -> types.SimpleNamespace:
     conv = run_module("llava_conversation", read(llava, "llava", "llava/conversation.py"))
     med_conv = run_module("llava_med_conversation", read(llava_med, "llava_med", "llava/conversation.py"))
     base = {"torch": torch, **{k: v for k, v in vars(constants).items() if k.isupper()}}
-    mm = run_module("llava_mm_utils", definitions(read(llava, "llava", "llava/mm_utils.py"),
-                                                   {"tokenizer_image_token"}), base)
-    med_mm = run_module("llava_med_mm_utils", definitions(read(llava_med, "llava_med", "llava/mm_utils.py"),
-                                                           {"tokenizer_image_token"}), base)
-    train = run_module("llava_train", definitions(read(llava, "llava", "llava/train/train.py"), {
-        "IS_TOKENIZER_GREATER_THAN_0_14", "preprocess_multimodal", "preprocess_llama_2", "preprocess_v1",
-        "preprocess_plain", "preprocess"}), {**base, "copy": copy, "transformers": transformers,
-                                              "tokenizers": tokenizers, "version": version, "Dict": Dict,
-                                              "Sequence": Sequence, "conversation_lib": conv,
-                                              "tokenizer_image_token": mm.tokenizer_image_token})
+    mm = run_module(
+        "llava_mm_utils", definitions(read(llava, "llava", "llava/mm_utils.py"), {"tokenizer_image_token"}), base
+    )
+    med_mm = run_module(
+        "llava_med_mm_utils",
+        definitions(read(llava_med, "llava_med", "llava/mm_utils.py"), {"tokenizer_image_token"}),
+        base,
+    )
+    train = run_module(
+        "llava_train",
+        definitions(
+            read(llava, "llava", "llava/train/train.py"),
+            {
+                "IS_TOKENIZER_GREATER_THAN_0_14",
+                "preprocess_multimodal",
+                "preprocess_llama_2",
+                "preprocess_v1",
+                "preprocess_plain",
+                "preprocess",
+            },
+        ),
+        {
+            **base,
+            "copy": copy,
+            "transformers": transformers,
+            "tokenizers": tokenizers,
+            "version": version,
+            "Dict": dict,
+            "Sequence": Sequence,
+            "conversation_lib": conv,
+            "tokenizer_image_token": mm.tokenizer_image_token,
+        },
+    )
     return types.SimpleNamespace(constants=constants, conv=conv, med_conv=med_conv, med_mm=med_mm, train=train)
 
 
@@ -106,8 +137,9 @@ def original_train(o, template: str, tok, conversations: list[dict], has_image: 
     o.conv.default_conversation = o.conv.conv_templates[CONV_MODE[template]]
     sources = [copy.deepcopy(conversations)]
     if has_image:
-        sources = o.train.preprocess_multimodal(sources, types.SimpleNamespace(is_multimodal=True,
-                                                                               mm_use_im_start_end=False))
+        sources = o.train.preprocess_multimodal(
+            sources, types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
+        )
     prompt = o.conv.default_conversation.copy()  # the string preprocess tokenizes, rebuilt for the record
     out = o.train.preprocess(sources, tok, has_image=has_image)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
@@ -123,8 +155,8 @@ def original_train(o, template: str, tok, conversations: list[dict], has_image: 
 
 def original_vqa_prompt(o, template: str, tok, question: str) -> dict:
     """LLaVA-Med model_vqa.py's prompt (mm_use_im_start_end off), its lines as they are there."""
-    qs = question.replace(o.constants.DEFAULT_IMAGE_TOKEN, '').strip()
-    qs = o.constants.DEFAULT_IMAGE_TOKEN + '\n' + qs
+    qs = question.replace(o.constants.DEFAULT_IMAGE_TOKEN, "").strip()
+    qs = o.constants.DEFAULT_IMAGE_TOKEN + "\n" + qs
     conv = o.med_conv.conv_templates[template].copy()
     conv.append_message(conv.roles[0], qs)
     conv.append_message(conv.roles[1], None)
@@ -144,19 +176,36 @@ def templates_reference(o) -> dict:
             for name, has_image, conv in CASES:
                 if not applies(template, has_image, conv):
                     continue
-                row = {"tokenizer": tok_name, "template": template, "case": name,
-                       "train": original_train(o, template, tok, conv, has_image)}
+                row = {
+                    "tokenizer": tok_name,
+                    "template": template,
+                    "case": name,
+                    "train": original_train(o, template, tok, conv, has_image),
+                }
                 if has_image and template != "plain":
                     row["vqa_prompt"] = original_vqa_prompt(o, template, tok, conv[0]["value"])
                 out["cases"].append(row)
             question = CASES[0][2][0]["value"]
             for choices in CHOICES:
-                trains = [original_train(o, template, tok, [{"from": "human", "value": question},
-                                                            {"from": "gpt", "value": c}], True) for c in choices]
-                out["cases"].append({"tokenizer": tok_name, "template": template, "case": "choices",
-                                     "question": question, "choices": choices,
-                                     "answer_ids": [[t for t, y in zip(r["input_ids"], r["labels"])
-                                                     if y != o.constants.IGNORE_INDEX] for r in trains]})
+                trains = [
+                    original_train(
+                        o, template, tok, [{"from": "human", "value": question}, {"from": "gpt", "value": c}], True
+                    )
+                    for c in choices
+                ]
+                out["cases"].append(
+                    {
+                        "tokenizer": tok_name,
+                        "template": template,
+                        "case": "choices",
+                        "question": question,
+                        "choices": choices,
+                        "answer_ids": [
+                            [t for t, y in zip(r["input_ids"], r["labels"]) if y != o.constants.IGNORE_INDEX]
+                            for r in trains
+                        ],
+                    }
+                )
     return out
 
 
@@ -165,8 +214,11 @@ def load_run_eval(llava_med: Path) -> tuple[types.ModuleType, types.ModuleType]:
     returns its rows, so the numbers come back at full precision rather than as printed."""
     run_module("eval_metrics", "", package="eval_metrics").__path__ = []
     for part in ("glossary", "utils", "evaluate_metrics"):
-        run_module(f"eval_metrics.{part}", read(llava_med, "llava_med_v1", f"llava/eval/eval_metrics/{part}.py"),
-                   package="eval_metrics")
+        run_module(
+            f"eval_metrics.{part}",
+            read(llava_med, "llava_med_v1", f"llava/eval/eval_metrics/{part}.py"),
+            package="eval_metrics",
+        )
     mods = []
     for name in ("run_eval_batch", "run_eval"):
         mod = run_module(f"llava_med_{name}", read(llava_med, "llava_med_v1", f"llava/eval/{name}.py"))
@@ -187,13 +239,20 @@ def original_evaluate(run_eval, gt: list[dict], pred: list[dict]) -> dict:
 
 
 def _gt(i: int, reference: str, answer_type: str) -> dict:
-    return {"id": i, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": reference}],
-            "answer_type": answer_type}
+    return {
+        "id": i,
+        "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": reference}],
+        "answer_type": answer_type,
+    }
 
 
 def _totals(result: dict) -> dict:
-    return {"closed_accuracy": result["yes/no accuracy"] / 100, "open_recall": result["recall"] / 100,
-            "open_precision": result["precision"] / 100, "open_f1": result["f1 score"] / 100}
+    return {
+        "closed_accuracy": result["yes/no accuracy"] / 100,
+        "open_recall": result["recall"] / 100,
+        "open_precision": result["precision"] / 100,
+        "open_f1": result["f1 score"] / 100,
+    }
 
 
 def scorer_reference(batch, run_eval) -> dict:
@@ -208,17 +267,29 @@ def scorer_reference(batch, run_eval) -> dict:
         opened = original_evaluate(run_eval, [_gt(i, ref, "OPEN")], one)
         pair = ([_gt(i, ref, "CLOSED"), _gt(-1, "x", "OPEN")], one + [{"question_id": -1, "text": "x"}])
         closed, closed_run_eval = original_evaluate(batch, *pair), original_evaluate(run_eval, *pair)
-        cases.append({"prediction": pred, "reference": ref, "normalized_prediction": gm.normalize_word(pred.lower()),
-                      "normalized_reference": gm.normalize_word(ref.lower()), "open_recall": opened["recall"] / 100,
-                      "open_precision": opened["precision"] / 100, "open_f1": opened["f1 score"] / 100,
-                      "closed_hit": closed["yes/no accuracy"] / 100,
-                      "closed_hit_run_eval": closed_run_eval["yes/no accuracy"] / 100})
+        cases.append(
+            {
+                "prediction": pred,
+                "reference": ref,
+                "normalized_prediction": gm.normalize_word(pred.lower()),
+                "normalized_reference": gm.normalize_word(ref.lower()),
+                "open_recall": opened["recall"] / 100,
+                "open_precision": opened["precision"] / 100,
+                "open_f1": opened["f1 score"] / 100,
+                "closed_hit": closed["yes/no accuracy"] / 100,
+                "closed_hit_run_eval": closed_run_eval["yes/no accuracy"] / 100,
+            }
+        )
     types_ = ["CLOSED" if i % 3 == 0 else "OPEN" for i in range(len(cases))]
     gt = [_gt(i, c["reference"], t) for i, (c, t) in enumerate(zip(cases, types_))]
     pred = [{"question_id": i, "text": c["prediction"]} for i, c in enumerate(cases)]
-    return {"sources": {"llava_med_v1": SOURCES["llava_med_v1"]}, "answer_types": types_, "cases": cases,
-            "evaluate": _totals(original_evaluate(batch, gt, pred)),
-            "evaluate_run_eval": _totals(original_evaluate(run_eval, gt, pred))}
+    return {
+        "sources": {"llava_med_v1": SOURCES["llava_med_v1"]},
+        "answer_types": types_,
+        "cases": cases,
+        "evaluate": _totals(original_evaluate(batch, gt, pred)),
+        "evaluate_run_eval": _totals(original_evaluate(run_eval, gt, pred)),
+    }
 
 
 def mmmu_reference(mmmu: Path) -> dict:
@@ -228,13 +299,21 @@ def mmmu_reference(mmmu: Path) -> dict:
 
     utils = run_module("mmmu_eval_utils", read(mmmu, "mmmu", "mmmu/utils/eval_utils.py"), {"np": numpy})
     utils.random = types.SimpleNamespace(choice=lambda choices: None)  # where it would guess, record that it did
-    choice = [{"response": r, "options": o, "letter": utils.parse_multi_choice_response(r, list(o), o)}
-              for r, o in mmmu_choice_cases()]
+    choice = [
+        {"response": r, "options": o, "letter": utils.parse_multi_choice_response(r, list(o), o)}
+        for r, o in mmmu_choice_cases()
+    ]
     opened = []
     for response, gold in mmmu_open_cases():
         parsed = utils.parse_open_response(response)
-        opened.append({"response": response, "gold": gold, "parsed": sorted(map(repr, parsed)),
-                       "correct": utils.eval_open(gold, parsed)})
+        opened.append(
+            {
+                "response": response,
+                "gold": gold,
+                "parsed": sorted(map(repr, parsed)),
+                "correct": utils.eval_open(gold, parsed),
+            }
+        )
     return {"sources": {"mmmu": SOURCES["mmmu"]}, "choice": choice, "open": opened}
 
 
@@ -250,9 +329,15 @@ def main() -> None:
     batch, run_eval = load_run_eval(args.llava_med) if args.llava_med else (None, None)
     if args.answers:  # the scripts' __main__ for one file, minus their prints
         gt, pred = json.loads(args.gt.read_text()), run_eval.load_jsonl(args.answers)
-        assert [item['id'] for item in gt] == [item['question_id'] for item in pred], "ids differ"
-        print(json.dumps({"run_eval_batch": original_evaluate(batch, gt, pred),
-                          "run_eval": original_evaluate(run_eval, gt, pred)}))
+        assert [item["id"] for item in gt] == [item["question_id"] for item in pred], "ids differ"
+        print(
+            json.dumps(
+                {
+                    "run_eval_batch": original_evaluate(batch, gt, pred),
+                    "run_eval": original_evaluate(run_eval, gt, pred),
+                }
+            )
+        )
         return
     results = {}
     if args.llava and args.llava_med:

@@ -36,11 +36,28 @@ def cache_dirs(env: Mapping[str, str]) -> list[Path]:
 
 
 # Config keys that may name a local file or folder (elsewhere they hold a hub id, `latest` or `none`).
-PATH_KEYS = ("model.name_or_path", "data.image_root", "data.split_file", "data.samples", "data.mimic_cxr.reports_root",
-             "data.chexpert_plus.llm.cache_dir", "align.init_from", "sft.init_from", "infer.checkpoint",
-             "infer.questions", "infer.image_root", "eval.predictions", "eval.closed_vocab", "eval.bertscore_model",
-             "eval.bertscore_baseline", "eval.chexbert_checkpoint", "eval.chexbert_tokenizer", "cnn.pretrained",
-             "pretrain.text_tower", "model.vision_tower")
+PATH_KEYS = (
+    "model.name_or_path",
+    "data.image_root",
+    "data.split_file",
+    "data.samples",
+    "data.mimic_cxr.reports_root",
+    "data.chexpert_plus.llm.cache_dir",
+    "align.init_from",
+    "sft.init_from",
+    "infer.checkpoint",
+    "infer.questions",
+    "infer.image_root",
+    "eval.predictions",
+    "eval.closed_vocab",
+    "eval.bertscore_model",
+    "eval.bertscore_baseline",
+    "eval.chexbert_checkpoint",
+    "eval.chexbert_tokenizer",
+    "cnn.pretrained",
+    "pretrain.text_tower",
+    "model.vision_tower",
+)
 
 
 def config_paths(cfg: Config) -> list[Path]:
@@ -64,8 +81,13 @@ def bind_paths(cfg: Config, config_path: str, env: Mapping[str, str]) -> tuple[s
     data = Path(cfg.data.root).absolute()
     if not data.exists():
         data = data.parent
-    paths = [data, Path(cfg.output_root).absolute(), Path(config_path).absolute().parent,
-             *(p.absolute() for p in cache_dirs(env)), *config_paths(cfg)]
+    paths = [
+        data,
+        Path(cfg.output_root).absolute(),
+        Path(config_path).absolute().parent,
+        *(p.absolute() for p in cache_dirs(env)),
+        *config_paths(cfg),
+    ]
     problems = [f"{p}: Apptainer bind paths cannot contain ':' or ','" for p in paths if {":", ","} & set(str(p))]
     if not data.exists():
         problems.append(f"data.root {cfg.data.root} does not exist, nor its parent folder")
@@ -84,6 +106,8 @@ def apptainer_for(cfg: Config, config_path: str) -> Apptainer | None:
     if image is None:
         return None
     if not Path(image).is_file():
-        raise ValueError(f"container image {image} does not exist: build it with containers/build.sh "
-                         "(see containers/medlava.def) or fix --container / cluster.container")
+        raise ValueError(
+            f"container image {image} does not exist: build it with containers/build.sh "
+            "(see containers/medlava.def) or fix --container / cluster.container"
+        )
     return Apptainer(str(Path(image).absolute()), bind_paths(cfg, config_path, {**os.environ, **cfg.cluster.env}))

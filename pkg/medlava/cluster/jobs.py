@@ -25,8 +25,13 @@ class Rendezvous:
     job_id: str
 
 
-def worker_argv(args: Sequence[str], nodes: int = 1, procs_per_node: int = 1, python: str = sys.executable,
-                rdzv: Rendezvous | None = None) -> list[str]:
+def worker_argv(
+    args: Sequence[str],
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    python: str = sys.executable,
+    rdzv: Rendezvous | None = None,
+) -> list[str]:
     """`python -m medlava ARGS`, under torchrun when the job has more than one process: `--standalone` on
     one node, a c10d rendezvous at `rdzv` across nodes (one torchrun per node)."""
     tail = ["-m", "medlava", *args]
@@ -36,12 +41,21 @@ def worker_argv(args: Sequence[str], nodes: int = 1, procs_per_node: int = 1, py
     if nodes == 1:
         return [*run, "--standalone", *tail]
     if rdzv is None:
-        raise ValueError(f"a {nodes}-node job needs a rendezvous host: submit it with --executor slurm, "
-                         "which starts one torchrun per node and supplies it")
+        raise ValueError(
+            f"a {nodes}-node job needs a rendezvous host: submit it with --executor slurm, "
+            "which starts one torchrun per node and supplies it"
+        )
     # --node_rank only matters for a static rendezvous; c10d ranks the agents itself. It is passed so the
     # command line says where it runs (as NeMo-Run and TorchX do).
-    return [*run, f"--nnodes={nodes}", f"--node_rank={rdzv.node_rank}", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={rdzv.host}:{rdzv.port}", f"--rdzv_id={rdzv.job_id}", *tail]
+    return [
+        *run,
+        f"--nnodes={nodes}",
+        f"--node_rank={rdzv.node_rank}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={rdzv.host}:{rdzv.port}",
+        f"--rdzv_id={rdzv.job_id}",
+        *tail,
+    ]
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,9 @@ class Job:
     def task_args(self, idx: int | str | None) -> list[str]:
         return self.args if idx is None else [*self.args, "--chunk-idx", str(idx)]
 
-    def argv(self, idx: int | str | None = None, python: str = sys.executable,
-             rdzv: Rendezvous | None = None) -> list[str]:
+    def argv(
+        self, idx: int | str | None = None, python: str = sys.executable, rdzv: Rendezvous | None = None
+    ) -> list[str]:
         return worker_argv(self.task_args(idx), self.nodes, self.procs_per_node, python, rdzv)
 
     def shell(self, idx: int | None = None) -> str:
@@ -82,15 +97,17 @@ def stage_jobs(stages: Sequence[str], config_path: str, overrides: list[str], cf
         args = [s, "--config", config_path, *overrides]
         one_gpu = min(gpus, 1) if stage.gpus == "one" else 0
         if stage.before:  # e.g. the suite's benchmarks prepared once, on CPUs, before any task answers
-            jobs.append(Job(f"{s}-{stage.before.replace('_only', '')}", s, [*args, OPTIONS[stage.before].flag],
-                            after=after))
+            jobs.append(
+                Job(f"{s}-{stage.before.replace('_only', '')}", s, [*args, OPTIONS[stage.before].flag], after=after)
+            )
             after = [jobs[-1].name]
         if stage.tasks(cfg) > 1:
             jobs.append(Job(f"{s}-chunks", s, args, gpus_per_node=one_gpu, array=stage.tasks(cfg), after=after))
             jobs.append(Job(f"{s}-merge", s, [*args, "--merge-only"], after=[f"{s}-chunks"]))
         elif stage.gpus == "node":
-            jobs.append(Job(s, s, args, nodes=cfg.cluster.nodes, procs_per_node=max(gpus, 1), gpus_per_node=gpus,
-                            after=after))
+            jobs.append(
+                Job(s, s, args, nodes=cfg.cluster.nodes, procs_per_node=max(gpus, 1), gpus_per_node=gpus, after=after)
+            )
         else:
             jobs.append(Job(s, s, args, gpus_per_node=one_gpu, after=after))
     return jobs

@@ -48,10 +48,17 @@ class Record:
         self.path, self.lock = log_dir / RECORD, threading.Lock()
         entries = _read(self.path)
         tasks = range(job.array) if job.array else [None]
-        self.entry = {"name": job.name, "array": job.array, "host": platform.node(),
-                      "started": time.strftime("%FT%T%z"), "ended": None,
-                      "tasks": [{"idx": i, "command": job.shell(i), "log": log_name(job.name, i), "pid": None,
-                                 "exit_code": None} for i in tasks]}
+        self.entry = {
+            "name": job.name,
+            "array": job.array,
+            "host": platform.node(),
+            "started": time.strftime("%FT%T%z"),
+            "ended": None,
+            "tasks": [
+                {"idx": i, "command": job.shell(i), "log": log_name(job.name, i), "pid": None, "exit_code": None}
+                for i in tasks
+            ],
+        }
         self.entries = [*entries, self.entry]
         self._write()
 
@@ -74,8 +81,9 @@ def _spawn(argv: list[str], env: dict[str, str], terminal: bool) -> tuple[subpro
     """The process and the descriptor its output (stdout and stderr) is read from: a pseudo-terminal of our
     terminal's size when `terminal`, else a pipe."""
     if not terminal:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
         return proc, proc.stdout.fileno()
     master, slave = pty.openpty()
     cols, rows = shutil.get_terminal_size()
@@ -105,8 +113,15 @@ def _chunks(fd: int) -> Iterator[bytes]:
         yield data
 
 
-def _run_task(job: Job, idx: int | None, log_dir: Path, env: dict[str, str], record: Record,
-              sink: Callable[[bytes], None], terminal: bool) -> int:
+def _run_task(
+    job: Job,
+    idx: int | None,
+    log_dir: Path,
+    env: dict[str, str],
+    record: Record,
+    sink: Callable[[bytes], None],
+    terminal: bool,
+) -> int:
     proc, fd = _spawn(job.argv(idx), env, terminal)
     record.update(idx, pid=proc.pid)
     code = None
@@ -183,8 +198,9 @@ class ArrayView:
             sys.stdout.flush()
 
 
-def _run_array(job: Job, log_dir: Path, env: dict[str, str], record: Record, parallelism: int,
-               terminal: bool) -> list[str]:
+def _run_array(
+    job: Job, log_dir: Path, env: dict[str, str], record: Record, parallelism: int, terminal: bool
+) -> list[str]:
     view = ArrayView(job, terminal)
 
     def task(i: int) -> str | None:

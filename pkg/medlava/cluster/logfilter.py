@@ -9,16 +9,22 @@ from __future__ import annotations
 import re
 
 # Lines of a C++ exception dump that torch's TCPStore prints when its peer has gone.
-NATIVE = re.compile(r"^(\[[WE]\d{4} [\d:.]+ (\d+ )?\S*TCPStore\.cpp:\d+\]|Exception raised from |frame #\d+: |"
-                    r"<omitting python frames>$)")
+NATIVE = re.compile(
+    r"^(\[[WE]\d{4} [\d:.]+ (\d+ )?\S*TCPStore\.cpp:\d+\]|Exception raised from |frame #\d+: |"
+    r"<omitting python frames>$)"
+)
 # torch.distributed's own errors when the rendezvous store or its peers are gone: a consequence on every node
 # once one process has failed (and the cause only when nothing else failed, e.g. a node that cannot reach the head).
-RENDEZVOUS = re.compile(r"(Rendezvous\w*Error|DistNetworkError|DistStoreError)\b|"
-                        r"elastic/rendezvous/\S+\] .*(failed to shutdown|has closed)")
+RENDEZVOUS = re.compile(
+    r"(Rendezvous\w*Error|DistNetworkError|DistStoreError)\b|"
+    r"elastic/rendezvous/\S+\] .*(failed to shutdown|has closed)"
+)
 # What a medlava process prints before it exits non-zero (cli.py), and the last line of a Python traceback.
 MEDLAVA_ERROR = re.compile(r"^medlava [\w-]+( \(rank \d+\))?: ")
-CHAIN = ("The above exception was the direct cause of the following exception:",
-         "During handling of the above exception, another exception occurred:")
+CHAIN = (
+    "The above exception was the direct cause of the following exception:",
+    "During handling of the above exception, another exception occurred:",
+)
 
 
 class LogFilter:
@@ -82,6 +88,8 @@ class LogFilter:
         if self.first_error:
             return self.first_error
         if self.rendezvous_error:
-            return (f"the rendezvous with the other nodes failed ({self.rendezvous_error}); if another node's log "
-                    "ends with an error, that one came first")
+            return (
+                f"the rendezvous with the other nodes failed ({self.rendezvous_error}); if another node's log "
+                "ends with an error, that one came first"
+            )
         return None

@@ -19,8 +19,18 @@ from medlava.cluster import local
 from medlava.cluster.slurm import RECORD
 from medlava.runs import is_complete
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED", "SPECIAL_EXIT"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 
 
 @dataclass(frozen=True)
@@ -52,15 +62,19 @@ def _run(cmd: list[str]) -> str | None:
 def _sacct(job_id: str) -> list[TaskState]:
     out = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList,Start,End,Reason"])
     rows = [line.split("|") for line in (out or "").splitlines() if line.count("|") == 6]
-    return [TaskState(jid, state.split()[0], code, None, reason, nodes, start, end, "sacct")
-            for jid, state, code, nodes, start, end, reason in rows]
+    return [
+        TaskState(jid, state.split()[0], code, None, reason, nodes, start, end, "sacct")
+        for jid, state, code, nodes, start, end, reason in rows
+    ]
 
 
 def scontrol_fields(line: str) -> dict[str, str]:
     """`scontrol show job -o` as a dict; values run to the next ` Key=`."""
     keys = list(re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z/:_]*)=", line))
-    return {m.group(1): line[m.end(): keys[i + 1].start() if i + 1 < len(keys) else len(line)].strip()
-            for i, m in enumerate(keys)}
+    return {
+        m.group(1): line[m.end() : keys[i + 1].start() if i + 1 < len(keys) else len(line)].strip()
+        for i, m in enumerate(keys)
+    }
 
 
 def _scontrol(job_id: str) -> list[TaskState]:
@@ -71,17 +85,28 @@ def _scontrol(job_id: str) -> list[TaskState]:
         if "JobState" not in f:
             continue
         jid = f"{f['ArrayJobId']}_{f['ArrayTaskId']}" if "ArrayTaskId" in f else f["JobId"]
-        states.append(TaskState(jid, f["JobState"], f.get("ExitCode", ""), int(f.get("Restarts", 0)),
-                                f.get("Reason", ""), f.get("NodeList", ""), f.get("StartTime", ""),
-                                f.get("EndTime", ""), "scontrol"))
+        states.append(
+            TaskState(
+                jid,
+                f["JobState"],
+                f.get("ExitCode", ""),
+                int(f.get("Restarts", 0)),
+                f.get("Reason", ""),
+                f.get("NodeList", ""),
+                f.get("StartTime", ""),
+                f.get("EndTime", ""),
+                "scontrol",
+            )
+        )
     return states
 
 
 def _squeue(job_id: str) -> list[TaskState]:
     out = _run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%i|%T|%r|%N"])
-    return [TaskState(jid, state, reason=reason, nodes=nodes, source="squeue")
-            for jid, state, reason, nodes in (line.split("|") for line in (out or "").splitlines()
-                                              if line.count("|") == 3)]
+    return [
+        TaskState(jid, state, reason=reason, nodes=nodes, source="squeue")
+        for jid, state, reason, nodes in (line.split("|") for line in (out or "").splitlines() if line.count("|") == 3)
+    ]
 
 
 def job_states(job_id: str) -> list[TaskState]:
@@ -97,8 +122,10 @@ def wait(job_ids: list[str], timeout: float, poll: float = 2.0) -> dict[str, lis
         if all(s and all(t.done for t in s) for s in states.values()):
             return states
         if time.time() > deadline:
-            raise TimeoutError(f"jobs not finished after {timeout:.0f} s: "
-                               + "; ".join(f"{j}: {[t.state for t in s]}" for j, s in states.items()))
+            raise TimeoutError(
+                f"jobs not finished after {timeout:.0f} s: "
+                + "; ".join(f"{j}: {[t.state for t in s]}" for j, s in states.items())
+            )
         time.sleep(poll)
 
 
@@ -111,6 +138,7 @@ RECORDS = (f"slurm/{RECORD}", f"logs/{local.RECORD}")
 @dataclass(frozen=True)
 class Launched:
     """One job a launch ran or submitted into a run directory, as its executor recorded it."""
+
     run_dir: Path
     executor: str  # local | slurm
     entry: dict
@@ -137,8 +165,9 @@ def records(run: str | None, output_root: str) -> list[Path]:
     """Run directories with a record of launched jobs: RUN is a run directory (or a folder above some), or a run id
     looked up under output_root (a pipeline's stages share one); None gives the 20 newest."""
     if run is not None and Path(run).is_dir():
-        paths = [p for r in RECORDS for p in Path(run).glob(r)] or \
-            [p for r in RECORDS for p in Path(run).glob(f"**/{r}")]
+        paths = [p for r in RECORDS for p in Path(run).glob(r)] or [
+            p for r in RECORDS for p in Path(run).glob(f"**/{r}")
+        ]
     else:
         paths = [p for r in RECORDS for p in Path(output_root).glob(f"*/*/{run or '*'}/{r}")]
     dirs = sorted({p.parent.parent for p in paths}, key=lambda d: min(j.when for j in launched(d)))
@@ -152,8 +181,12 @@ def read_record(run_dir: Path) -> list[dict]:
 def summarize(states: list[TaskState]) -> str:
     if len(states) == 1:
         s = states[0]
-        extra = [f"exit {s.exit_code}" if s.exit_code else "", f"restarts {s.restarts}" if s.restarts else "",
-                 f"({s.reason})" if s.reason and s.reason != "None" else "", s.nodes if s.nodes != "(null)" else ""]
+        extra = [
+            f"exit {s.exit_code}" if s.exit_code else "",
+            f"restarts {s.restarts}" if s.restarts else "",
+            f"({s.reason})" if s.reason and s.reason != "None" else "",
+            s.nodes if s.nodes != "(null)" else "",
+        ]
         return " ".join([s.state, *(e for e in extra if e)])
     counts: dict[str, int] = {}
     for s in states:
@@ -206,9 +239,13 @@ def job_line(job: Launched, last: bool) -> str:
         where = f"job {job.entry['job_id']}"
     if not known:
         why = "SLURM no longer knows the job" if job.executor == "slurm" else "its launcher stopped before the exit"
-        state = (f"COMPLETED per COMPLETE.json ({why})" if is_complete(job.run_dir) and last
-                 else "ended; a later launch completed the run" if is_complete(job.run_dir)
-                 else f"ended, outcome unknown ({why}); the run is not complete: see `logs`")
+        state = (
+            f"COMPLETED per COMPLETE.json ({why})"
+            if is_complete(job.run_dir) and last
+            else "ended; a later launch completed the run"
+            if is_complete(job.run_dir)
+            else f"ended, outcome unknown ({why}); the run is not complete: see `logs`"
+        )
     return f"    {job.name:<14} {where:<14} {state}{array}"
 
 
@@ -220,7 +257,7 @@ def status_lines(run_dirs: list[Path]) -> list[str]:
         for d in dirs:
             lines.append(f"  {d.parent.name:<10} {'complete' if is_complete(d) else 'not complete':<13} {d}")
             jobs = launched(d)
-            lines += [job_line(j, last=not any(k.name == j.name for k in jobs[i + 1:])) for i, j in enumerate(jobs)]
+            lines += [job_line(j, last=not any(k.name == j.name for k in jobs[i + 1 :])) for i, j in enumerate(jobs)]
     hint = tensorboard_hint(run_dirs)
     return lines + ([hint] if hint else [])
 

@@ -43,20 +43,25 @@ def port_for(job_id: str) -> int:
 
 def default_env(cpus_per_task: int, procs_per_node: int) -> dict[str, str]:
     """Defaults under the job's own environment and cluster.env (both override them)."""
-    return {"OMP_NUM_THREADS": str(max(1, cpus_per_task // procs_per_node)), "NCCL_DEBUG": "WARN",
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a rank that dies aborts the collective instead of a hang
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        "OMP_NUM_THREADS": str(max(1, cpus_per_task // procs_per_node)),
+        "NCCL_DEBUG": "WARN",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a rank that dies aborts the collective instead of a hang
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def rendezvous_from_env(env: Mapping[str, str]) -> Rendezvous:
     """Head node = first host of the allocation, as `scontrol show hostnames` expands SLURM_JOB_NODELIST."""
-    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
-                           text=True, check=True).stdout.split()
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+    ).stdout.split()
     job_id = env["SLURM_JOB_ID"]
     return Rendezvous(node_rank=env["SLURM_NODEID"], host=hosts[0], port=str(port_for(job_id)), job_id=job_id)
 
 
 # --- the processes under this task (Linux /proc) ------------------------------------------------------
+
 
 def _children_map() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
@@ -142,8 +147,7 @@ def pump(stream: IO[bytes], logfilter: LogFilter) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_stoppable(argv: list[str], env: Mapping[str, str], log,
-                  logfilter: LogFilter | None = None) -> tuple[int, bool]:
+def run_stoppable(argv: list[str], env: Mapping[str, str], log, logfilter: LogFilter | None = None) -> tuple[int, bool]:
     """Run `argv`; on SIGUSR2 to this process, stop its workers (see module doc). Its stderr passes through
     `logfilter` when given. Returns (exit code, whether a stop was requested)."""
     proc: subprocess.Popen | None = None
@@ -158,8 +162,9 @@ def run_stoppable(argv: list[str], env: Mapping[str, str], log,
 
     previous = signal.signal(signal.SIGUSR2, on_usr2)
     try:
-        proc = subprocess.Popen(argv, env=dict(env), preexec_fn=_ignore_usr2,
-                                stderr=subprocess.PIPE if logfilter else None)
+        proc = subprocess.Popen(
+            argv, env=dict(env), preexec_fn=_ignore_usr2, stderr=subprocess.PIPE if logfilter else None
+        )
         if logfilter:
             reader = threading.Thread(target=pump, args=(proc.stderr, logfilter), daemon=True)
             reader.start()
@@ -185,8 +190,10 @@ def run_stoppable(argv: list[str], env: Mapping[str, str], log,
 def requeue(job_id: str) -> None:
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"scontrol requeue {job_id} failed: {out.stderr.strip() or out.stdout.strip()}; "
-                           "the checkpoint is kept: submit again with the same run_id to resume")
+        raise RuntimeError(
+            f"scontrol requeue {job_id} failed: {out.stderr.strip() or out.stdout.strip()}; "
+            "the checkpoint is kept: submit again with the same run_id to resume"
+        )
 
 
 @dataclass(frozen=True)
@@ -220,13 +227,17 @@ class NodeTask:
         logfilter = LogFilter()
         code, stopped = run_stoppable(argv, {**self.env_defaults, **env, **self.env}, log, logfilter)
         if logfilter.cut:
-            log(f"cut {logfilter.cut} lines of torch.distributed errors about the lost rendezvous (what every node "
-                "prints once a process of the job has failed)")
+            log(
+                f"cut {logfilter.cut} lines of torch.distributed errors about the lost rendezvous (what every node "
+                "prints once a process of the job has failed)"
+            )
         if code == 0:
             return
         if not stopped:  # the last line of the log: what failed first here
-            raise RuntimeError(f"{self.job.name} failed on {where} (exit {code}): "
-                               + (logfilter.summary() or "no error was printed; see the log above"))
+            raise RuntimeError(
+                f"{self.job.name} failed on {where} (exit {code}): "
+                + (logfilter.summary() or "no error was printed; see the log above")
+            )
         if node != "0":
             log(f"workers stopped (exit {code}); node 0 requeues the job")
             return

@@ -33,9 +33,31 @@ RECORD = "submissions.json"
 PLACEHOLDERS = Rendezvous(node_rank="${SLURM_NODEID}", host="${HEAD}", port="${PORT}", job_id="${SLURM_JOB_ID}")
 ARRAY_INDEX = "${SLURM_ARRAY_TASK_ID}"
 # sbatch options medlava sets itself: cluster.sbatch_extra may not override them.
-MANAGED = {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "time", "mem", "mem-per-gpu",
-           "partition", "account", "qos", "constraint", "exclusive", "signal", "open-mode", "output", "error", "array",
-           "dependency", "requeue", "comment", "kill-on-invalid-dep", "wckey"}
+MANAGED = {
+    "job-name",
+    "nodes",
+    "ntasks-per-node",
+    "cpus-per-task",
+    "gpus-per-node",
+    "time",
+    "mem",
+    "mem-per-gpu",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "exclusive",
+    "signal",
+    "open-mode",
+    "output",
+    "error",
+    "array",
+    "dependency",
+    "requeue",
+    "comment",
+    "kill-on-invalid-dep",
+    "wckey",
+}
 
 
 class SubmitError(RuntimeError):
@@ -83,8 +105,10 @@ def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
         if not text.startswith("--") or not re.fullmatch(r"[a-z][a-z0-9-]*", key) or "\n" in value:
             raise ValueError(f"cluster.sbatch_extra entry {line!r} is not `--option=value` or `--flag`")
         if key in MANAGED:
-            raise ValueError(f"cluster.sbatch_extra sets --{key}, which medlava sets itself: use the "
-                             f"matching cluster.* key or command-line flag instead")
+            raise ValueError(
+                f"cluster.sbatch_extra sets --{key}, which medlava sets itself: use the "
+                f"matching cluster.* key or command-line flag instead"
+            )
         out[key] = value if sep else True
     return out
 
@@ -111,19 +135,26 @@ def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
     for job in jobs:
         most, (mem, asked) = max(g.gpus for g in groups), job_mem(job, c)
         if job.gpus_per_node > most:
-            problems.append(f"--gpus {job.gpus_per_node} (cluster.gpus_per_node): partition {partition} has at most "
-                            f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({g.gres for g in groups}))})")
+            problems.append(
+                f"--gpus {job.gpus_per_node} (cluster.gpus_per_node): partition {partition} has at most "
+                f"{most} GPUs per node (sinfo GRES: {', '.join(sorted({g.gres for g in groups}))})"
+            )
         elif c.cpus_per_task > max(g.cpus for g in groups):
-            problems.append(f"cluster.cpus_per_task={c.cpus_per_task}: nodes of partition {partition} have at most "
-                            f"{max(g.cpus for g in groups)} CPUs; lower it (--cpus-per-task)")
+            problems.append(
+                f"cluster.cpus_per_task={c.cpus_per_task}: nodes of partition {partition} have at most "
+                f"{max(g.cpus for g in groups)} CPUs; lower it (--cpus-per-task)"
+            )
         elif mem > max(g.mem_mb for g in groups):
             problems.append(f"{asked}: nodes of partition {partition} have at most {max(g.mem_mb for g in groups)} MB")
         else:
-            fit = sum(g.count for g in groups
-                      if g.gpus >= job.gpus_per_node and g.cpus >= c.cpus_per_task and g.mem_mb >= mem)
+            fit = sum(
+                g.count for g in groups if g.gpus >= job.gpus_per_node and g.cpus >= c.cpus_per_task and g.mem_mb >= mem
+            )
             if fit < job.nodes:
-                problems.append(f"{job.name} needs {job.nodes} nodes with {job.gpus_per_node} GPUs and "
-                                f"{c.cpus_per_task} CPUs; partition {partition} has {fit} such nodes")
+                problems.append(
+                    f"{job.name} needs {job.nodes} nodes with {job.gpus_per_node} GPUs and "
+                    f"{c.cpus_per_task} CPUs; partition {partition} has {fit} such nodes"
+                )
     return list(dict.fromkeys(problems))
 
 
@@ -135,8 +166,10 @@ def check_resources(jobs: list[Job], cfg: Config) -> None:
 def check_paths(run_dirs: dict[str, Path]) -> None:
     for d in run_dirs.values():
         if "%" in str(d) or "\n" in str(d):
-            raise ValueError(f"run directory {str(d)!r} holds '%' or a newline: SLURM reads '%' in log paths as "
-                             "a pattern; choose another --output-root")
+            raise ValueError(
+                f"run directory {str(d)!r} holds '%' or a newline: SLURM reads '%' in log paths as "
+                "a pattern; choose another --output-root"
+            )
 
 
 def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | None) -> dict:
@@ -144,15 +177,24 @@ def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | No
     c = cfg.cluster
     time_min = minutes(c.time)
     if c.signal_delay_s >= time_min * 60:
-        raise ValueError(f"cluster.signal_delay_s={c.signal_delay_s} is not shorter than cluster.time={c.time}: "
-                         "the warning signal would come at once")
+        raise ValueError(
+            f"cluster.signal_delay_s={c.signal_delay_s} is not shorter than cluster.time={c.time}: "
+            "the warning signal would come at once"
+        )
     # submitit takes whole minutes (and keeps them for its own timeout count); the script says what SLURM writes
     extra: dict[str, str | bool] = {"requeue": True, "time": slurm_time(time_min), **extra_parameters(c.sbatch_extra)}
-    params: dict = {"job_name": f"{cfg.name}.{job.name}", "nodes": job.nodes, "ntasks_per_node": 1,
-                    "cpus_per_task": c.cpus_per_task, "time": time_min, "signal_delay_s": c.signal_delay_s,
-                    "comment": str(run_dir.absolute()), "wckey": None,
-                    # one node task failing ends the step instead of leaving the others in a collective
-                    "srun_args": ["--kill-on-bad-exit=1"]}
+    params: dict = {
+        "job_name": f"{cfg.name}.{job.name}",
+        "nodes": job.nodes,
+        "ntasks_per_node": 1,
+        "cpus_per_task": c.cpus_per_task,
+        "time": time_min,
+        "signal_delay_s": c.signal_delay_s,
+        "comment": str(run_dir.absolute()),
+        "wckey": None,
+        # one node task failing ends the step instead of leaving the others in a collective
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             params[key] = getattr(c, key)
@@ -175,8 +217,14 @@ def sbatch_parameters(job: Job, cfg: Config, run_dir: Path, dependency: str | No
 
 
 def node_task(job: Job, idx: int | None, cfg: Config, container: Apptainer | None) -> NodeTask:
-    return NodeTask(job, idx, sys.executable, dict(cfg.cluster.env),
-                    default_env(cfg.cluster.cpus_per_task, job.procs_per_node), container)
+    return NodeTask(
+        job,
+        idx,
+        sys.executable,
+        dict(cfg.cluster.env),
+        default_env(cfg.cluster.cpus_per_task, job.procs_per_node),
+        container,
+    )
 
 
 def sbatch_script(job: Job, params: dict, folder: Path) -> str:
@@ -193,8 +241,11 @@ def display_join(argv: list[str]) -> str:
     words = []
     for arg in argv:
         parts = re.split(r"(\$\{[A-Z_]+\})", arg)
-        words.append("".join(f'"{p}"' if p.startswith("${") else shlex.quote(p) for p in parts if p)
-                     if len(parts) > 1 else shlex.quote(arg))
+        words.append(
+            "".join(f'"{p}"' if p.startswith("${") else shlex.quote(p) for p in parts if p)
+            if len(parts) > 1
+            else shlex.quote(arg)
+        )
     return " ".join(words)
 
 
@@ -206,16 +257,20 @@ def render(jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config_path:
         folder = (run_dirs[job.name] / "slurm").absolute()
         dependency = "afterok:" + ":".join(f"<{a} job id>" for a in job.after) if job.after else None
         task = node_task(job, ARRAY_INDEX if job.array else None, cfg, container)
-        out += [f"# ---- job {n}/{len(jobs)}: {job.name}"
-                + (f" (array of {job.array}: task i does chunk i)" if job.array else "")
-                + f"; submitit writes this script to {folder}/%j_submission.sh",
-                sbatch_script(job, sbatch_parameters(job, cfg, run_dirs[job.name], dependency), folder).rstrip()]
+        out += [
+            f"# ---- job {n}/{len(jobs)}: {job.name}"
+            + (f" (array of {job.array}: task i does chunk i)" if job.array else "")
+            + f"; submitit writes this script to {folder}/%j_submission.sh",
+            sbatch_script(job, sbatch_parameters(job, cfg, run_dirs[job.name], dependency), folder).rstrip(),
+        ]
         where = f"each of the {job.nodes} srun tasks (one per node) runs" if job.nodes > 1 else "the srun task runs"
         env = " ".join(f"{k}={v}" for k, v in {**task.env_defaults, **task.env}.items())
         out.append(f"# {where} (environment: {env} over the job's own, cluster.env winning):")
         if job.nodes > 1:
-            out.append('#   HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1); '
-                       "PORT=$((20000 + SLURM_JOB_ID % 40000))")
+            out.append(
+                '#   HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1); '
+                "PORT=$((20000 + SLURM_JOB_ID % 40000))"
+            )
         out.append(display_join(task.argv(PLACEHOLDERS if job.nodes > 1 else None)))
     return "\n".join(out)
 
@@ -231,8 +286,9 @@ def cancel(job_ids: list[str]) -> None:
         subprocess.run(["scancel", *job_ids], capture_output=True)
 
 
-def submit_slurm(jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config_path: str,
-                 command: str) -> dict[str, str]:
+def submit_slurm(
+    jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config_path: str, command: str
+) -> dict[str, str]:
     """Submit `jobs` in order, each after (afterok) the ones it depends on; return {job name: job id}.
     Does not wait. If a submission fails, the jobs already submitted are cancelled."""
     import submitit
@@ -257,13 +313,21 @@ def submit_slurm(jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config
                     job_id = executor.submit(node_task(job, None, cfg, container)).job_id
                 ids[job.name] = job_id
                 task = node_task(job, ARRAY_INDEX if job.array else None, cfg, container)
-                record(run_dir, {
-                    "name": job.name, "job_id": job_id, "array": job.array, "nodes": job.nodes,
-                    "after": {a: ids[a] for a in job.after}, "submitted": time.strftime("%FT%T%z"),
-                    "sbatch_script": str(folder.absolute() / f"{job_id}_submission.sh"),
-                    "submit_command": command,
-                    "task_command": display_join(task.argv(PLACEHOLDERS if job.nodes > 1 else None)),
-                    "cwd": os.getcwd()})
+                record(
+                    run_dir,
+                    {
+                        "name": job.name,
+                        "job_id": job_id,
+                        "array": job.array,
+                        "nodes": job.nodes,
+                        "after": {a: ids[a] for a in job.after},
+                        "submitted": time.strftime("%FT%T%z"),
+                        "sbatch_script": str(folder.absolute() / f"{job_id}_submission.sh"),
+                        "submit_command": command,
+                        "task_command": display_join(task.argv(PLACEHOLDERS if job.nodes > 1 else None)),
+                        "cwd": os.getcwd(),
+                    },
+                )
     except Exception as e:
         cancel(list(ids.values()))
         done = f"; cancelled the jobs already submitted ({', '.join(ids.values())})" if ids else ""

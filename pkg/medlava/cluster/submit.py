@@ -38,16 +38,30 @@ from medlava.stages import CHAIN, STAGES
 
 MONITOR = ("status", "logs", "cancel")
 # Command-line flags that set cluster.* keys.
-CLUSTER_FLAGS = {"nodes": int, "gpus": int, "partition": str, "account": str, "qos": str, "time": str, "mem": str,
-                 "cpus_per_task": int, "constraint": str, "container": str, "array_parallelism": int}
+CLUSTER_FLAGS = {
+    "nodes": int,
+    "gpus": int,
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "time": str,
+    "mem": str,
+    "cpus_per_task": int,
+    "constraint": str,
+    "container": str,
+    "array_parallelism": int,
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=[*STAGES, "demo", "pipeline"])
     p.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/tiny.yaml")
-    p.add_argument("--executor", choices=["local", "slurm"],
-                   help="default: cluster.executor, else slurm when sbatch is on PATH, else local")
+    p.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        help="default: cluster.executor, else slurm when sbatch is on PATH, else local",
+    )
     p.add_argument("--nodes", type=int, help="cluster.nodes (training stages)")
     p.add_argument("--gpus", type=int, help="GPUs (processes) per node: cluster.gpus_per_node; 0 = CPU")
     p.add_argument("--partition", help="cluster.partition (default: the cluster's default partition)")
@@ -61,15 +75,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--container", help="cluster.container: an Apptainer image (.sif) to run the jobs in")
     p.add_argument("--array-parallelism", type=int, help="cluster.array_parallelism: array tasks at once")
     p.add_argument("--output-root", help="where run directories go (a shared file system on clusters)")
-    p.add_argument("--chunks", type=int, help="infer, eval: split the answers (the report metrics) into this many "
-                   "job-array tasks and a merge")
-    p.add_argument("--check", action="store_true",
-                   help="check instead of running: prepare reports every problem in the data in one pass "
-                        "(prepare_report.json, no samples written); any other stage runs `medlava doctor` in a "
-                        "one-node job on the stage's partition, GPUs and container, waits, and prints its screen. "
-                        "Exit 1 when a check fails")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, sbatch scripts and command lines; submit nothing")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        help="infer, eval: split the answers (the report metrics) into this many job-array tasks and a merge",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check instead of running: prepare reports every problem in the data in one pass "
+        "(prepare_report.json, no samples written); any other stage runs `medlava doctor` in a "
+        "one-node job on the stage's partition, GPUs and container, waits, and prints its screen. "
+        "Exit 1 when a check fails",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, sbatch scripts and command lines; submit nothing",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. sft.lr=2e-4")
     return p.parse_intermixed_args(argv)
 
@@ -141,8 +164,9 @@ def missing_inputs(stages: tuple[str, ...], cfg: Config) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def run_problems(jobs: list[Job], run_dirs: dict[str, Path], stages: tuple[str, ...], cfg: Config,
-                 check: bool) -> list[str]:
+def run_problems(
+    jobs: list[Job], run_dirs: dict[str, Path], stages: tuple[str, ...], cfg: Config, check: bool
+) -> list[str]:
     """What the jobs would refuse when they start, found before anything is written or queued: a run directory they
     may not continue (runs.check_reuse), an upstream run that does not exist (missing_inputs)."""
     problems = []
@@ -159,16 +183,23 @@ def warn_or_refuse(problems: list[str], dry_run: bool) -> bool:
     """A dry run previews the jobs anywhere: what submitting would refuse is printed as warnings. Otherwise the
     problems are refused; True when the launch must stop."""
     for problem in problems:
-        print(f"submit: {'warning (submitting would refuse this)' if dry_run else 'refused'}: {problem}",
-              file=sys.stderr)
+        print(
+            f"submit: {'warning (submitting would refuse this)' if dry_run else 'refused'}: {problem}", file=sys.stderr
+        )
     return bool(problems) and not dry_run
 
 
 def doctor_job(job: Job, cfg: Config) -> tuple[list[Job], Config]:
     """`medlava doctor` on one node of what `job` would get (partition, GPUs, container), with a short time
     limit: what the stage's environment can run, seen from where it will run."""
-    args = ["doctor", "--output-root", cfg.output_root, "--gpus", str(job.gpus_per_node),
-            *STAGES[job.stage].doctor_args(cfg)]
+    args = [
+        "doctor",
+        "--output-root",
+        cfg.output_root,
+        "--gpus",
+        str(job.gpus_per_node),
+        *STAGES[job.stage].doctor_args(cfg),
+    ]
     doctor = Job("doctor", "doctor", args, gpus_per_node=job.gpus_per_node)
     short = cfg.cluster.model_copy(update={"time": "15", "signal_delay_s": min(cfg.cluster.signal_delay_s, 60)})
     return [doctor], cfg.model_copy(update={"cluster": short})
@@ -178,8 +209,11 @@ def launch(argv: list[str]) -> int:
     args = parse(argv)
     overrides = cli_overrides(args)
     if args.check and args.stage in ("demo", "pipeline"):
-        print(f"submit: --check checks one stage; give the stage (prepare for the data, a training stage for the "
-              f"nodes), not {args.stage}", file=sys.stderr)
+        print(
+            f"submit: --check checks one stage; give the stage (prepare for the data, a training stage for the "
+            f"nodes), not {args.stage}",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config, overrides)
@@ -190,15 +224,22 @@ def launch(argv: list[str]) -> int:
     if fresh_id:  # every job of this launch writes under one run id
         cfg.run_id = new_run_id()
         overrides.append(f"run_id={cfg.run_id}")
-    executor = args.executor or (cfg.cluster.executor if cfg.cluster.executor != "auto" else
-                                 "slurm" if shutil.which("sbatch") else "local")
+    executor = args.executor or (
+        cfg.cluster.executor if cfg.cluster.executor != "auto" else "slurm" if shutil.which("sbatch") else "local"
+    )
     if executor == "local" and cfg.cluster.nodes > 1:
-        print(f"submit: refused: cluster.nodes={cfg.cluster.nodes} needs a scheduler to place one torchrun per "
-              "node: use --executor slurm (or --nodes 1)", file=sys.stderr)
+        print(
+            f"submit: refused: cluster.nodes={cfg.cluster.nodes} needs a scheduler to place one torchrun per "
+            "node: use --executor slurm (or --nodes 1)",
+            file=sys.stderr,
+        )
         return 2
     if executor == "local" and cfg.cluster.container:
-        print("submit: refused: cluster.container is set, but the local executor runs on this machine without "
-              "Apptainer: use --executor slurm, or drop --container", file=sys.stderr)
+        print(
+            "submit: refused: cluster.container is set, but the local executor runs on this machine without "
+            "Apptainer: use --executor slurm, or drop --container",
+            file=sys.stderr,
+        )
         return 2
     # Jobs may start in another directory or after the recipe was moved: they get its absolute path.
     config_path = str(Path(args.config).absolute()) if executor == "slurm" else args.config
@@ -237,8 +278,11 @@ def launch(argv: list[str]) -> int:
         return 2
     if args.dry_run:
         print("# resolved config\n" + dump_config(cfg))
-        print(f"# executor: local; run id {cfg.run_id}; commands in order"
-              + (f"; {len(problems)} warning(s) (stderr)" if problems else "") + ":")
+        print(
+            f"# executor: local; run id {cfg.run_id}; commands in order"
+            + (f"; {len(problems)} warning(s) (stderr)" if problems else "")
+            + ":"
+        )
         for j in jobs:
             array = f"  # array of {j.array}: task i adds --chunk-idx i" if j.array else ""
             print(j.shell(0 if j.array else None) + array)
@@ -257,10 +301,25 @@ def launch(argv: list[str]) -> int:
     last = run_dirs[jobs[-1].name]
     if (last / "metrics.json").exists():
         m = json.loads((last / "metrics.json").read_text())
-        shown = {k: v for k, v in m.items() if k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc",
-                                                     "bleu_4", "rouge_l", "closed_accuracy", "open_recall")}
-        print("\nmetrics.json: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in shown.items()))
+        shown = {
+            k: v
+            for k, v in m.items()
+            if k
+            in (
+                "accuracy",
+                "balanced_accuracy",
+                "macro_f1",
+                "macro_auc",
+                "bleu_4",
+                "rouge_l",
+                "closed_accuracy",
+                "open_recall",
+            )
+        }
+        print(
+            "\nmetrics.json: "
+            + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        )
     from medlava.cluster.monitor import tensorboard_hint
 
     if hint := tensorboard_hint(list(run_dirs.values())):
@@ -275,8 +334,9 @@ def run_id_line(cfg: Config, joinable: bool) -> str:
     return f"run id {cfg.run_id} (python launch/submit.py status {cfg.run_id} --output-root {root}{join})"
 
 
-def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_path: str,
-                 stages: tuple[str, ...]) -> int:
+def launch_slurm(
+    args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_path: str, stages: tuple[str, ...]
+) -> int:
     from medlava.cluster import slurm
     from medlava.cluster.container import apptainer_for
 
@@ -286,14 +346,19 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
             slurm.sbatch_parameters(job, cfg, run_dirs[job.name], None)
         apptainer_for(cfg, config_path)
         # the jobs as the recipe configures them, for the cluster it is meant for: a dry run warns, submit refuses
-        problems = (slurm.resource_problems(jobs, cfg) if shutil.which("sinfo") else
-                    ["sinfo/sbatch are not on PATH: the slurm executor needs a SLURM client (or use --executor local)"])
+        problems = (
+            slurm.resource_problems(jobs, cfg)
+            if shutil.which("sinfo")
+            else ["sinfo/sbatch are not on PATH: the slurm executor needs a SLURM client (or use --executor local)"]
+        )
         problems += run_problems(jobs, run_dirs, stages, cfg, args.check)
         if args.dry_run:
             warn_or_refuse(problems, dry_run=True)
             print("# resolved config\n" + dump_config(cfg))
-            print(f"# executor: slurm; run id {cfg.run_id}; {len(jobs)} job(s), submitted in this order"
-                  + (f"; {len(problems)} warning(s) (stderr)" if problems else ""))
+            print(
+                f"# executor: slurm; run id {cfg.run_id}; {len(jobs)} job(s), submitted in this order"
+                + (f"; {len(problems)} warning(s) (stderr)" if problems else "")
+            )
             print(slurm.render(jobs, run_dirs, cfg, config_path))
             return 0
         if problems:
@@ -308,15 +373,19 @@ def launch_slurm(args: argparse.Namespace, jobs, run_dirs, cfg: Config, config_p
         return 1
     if args.check and STAGES[args.stage].check == "doctor":
         return show_doctor(ids[jobs[0].name], run_dirs[jobs[0].name])
-    print(f"submitted {len(jobs)} job(s), run id {cfg.run_id}" + (", each after the one before succeeds:"
-                                                                   if len(jobs) > 1 else ":"))
+    print(
+        f"submitted {len(jobs)} job(s), run id {cfg.run_id}"
+        + (", each after the one before succeeds:" if len(jobs) > 1 else ":")
+    )
     for job in jobs:
         array = f"array of {job.array}" if job.array else f"{job.nodes} node(s)"
         print(f"  {job.name:<14} {ids[job.name]:<8} {array:<12} {run_dirs[job.name]}")
     root = shlex.quote(cfg.output_root)
-    print(f"status: python launch/submit.py status {cfg.run_id} --output-root {root}  (TensorBoard's command too, "
-          "once a job has written events)\n"
-          f"logs:   python launch/submit.py logs {cfg.run_id} --output-root {root} --job {jobs[-1].name}")
+    print(
+        f"status: python launch/submit.py status {cfg.run_id} --output-root {root}  (TensorBoard's command too, "
+        "once a job has written events)\n"
+        f"logs:   python launch/submit.py logs {cfg.run_id} --output-root {root} --job {jobs[-1].name}"
+    )
     return 0
 
 
@@ -324,8 +393,11 @@ def show_doctor(job_id: str, run_dir: Path) -> int:
     """Wait for the doctor job and print the screen it wrote; 1 if it found a failure (or did not run)."""
     from medlava.cluster import monitor as mon
 
-    print(f"submitted the check as job {job_id}; waiting for it to run (Ctrl-C leaves it queued; "
-          f"python launch/submit.py logs {run_dir} shows its screen later)", flush=True)
+    print(
+        f"submitted the check as job {job_id}; waiting for it to run (Ctrl-C leaves it queued; "
+        f"python launch/submit.py logs {run_dir} shows its screen later)",
+        flush=True,
+    )
     (state,) = mon.wait([job_id], timeout=7 * 24 * 3600, poll=5)[job_id]
     err, out = mon.log_files(run_dir, {"job_id": job_id, "array": None}, 0)
     text = out.read_text(errors="replace") if out.exists() else ""
@@ -340,8 +412,11 @@ def monitor(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="submit.py " + argv[0])
     p.add_argument("command", choices=MONITOR)
-    p.add_argument("run", nargs=None if argv[0] != "status" else "?",
-                   help="a run id (every stage that shares it) or a run directory; status without it: the newest")
+    p.add_argument(
+        "run",
+        nargs=None if argv[0] != "status" else "?",
+        help="a run id (every stage that shares it) or a run directory; status without it: the newest",
+    )
     p.add_argument("--output-root", default="runs", help="where to look a run id up (default: runs)")
     if argv[0] == "logs":
         p.add_argument("--job", help="which job of the run (e.g. sft, infer-chunks); default: the last one")
@@ -350,9 +425,11 @@ def monitor(argv: list[str]) -> int:
     run_dirs = mon.records(args.run, args.output_root)
     if not run_dirs:
         where = args.run if args.run and Path(args.run).is_dir() else f"{args.output_root}/*/*/{args.run or '*'}"
-        print(f"submit {args.command}: no launched jobs recorded under {where} (neither slurm/{mon.RECORD} nor "
-              f"logs/{mon.local.RECORD}); a run started with `medlava STAGE` directly has only its run directory",
-              file=sys.stderr)
+        print(
+            f"submit {args.command}: no launched jobs recorded under {where} (neither slurm/{mon.RECORD} nor "
+            f"logs/{mon.local.RECORD}); a run started with `medlava STAGE` directly has only its run directory",
+            file=sys.stderr,
+        )
         return 1
     if args.command == "status":
         print("\n".join(mon.status_lines(run_dirs)))
@@ -362,13 +439,16 @@ def monitor(argv: list[str]) -> int:
         return cancel_jobs(jobs)
     chosen = [j for j in jobs if args.job in (None, j.name)]
     if not chosen:
-        print(f"submit logs: no job {args.job!r} in this run; jobs: {', '.join(dict.fromkeys(j.name for j in jobs))}",
-              file=sys.stderr)
+        print(
+            f"submit logs: no job {args.job!r} in this run; jobs: {', '.join(dict.fromkeys(j.name for j in jobs))}",
+            file=sys.stderr,
+        )
         return 1
     files = mon.job_logs(chosen[-1], args.task)
     if not files:
-        print(f"submit logs: {chosen[-1].name} task {args.task} has no log yet in {chosen[-1].run_dir}",
-              file=sys.stderr)
+        print(
+            f"submit logs: {chosen[-1].name} task {args.task} has no log yet in {chosen[-1].run_dir}", file=sys.stderr
+        )
         return 1
     for f in files:
         print(f"==> {f} <==")
@@ -380,12 +460,20 @@ def cancel_jobs(jobs) -> int:
     from medlava.cluster import monitor as mon
     from medlava.cluster.slurm import cancel
 
-    live = [j.entry["job_id"] for j in jobs if j.executor == "slurm"
-            and (states := mon.job_states(j.entry["job_id"])) and not all(s.done for s in states)]
+    live = [
+        j.entry["job_id"]
+        for j in jobs
+        if j.executor == "slurm" and (states := mon.job_states(j.entry["job_id"])) and not all(s.done for s in states)
+    ]
     cancel(live)
     print(f"cancelled {', '.join(live)}" if live else "nothing to cancel on SLURM: every job has ended")
-    running = [f"{j.name} pid {t['pid']}" for j in jobs if j.executor == "local"
-               for t in j.entry["tasks"] if mon.task_state(j.entry, t) == "RUNNING"]
+    running = [
+        f"{j.name} pid {t['pid']}"
+        for j in jobs
+        if j.executor == "local"
+        for t in j.entry["tasks"]
+        if mon.task_state(j.entry, t) == "RUNNING"
+    ]
     if running:
         print(f"local jobs still running ({', '.join(running)}): stop them with Ctrl-C where they run, or kill PID")
     return 0

@@ -54,8 +54,9 @@ def _turns(prompt: str, answer: str, image: str | None) -> list[dict]:
     return [{"from": "human", "value": (f"{IMAGE}\n" if image else "") + prompt}, {"from": "gpt", "value": answer}]
 
 
-def vqa_sample(sid: str, image: str | None, question: str, answer: str, task: str, meta: dict,
-               instruction: str = "") -> dict:
+def vqa_sample(
+    sid: str, image: str | None, question: str, answer: str, task: str, meta: dict, instruction: str = ""
+) -> dict:
     """An open or closed question; a closed one gets meta.choices when the question makes them evident (infer then
     answers it by option likelihood), else it is generated and scored as text."""
     question, answer = question.strip(), answer.strip()
@@ -75,8 +76,14 @@ def mc_prompt(question: str, options: Mapping[str, str], instruction: str = MC_I
 def mc_sample(sid: str, image: str | None, prompt: str, options: Mapping[str, str], answer: str, meta: dict) -> dict:
     """A multiple-choice question: the choices are the option letters, the answer a letter (what the model is
     trained to say and what infer scores by likelihood); the option texts stay in meta.options."""
-    meta = {**meta, "task": "multiple_choice", "choices": list(options), "options": dict(options), "answer": answer,
-            "answer_text": options[answer]}
+    meta = {
+        **meta,
+        "task": "multiple_choice",
+        "choices": list(options),
+        "options": dict(options),
+        "answer": answer,
+        "answer_text": options[answer],
+    }
     return {"id": sid, "image": image, "conversations": _turns(prompt, answer, image), "meta": meta}
 
 
@@ -97,8 +104,9 @@ def parquet_records(path: Path, problems: Problems, columns: tuple[str, ...]) ->
         raise InputError(f"{path} cannot be read as parquet ({e})") from None
     missing = [c for c in columns if c not in f.schema_arrow.names]
     if missing:
-        raise InputError(f"{path}: missing columns {missing}; expected {', '.join(columns)} "
-                         f"(found {f.schema_arrow.names})")
+        raise InputError(
+            f"{path}: missing columns {missing}; expected {', '.join(columns)} (found {f.schema_arrow.names})"
+        )
     n = 0
     for batch in f.iter_batches(batch_size=64):
         for rec in batch.to_pylist():
@@ -162,8 +170,9 @@ class ImageStore:
         return rel
 
 
-def hf_vqa(dataset: str, root: Path, out_dir: Path, problems: Problems, splits: dict[str, str],
-           instruction: str) -> Loaded:
+def hf_vqa(
+    dataset: str, root: Path, out_dir: Path, problems: Problems, splits: dict[str, str], instruction: str
+) -> Loaded:
     """A flaviagiammarino-style parquet copy (image, question, answer): `splits` maps medlava's split names to the
     file prefixes; ids are `<split>-<row>`, images written out by content."""
     store = ImageStore(out_dir)
@@ -172,8 +181,12 @@ def hf_vqa(dataset: str, root: Path, out_dir: Path, problems: Problems, splits: 
     for split, prefix in splits.items():
         files = parquet_files(root, prefix)
         if not files:
-            problems.fatal(InputError(f"{root}: no data/{prefix}-*.parquet (a local copy of the Hugging Face "
-                                      f"dataset, e.g. `hf download --repo-type dataset ... --local-dir {root}`)"))
+            problems.fatal(
+                InputError(
+                    f"{root}: no data/{prefix}-*.parquet (a local copy of the Hugging Face "
+                    f"dataset, e.g. `hf download --repo-type dataset ... --local-dir {root}`)"
+                )
+            )
             continue
         n = 0
         for path in files:
@@ -191,10 +204,15 @@ def hf_vqa(dataset: str, root: Path, out_dir: Path, problems: Problems, splits: 
                 task = "closed" if str(rec["answer"]).strip().lower() in ("yes", "no") else "open"
                 stats[f"{split}_{task}"] += 1
                 meta = {"dataset": dataset, "split": split, "answer_type": task.upper(), "row": n - 1}
-                loaded.add(vqa_sample(sid, image, str(rec["question"]), str(rec["answer"]), task, meta, instruction),
-                           where)
-    loaded.summary = {"source": "hf", "split": {"official": True, "files": splits},
-                      "closed": "yes/no answers", "stats": dict(stats)}
+                loaded.add(
+                    vqa_sample(sid, image, str(rec["question"]), str(rec["answer"]), task, meta, instruction), where
+                )
+    loaded.summary = {
+        "source": "hf",
+        "split": {"official": True, "files": splits},
+        "closed": "yes/no answers",
+        "stats": dict(stats),
+    }
     return loaded
 
 

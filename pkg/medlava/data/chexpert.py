@@ -30,8 +30,19 @@ from tqdm import tqdm
 NO_FINDING = "No Finding"
 SUPPORT_DEVICES = "Support Devices"
 OBSERVATIONS = (
-    NO_FINDING, "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    NO_FINDING,
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
     SUPPORT_DEVICES,
 )
 FIVE = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")  # the CheXpert competition set
@@ -44,81 +55,155 @@ _OPACITIES = r"opacit(?:y|ies)"
 _MENTIONS: dict[str, tuple[str, ...]] = {
     "_unmention": (r"pericardial effusions?", r"joint effusions?"),
     "Enlarged Cardiomediastinum": (
-        r"cardiomediastinal (?:silhouette|contours?|shadow|size|configuration|width)s?", r"cardiomediastinum",
+        r"cardiomediastinal (?:silhouette|contours?|shadow|size|configuration|width)s?",
+        r"cardiomediastinum",
         r"mediastin(?:um|al) (?:and hilar )?(?:silhouette|contours?|widening|enlargement|configuration|width)",
         r"(?:widen(?:ed|ing)|enlarged|prominent) (?:the )?(?:superior )?mediastinum",
-        r"mediastinal (?:widening|enlargement|prominence)"),
+        r"mediastinal (?:widening|enlargement|prominence)",
+    ),
     "Cardiomegaly": (
-        r"cardiomegaly", r"heart size", r"size of the heart", r"cardiac (?:enlargement|silhouette|size|shadow|contour)",
-        r"enlarged (?:heart|cardiac silhouette)", r"heart (?:is )?enlarged",
-        r"enlargement of the (?:heart|cardiac silhouette)", r"heart(?= (?:is|appears|remains|has) )"),
+        r"cardiomegaly",
+        r"heart size",
+        r"size of the heart",
+        r"cardiac (?:enlargement|silhouette|size|shadow|contour)",
+        r"enlarged (?:heart|cardiac silhouette)",
+        r"heart (?:is )?enlarged",
+        r"enlargement of the (?:heart|cardiac silhouette)",
+        r"heart(?= (?:is|appears|remains|has) )",
+    ),
     "Lung Lesion": (
-        r"mass(?:es)?", r"nodul(?:e|es)", r"nodular (?:opacit(?:y|ies)|densit(?:y|ies)|lesions?)",
-        r"(?:lung|pulmonary|cavitary|cavitating) lesions?", r"tumou?rs?", r"neoplasms?", r"carcinomas?",
-        r"cavitation", r"metastas[ie]s", r"metastatic disease"),
+        r"mass(?:es)?",
+        r"nodul(?:e|es)",
+        r"nodular (?:opacit(?:y|ies)|densit(?:y|ies)|lesions?)",
+        r"(?:lung|pulmonary|cavitary|cavitating) lesions?",
+        r"tumou?rs?",
+        r"neoplasms?",
+        r"carcinomas?",
+        r"cavitation",
+        r"metastas[ie]s",
+        r"metastatic disease",
+    ),
     "Lung Opacity": (
-        _OPACITIES, r"opacification", r"opacified", r"infiltrat(?:e|es|ion|ions)", r"air ?space disease",
-        r"haziness", r"hazy", r"interstitial (?:markings?|abnormalit(?:y|ies)|prominence|thickening|lung disease)",
-        r"reticula(?:r|tion)", r"ground[- ]glass", r"bronchial wall thickening", r"peribronchial cuffing"),
+        _OPACITIES,
+        r"opacification",
+        r"opacified",
+        r"infiltrat(?:e|es|ion|ions)",
+        r"air ?space disease",
+        r"haziness",
+        r"hazy",
+        r"interstitial (?:markings?|abnormalit(?:y|ies)|prominence|thickening|lung disease)",
+        r"reticula(?:r|tion)",
+        r"ground[- ]glass",
+        r"bronchial wall thickening",
+        r"peribronchial cuffing",
+    ),
     "Edema": (
-        r"(?:pulmonary |interstitial |alveolar )?o?edema", r"(?:pulmonary )?vascular congestion",
-        r"pulmonary congestion", r"(?:pulmonary )?vascular (?:prominence|engorgement|redistribution)",
-        r"(?:congestive )?heart failure", r"chf", r"indistinct(?:ness)? (?:of the )?(?:pulmonary )?vascula(?:r|ture)",
-        r"kerley b lines"),
+        r"(?:pulmonary |interstitial |alveolar )?o?edema",
+        r"(?:pulmonary )?vascular congestion",
+        r"pulmonary congestion",
+        r"(?:pulmonary )?vascular (?:prominence|engorgement|redistribution)",
+        r"(?:congestive )?heart failure",
+        r"chf",
+        r"indistinct(?:ness)? (?:of the )?(?:pulmonary )?vascula(?:r|ture)",
+        r"kerley b lines",
+    ),
     "Consolidation": (r"consolidat(?:ion|ions|ive|ed)",),
     "Pneumonia": (r"(?:broncho)?pneumonias?", r"infection", r"infectious (?:process|etiology)"),
     "Atelectasis": (
-        r"atelecta(?:sis|ses|tic)", r"(?:lung|lobe|lobar|segmental) collapse",
-        r"collapse of the (?:\w+ )?(?:lung|lobe)", r"collapsed (?:lung|lobe)"),
+        r"atelecta(?:sis|ses|tic)",
+        r"(?:lung|lobe|lobar|segmental) collapse",
+        r"collapse of the (?:\w+ )?(?:lung|lobe)",
+        r"collapsed (?:lung|lobe)",
+    ),
     "Pneumothorax": (r"(?:hydro)?pneumothora(?:x|ces)",),
     "Pleural Effusion": (
-        r"(?:pleural )?effusions?", r"pleural fluid", r"hydrothorax", r"fluid in the pleural space",
-        r"blunt(?:ed|ing) (?:of )?(?:the )?(?:\w+ )?costophrenic angles?", r"costophrenic angles? (?:is |are )?blunt(?:ed|ing)"),
+        r"(?:pleural )?effusions?",
+        r"pleural fluid",
+        r"hydrothorax",
+        r"fluid in the pleural space",
+        r"blunt(?:ed|ing) (?:of )?(?:the )?(?:\w+ )?costophrenic angles?",
+        r"costophrenic angles? (?:is |are )?blunt(?:ed|ing)",
+    ),
     "Pleural Other": (
-        r"pleural (?:thickening|scarring|plaques?|calcifications?|abnormalit(?:y|ies))", r"fibrothorax",
-        r"pleural[- ]parenchymal scarring", r"apical (?:pleural )?(?:cap|thickening)"),
+        r"pleural (?:thickening|scarring|plaques?|calcifications?|abnormalit(?:y|ies))",
+        r"fibrothorax",
+        r"pleural[- ]parenchymal scarring",
+        r"apical (?:pleural )?(?:cap|thickening)",
+    ),
     "Fracture": (r"fractur(?:e|es|ed)",),
     SUPPORT_DEVICES: (
         r"(?:endotracheal|et|enteric|nasogastric|ng|og|orogastric|feeding|chest|tracheostomy|dobh?off) tubes?",
-        r"tubes?", r"catheters?", r"picc(?: lines?)?", r"(?:central|venous|jugular|subclavian|midline|arterial|dialysis|"
-        r"swan[- ]ganz) lines?", r"pacemakers?", r"pacer", r"(?:pacemaker|pacer|pacing) (?:leads?|wires?)",
-        r"(?:sternotomy |sternal |surgical )?wires", r"(?:surgical )?clips", r"stents?", r"defibrillator", r"a?icd",
-        r"(?:prosthetic|mechanical) (?:mitral |aortic )?valves?", r"valve replacement", r"drains?",
-        r"port[- ]a[- ]cath", r"portacath", r"(?:chest|mediport|power) port", r"devices?", r"hardware",
-        r"ecg leads", r"monitoring leads"),
+        r"tubes?",
+        r"catheters?",
+        r"picc(?: lines?)?",
+        r"(?:central|venous|jugular|subclavian|midline|arterial|dialysis|"
+        r"swan[- ]ganz) lines?",
+        r"pacemakers?",
+        r"pacer",
+        r"(?:pacemaker|pacer|pacing) (?:leads?|wires?)",
+        r"(?:sternotomy |sternal |surgical )?wires",
+        r"(?:surgical )?clips",
+        r"stents?",
+        r"defibrillator",
+        r"a?icd",
+        r"(?:prosthetic|mechanical) (?:mitral |aortic )?valves?",
+        r"valve replacement",
+        r"drains?",
+        r"port[- ]a[- ]cath",
+        r"portacath",
+        r"(?:chest|mediport|power) port",
+        r"devices?",
+        r"hardware",
+        r"ecg leads",
+        r"monitoring leads",
+    ),
     # Only for the No Finding rule: a positive or uncertain "acute process" means there was a finding.
-    NO_FINDING: (r"(?:acute )?cardiopulmonary (?:process|abnormalit(?:y|ies)|disease)",
-                 r"acute (?:process|abnormalit(?:y|ies)|disease|findings?)", r"abnormalit(?:y|ies)"),
+    NO_FINDING: (
+        r"(?:acute )?cardiopulmonary (?:process|abnormalit(?:y|ies)|disease)",
+        r"acute (?:process|abnormalit(?:y|ies)|disease|findings?)",
+        r"abnormalit(?:y|ies)",
+    ),
 }
 _GROUPS = list(_MENTIONS)
 # One pattern, one group per observation; the word-boundary guards sit outside the alternation (2x faster).
-_MENTION = re.compile("(?<![a-z0-9])(?:" + "|".join(f"(?P<g{i}>{'|'.join(_MENTIONS[name])})"
-                                                    for i, name in enumerate(_GROUPS)) + ")(?![a-z0-9])")
+_MENTION = re.compile(
+    "(?<![a-z0-9])(?:"
+    + "|".join(f"(?P<g{i}>{'|'.join(_MENTIONS[name])})" for i, name in enumerate(_GROUPS))
+    + ")(?![a-z0-9])"
+)
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+|(?<=[a-z])\.(?=[a-z]{2})")
-_CLAUSE_END = re.compile(r"[;:]|\.(?!\d)|\b(?:but|however|although|though|which|whereas|except|aside from|apart from|"
-                         r"other than|there (?:is|are|has been|have been))\b")
+_CLAUSE_END = re.compile(
+    r"[;:]|\.(?!\d)|\b(?:but|however|although|though|which|whereas|except|aside from|apart from|"
+    r"other than|there (?:is|are|has been|have been))\b"
+)
 
 # Pre-negation uncertainty: fires before negation ("cannot exclude" holds a negation cue).
 _PRE_UNCERTAIN_BEFORE = re.compile(
     r"\b(?:can ?not|could not|can't|unable to|difficult to|not) (?:be )?(?:exclude[ds]?|ruled? out)\b|"
-    r"\bno new (?:\w+ ){0,2}$|\bno new (?:area|areas|focus|foci|region) of\b|\bno evidence to rule out\b")
+    r"\bno new (?:\w+ ){0,2}$|\bno new (?:area|areas|focus|foci|region) of\b|\bno evidence to rule out\b"
+)
 _PRE_UNCERTAIN_AFTER = re.compile(
     r"^[\s,]*(?:(?:is|are|was|were)\s+)?(?:not|cannot be|can ?not be|could not be|can't be) (?:entirely )?"
-    r"(?:completely )?(?:excluded|ruled out)\b")
+    r"(?:completely )?(?:excluded|ruled out)\b"
+)
 # Negation: wide cues govern the whole clause after them ("no focal consolidation, effusion, or pneumothorax");
 # narrow cues only the next few words ("normal heart size" but not "normal lungs and enlarged heart").
-_NEGATION_WIDE = re.compile(r"\b(?:(?:no|without)(?! (?:\w+ )?changes?\b)|negative for|free of|absence of|rule out|"
-                            r"ruled out|rules out|exclude[sd]?|excluding|neither|nor|never)\b")
+_NEGATION_WIDE = re.compile(
+    r"\b(?:(?:no|without)(?! (?:\w+ )?changes?\b)|negative for|free of|absence of|rule out|"
+    r"ruled out|rules out|exclude[sd]?|excluding|neither|nor|never)\b"
+)
 _NEGATION_NARROW = re.compile(
     r"\b(?:normal|unremarkable|resolved|resolution of|resolving|interval removal of|removal of|cleared|clearing of|"
-    r"clear of|history of|rather than|disappearance of|not|absent|negative)(?:\s+[a-z-]+){0,2}\s*,?\s*$")
+    r"clear of|history of|rather than|disappearance of|not|absent|negative)(?:\s+[a-z-]+){0,2}\s*,?\s*$"
+)
 _NEGATION_AFTER = re.compile(
     r"^[\s,]*(?:(?:is|are|was|were|has|have|had|appears?|remains?|seems?|looks?|been)\s+)*"
     r"(?:(?:now|again|otherwise|also|essentially|overall|grossly|entirely|completely|largely|within)\s+)*"
     r"(?:normal|unremarkable|normal limits|within normal limits|at (?:the )?upper limits? of normal|"
     r"not (?:enlarged|seen|identified|present|demonstrated|appreciated|noted|evident|detected|visible|widened)|"
-    r"resolved|cleared|removed|absent|no longer)\b")
+    r"resolved|cleared|removed|absent|no longer)\b"
+)
 # Post-negation uncertainty.
 _UNCERTAIN_BEFORE = re.compile(
     r"\b(?:may|might|could|would|can)\s+(?:also\s+)?(?:be|represent|reflect|indicate|include|relate|suggest|signify|"
@@ -127,12 +212,14 @@ _UNCERTAIN_BEFORE = re.compile(
     r"suspicion (?:for|of)|concern(?:ing)? (?:for|of)|worrisome for|suggestive of|suggestion of|suggests?|"
     r"favou?r(?:ed|s|ing)?|consider(?:ed)?|differential (?:diagnosis )?(?:includes?|of)|versus|vs|or|and/or|"
     r"correlat(?:e|ion) (?:clinically )?for|equivocal|borderline|less likely|obscur(?:e|es|ed|ing)|maybe|"
-    r"secondary to)\b")
+    r"secondary to)\b"
+)
 _UNCERTAIN_AFTER = re.compile(
     r"^[\s,]*(?:(?:is|are|was|were)\s+)?(?:also\s+)?(?:possible|possibly|probable|questionable|suspected|suggested|"
     r"(?:may|might|could|can) (?:also )?(?:be|have)|versus|vs\b|or\b|and/or|(?:poorly|incompletely|not well|not clearly) "
     r"(?:evaluated|visualized|assessed|seen)|obscured|less likely|not (?:well )?(?:appreciated)|"
-    r"(?:difficult|hard) to (?:assess|evaluate|exclude)|(?:top|upper|high)[- ]normal|borderline)\b")
+    r"(?:difficult|hard) to (?:assess|evaluate|exclude)|(?:top|upper|high)[- ]normal|borderline)\b"
+)
 # CheXpert: a stable / unchanged heart or mediastinum says nothing certain about its size.
 _STABLE_TARGET = re.compile(r"cardiomediastin|mediastin|contour|silhouette|size|heart|shadow|configuration|width")
 _STABLE = re.compile(r"\b(?:stable|unchanged|similar|not changed|no change|without change)\b")
@@ -202,8 +289,10 @@ def label_report(text: str | None) -> tuple[int | None, ...]:
 
 
 def label_reports(texts: Sequence[str | None]) -> list[tuple[int | None, ...]]:
-    return [label_report(t) for t in tqdm(texts, desc="CheXpert labels", unit="report", mininterval=5,
-                                           disable=len(texts) < 1000)]
+    return [
+        label_report(t)
+        for t in tqdm(texts, desc="CheXpert labels", unit="report", mininterval=5, disable=len(texts) < 1000)
+    ]
 
 
 def labels_frame(texts: Sequence[str | None], index: Sequence | None = None) -> pd.DataFrame:

@@ -23,8 +23,14 @@ from medlava.io import InputError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path_to_image", "frontal_lateral", "deid_patient_id", "patient_report_date_order", "section_findings",
-           "section_impression")
+COLUMNS = (
+    "path_to_image",
+    "frontal_lateral",
+    "deid_patient_id",
+    "patient_report_date_order",
+    "section_findings",
+    "section_impression",
+)
 _SPLITS = {"train": "train", "valid": "val", "validate": "val", "test": "test"}
 
 
@@ -39,8 +45,10 @@ def _image(root: Path, rel: str) -> str:
 def _conversation(qa: list[QA]) -> list[dict]:
     turns = []
     for i, q in enumerate(qa):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q.question},
-                  {"from": "gpt", "value": q.answer}]
+        turns += [
+            {"from": "human", "value": ("<image>\n" if i == 0 else "") + q.question},
+            {"from": "gpt", "value": q.answer},
+        ]
     return turns
 
 
@@ -62,8 +70,9 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
         problems.add("bad_record", where[i], "no path_to_image or deid_patient_id")
     df = df[df["path_to_image"].notna() & df["deid_patient_id"].notna()]
     for i in df.index[~df["frontal_lateral"].isin(["Frontal", "Lateral"])]:
-        problems.add("unknown_label", where[i], f"frontal_lateral {df.loc[i, 'frontal_lateral']!r}: expected "
-                                                "Frontal or Lateral")
+        problems.add(
+            "unknown_label", where[i], f"frontal_lateral {df.loc[i, 'frontal_lateral']!r}: expected Frontal or Lateral"
+        )
     df = df[df["frontal_lateral"].isin(["Frontal"] if o.frontal_only else ["Frontal", "Lateral"])]
     df = df.assign(report_id=df["deid_patient_id"] + "-" + df["patient_report_date_order"].fillna("0"))
     reports = df.drop_duplicates("report_id").copy()  # the report's first kept image
@@ -93,30 +102,62 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     if o.generator == "llm":
         cache = Path(o.llm.cache_dir) if o.llm.cache_dir else Path(cfg.output_root) / cfg.name / "qa-cache"
         gen = LlmQA(o.llm, cache, o.qa_per_report)
-        texts = [(r.report_id, f"FINDINGS: {r.section_findings}\nIMPRESSION: {r.section_impression}")
-                 for r in reports.itertuples()]
+        texts = [
+            (r.report_id, f"FINDINGS: {r.section_findings}\nIMPRESSION: {r.section_impression}")
+            for r in reports.itertuples()
+        ]
         all_qa = gen.generate_all(texts)
-        log.info("chexpert_plus: %d reports, %d requests sent to %s (the rest from %s)", len(texts), gen.requests,
-                 o.llm.base_url, cache)
+        log.info(
+            "chexpert_plus: %d reports, %d requests sent to %s (the rest from %s)",
+            len(texts),
+            gen.requests,
+            o.llm.base_url,
+            cache,
+        )
     else:
         all_qa = [rules_qa(r.section_findings, r.section_impression, o.qa_per_report) for r in reports.itertuples()]
 
     loaded = Loaded("chexpert_plus", image_root, group_name="deid_patient_id")
     stats: Counter[str] = Counter()
     for (i, row), qa in zip(reports.iterrows(), all_qa):
-        base = {"dataset": "chexpert_plus", "split": row["split"], "group": row["deid_patient_id"],
-                "report_id": row["report_id"], "generator": o.generator,
-                **{k: row[k] for k in ("ap_pa", "age", "sex") if k in row and pd.notna(row[k])}}
+        base = {
+            "dataset": "chexpert_plus",
+            "split": row["split"],
+            "group": row["deid_patient_id"],
+            "report_id": row["report_id"],
+            "generator": o.generator,
+            **{k: row[k] for k in ("ap_pa", "age", "sex") if k in row and pd.notna(row[k])},
+        }
         stats[f"qa_{len(qa)}"] += 1
         if row["split"] == "train":
-            loaded.add({"id": row["report_id"], "image": images[i], "conversations": _conversation(qa),
-                        "meta": {**base, "task": "open", "qa_kinds": [q.kind for q in qa]}}, where[i])
+            loaded.add(
+                {
+                    "id": row["report_id"],
+                    "image": images[i],
+                    "conversations": _conversation(qa),
+                    "meta": {**base, "task": "open", "qa_kinds": [q.kind for q in qa]},
+                },
+                where[i],
+            )
             continue
         for k, q in enumerate(qa):
-            loaded.add({"id": f"{row['report_id']}-q{k}", "image": images[i], "conversations": _conversation([q]),
-                        "meta": {**base, **_single(q)}}, where[i])
-    loaded.summary = {"generator": o.generator, "qa_per_report": o.qa_per_report, "frontal_only": o.frontal_only,
-                      "reports": int(len(reports)), "qa_counts": dict(sorted(stats.items())),
-                      "split": {"official": True} if o.split == "official" else
-                      {"group": "deid_patient_id", "ratios": list(d.split_ratios), "seed": d.seed}}
+            loaded.add(
+                {
+                    "id": f"{row['report_id']}-q{k}",
+                    "image": images[i],
+                    "conversations": _conversation([q]),
+                    "meta": {**base, **_single(q)},
+                },
+                where[i],
+            )
+    loaded.summary = {
+        "generator": o.generator,
+        "qa_per_report": o.qa_per_report,
+        "frontal_only": o.frontal_only,
+        "reports": int(len(reports)),
+        "qa_counts": dict(sorted(stats.items())),
+        "split": {"official": True}
+        if o.split == "official"
+        else {"group": "deid_patient_id", "ratios": list(d.split_ratios), "seed": d.seed},
+    }
     return loaded

@@ -35,8 +35,10 @@ def resolve_image(root: Path, rel: str) -> Path:
     root = Path(os.path.normpath(Path(root).absolute()))
     path = Path(os.path.normpath(root / rel))
     if not path.is_relative_to(root) or path == root:
-        raise BadImage("image_outside_root", f"image path {rel!r} is not a file inside the image root {root}; "
-                       "use a path relative to it without '..'")
+        raise BadImage(
+            "image_outside_root",
+            f"image path {rel!r} is not a file inside the image root {root}; use a path relative to it without '..'",
+        )
     return path
 
 
@@ -47,8 +49,10 @@ def padded_too_large(width: int, height: int) -> str | None:
     side = max(width, height)
     if side * side <= MAX_PIXELS:
         return None
-    return (f"{width}x{height}: padded to a square it would be {side}x{side} = {side * side:,} pixels, over the "
-            f"{MAX_PIXELS:,}-pixel limit (the longest side may be at most {math.isqrt(MAX_PIXELS)})")
+    return (
+        f"{width}x{height}: padded to a square it would be {side}x{side} = {side * side:,} pixels, over the "
+        f"{MAX_PIXELS:,}-pixel limit (the longest side may be at most {math.isqrt(MAX_PIXELS)})"
+    )
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -65,8 +69,9 @@ def _open(path: Path, sample_id: str | None, decode: bool) -> Image.Image | None
     """Open `path`, refuse a bomb from its header, then (decode) read every pixel, as RGB."""
     who = f" (sample {sample_id})" if sample_id is not None else ""
     if not Path(path).is_file():
-        raise BadImage("missing_image", f"image {path}{who} does not exist: check data.root and the sample's "
-                       "`image` field")
+        raise BadImage(
+            "missing_image", f"image {path}{who} does not exist: check data.root and the sample's `image` field"
+        )
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its own limit and twice that; make it an error like ours.
@@ -75,17 +80,22 @@ def _open(path: Path, sample_id: str | None, decode: bool) -> Image.Image | None
                 if im.width * im.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels")
                 if problem := padded_too_large(im.width, im.height):
-                    raise BadImage("oversized_image", f"image {path}{who} is {problem}; downscale it or remove "
-                                   "the sample")
+                    raise BadImage(
+                        "oversized_image", f"image {path}{who} is {problem}; downscale it or remove the sample"
+                    )
                 return _to_rgb(im) if decode else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("oversized_image", f"image {path}{who} is over the {MAX_PIXELS:,}-pixel limit, a "
-                       f"decompression bomb? ({e}); downscale it or remove the sample") from None
+        raise BadImage(
+            "oversized_image",
+            f"image {path}{who} is over the {MAX_PIXELS:,}-pixel limit, a "
+            f"decompression bomb? ({e}); downscale it or remove the sample",
+        ) from None
     except BadImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on broken files
-        raise BadImage("unreadable_image", f"image {path}{who} cannot be read ({type(e).__name__}: {e}); "
-                       "re-export or remove it") from None
+        raise BadImage(
+            "unreadable_image", f"image {path}{who} cannot be read ({type(e).__name__}: {e}); re-export or remove it"
+        ) from None
 
 
 def load_image(path: Path, sample_id: str | None = None) -> Image.Image:
@@ -124,10 +134,17 @@ def _fast_resample(p) -> Image.Resampling | None:
     except (TypeError, ValueError):
         return None
     size, crop = getattr(p, "size", None) or {}, getattr(p, "crop_size", None) or {}
-    fits = (getattr(p, "do_resize", False) and getattr(p, "do_center_crop", False) and getattr(p, "do_rescale", False)
-            and getattr(p, "do_normalize", False) and resample in _TORCH_MODES
-            and bool(size.get("shortest_edge")) and bool(crop.get("height")) and bool(crop.get("width"))
-            and max(crop["height"], crop["width"]) <= size["shortest_edge"])
+    fits = (
+        getattr(p, "do_resize", False)
+        and getattr(p, "do_center_crop", False)
+        and getattr(p, "do_rescale", False)
+        and getattr(p, "do_normalize", False)
+        and resample in _TORCH_MODES
+        and bool(size.get("shortest_edge"))
+        and bool(crop.get("height"))
+        and bool(crop.get("width"))
+        and max(crop["height"], crop["width"]) <= size["shortest_edge"]
+    )
     return resample if fits else None
 
 

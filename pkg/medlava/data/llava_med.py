@@ -67,8 +67,9 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     split = grouped_split(groups.assign(_all="all"), "group", "_all", d.split_ratios, d.seed) if rows else []
     for (where, rec, turns), group, s in zip(rows, groups["group"], split):
         meta = {"dataset": "llava_med", "split": s, "task": "open", "group": group, "source": o.train_file}
-        loaded.add({"id": str(rec["id"]), "image": rec.get("image") or None, "conversations": turns, "meta": meta},
-                   where)
+        loaded.add(
+            {"id": str(rec["id"]), "image": rec.get("image") or None, "conversations": turns, "meta": meta}, where
+        )
     if o.eval_file:
         for where, rec in read_jsonl_records(root / o.eval_file, problems):
             answer = rec.get("gpt4_answer")
@@ -79,14 +80,30 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
                 problems.add("empty_report", where, "empty question or gpt4_answer")
                 continue
             text = rec["text"] if IMAGE in rec["text"] else f"{IMAGE}\n{rec['text']}"
-            meta = {"dataset": "llava_med", "split": "test", "task": "open", "answer": answer,
-                    "group": article(rec.get("pair_id") or rec.get("image", "")), "source": o.eval_file,
-                    **{k: rec[k] for k in ("pair_id", "type", "fig_label", "domain") if k in rec}}
-            loaded.add({"id": f"qa50-{rec['question_id']}", "image": rec.get("image") or None,
-                        "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}],
-                        "meta": meta}, where)
-    loaded.summary = {"train_file": o.train_file, "eval_file": o.eval_file,
-                      "split": {"group": "pmc_article", "ratios": list(d.split_ratios), "seed": d.seed}}
-    log.info("llava_med: %d samples from %s%s", len(loaded.samples), o.train_file,
-             f" + {o.eval_file}" if o.eval_file else "")
+            meta = {
+                "dataset": "llava_med",
+                "split": "test",
+                "task": "open",
+                "answer": answer,
+                "group": article(rec.get("pair_id") or rec.get("image", "")),
+                "source": o.eval_file,
+                **{k: rec[k] for k in ("pair_id", "type", "fig_label", "domain") if k in rec},
+            }
+            loaded.add(
+                {
+                    "id": f"qa50-{rec['question_id']}",
+                    "image": rec.get("image") or None,
+                    "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}],
+                    "meta": meta,
+                },
+                where,
+            )
+    loaded.summary = {
+        "train_file": o.train_file,
+        "eval_file": o.eval_file,
+        "split": {"group": "pmc_article", "ratios": list(d.split_ratios), "seed": d.seed},
+    }
+    log.info(
+        "llava_med: %d samples from %s%s", len(loaded.samples), o.train_file, f" + {o.eval_file}" if o.eval_file else ""
+    )
     return loaded

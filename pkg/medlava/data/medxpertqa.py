@@ -44,10 +44,19 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
             continue
         for where, rec in read_jsonl_records(path, problems):
             options, label, names = rec.get("options"), str(rec.get("label") or "").strip(), rec.get("images")
-            if (not rec.get("id") or not str(rec.get("question") or "").strip() or not isinstance(options, dict)
-                    or len(options) < 2 or not isinstance(names, list) or not names):
-                problems.add("bad_record", where, "a MedXpertQA MM question needs id, question, options {A: ...} and "
-                                                  "images [...]")
+            if (
+                not rec.get("id")
+                or not str(rec.get("question") or "").strip()
+                or not isinstance(options, dict)
+                or len(options) < 2
+                or not isinstance(names, list)
+                or not names
+            ):
+                problems.add(
+                    "bad_record",
+                    where,
+                    "a MedXpertQA MM question needs id, question, options {A: ...} and images [...]",
+                )
                 continue
             if label not in options:
                 problems.add("unknown_label", where, f"label {label!r} is not one of the options {list(options)}")
@@ -55,16 +64,21 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
             options = {str(k): str(v) for k, v in options.items()}
             files = names if cfg.data.medxpertqa.images == "all" else names[:1]
             try:
-                image = combine_files(store, [resolve_image(source, str(f)) for f in files], str(rec["id"]),
-                                      str(rec["id"]))
+                image = combine_files(
+                    store, [resolve_image(source, str(f)) for f in files], str(rec["id"]), str(rec["id"])
+                )
             except BadImage as e:
                 problems.add(e.reason, where, str(e))
                 continue
             meta = {"dataset": "medxpertqa", "split": split, "n_images": len(names), **{k: rec.get(k) for k in META}}
-            loaded.add(mc_sample(str(rec["id"]), image, _prompt(str(rec["question"]), options), options, label, meta),
-                       where)
+            loaded.add(
+                mc_sample(str(rec["id"]), image, _prompt(str(rec["question"]), options), options, label, meta), where
+            )
             stats[f"{split}_images_{min(len(names), 3)}{'+' if len(names) > 3 else ''}"] += 1
-    loaded.summary = {"images": cfg.data.medxpertqa.images, "split": {"official": True, "val": "dev"},
-                      "stats": dict(sorted(stats.items()))}
+    loaded.summary = {
+        "images": cfg.data.medxpertqa.images,
+        "split": {"official": True, "val": "dev"},
+        "stats": dict(sorted(stats.items())),
+    }
     log.info("medxpertqa: %d questions %s", len(loaded.samples), dict(stats))
     return loaded

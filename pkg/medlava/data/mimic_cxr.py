@@ -22,9 +22,22 @@ from medlava.io import InputError
 log = logging.getLogger(__name__)
 
 METADATA, SPLIT, CHEXPERT = "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-chexpert.csv"
-OBSERVATIONS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-                "Pneumothorax", "Support Devices")
+OBSERVATIONS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
 _LABELS = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1}
 _SPLITS = {"train": "train", "validate": "val", "test": "test"}
 
@@ -44,8 +57,11 @@ def report_path(subject: str, study: str) -> str:
 
 
 def image_path(layout: str, subject: str, study: str, dicom: str) -> str:
-    return (f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg" if layout == "official"
-            else f"images/{study}-{dicom}.png")
+    return (
+        f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+        if layout == "official"
+        else f"images/{study}-{dicom}.png"
+    )
 
 
 def _chexpert(root: Path, problems: Problems) -> dict[str, dict[str, int | None]]:
@@ -58,8 +74,11 @@ def _chexpert(root: Path, problems: Problems) -> dict[str, dict[str, int | None]
     for line, row in df.iterrows():
         bad = {k: row[k] for k in OBSERVATIONS if pd.notna(row[k]) and row[k] not in _LABELS}
         if bad:
-            problems.add("unknown_label", f"{path}:{line}", f"labels {bad} of study {row['study_id']}: expected "
-                                                            "1.0, 0.0, -1.0 or blank")
+            problems.add(
+                "unknown_label",
+                f"{path}:{line}",
+                f"labels {bad} of study {row['study_id']}: expected 1.0, 0.0, -1.0 or blank",
+            )
             continue
         out[row["study_id"]] = {k: _LABELS.get(row[k]) if pd.notna(row[k]) else None for k in OBSERVATIONS}
     return out
@@ -85,13 +104,15 @@ def _splits(root: Path, df: pd.DataFrame, how: str, cfg: Config, problems: Probl
     if how == "grouped":
         if cfg.data.split_file:
             from medlava.data.splits import read_split_file
+
             return df["study_id"].map(read_split_file(Path(cfg.data.split_file), "study_id", ids=df["study_id"]))
         return grouped_split(df.assign(_all="all"), "subject_id", "_all", cfg.data.split_ratios, cfg.data.seed)
     path = _table(root, SPLIT)
     table = read_csv(path, problems, ("dicom_id", "split"))
     for line in table.index[~table["split"].isin(list(_SPLITS))]:
-        problems.add("unknown_label", f"{path}:{line}", f"split {table.loc[line, 'split']!r}: expected "
-                                                        f"{'/'.join(_SPLITS)}")
+        problems.add(
+            "unknown_label", f"{path}:{line}", f"split {table.loc[line, 'split']!r}: expected {'/'.join(_SPLITS)}"
+        )
     table = table[table["split"].isin(list(_SPLITS))].drop_duplicates("dicom_id")
     return df["dicom_id"].map(table.set_index("dicom_id")["split"].map(_SPLITS))
 
@@ -109,8 +130,9 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     studies = studies[studies["split"].notna()]
     loaded = Loaded("mimic_cxr", Path(d.image_root) if d.image_root else root, group_name="subject_id")
     stats: Counter[str] = Counter()
-    for row in tqdm(studies.to_dict("records"), desc="reports", unit="report", mininterval=5,
-                    disable=len(studies) < 1000):
+    for row in tqdm(
+        studies.to_dict("records"), desc="reports", unit="report", mininterval=5, disable=len(studies) < 1000
+    ):
         subject, study, where = row["subject_id"], row["study_id"], row["where"]
         rpath = reports_root / report_path(subject, study)
         try:
@@ -126,21 +148,43 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
             continue
         target = target_text(text, o.section)
         if not target:
-            problems.add("missing_section", str(rpath), f"no {o.section.upper().replace('_', ' + ')} section "
-                                                        "(data.mimic_cxr.section chooses another)")
+            problems.add(
+                "missing_section",
+                str(rpath),
+                f"no {o.section.upper().replace('_', ' + ')} section (data.mimic_cxr.section chooses another)",
+            )
             continue
-        meta = {"dataset": "mimic_cxr", "split": row["split"], "task": "report", "study_id": study,
-                "subject_id": subject, "dicom_id": row["dicom_id"], "view": row["ViewPosition"], "group": subject,
-                "section": o.section}
+        meta = {
+            "dataset": "mimic_cxr",
+            "split": row["split"],
+            "task": "report",
+            "study_id": study,
+            "subject_id": subject,
+            "dicom_id": row["dicom_id"],
+            "view": row["ViewPosition"],
+            "group": subject,
+            "section": o.section,
+        }
         if study in labels:
             meta["chexpert"] = labels[study]
         stats[row["ViewPosition"]] += 1
-        loaded.add({"id": study, "image": image_path(o.image_layout, subject, study, row["dicom_id"]),
-                    "conversations": [{"from": "human", "value": f"<image>\n{o.prompt}"},
-                                      {"from": "gpt", "value": target}], "meta": meta}, where)
-    loaded.summary = {"views": o.views, "section": o.section, "image_layout": o.image_layout,
-                      "split": {"official": True} if o.split == "official" else
-                      {"group": "subject_id", "ratios": list(d.split_ratios), "seed": d.seed},
-                      "view_counts": dict(stats)}
+        loaded.add(
+            {
+                "id": study,
+                "image": image_path(o.image_layout, subject, study, row["dicom_id"]),
+                "conversations": [{"from": "human", "value": f"<image>\n{o.prompt}"}, {"from": "gpt", "value": target}],
+                "meta": meta,
+            },
+            where,
+        )
+    loaded.summary = {
+        "views": o.views,
+        "section": o.section,
+        "image_layout": o.image_layout,
+        "split": {"official": True}
+        if o.split == "official"
+        else {"group": "subject_id", "ratios": list(d.split_ratios), "seed": d.seed},
+        "view_counts": dict(stats),
+    }
     log.info("mimic_cxr: %d studies with a %s image", len(loaded.samples), "/".join(o.views))
     return loaded

@@ -24,8 +24,15 @@ from pathlib import Path
 from PIL import Image
 
 from medlava.config import Config
-from medlava.data.benchmark import (IMAGE, MC_INSTRUCTION, ImageStore, mc_sample, option_letters, parquet_files,
-                                    parquet_records)
+from medlava.data.benchmark import (
+    IMAGE,
+    MC_INSTRUCTION,
+    ImageStore,
+    mc_sample,
+    option_letters,
+    parquet_files,
+    parquet_records,
+)
 from medlava.data.images import BadImage
 from medlava.data.prepare import Loaded
 from medlava.data.problems import Problems
@@ -60,18 +67,28 @@ def _image(store: ImageStore, rec: dict, where: str, every: bool) -> str | None:
 
 def _sample(store: ImageStore, rec: dict, where: str, split: str, subject: str, every: bool) -> dict:
     image = _image(store, rec, where, every)
-    meta = {"dataset": "mmmu_med", "split": split, "subject": subject, "question_type": rec["question_type"],
-            **{k: rec.get(k) for k in META}}
+    meta = {
+        "dataset": "mmmu_med",
+        "split": split,
+        "subject": subject,
+        "question_type": rec["question_type"],
+        **{k: rec.get(k) for k in META},
+    }
     question, answer = str(rec["question"]), str(rec["answer"]).strip()
     if rec["question_type"] == "multiple-choice":
         options = [str(o) for o in ast.literal_eval(rec["options"])]
         letters = option_letters(len(options))
         return mc_sample(str(rec["id"]), image, mc_text(question, options), dict(zip(letters, options)), answer, meta)
     prompt = f"{question}\n\n{OPEN_INSTRUCTION}"
-    return {"id": str(rec["id"]), "image": image,
-            "conversations": [{"from": "human", "value": (f"{IMAGE}\n" if image else "") + prompt},
-                              {"from": "gpt", "value": answer}],
-            "meta": {**meta, "task": "open", "answer": answer}}
+    return {
+        "id": str(rec["id"]),
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": (f"{IMAGE}\n" if image else "") + prompt},
+            {"from": "gpt", "value": answer},
+        ],
+        "meta": {**meta, "task": "open", "answer": answer},
+    }
 
 
 def _problem(rec: dict) -> tuple[str, str] | None:
@@ -101,8 +118,12 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
         for split, prefix in SPLITS.items():
             files = parquet_files(root / subject, prefix)
             if not files:
-                problems.fatal(InputError(f"{root / subject}: no {prefix}-*.parquet (data.root holds MMMU's subject "
-                                          "folders, e.g. a local copy of MMMU/MMMU)"))
+                problems.fatal(
+                    InputError(
+                        f"{root / subject}: no {prefix}-*.parquet (data.root holds MMMU's subject "
+                        "folders, e.g. a local copy of MMMU/MMMU)"
+                    )
+                )
             for path in files:
                 for where, rec in parquet_records(path, problems, COLUMNS):
                     if str(rec.get("answer")).strip() in ("?", "", "None"):
@@ -119,7 +140,11 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
                         continue
                     loaded.add(sample, where)
                     stats[f"{split}_{sample['meta']['task']}"] += 1
-    loaded.summary = {"subjects": o.subjects, "images": o.images, "split": {"official": True, **SPLITS},
-                      "stats": dict(sorted(stats.items()))}
+    loaded.summary = {
+        "subjects": o.subjects,
+        "images": o.images,
+        "split": {"official": True, **SPLITS},
+        "stats": dict(sorted(stats.items())),
+    }
     log.info("mmmu_med: %d questions %s", len(loaded.samples), dict(stats))
     return loaded

@@ -33,26 +33,50 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     for folder in folders:
         files = sorted((root / "QA_information" / folder).glob("*.json"))
         if not files:
-            problems.fatal(InputError(f"{root / 'QA_information' / folder}: no *.json files (OmniMedVQA's question "
-                                      "files; data.root is the folder holding QA_information/ and Images/)"))
+            problems.fatal(
+                InputError(
+                    f"{root / 'QA_information' / folder}: no *.json files (OmniMedVQA's question "
+                    "files; data.root is the folder holding QA_information/ and Images/)"
+                )
+            )
         for path in files:
             for where, rec in read_json_records(path, problems):
                 missing = [k for k in FIELDS if rec.get(k) is None or str(rec[k]).strip() == ""]
                 if missing:
-                    problems.add("bad_record", where, f"no {', '.join(missing)} (OmniMedVQA fields: {', '.join(FIELDS)})")
+                    problems.add(
+                        "bad_record", where, f"no {', '.join(missing)} (OmniMedVQA fields: {', '.join(FIELDS)})"
+                    )
                     continue
-                options = {k: str(rec[f"option_{k}"]).strip() for k in LETTERS
-                           if str(rec.get(f"option_{k}") or "").strip()}
+                options = {
+                    k: str(rec[f"option_{k}"]).strip() for k in LETTERS if str(rec.get(f"option_{k}") or "").strip()
+                }
                 answer = next((k for k, v in options.items() if v == str(rec["gt_answer"]).strip()), None)
                 if answer is None:
-                    problems.add("unknown_label", where, f"gt_answer {rec['gt_answer']!r} is none of the options "
-                                                         f"{list(options.values())}")
+                    problems.add(
+                        "unknown_label",
+                        where,
+                        f"gt_answer {rec['gt_answer']!r} is none of the options {list(options.values())}",
+                    )
                     continue
-                meta = {"dataset": "omnimedvqa", "split": "test", "access": folder, "source_dataset": rec.get("dataset"),
-                        "question_type": rec.get("question_type"),
-                        "modality_type": rec.get("modality_type", rec.get("modality"))}
-                loaded.add(mc_sample(str(rec["question_id"]), str(rec["image_path"]), mc_prompt(rec["question"], options),
-                                     options, answer, meta), where)
+                meta = {
+                    "dataset": "omnimedvqa",
+                    "split": "test",
+                    "access": folder,
+                    "source_dataset": rec.get("dataset"),
+                    "question_type": rec.get("question_type"),
+                    "modality_type": rec.get("modality_type", rec.get("modality")),
+                }
+                loaded.add(
+                    mc_sample(
+                        str(rec["question_id"]),
+                        str(rec["image_path"]),
+                        mc_prompt(rec["question"], options),
+                        options,
+                        answer,
+                        meta,
+                    ),
+                    where,
+                )
                 stats[folder] += 1
     loaded.summary = {"access": folders, "split": {"official": True, "all": "test"}, "stats": dict(stats)}
     log.info("omnimedvqa: %d questions %s", len(loaded.samples), dict(stats))

@@ -40,8 +40,11 @@ def _letter(row, path: Path, n: int, problems: Problems) -> str | None:
     answer = row.get("Answer")
     if isinstance(answer, str) and answer.strip().upper() in LETTERS:
         return answer.strip().upper()
-    problems.add("unknown_label", row_where(path, n, True), f"answer label {label!r} / Answer {answer!r} is not one "
-                                                           "of A-D (PMC-VQA's Answer_label, or version 2's Answer)")
+    problems.add(
+        "unknown_label",
+        row_where(path, n, True),
+        f"answer label {label!r} / Answer {answer!r} is not one of A-D (PMC-VQA's Answer_label, or version 2's Answer)",
+    )
     return None
 
 
@@ -75,7 +78,11 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
             prompt = mc_prompt(row["Question"], options)
             loaded.add(mc_sample(f"{split}-{n}", row["Figure_path"].strip(), prompt, options, letter, meta), where)
             stats[split] += 1
-    loaded.summary = {"train_file": o.train_file, "test_file": o.test_file,
-                      "split": {"official": True, "files": [o.train_file, o.test_file]}, "stats": dict(stats)}
+    loaded.summary = {
+        "train_file": o.train_file,
+        "test_file": o.test_file,
+        "split": {"official": True, "files": [o.train_file, o.test_file]},
+        "stats": dict(stats),
+    }
     log.info("pmc_vqa: %d questions %s", len(loaded.samples), dict(stats))
     return loaded

@@ -59,8 +59,9 @@ def _drop_duplicates(loaded: Loaded, problems: Problems) -> list[int]:
     return keep
 
 
-def check_images(loaded: Loaded, keep: list[int], problems: Problems, verify: Verify,
-                 workers: int) -> tuple[list[int], dict]:
+def check_images(
+    loaded: Loaded, keep: list[int], problems: Problems, verify: Verify, workers: int
+) -> tuple[list[int], dict]:
     """Indices of `keep` whose image opens (every distinct image once), and the rate it was checked at."""
     users: dict[str, list[int]] = defaultdict(list)
     for i in keep:
@@ -83,7 +84,7 @@ def check_images(loaded: Loaded, keep: list[int], problems: Problems, verify: Ve
     bar = tqdm(total=len(names), desc="images", unit="img", mininterval=5, disable=len(names) < 1000)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for lo in range(0, len(names), _CHUNK):  # in chunks: an error stops the check within one chunk
-            chunk = names[lo:lo + _CHUNK]
+            chunk = names[lo : lo + _CHUNK]
             for rel, err in zip(chunk, pool.map(one, chunk)):
                 bar.update()
                 if err is None:
@@ -99,8 +100,14 @@ def check_images(loaded: Loaded, keep: list[int], problems: Problems, verify: Ve
     bar.close()
     seconds = time.perf_counter() - start
     stats.update(seconds=round(seconds, 3), images_per_s=round(len(users) / seconds, 1) if seconds else None)
-    log.info("checked %d images (%s) in %.1f s: %s images/s with %d threads", len(users), verify, seconds,
-             stats["images_per_s"], workers)
+    log.info(
+        "checked %d images (%s) in %.1f s: %s images/s with %d threads",
+        len(users),
+        verify,
+        seconds,
+        stats["images_per_s"],
+        workers,
+    )
     return [i for i in keep if i not in bad], stats
 
 
@@ -111,8 +118,12 @@ def finish(loaded: Loaded, out_dir: Path, problems: Problems, verify: Verify = "
     keep, image_stats = check_images(loaded, keep, problems, verify, workers)
     samples = [loaded.samples[i] for i in keep]
     if samples and all((s.get("meta") or {}).get("group") is not None for s in samples):
-        groups = pd.DataFrame({loaded.group_name: [str(s["meta"]["group"]) for s in samples],
-                               "split": [s["meta"]["split"] for s in samples]})
+        groups = pd.DataFrame(
+            {
+                loaded.group_name: [str(s["meta"]["group"]) for s in samples],
+                "split": [s["meta"]["split"] for s in samples],
+            }
+        )
         try:
             check_no_group_leak(groups, loaded.group_name, "split")
         except InputError as e:
@@ -127,10 +138,17 @@ def finish(loaded: Loaded, out_dir: Path, problems: Problems, verify: Verify = "
         raise InputError(f"{loaded.dataset}: no samples are left to write (all were skipped or none were found)")
     for split, rows in by_split.items():
         atomic_write_jsonl(Path(out_dir) / f"{split}.jsonl", rows)
-    summary = {"dataset": loaded.dataset, "image_root": str(Path(loaded.image_root).resolve()), "splits": counts,
-               "skipped": report["skipped"], **loaded.summary}
+    summary = {
+        "dataset": loaded.dataset,
+        "image_root": str(Path(loaded.image_root).resolve()),
+        "splits": counts,
+        "skipped": report["skipped"],
+        **loaded.summary,
+    }
     if loaded.class_key:
-        summary["class_counts"] = {s: {c: sum(x["meta"][loaded.class_key] == c for x in rows)
-                                       for c in loaded.summary["choices"]} for s, rows in by_split.items()}
+        summary["class_counts"] = {
+            s: {c: sum(x["meta"][loaded.class_key] == c for x in rows) for c in loaded.summary["choices"]}
+            for s, rows in by_split.items()
+        }
     atomic_write_json(Path(out_dir) / "dataset.json", summary)
     return summary

@@ -84,14 +84,21 @@ class Problems:
         return not self.error_counts
 
     def report(self) -> dict[str, Any]:
-        return {"mode": "check" if self.check else "prepare", "ok": self.ok,
-                "errors": self.errors, "error_counts": dict(sorted(self.error_counts.items())),
-                "skipped": {r: self.skipped.get(r, 0) for r in REASONS}, "skip_allowed": sorted(self.skip)}
+        return {
+            "mode": "check" if self.check else "prepare",
+            "ok": self.ok,
+            "errors": self.errors,
+            "error_counts": dict(sorted(self.error_counts.items())),
+            "skipped": {r: self.skipped.get(r, 0) for r in REASONS},
+            "skip_allowed": sorted(self.skip),
+        }
 
     def render(self) -> str:
         """The check report as a person reads it: every listed problem, then the counts."""
-        lines = [f"  {e['where'] + ': ' if e['where'] else ''}{e['message']} [{e['reason']}]"
-                 for e in self.errors[:MAX_SHOWN]]
+        lines = [
+            f"  {e['where'] + ': ' if e['where'] else ''}{e['message']} [{e['reason']}]"
+            for e in self.errors[:MAX_SHOWN]
+        ]
         shown = len(lines)
         total = sum(self.error_counts.values())
         if total > shown:
@@ -124,7 +131,7 @@ def bad_bytes(text: str) -> str | None:
     for i, ch in enumerate(text):
         if "\udc80" <= ch <= "\udcff":
             line = text.count("\n", 0, i) + 1
-            return f"line {line}, byte 0x{ord(ch) - 0xdc00:02x}"
+            return f"line {line}, byte 0x{ord(ch) - 0xDC00:02x}"
     return None
 
 
@@ -190,8 +197,15 @@ def read_csv(path: Path, problems: Problems, columns: tuple[str, ...], multiline
     raw = _read_bytes(path)
     try:
         # object, not pandas' arrow-backed str: arrow refuses the surrogate escapes of bad bytes
-        df = pd.read_csv(io.BytesIO(raw), dtype=object, keep_default_na=False, na_values=[""], skip_blank_lines=False,
-                         encoding="utf-8-sig", encoding_errors="surrogateescape")
+        df = pd.read_csv(
+            io.BytesIO(raw),
+            dtype=object,
+            keep_default_na=False,
+            na_values=[""],
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+            encoding_errors="surrogateescape",
+        )
     except (ValueError, pd.errors.ParserError) as e:  # the parser's message names the line
         raise InputError(f"{path} cannot be read as CSV ({e}); expected columns {','.join(columns)}") from None
     missing = [c for c in columns if c not in df.columns]

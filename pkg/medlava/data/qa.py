@@ -34,18 +34,33 @@ from medlava.io import InputError, atomic_write_json
 log = logging.getLogger(__name__)
 
 YES_NO = ["Yes", "No"]
-_PHRASE = {"Enlarged Cardiomediastinum": "an enlarged cardiomediastinum", "Cardiomegaly": "cardiomegaly",
-           "Lung Lesion": "a lung lesion", "Lung Opacity": "a lung opacity", "Edema": "pulmonary edema",
-           "Consolidation": "consolidation", "Pneumonia": "pneumonia", "Atelectasis": "atelectasis",
-           "Pneumothorax": "a pneumothorax", "Pleural Effusion": "a pleural effusion",
-           "Pleural Other": "another pleural abnormality", "Fracture": "a fracture",
-           "Support Devices": "a support device"}
+_PHRASE = {
+    "Enlarged Cardiomediastinum": "an enlarged cardiomediastinum",
+    "Cardiomegaly": "cardiomegaly",
+    "Lung Lesion": "a lung lesion",
+    "Lung Opacity": "a lung opacity",
+    "Edema": "pulmonary edema",
+    "Consolidation": "consolidation",
+    "Pneumonia": "pneumonia",
+    "Atelectasis": "atelectasis",
+    "Pneumothorax": "a pneumothorax",
+    "Pleural Effusion": "a pleural effusion",
+    "Pleural Other": "another pleural abnormality",
+    "Fracture": "a fracture",
+    "Support Devices": "a support device",
+}
 _SIDE = r"(?:left|right|bilateral|both)"
-_LOCATION = re.compile(rf"\b(?:{_SIDE}\s+)?(?:(?:upper|middle|lower|mid)\s+(?:lobes?|lungs?|zones?)|(?:lung\s+)?"
-                       r"(?:bases?|apex|apices|apical)|lingula|retrocardiac|perihilar|hilar|basilar|bibasilar|"
-                       rf"costophrenic angles?)\b|\b{_SIDE}\b", re.IGNORECASE)
-_SEVERITY = re.compile(r"\b(trace|tiny|small|minimal|mild|moderate|moderately|large|severe|severely|massive|"
-                       r"extensive|marked|markedly)\b", re.IGNORECASE)
+_LOCATION = re.compile(
+    rf"\b(?:{_SIDE}\s+)?(?:(?:upper|middle|lower|mid)\s+(?:lobes?|lungs?|zones?)|(?:lung\s+)?"
+    r"(?:bases?|apex|apices|apical)|lingula|retrocardiac|perihilar|hilar|basilar|bibasilar|"
+    rf"costophrenic angles?)\b|\b{_SIDE}\b",
+    re.IGNORECASE,
+)
+_SEVERITY = re.compile(
+    r"\b(trace|tiny|small|minimal|mild|moderate|moderately|large|severe|severely|massive|"
+    r"extensive|marked|markedly)\b",
+    re.IGNORECASE,
+)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -95,15 +110,25 @@ def rules_qa(findings: str, impression: str, n: int = 5) -> list[QA]:
     return (positive + negative + uncertain + rest)[:n]
 
 
-SYSTEM = ("You write question-answer pairs about a chest X-ray for training a vision-language model. Use only "
-          "facts stated in the radiology report; answers are short and never add findings the report lacks.")
+SYSTEM = (
+    "You write question-answer pairs about a chest X-ray for training a vision-language model. Use only "
+    "facts stated in the radiology report; answers are short and never add findings the report lacks."
+)
 
 
 def qa_schema(n: int) -> dict:
-    pair = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-            "required": ["question", "answer"], "additionalProperties": False}
-    return {"type": "object", "properties": {"qa": {"type": "array", "items": pair, "minItems": n, "maxItems": n}},
-            "required": ["qa"], "additionalProperties": False}
+    pair = {
+        "type": "object",
+        "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["question", "answer"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"qa": {"type": "array", "items": pair, "minItems": n, "maxItems": n}},
+        "required": ["qa"],
+        "additionalProperties": False,
+    }
 
 
 class RateLimit:
@@ -135,18 +160,32 @@ class LlmQA:
         self.cfg, self.n, self.cache_dir = cfg, n, Path(cache_dir)
         # vLLM without --api-key accepts any key; the client insists on one. Retries are ours (below), so
         # that every attempt waits for the rate limit.
-        self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-                             max_retries=0, timeout=cfg.timeout_s)
+        self.client = OpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+            max_retries=0,
+            timeout=cfg.timeout_s,
+        )
         self.limit = RateLimit(cfg.requests_per_minute)
         self.requests = 0
 
     def _request(self, report: str) -> dict:
-        return {"model": self.cfg.model, "temperature": self.cfg.temperature,
-                "messages": [{"role": "system", "content": SYSTEM},
-                             {"role": "user", "content": f"Radiology report:\n{report}\n\nWrite exactly {self.n} "
-                                                         "question-answer pairs about this X-ray as JSON."}],
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "qa_pairs", "schema": qa_schema(self.n), "strict": True}}}
+        return {
+            "model": self.cfg.model,
+            "temperature": self.cfg.temperature,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {
+                    "role": "user",
+                    "content": f"Radiology report:\n{report}\n\nWrite exactly {self.n} "
+                    "question-answer pairs about this X-ray as JSON.",
+                },
+            ],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "qa_pairs", "schema": qa_schema(self.n), "strict": True},
+            },
+        }
 
     def _valid(self, content: str | None) -> list[QA] | None:
         try:
@@ -155,8 +194,11 @@ class LlmQA:
             return None
         if not isinstance(pairs, list) or len(pairs) != self.n:
             return None
-        out = [QA(str(p.get("question", "")).strip(), str(p.get("answer", "")).strip(), "llm")
-               for p in pairs if isinstance(p, dict)]
+        out = [
+            QA(str(p.get("question", "")).strip(), str(p.get("answer", "")).strip(), "llm")
+            for p in pairs
+            if isinstance(p, dict)
+        ]
         return out if len(out) == self.n and all(q.question and q.answer for q in out) else None
 
     def generate(self, report_id: str, report: str) -> list[QA]:
@@ -179,19 +221,31 @@ class LlmQA:
                 reason = f"{type(e).__name__}: {e}"  # transient: retried
                 continue
             except openai.APIError as e:
-                raise QAGenerationError(f"report {report_id}: {self.cfg.base_url} ({self.cfg.model}) refused the "
-                                        f"request: {type(e).__name__}: {e}") from None
+                raise QAGenerationError(
+                    f"report {report_id}: {self.cfg.base_url} ({self.cfg.model}) refused the "
+                    f"request: {type(e).__name__}: {e}"
+                ) from None
             qa = self._valid(reply.choices[0].message.content if reply.choices else None)
             if qa:
-                atomic_write_json(cached, {"report_id": report_id, "model": self.cfg.model,
-                                           "qa": [asdict(q) for q in qa]})
+                atomic_write_json(
+                    cached, {"report_id": report_id, "model": self.cfg.model, "qa": [asdict(q) for q in qa]}
+                )
                 return qa
             reason = "the reply was not the requested JSON"
-        raise QAGenerationError(f"report {report_id}: {self.cfg.base_url} ({self.cfg.model}): {reason} after "
-                                f"{self.cfg.max_retries + 1} attempts")
+        raise QAGenerationError(
+            f"report {report_id}: {self.cfg.base_url} ({self.cfg.model}): {reason} after "
+            f"{self.cfg.max_retries + 1} attempts"
+        )
 
     def generate_all(self, reports: list[tuple[str, str]]) -> list[list[QA]]:
         """Pairs for each (report_id, text), in order, `concurrency` requests at a time."""
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            return list(tqdm(pool.map(lambda r: self.generate(*r), reports), total=len(reports), desc="LLM QA",
-                             unit="report", mininterval=5))
+            return list(
+                tqdm(
+                    pool.map(lambda r: self.generate(*r), reports),
+                    total=len(reports),
+                    desc="LLM QA",
+                    unit="report",
+                    mininterval=5,
+                )
+            )

@@ -28,5 +28,6 @@ DATASETS = {
 def load_dataset(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     if cfg.data.synthetic is not None:  # the config allows it for ham10000 only
         from medlava.data.synthetic import ensure_synthetic_ham10000
+
         ensure_synthetic_ham10000(Path(cfg.data.root), cfg.data.synthetic)
     return importlib.import_module(DATASETS[cfg.data.dataset]).load(cfg, problems, Path(out_dir))

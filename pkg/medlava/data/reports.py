@@ -10,8 +10,14 @@ from __future__ import annotations
 import re
 
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z0-9 ,&/()'-]*?)[ \t]*:", re.MULTILINE)
-_ALIASES = {"impressions": "impression", "conclusion": "impression", "conclusions": "impression",
-            "summary": "impression", "finding": "findings", "findings/impression": "impression"}
+_ALIASES = {
+    "impressions": "impression",
+    "conclusion": "impression",
+    "conclusions": "impression",
+    "summary": "impression",
+    "finding": "findings",
+    "findings/impression": "impression",
+}
 _TITLE = re.compile(r"chest|portable|pa and lat|lateral and pa|ap and lat|frontal|two views|one view|ap view|pa view")
 
 
@@ -30,8 +36,9 @@ def sections(text: str) -> dict[str, str]:
     found: dict[str, list[str]] = {}
     heads = list(_HEADER.finditer(text))
     bounds = [(None, 0, heads[0].start() if heads else len(text))]
-    bounds += [(h.group(1), h.end(), heads[i + 1].start() if i + 1 < len(heads) else len(text))
-               for i, h in enumerate(heads)]
+    bounds += [
+        (h.group(1), h.end(), heads[i + 1].start() if i + 1 < len(heads) else len(text)) for i, h in enumerate(heads)
+    ]
     for header, start, end in bounds:
         body = " ".join(text[start:end].split())
         if body:

@@ -16,15 +16,23 @@ def validate_sample(row: dict, where: str) -> dict:
         raise InputError(f"{where} (id {row['id']}): `conversations` must be a list of {{from, value}} turns")
     meta = row.get("meta") or {}
     choices = meta.get("choices")
-    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
-                                or not all(isinstance(c, str) and c.strip() for c in choices)):
+    if choices is not None and (
+        not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
         # A closed question without choices is allowed (SLAKE's non-evident ones): infer generates its answer.
         raise InputError(f"{where} (id {row['id']}): meta.choices must be a list of at least two non-empty strings")
     if meta.get("task") == "multiple_choice":
         options = meta.get("options")
-        if not choices or not isinstance(options, dict) or list(options) != choices or meta.get("answer") not in choices:
-            raise InputError(f"{where} (id {row['id']}): a multiple_choice sample needs meta.choices (the option "
-                             "letters), meta.options {letter: text} in the same order, and meta.answer one of them")
+        if (
+            not choices
+            or not isinstance(options, dict)
+            or list(options) != choices
+            or meta.get("answer") not in choices
+        ):
+            raise InputError(
+                f"{where} (id {row['id']}): a multiple_choice sample needs meta.choices (the option "
+                "letters), meta.options {letter: text} in the same order, and meta.answer one of them"
+            )
     return row
 
 

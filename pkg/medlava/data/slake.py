@@ -25,8 +25,20 @@ log = logging.getLogger(__name__)
 
 SPLIT_FILES = {"train": ("train.json",), "val": ("validate.json", "validation.json"), "test": ("test.json",)}
 HF_SPLITS = {"train": ("train",), "val": ("validation", "validate", "val"), "test": ("test",)}
-FIELDS = ("img_id", "img_name", "question", "answer", "q_lang", "location", "modality", "answer_type", "base_type",
-          "content_type", "triple", "qid")
+FIELDS = (
+    "img_id",
+    "img_name",
+    "question",
+    "answer",
+    "q_lang",
+    "location",
+    "modality",
+    "answer_type",
+    "base_type",
+    "content_type",
+    "triple",
+    "qid",
+)
 REQUIRED = ("img_name", "question", "answer", "answer_type", "q_lang", "qid")
 KG_FILES = ("en_disease.csv", "en_organ.csv", "en_organ_rel.csv")
 _PLACEHOLDERS = {"vhead", "_", ""}
@@ -52,8 +64,12 @@ def knowledge(rec: dict, mode: str, kg: list[tuple[str, str, str]] | None, max_f
     if mode == "triple":
         return f"({', '.join(triple)})"
     question = rec["question"].lower()
-    facts = [f"{h} {r}: {t}" for h, r, t in kg or () if r.lower() == triple[1].lower()
-             and (h.lower() == triple[0].lower() or re.search(rf"\b{re.escape(h.lower())}\b", question))]
+    facts = [
+        f"{h} {r}: {t}"
+        for h, r, t in kg or ()
+        if r.lower() == triple[1].lower()
+        and (h.lower() == triple[0].lower() or re.search(rf"\b{re.escape(h.lower())}\b", question))
+    ]
     return "; ".join(facts[:max_facts])
 
 
@@ -73,14 +89,18 @@ def _hf_records(root: Path) -> dict[str, list[tuple[str, dict]]]:
     try:
         import datasets
     except ImportError:
-        raise InputError("data.slake.source=hf reads with the `datasets` package: "
-                         "pip install 'medlava[data]'") from None
+        raise InputError(
+            "data.slake.source=hf reads with the `datasets` package: pip install 'medlava[data]'"
+        ) from None
     if not root.is_dir():
         raise InputError(f"{root} is not a folder: data.root must be a local copy of BoKelvin/SLAKE")
     with tempfile.TemporaryDirectory() as cache:  # the arrow cache is only needed while reading
         try:
-            dd = (datasets.load_from_disk(str(root)) if (root / "dataset_dict.json").exists()
-                  else datasets.load_dataset(str(root), cache_dir=cache))
+            dd = (
+                datasets.load_from_disk(str(root))
+                if (root / "dataset_dict.json").exists()
+                else datasets.load_dataset(str(root), cache_dir=cache)
+            )
         except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
             raise InputError(f"{root}: not a readable Hugging Face copy of SLAKE ({e})") from None
         out = {}
@@ -104,8 +124,12 @@ def _condition(source: Image.Image, mask_path: Path, mode: str, margin: float) -
     if mode == "crop":
         ys, xs = np.nonzero(m)
         dx, dy = margin * (xs.max() - xs.min() + 1), margin * (ys.max() - ys.min() + 1)
-        box = (max(0, int(xs.min() - dx)), max(0, int(ys.min() - dy)),
-               min(source.width, int(xs.max() + 1 + dx)), min(source.height, int(ys.max() + 1 + dy)))
+        box = (
+            max(0, int(xs.min() - dx)),
+            max(0, int(ys.min() - dy)),
+            min(source.width, int(xs.max() + 1 + dx)),
+            min(source.height, int(ys.max() + 1 + dy)),
+        )
         return source.crop(box), mask, True
     a = np.asarray(source).copy()
     a[~m] = 0
@@ -129,8 +153,14 @@ def _debug(source: Image.Image, mask: Image.Image, seen: Image.Image, path: Path
 def _sample(rec: dict, split: str, image: str, o: SlakeConfig, kg: list | None, stats: Counter) -> dict:
     question, answer = str(rec["question"]).strip(), str(rec["answer"]).strip()
     task = str(rec["answer_type"]).strip().lower()
-    meta = {"dataset": "slake", "split": split, "task": task, "answer": answer, "group": str(rec["img_name"]),
-            **{k: rec.get(k) for k in FIELDS if k not in ("question", "answer")}}
+    meta = {
+        "dataset": "slake",
+        "split": split,
+        "task": task,
+        "answer": answer,
+        "group": str(rec["img_name"]),
+        **{k: rec.get(k) for k in FIELDS if k not in ("question", "answer")},
+    }
     if task == "closed":
         evident = closed_choices(question, answer)
         if evident:
@@ -139,10 +169,18 @@ def _sample(rec: dict, split: str, image: str, o: SlakeConfig, kg: list | None, 
         stats["closed_with_choices" if evident else "closed_without_choices"] += 1
     know = knowledge(rec, o.kg, kg, o.kg_max_facts) if o.kg != "none" else ""
     stats["with_knowledge"] += bool(know)
-    prompt = ("<image>\n" + (f"Knowledge: {know}\n" if know else "") + question
-              + (f" {o.instruction}" if o.instruction else ""))
-    return {"id": str(rec["qid"]), "image": image,
-            "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}], "meta": meta}
+    prompt = (
+        "<image>\n"
+        + (f"Knowledge: {know}\n" if know else "")
+        + question
+        + (f" {o.instruction}" if o.instruction else "")
+    )
+    return {
+        "id": str(rec["qid"]),
+        "image": image,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+        "meta": meta,
+    }
 
 
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
@@ -163,8 +201,9 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
                 continue
             lang, kind = str(rec["q_lang"]), str(rec["answer_type"]).strip().upper()
             if lang not in ("en", "zh") or kind not in ("OPEN", "CLOSED"):
-                problems.add("unknown_label", where, f"q_lang {lang!r} / answer_type {kind!r}: expected en|zh and "
-                                                     "OPEN|CLOSED")
+                problems.add(
+                    "unknown_label", where, f"q_lang {lang!r} / answer_type {kind!r}: expected en|zh and OPEN|CLOSED"
+                )
                 continue
             if o.language != "all" and lang != o.language:
                 stats["other_language"] += 1
@@ -181,14 +220,21 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
                     continue
                 image = made[image]
             loaded.add(_sample(rec, split, image, o, kg, stats), where)
-    loaded.summary = {"source": o.source, "language": o.language, "kg": o.kg, "mask": o.mask,
-                      "split": {"official": True, "group": "img_name"}, "stats": dict(sorted(stats.items()))}
+    loaded.summary = {
+        "source": o.source,
+        "language": o.language,
+        "kg": o.kg,
+        "mask": o.mask,
+        "split": {"official": True, "group": "img_name"},
+        "stats": dict(sorted(stats.items())),
+    }
     log.info("slake: %d questions (%s)", len(loaded.samples), dict(stats))
     return loaded
 
 
-def _masked(rec: dict, source_root: Path, out_dir: Path, o: SlakeConfig, write: bool, stats: Counter,
-            n_made: int) -> str | BadImage:
+def _masked(
+    rec: dict, source_root: Path, out_dir: Path, o: SlakeConfig, write: bool, stats: Counter, n_made: int
+) -> str | BadImage:
     """The conditioned image's path under out_dir/images (written unless checking), or why the source or its
     mask cannot be used."""
     rel = str(rec["img_name"])

@@ -34,8 +34,9 @@ def _allocate(n: int, ratios: np.ndarray) -> np.ndarray:
     return counts
 
 
-def grouped_split(df: pd.DataFrame, group_col: str, label_col: str, ratios: tuple[float, float, float],
-                  seed: int) -> pd.Series:
+def grouped_split(
+    df: pd.DataFrame, group_col: str, label_col: str, ratios: tuple[float, float, float], seed: int
+) -> pd.Series:
     """'train' / 'val' / 'test' per row of `df` (same index): whole groups go to one split, and each label's
     groups are shared out by `ratios`. Deterministic for a seed, whatever the row order.
 
@@ -65,8 +66,10 @@ def check_no_group_leak(df: pd.DataFrame, group_col: str, split_col: str) -> Non
     leaked = splits[splits.map(len) > 1]
     if len(leaked):
         shown = ", ".join(f"{g} ({'/'.join(sorted(s))})" for g, s in leaked.head(10).items())
-        raise InputError(f"{len(leaked)} {group_col} values fall in more than one split: {shown}"
-                         f"{' ...' if len(leaked) > 10 else ''}; put all rows of a {group_col} in one split")
+        raise InputError(
+            f"{len(leaked)} {group_col} values fall in more than one split: {shown}"
+            f"{' ...' if len(leaked) > 10 else ''}; put all rows of a {group_col} in one split"
+        )
 
 
 def read_split_file(path: Path, id_col: str = "image_id", ids: Iterable[str] | None = None) -> pd.Series:
@@ -84,18 +87,23 @@ def read_split_file(path: Path, id_col: str = "image_id", ids: Iterable[str] | N
     bad = df[(df[id_col] == "") | ~df["split"].isin(SPLITS)]
     if len(bad):
         line, row = next(bad.iterrows())
-        raise InputError(f"{path}:{line}: {id_col}={row[id_col]!r} split={row['split']!r}; every row "
-                         f"needs an {id_col} and a split of {'/'.join(SPLITS)} ({len(bad)} such rows)")
+        raise InputError(
+            f"{path}:{line}: {id_col}={row[id_col]!r} split={row['split']!r}; every row "
+            f"needs an {id_col} and a split of {'/'.join(SPLITS)} ({len(bad)} such rows)"
+        )
     dupes = df[df[id_col].duplicated(keep=False)]
     if len(dupes):
         first = dupes[id_col].iloc[0]
         lines = dupes.index[dupes[id_col] == first].tolist()
-        raise InputError(f"{path}: {id_col} {first!r} is listed on lines {lines} ({dupes[id_col].nunique()} ids "
-                         "listed more than once); give each id exactly one row")
+        raise InputError(
+            f"{path}: {id_col} {first!r} is listed on lines {lines} ({dupes[id_col].nunique()} ids "
+            "listed more than once); give each id exactly one row"
+        )
     splits = df.set_index(id_col)["split"]
     if ids is not None:
         absent = [i for i in ids if i not in splits.index]
         if absent:
-            raise InputError(f"split file {path} gives no split for {len(absent)} images, e.g. {absent[:5]}; "
-                             "add a row for each")
+            raise InputError(
+                f"split file {path} gives no split for {len(absent)} images, e.g. {absent[:5]}; add a row for each"
+            )
     return splits

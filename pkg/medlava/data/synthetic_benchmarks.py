@@ -23,8 +23,15 @@ from PIL import Image, ImageDraw
 
 from medlava.io import InputError
 
-COLOURS = {"yes": (200, 60, 60), "no": (60, 60, 200), "A": (200, 200, 60), "B": (60, 200, 60), "C": (60, 200, 200),
-           "D": (200, 60, 200), "E": (120, 120, 120)}
+COLOURS = {
+    "yes": (200, 60, 60),
+    "no": (60, 60, 200),
+    "A": (200, 200, 60),
+    "B": (60, 200, 60),
+    "C": (60, 200, 200),
+    "D": (200, 60, 200),
+    "E": (120, 120, 120),
+}
 
 
 def image_bytes(key: str, seed: int, size: tuple[int, int] = (40, 32), fmt: str = "PNG") -> bytes:
@@ -59,12 +66,19 @@ def _parquet(path: Path, rows: list[dict], image_columns: tuple[str, ...]) -> No
 ORGANS = ("Liver", "Lung", "Heart", "Spleen")
 MODALITIES = ("CT", "MRI", "X-Ray")
 KG = {
-    "en_disease.csv": ["disease#attribute#value", "Pneumonia#cause#bacterial infection",
-                       "Pneumonia#location#Lung"],
-    "en_organ.csv": ["organ#attribute#value", "Liver#function#Detoxification, storing glycogen",
-                     "Lung#function#Breathing", "Heart#function#Pumping blood", "Spleen#function#Filtering blood"],
-    "en_organ_rel.csv": ["organ#relation#value", "Liver#belong to#Digestive system",
-                         "Lung#belong to#Respiratory system"],
+    "en_disease.csv": ["disease#attribute#value", "Pneumonia#cause#bacterial infection", "Pneumonia#location#Lung"],
+    "en_organ.csv": [
+        "organ#attribute#value",
+        "Liver#function#Detoxification, storing glycogen",
+        "Lung#function#Breathing",
+        "Heart#function#Pumping blood",
+        "Spleen#function#Filtering blood",
+    ],
+    "en_organ_rel.csv": [
+        "organ#relation#value",
+        "Liver#belong to#Digestive system",
+        "Lung#belong to#Respiratory system",
+    ],
 }
 
 
@@ -72,22 +86,66 @@ def _questions(img_id: int, organ: str, other: str, modality: str, rng: np.rando
     base = {"img_id": img_id, "img_name": f"xmlab{img_id}/source.jpg", "location": "Abdomen", "modality": modality}
     yes = bool(rng.integers(2))
     return [
-        {**base, "question": "What modality is used to take this image?", "answer": modality, "q_lang": "en",
-         "answer_type": "OPEN", "base_type": "vqa", "content_type": "Modality", "triple": ["vhead", "_", "_"]},
-        {**base, "question": f"Does the picture contain {organ.lower() if yes else other.lower()}?",
-         "answer": "Yes" if yes else "No", "q_lang": "en", "answer_type": "CLOSED", "base_type": "vqa",
-         "content_type": "Organ", "triple": ["vhead", "_", "_"]},
-        {**base, "question": f"Which organ is shown, {organ.lower()} or {other.lower()}?", "answer": organ,
-         "q_lang": "en", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Organ",
-         "triple": ["vhead", "_", "_"]},
-        {**base, "question": "Where is the abnormality?", "answer": "Left", "q_lang": "en", "answer_type": "CLOSED",
-         "base_type": "vqa", "content_type": "Position", "triple": ["vhead", "_", "_"]},
-        {**base, "question": f"What is the function of the {organ.lower()} in this image?",
-         "answer": dict(r.split("#")[::2] for r in KG["en_organ.csv"][1:])[organ], "q_lang": "en",
-         "answer_type": "OPEN", "base_type": "kvqa", "content_type": "KG", "triple": ["vhead", "function", "_"]},
-        {**base, "question": "这张图片的成像方式是什么?", "answer": modality, "q_lang": "zh",
-         "answer_type": "OPEN",
-         "base_type": "vqa", "content_type": "Modality", "triple": ["vhead", "_", "_"]},
+        {
+            **base,
+            "question": "What modality is used to take this image?",
+            "answer": modality,
+            "q_lang": "en",
+            "answer_type": "OPEN",
+            "base_type": "vqa",
+            "content_type": "Modality",
+            "triple": ["vhead", "_", "_"],
+        },
+        {
+            **base,
+            "question": f"Does the picture contain {organ.lower() if yes else other.lower()}?",
+            "answer": "Yes" if yes else "No",
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Organ",
+            "triple": ["vhead", "_", "_"],
+        },
+        {
+            **base,
+            "question": f"Which organ is shown, {organ.lower()} or {other.lower()}?",
+            "answer": organ,
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Organ",
+            "triple": ["vhead", "_", "_"],
+        },
+        {
+            **base,
+            "question": "Where is the abnormality?",
+            "answer": "Left",
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "base_type": "vqa",
+            "content_type": "Position",
+            "triple": ["vhead", "_", "_"],
+        },
+        {
+            **base,
+            "question": f"What is the function of the {organ.lower()} in this image?",
+            "answer": dict(r.split("#")[::2] for r in KG["en_organ.csv"][1:])[organ],
+            "q_lang": "en",
+            "answer_type": "OPEN",
+            "base_type": "kvqa",
+            "content_type": "KG",
+            "triple": ["vhead", "function", "_"],
+        },
+        {
+            **base,
+            "question": "这张图片的成像方式是什么?",
+            "answer": modality,
+            "q_lang": "zh",
+            "answer_type": "OPEN",
+            "base_type": "vqa",
+            "content_type": "Modality",
+            "triple": ["vhead", "_", "_"],
+        },
     ]
 
 
@@ -116,12 +174,14 @@ def _draw(root: Path, img_id: int, size: tuple[int, int], rng: np.random.Generat
     ImageDraw.Draw(mask).ellipse(box, fill=1 + img_id % 4)
     image.save(d / "source.jpg", quality=92)
     mask.save(d / "mask.png")
-    (d / "detection.json").write_text(json.dumps([{ORGANS[img_id % 4]: [box[0], box[1], box[2] - box[0],
-                                                                        box[3] - box[1]]}]))
+    (d / "detection.json").write_text(
+        json.dumps([{ORGANS[img_id % 4]: [box[0], box[1], box[2] - box[0], box[3] - box[1]]}])
+    )
 
 
-def make_synthetic_slake(root: Path, n_images: int = 12, seed: int = 0, size: tuple[int, int] = (96, 80),
-                         val_name: str = "validate.json") -> Path:
+def make_synthetic_slake(
+    root: Path, n_images: int = 12, seed: int = 0, size: tuple[int, int] = (96, 80), val_name: str = "validate.json"
+) -> Path:
     """Write the local release layout at `root` (deterministic for `seed`)."""
     root = Path(root)
     rng = np.random.default_rng(seed + 1)
@@ -133,7 +193,8 @@ def make_synthetic_slake(root: Path, n_images: int = 12, seed: int = 0, size: tu
         (root / name).write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
         for img in {r["img_id"] for r in rows}:
             (root / "imgs" / f"xmlab{img}" / "question.json").write_text(
-                json.dumps([r for r in rows if r["img_id"] == img], ensure_ascii=False), encoding="utf-8")
+                json.dumps([r for r in rows if r["img_id"] == img], ensure_ascii=False), encoding="utf-8"
+            )
     (root / "KG").mkdir()
     for name, lines in KG.items():
         (root / "KG" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -148,8 +209,9 @@ def make_synthetic_slake_hf(root: Path, n_images: int = 12, seed: int = 0) -> Pa
 
     root = Path(root)
     records = slake_records(n_images, seed)
-    dd = datasets.DatasetDict({("validation" if s == "validate" else s): datasets.Dataset.from_list(rows)
-                               for s, rows in records.items()})
+    dd = datasets.DatasetDict(
+        {("validation" if s == "validate" else s): datasets.Dataset.from_list(rows) for s, rows in records.items()}
+    )
     dd.save_to_disk(str(root))
     rng = np.random.default_rng(seed + 1)
     for i in range(n_images):
@@ -181,11 +243,24 @@ def make_vqa_rad_osf(root: Path, n_images: int = 4) -> dict:
         for j, (q, a, kind, qtype) in enumerate(VQA_RAD_QUESTIONS):
             test = i >= 2 and j % 2 == 0
             phrase = ("test_para" if j == 4 else "test_freeform") if test else ("para" if j == 5 else "freeform")
-            records.append({"qid": qid, "phrase_type": phrase, "qid_linked_id": f"03f{i}{j}", "image_case_url":
-                            f"https://medpix.nlm.nih.gov/case?id={i}", "image_name": name, "image_organ": "CHEST",
-                            "evaluation": "given", "question": q, "question_rephrase": "NULL",
-                            "question_relation": "NULL", "question_frame": "NULL", "question_type": qtype,
-                            "answer": a, "answer_type": kind})
+            records.append(
+                {
+                    "qid": qid,
+                    "phrase_type": phrase,
+                    "qid_linked_id": f"03f{i}{j}",
+                    "image_case_url": f"https://medpix.nlm.nih.gov/case?id={i}",
+                    "image_name": name,
+                    "image_organ": "CHEST",
+                    "evaluation": "given",
+                    "question": q,
+                    "question_rephrase": "NULL",
+                    "question_relation": "NULL",
+                    "question_frame": "NULL",
+                    "question_type": qtype,
+                    "answer": a,
+                    "answer_type": kind,
+                }
+            )
             qid += 1
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(records, indent=1))
     return {"records": records}
@@ -200,9 +275,16 @@ def make_hf_vqa(root: Path, splits: dict[str, int], seed: int = 0) -> dict:
         for i in range(n):
             answer = ("yes", "no", "stomach", "no", "yes", "fibrosis")[i % 6]
             question = "Is this normal?" if answer in ("yes", "no") else "What is shown?"
-            rows.append({"image": {"bytes": image_bytes(answer if answer in COLOURS else "E", seed + 100 * s + i // 2,
-                                                        fmt="JPEG"), "path": None},
-                         "question": question, "answer": answer})
+            rows.append(
+                {
+                    "image": {
+                        "bytes": image_bytes(answer if answer in COLOURS else "E", seed + 100 * s + i // 2, fmt="JPEG"),
+                        "path": None,
+                    },
+                    "question": question,
+                    "answer": answer,
+                }
+            )
         _parquet(Path(root) / "data" / f"{prefix}-00000-of-00001-{seed:016x}.parquet", rows, ("image",))
         out[prefix] = rows
     return out
@@ -210,14 +292,24 @@ def make_hf_vqa(root: Path, splits: dict[str, int], seed: int = 0) -> dict:
 
 # --- PMC-VQA ----------------------------------------------------------------------------------------------------
 
+
 def _pmc_rows(n: int, start: int) -> list[dict]:
     rows = []
     for i in range(n):
         letter = "ABCD"[i % 4]
         options = [f"{k}:finding {k.lower()}{start + i}" for k in "ABCD"]
-        rows.append({"Figure_path": f"PMC{start + i}_F1.jpg", "Question": f"What does panel {i} show?",
-                     "Answer": options["ABCD".index(letter)][2:], "Choice A": options[0], "Choice B": " " + options[1],
-                     "Choice C": options[2], "Choice D": options[3], "Answer_label": letter})
+        rows.append(
+            {
+                "Figure_path": f"PMC{start + i}_F1.jpg",
+                "Question": f"What does panel {i} show?",
+                "Answer": options["ABCD".index(letter)][2:],
+                "Choice A": options[0],
+                "Choice B": " " + options[1],
+                "Choice C": options[2],
+                "Choice D": options[3],
+                "Answer_label": letter,
+            }
+        )
     return rows
 
 
@@ -230,19 +322,34 @@ def make_pmc_vqa(root: Path, n_train: int = 8, n_test: int = 8, version: int = 1
     files = {"train": _pmc_rows(n_train, 100), "test": _pmc_rows(n_test, 500)}
     for rows in files.values():
         for r in rows:
-            _write(root / folder / r["Figure_path"], image_bytes(r["Answer_label"], int(r["Figure_path"][3:6]),
-                                                                 fmt="JPEG"))
+            _write(
+                root / folder / r["Figure_path"], image_bytes(r["Answer_label"], int(r["Figure_path"][3:6]), fmt="JPEG")
+            )
     if version == 1:
         names = {"train": ["train.csv"], "test": ["test.csv", "test_clean.csv"]}
         columns = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
     else:
         names = {"train": ["train_2.csv"], "test": ["test_2.csv"]}
-        columns = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
-                   "Answer", "split"]
+        columns = [
+            "index",
+            "Figure_path",
+            "Caption",
+            "Question",
+            "Choice A",
+            "Choice B",
+            "Choice C",
+            "Choice D",
+            "Answer",
+            "split",
+        ]
         for split, rows in files.items():
             for i, r in enumerate(rows):
-                r.update(index=str(i), Caption=f"Figure {i}: a caption, with a comma\nand a line break.",
-                         Answer=r["Answer_label"], split=split)
+                r.update(
+                    index=str(i),
+                    Caption=f"Figure {i}: a caption, with a comma\nand a line break.",
+                    Answer=r["Answer_label"],
+                    split=split,
+                )
     for split, rows in files.items():
         for name in names[split]:
             with (root / name).open("w", newline="", encoding="utf-8") as f:
@@ -254,14 +361,17 @@ def make_pmc_vqa(root: Path, n_train: int = 8, n_test: int = 8, version: int = 1
 
 # --- OmniMedVQA -------------------------------------------------------------------------------------------------
 
+
 def make_omnimedvqa(root: Path, per_file: int = 4) -> dict:
     """QA_information/Open-access/{ACRIMA,Chest CT Scan}.json and Restricted-access/RUS_CHN.json; images under
     Images/<dataset>/. Two- to four-option questions; `Chest CT Scan.json` writes `modality` (as the release does)."""
     root = Path(root)
     written: dict[str, list[dict]] = {}
-    for access, name, modality in (("Open-access", "ACRIMA", "Fundus Photography"),
-                                   ("Open-access", "Chest CT Scan", "CT(Computed Tomography)"),
-                                   ("Restricted-access", "RUS_CHN", "X-Ray")):
+    for access, name, modality in (
+        ("Open-access", "ACRIMA", "Fundus Photography"),
+        ("Open-access", "Chest CT Scan", "CT(Computed Tomography)"),
+        ("Restricted-access", "RUS_CHN", "X-Ray"),
+    ):
         recs = []
         for i in range(per_file):
             n_options = 2 + i % 3
@@ -270,10 +380,16 @@ def make_omnimedvqa(root: Path, per_file: int = 4) -> dict:
             image = f"Images/{name}/{i:03d}.png"
             if access == "Open-access":
                 _write(root / image, image_bytes("ABCD"[i % n_options], i))
-            rec = {"dataset": name, "question_id": f"{name}_{i:03d}", "question_type": "Disease Diagnosis",
-                   "question": f"What is the diagnosis of image {i}?", "gt_answer": answer, "image_path": image,
-                   **{f"option_{k}": o for k, o in zip("ABCD", options)},
-                   ("modality" if name == "Chest CT Scan" else "modality_type"): modality}
+            rec = {
+                "dataset": name,
+                "question_id": f"{name}_{i:03d}",
+                "question_type": "Disease Diagnosis",
+                "question": f"What is the diagnosis of image {i}?",
+                "gt_answer": answer,
+                "image_path": image,
+                **{f"option_{k}": o for k, o in zip("ABCD", options)},
+                ("modality" if name == "Chest CT Scan" else "modality_type"): modality,
+            }
             recs.append(rec)
         path = root / "QA_information" / access / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +399,7 @@ def make_omnimedvqa(root: Path, per_file: int = 4) -> dict:
 
 
 # --- MedXpertQA MM ----------------------------------------------------------------------------------------------
+
 
 def make_medxpertqa(root: Path, n_test: int = 6) -> dict:
     """MM/dev.jsonl (2) and MM/test.jsonl: five options A-E, the question text listing them ("Answer Choices:"),
@@ -298,9 +415,18 @@ def make_medxpertqa(root: Path, n_test: int = 6) -> dict:
             for k, name in enumerate(names):
                 _write(root / "images" / name, image_bytes(label, 10 * i + k, fmt="JPEG"))
             listing = " ".join(f"({k}) {v}" for k, v in options.items())
-            rows.append({"id": f"MM-{split}-{i}", "question": f"A patient, case {i}. What is it?\nAnswer Choices: "
-                         f"{listing}", "options": options, "label": label, "images": names,
-                         "medical_task": "Diagnosis", "body_system": "Skeletal", "question_type": "Reasoning"})
+            rows.append(
+                {
+                    "id": f"MM-{split}-{i}",
+                    "question": f"A patient, case {i}. What is it?\nAnswer Choices: {listing}",
+                    "options": options,
+                    "label": label,
+                    "images": names,
+                    "medical_task": "Diagnosis",
+                    "body_system": "Skeletal",
+                    "question_type": "Reasoning",
+                }
+            )
         (root / "MM").mkdir(parents=True, exist_ok=True)
         (root / "MM" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[split] = rows
@@ -309,20 +435,34 @@ def make_medxpertqa(root: Path, n_test: int = 6) -> dict:
 
 # --- MMMU -------------------------------------------------------------------------------------------------------
 
+
 def _mmmu_row(subject: str, split: str, i: int) -> dict:
     n_options = 4 + i % 2
     answer = "ABCDE"[i % n_options]
     images = 2 if i % 3 == 1 else 1
-    row = {"id": f"{split}_{subject}_{i + 1}", "question": f"<image 1> Case {i}: which finding is shown?"
-           + (" Compare with <image 2>." if images == 2 else ""),
-           "options": str([f"Finding {k}" for k in range(n_options)]), "explanation": "",
-           "img_type": "['Body Scans: MRI, CT.']", "answer": answer if split != "test" else "?",
-           "topic_difficulty": "Medium", "question_type": "multiple-choice", "subfield": "Radiology"}
+    row = {
+        "id": f"{split}_{subject}_{i + 1}",
+        "question": f"<image 1> Case {i}: which finding is shown?"
+        + (" Compare with <image 2>." if images == 2 else ""),
+        "options": str([f"Finding {k}" for k in range(n_options)]),
+        "explanation": "",
+        "img_type": "['Body Scans: MRI, CT.']",
+        "answer": answer if split != "test" else "?",
+        "topic_difficulty": "Medium",
+        "question_type": "multiple-choice",
+        "subfield": "Radiology",
+    }
     if i % 4 == 3 and split != "test":  # an open question
         row.update(question="<image 1> How many lesions are there?", options="[]", answer="2", question_type="open")
     for k in range(1, 8):
-        row[f"image_{k}"] = ({"bytes": image_bytes(answer if k == 1 else "E", sum(map(ord, subject + split)) + 10 * i + k),
-                              "path": f"{row['id']}_{k}.png"} if k <= images else None)
+        row[f"image_{k}"] = (
+            {
+                "bytes": image_bytes(answer if k == 1 else "E", sum(map(ord, subject + split)) + 10 * i + k),
+                "path": f"{row['id']}_{k}.png",
+            }
+            if k <= images
+            else None
+        )
     return row
 
 
@@ -333,8 +473,9 @@ def make_mmmu(root: Path, subjects: tuple[str, ...] = ("Clinical_Medicine", "Pha
     for subject in subjects:
         for split, count in n.items():
             rows = [_mmmu_row(subject, split, i) for i in range(count)]
-            _parquet(Path(root) / subject / f"{split}-00000-of-00001.parquet", rows,
-                     tuple(f"image_{k}" for k in range(1, 8)))
+            _parquet(
+                Path(root) / subject / f"{split}-00000-of-00001.parquet", rows, tuple(f"image_{k}" for k in range(1, 8))
+            )
             out[(subject, split)] = rows
     return out
 
@@ -342,9 +483,15 @@ def make_mmmu(root: Path, subjects: tuple[str, ...] = ("Clinical_Medicine", "Pha
 # --- the tiny suite ---------------------------------------------------------------------------------------------
 
 MARKER = ".medlava-synthetic-suite.json"
-RELEASES = {"SLAKE": make_synthetic_slake, "VQA_RAD": make_vqa_rad_osf,
-            "path-vqa": lambda r: make_hf_vqa(r, {"train": 8, "validation": 4, "test": 6}, seed=3),
-            "PMC-VQA": make_pmc_vqa, "OmniMedVQA": make_omnimedvqa, "MedXpertQA": make_medxpertqa, "MMMU": make_mmmu}
+RELEASES = {
+    "SLAKE": make_synthetic_slake,
+    "VQA_RAD": make_vqa_rad_osf,
+    "path-vqa": lambda r: make_hf_vqa(r, {"train": 8, "validation": 4, "test": 6}, seed=3),
+    "PMC-VQA": make_pmc_vqa,
+    "OmniMedVQA": make_omnimedvqa,
+    "MedXpertQA": make_medxpertqa,
+    "MMMU": make_mmmu,
+}
 """Folder under the suite's data.root -> its writer (the names jobs/configs/tiny_suite.yaml points at)."""
 
 
@@ -355,8 +502,10 @@ def ensure_synthetic_suite(root: Path) -> Path:
     if (root / MARKER).is_file():
         return root
     if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root} exists and is not a synthetic suite written by medlava (no {MARKER}); set "
-                         "suite.synthetic=false to read real releases there, or point data.root elsewhere")
+        raise InputError(
+            f"{root} exists and is not a synthetic suite written by medlava (no {MARKER}); set "
+            "suite.synthetic=false to read real releases there, or point data.root elsewhere"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()

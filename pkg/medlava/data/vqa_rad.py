@@ -27,8 +27,15 @@ log = logging.getLogger(__name__)
 OSF_FILE = "VQA_RAD Dataset Public.json"
 OSF_IMAGES = "VQA_RAD Image Folder"
 OSF_FIELDS = ("qid", "image_name", "question", "answer", "answer_type", "phrase_type")
-META = ("qid_linked_id", "image_organ", "question_type", "phrase_type", "evaluation", "question_relation",
-        "question_frame")
+META = (
+    "qid_linked_id",
+    "image_organ",
+    "question_type",
+    "phrase_type",
+    "evaluation",
+    "question_relation",
+    "question_frame",
+)
 
 
 def _osf(cfg: Config, problems: Problems, root: Path) -> Loaded:
@@ -42,15 +49,34 @@ def _osf(cfg: Config, problems: Problems, root: Path) -> Loaded:
             continue
         kind, phrase = str(rec["answer_type"]).strip().upper(), str(rec["phrase_type"]).strip()
         if kind not in ("OPEN", "CLOSED") or phrase not in ("freeform", "para", "test_freeform", "test_para"):
-            problems.add("unknown_label", where, f"answer_type {kind!r} / phrase_type {phrase!r}: expected OPEN|CLOSED "
-                                                 "and freeform|para|test_freeform|test_para")
+            problems.add(
+                "unknown_label",
+                where,
+                f"answer_type {kind!r} / phrase_type {phrase!r}: expected OPEN|CLOSED "
+                "and freeform|para|test_freeform|test_para",
+            )
             continue
         split = "test" if phrase.startswith("test") else "train"
         stats[f"{split}_{kind.lower()}"] += 1
-        meta = {"dataset": "vqa_rad", "split": split, "answer_type": kind, "image_name": str(rec["image_name"]),
-                **{k: rec.get(k) for k in META}}
-        loaded.add(vqa_sample(str(rec["qid"]), str(rec["image_name"]), str(rec["question"]), str(rec["answer"]),
-                              kind.lower(), meta, cfg.data.vqa_rad.instruction), where)
+        meta = {
+            "dataset": "vqa_rad",
+            "split": split,
+            "answer_type": kind,
+            "image_name": str(rec["image_name"]),
+            **{k: rec.get(k) for k in META},
+        }
+        loaded.add(
+            vqa_sample(
+                str(rec["qid"]),
+                str(rec["image_name"]),
+                str(rec["question"]),
+                str(rec["answer"]),
+                kind.lower(),
+                meta,
+                cfg.data.vqa_rad.instruction,
+            ),
+            where,
+        )
     loaded.summary = {"source": "osf", "split": {"official": True, "by": "phrase_type"}, "stats": dict(stats)}
     return loaded
 
@@ -58,8 +84,9 @@ def _osf(cfg: Config, problems: Problems, root: Path) -> Loaded:
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     root = Path(cfg.data.root)
     if cfg.data.vqa_rad.source == "hf":
-        loaded = hf_vqa("vqa_rad", root, out_dir, problems, {"train": "train", "test": "test"},
-                        cfg.data.vqa_rad.instruction)
+        loaded = hf_vqa(
+            "vqa_rad", root, out_dir, problems, {"train": "train", "test": "test"}, cfg.data.vqa_rad.instruction
+        )
     else:
         loaded = _osf(cfg, problems, root)
     log.info("vqa_rad (%s): %d questions %s", cfg.data.vqa_rad.source, len(loaded.samples), loaded.summary["stats"])

@@ -55,7 +55,7 @@ class Encoded:
 
 def score_classes(df: pd.DataFrame) -> list[str]:
     """Class names that have a `score_<class>` column, in column order."""
-    return [str(c)[len(SCORE_PREFIX):] for c in df.columns if str(c).startswith(SCORE_PREFIX)]
+    return [str(c)[len(SCORE_PREFIX) :] for c in df.columns if str(c).startswith(SCORE_PREFIX)]
 
 
 def _examples(ids: Any, limit: int = 5) -> str:
@@ -78,7 +78,9 @@ def encode(df: pd.DataFrame, classes: Sequence[str]) -> Encoded:
     ids = df["id"].astype(str).to_numpy()
     dup = pd.Series(ids).duplicated(keep=False).to_numpy()
     if dup.any():
-        raise InputError(f"duplicate id(s) in predictions (one row per sample expected): {_examples(np.unique(ids[dup]))}")
+        raise InputError(
+            f"duplicate id(s) in predictions (one row per sample expected): {_examples(np.unique(ids[dup]))}"
+        )
 
     index = {c: i for i, c in enumerate(classes)}
     y_true = df["reference"].map(index)
@@ -105,8 +107,10 @@ def _scores(df: pd.DataFrame, classes: tuple[str, ...], ids: np.ndarray) -> np.n
         raise InputError(f"score columns for choices not among classes {list(classes)}: {extra}")
     absent = [c for c in classes if c not in present]
     if absent:
-        raise InputError(f"score columns missing for class(es) {absent} while others have them; "
-                         f"need {SCORE_PREFIX}<class> for every class or for none")
+        raise InputError(
+            f"score columns missing for class(es) {absent} while others have them; "
+            f"need {SCORE_PREFIX}<class> for every class or for none"
+        )
     cols = [SCORE_PREFIX + c for c in classes]
     scores = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(scores).all(axis=1) | (scores < 0).any(axis=1)
@@ -114,8 +118,9 @@ def _scores(df: pd.DataFrame, classes: tuple[str, ...], ids: np.ndarray) -> np.n
         raise InputError(f"score columns must be finite non-negative numbers; bad rows: id={_examples(ids[bad])}")
     off = np.abs(scores.sum(axis=1) - 1) > _SUM_TOLERANCE
     if off.any():
-        raise InputError(f"scores must sum to 1 per row (probabilities over the classes); "
-                         f"rows that do not: id={_examples(ids[off])}")
+        raise InputError(
+            f"scores must sum to 1 per row (probabilities over the classes); rows that do not: id={_examples(ids[off])}"
+        )
     return scores
 
 
@@ -168,8 +173,13 @@ def classification_metrics(
         "unmapped": int(enc.unmapped.sum()),
         "unmapped_rate": float(enc.unmapped.mean()),
         "per_class": {
-            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                "support": int(support[i]), "auc": _float(aucs[i])}
+            c: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
+                "auc": _float(aucs[i]),
+            }
             for i, c in enumerate(enc.classes)
         },
         "n_bootstrap": int(n_bootstrap),

@@ -1,8 +1,8 @@
 """Scoring commands that need no config file:
 
-    medlava eval --predictions predictions.csv --out DIR        any CSV of the predictions contract (or an infer run)
-    medlava metrics --gt gt.csv --pred pred.csv --out DIR       reports as two CSVs with study_id and report
-    medlava label-reports --reports reports.csv --out labels.csv   14 CheXpert observations: 1, 0, -1 or empty
+medlava eval --predictions predictions.csv --out DIR        any CSV of the predictions contract (or an infer run)
+medlava metrics --gt gt.csv --pred pred.csv --out DIR       reports as two CSVs with study_id and report
+medlava label-reports --reports reports.csv --out labels.csv   14 CheXpert observations: 1, 0, -1 or empty
 """
 
 from __future__ import annotations
@@ -21,35 +21,55 @@ from medlava.io import InputError, atomic_write_text
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--error-dump", type=int, default=50, help="worst samples listed in errors.csv")
-    p.add_argument("--uncertain-as-positive", action="store_true",
-                   help="reports: count an uncertain CheXpert label as positive (f1chexbert's rrg mode)")
+    p.add_argument(
+        "--uncertain-as-positive",
+        action="store_true",
+        help="reports: count an uncertain CheXpert label as positive (f1chexbert's rrg mode)",
+    )
     p.add_argument("--bertscore-model", help="reports: BERTScore encoder (local directory or cached hub id)")
-    p.add_argument("--bertscore-layers", type=int, help="reports: BERTScore layer (default: bert-score's for the model)")
+    p.add_argument(
+        "--bertscore-layers", type=int, help="reports: BERTScore layer (default: bert-score's for the model)"
+    )
     p.add_argument("--bertscore-baseline", help="reports: bert-score baseline TSV to rescale with")
     p.add_argument("--chexbert-checkpoint", help="reports: chexbert.pth for CheXbert-embedding similarity")
     p.add_argument("--chexbert-tokenizer", default="bert-base-uncased", help="reports: the CheXbert tokenizer")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the model-based metrics")
-    p.add_argument("--report-metrics", help="reports: RadEval metrics, comma-separated (bleu, rouge, bertscore, "
-                   "f1chexbert, radgraph, radcliq, ratescore, green); default: those without an LLM that can run")
+    p.add_argument(
+        "--report-metrics",
+        help="reports: RadEval metrics, comma-separated (bleu, rouge, bertscore, "
+        "f1chexbert, radgraph, radcliq, ratescore, green); default: those without an LLM that can run",
+    )
     p.add_argument("--metric-cache", help="reports: staged metric weights (medlava weights fetch --cache DIR)")
 
 
 def _config(args: argparse.Namespace, **extra) -> EvalConfig:
-    return EvalConfig(n_bootstrap=args.n_bootstrap, error_dump=args.error_dump,
-                      uncertain_as_positive=args.uncertain_as_positive, bertscore_model=args.bertscore_model,
-                      bertscore_layers=args.bertscore_layers, bertscore_baseline=args.bertscore_baseline,
-                      chexbert_checkpoint=args.chexbert_checkpoint, chexbert_tokenizer=args.chexbert_tokenizer,
-                      batch_size=args.batch_size, metric_cache=args.metric_cache,
-                      report_metrics=[m for m in args.report_metrics.split(",") if m] if args.report_metrics else None,
-                      **extra)
+    return EvalConfig(
+        n_bootstrap=args.n_bootstrap,
+        error_dump=args.error_dump,
+        uncertain_as_positive=args.uncertain_as_positive,
+        bertscore_model=args.bertscore_model,
+        bertscore_layers=args.bertscore_layers,
+        bertscore_baseline=args.bertscore_baseline,
+        chexbert_checkpoint=args.chexbert_checkpoint,
+        chexbert_tokenizer=args.chexbert_tokenizer,
+        batch_size=args.batch_size,
+        metric_cache=args.metric_cache,
+        report_metrics=[m for m in args.report_metrics.split(",") if m] if args.report_metrics else None,
+        **extra,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medlava", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medlava", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("eval", help="score a predictions CSV (metric family from its task column)",
-                       description="Score a predictions CSV or infer run directory. (`medlava eval --config FILE "
-                                   "[key=value ...]` runs the eval stage of a recipe instead.)")
+    e = sub.add_parser(
+        "eval",
+        help="score a predictions CSV (metric family from its task column)",
+        description="Score a predictions CSV or infer run directory. (`medlava eval --config FILE "
+        "[key=value ...]` runs the eval stage of a recipe instead.)",
+    )
     e.add_argument("--predictions", required=True, type=Path, help="predictions.csv or an infer run directory")
     e.add_argument("--out", required=True, type=Path, help="metrics directory to write")
     e.add_argument("--family", choices=["auto", "classification", "vqa", "report"], default="auto")

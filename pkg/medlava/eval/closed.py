@@ -67,13 +67,15 @@ def evaluate_closed(
     metrics.update(family="classification", source=str(predictions_csv), excluded_rows=excluded)
 
     k = len(enc.classes)
-    per_sample = pd.DataFrame({
-        "id": enc.ids,
-        "reference": df["reference"],
-        "prediction": df["prediction"],
-        "correct": enc.y_true == enc.y_pred,
-        "unmapped": enc.unmapped,
-    })
+    per_sample = pd.DataFrame(
+        {
+            "id": enc.ids,
+            "reference": df["reference"],
+            "prediction": df["prediction"],
+            "correct": enc.y_true == enc.y_pred,
+            "unmapped": enc.unmapped,
+        }
+    )
     if enc.scores is not None:
         per_sample["reference_score"] = enc.scores[np.arange(len(enc.ids)), enc.y_true]
 
@@ -85,13 +87,22 @@ def evaluate_closed(
     plot_confusion(cm, out_dir / "confusion.png", title=f"Confusion matrix (n={metrics['n']}, {k} classes)")
     if enc.scores is not None:
         macro = metrics["macro_auc"]
-        plot_roc(df, enc.classes, out_dir / "roc.png",
-                 title="One-vs-rest ROC" + (f" (macro AUC {macro:.3f})" if macro is not None else ""))
+        plot_roc(
+            df,
+            enc.classes,
+            out_dir / "roc.png",
+            title="One-vs-rest ROC" + (f" (macro AUC {macro:.3f})" if macro is not None else ""),
+        )
     atomic_write_json(out_dir / "metrics.json", metrics)  # last: its presence marks a complete directory
     auc = "n/a" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.4f}"
     log.info(
         "%s: n=%d accuracy=%.4f balanced_accuracy=%.4f macro_f1=%.4f macro_auc=%s unmapped=%d",
-        predictions_csv, metrics["n"], metrics["accuracy"], metrics["balanced_accuracy"],
-        metrics["macro_f1"], auc, metrics["unmapped"],
+        predictions_csv,
+        metrics["n"],
+        metrics["accuracy"],
+        metrics["balanced_accuracy"],
+        metrics["macro_f1"],
+        auc,
+        metrics["unmapped"],
     )
     return metrics

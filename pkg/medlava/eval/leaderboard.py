@@ -31,17 +31,32 @@ class Row:
     """Only questions of this task (None: every question scored by the metric)."""
 
 
-LLAVA_MED = (Row("closed", "llava_med_closed_accuracy", "llava_med_closed_hit", "closed"),
-             Row("open", "llava_med_open_recall", "llava_med_open_recall", "open"))
+LLAVA_MED = (
+    Row("closed", "llava_med_closed_accuracy", "llava_med_closed_hit", "closed"),
+    Row("open", "llava_med_open_recall", "llava_med_open_recall", "open"),
+)
 MULTIPLE_CHOICE = (Row("all", "mc_accuracy", "correct", "multiple_choice"),)
-PROTOCOLS = {"vqa_rad": LLAVA_MED, "slake": LLAVA_MED, "path_vqa": LLAVA_MED, "pmc_vqa": MULTIPLE_CHOICE,
-             "omnimedvqa": MULTIPLE_CHOICE, "medxpertqa": MULTIPLE_CHOICE,
-             "mmmu_med": (Row("all", "mmmu_accuracy", "mmmu_correct"),)}
+PROTOCOLS = {
+    "vqa_rad": LLAVA_MED,
+    "slake": LLAVA_MED,
+    "path_vqa": LLAVA_MED,
+    "pmc_vqa": MULTIPLE_CHOICE,
+    "omnimedvqa": MULTIPLE_CHOICE,
+    "medxpertqa": MULTIPLE_CHOICE,
+    "mmmu_med": (Row("all", "mmmu_accuracy", "mmmu_correct"),),
+}
 """Each benchmark's published protocol: LLaVA-Med's run_eval_batch.py for its three, letter accuracy for the
 multiple-choice ones, MMMU's evaluate for MMMU (also per subject, as its tables report)."""
 PER_SUBJECT = {"mmmu_med": "subject"}
-NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "path_vqa": "PathVQA", "pmc_vqa": "PMC-VQA", "omnimedvqa": "OmniMedVQA",
-         "medxpertqa": "MedXpertQA MM", "mmmu_med": "MMMU Health & Medicine"}
+NAMES = {
+    "vqa_rad": "VQA-RAD",
+    "slake": "SLAKE",
+    "path_vqa": "PathVQA",
+    "pmc_vqa": "PMC-VQA",
+    "omnimedvqa": "OmniMedVQA",
+    "medxpertqa": "MedXpertQA MM",
+    "mmmu_med": "MMMU Health & Medicine",
+}
 
 
 def published() -> tuple[dict[str, str], pd.DataFrame]:
@@ -80,8 +95,16 @@ def _row(bench: str, dataset: str, row: str, metric: str, values: pd.Series, n_b
     v = v.to_numpy(float)
     lo, hi = bootstrap_ci(v, n_bootstrap, seed)
     pct = lambda x: None if x is None else round(100 * x, DIGITS)  # noqa: E731
-    return {"benchmark": bench, "dataset": dataset, "row": row, "metric": metric, "n": len(v),
-            "score": pct(float(v.mean())) if len(v) else None, "ci_low": pct(lo), "ci_high": pct(hi)}
+    return {
+        "benchmark": bench,
+        "dataset": dataset,
+        "row": row,
+        "metric": metric,
+        "n": len(v),
+        "score": pct(float(v.mean())) if len(v) else None,
+        "ci_low": pct(lo),
+        "ci_high": pct(hi),
+    }
 
 
 def leaderboard(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
@@ -102,37 +125,52 @@ def leaderboard(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
 def _cell(score, lo, hi) -> str:
     if score is None or pd.isna(score):
         return "n/a"
-    return f"{score:.{DIGITS}f}" + (f" [{lo:.{DIGITS}f}, {hi:.{DIGITS}f}]" if lo is not None and not pd.isna(lo) else "")
+    return f"{score:.{DIGITS}f}" + (
+        f" [{lo:.{DIGITS}f}, {hi:.{DIGITS}f}]" if lo is not None and not pd.isna(lo) else ""
+    )
 
 
 def markdown(df: pd.DataFrame, used: list[str], title: str) -> str:
     sources, scores = published()
-    models = [c for c in df.columns if c not in ("benchmark", "dataset", "row", "metric", "n", "score", "ci_low",
-                                                   "ci_high")]
+    models = [
+        c for c in df.columns if c not in ("benchmark", "dataset", "row", "metric", "n", "score", "ci_low", "ci_high")
+    ]
     head = ["Benchmark", "Split", "Metric", "n", "This run [95% CI]", *models]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for r in df.to_dict("records"):
-        cells = [NAMES.get(r["dataset"], r["benchmark"]) + ("" if r["benchmark"] == r["dataset"] else f" ({r['benchmark']})"),
-                 r["row"], r["metric"], str(r["n"]), _cell(r["score"], r["ci_low"], r["ci_high"]),
-                 *(f"{r[m]:.{DIGITS}f}" if not pd.isna(r[m]) else "" for m in models)]
+        cells = [
+            NAMES.get(r["dataset"], r["benchmark"])
+            + ("" if r["benchmark"] == r["dataset"] else f" ({r['benchmark']})"),
+            r["row"],
+            r["metric"],
+            str(r["n"]),
+            _cell(r["score"], r["ci_low"], r["ci_high"]),
+            *(f"{r[m]:.{DIGITS}f}" if not pd.isna(r[m]) else "" for m in models),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     shown = set(zip(df["dataset"], df["metric"]))
     unshown = np.array([(b, m) not in shown for b, m in zip(scores["benchmark"], scores["metric"])], dtype=bool)
     other = scores[unshown & scores["benchmark"].isin(df["dataset"]).to_numpy()]
-    lines += ["", "Scores in percent. Brackets: bootstrap 95% intervals over the row's questions. A published score "
-              "stands on a row only where it was measured with the same scorer on the same split."]
+    lines += [
+        "",
+        "Scores in percent. Brackets: bootstrap 95% intervals over the row's questions. A published score "
+        "stands on a row only where it was measured with the same scorer on the same split.",
+    ]
     if len(other):
         lines += ["", "Published with other protocols (not comparable to a row above):"]
-        lines += [f"- {NAMES.get(r.benchmark, r.benchmark)} {r.row}, {r.metric}: {r.model} {r.score} (`{r.source}`)"
-                  for r in other.itertuples()]
+        lines += [
+            f"- {NAMES.get(r.benchmark, r.benchmark)} {r.row}, {r.metric}: {r.model} {r.score} (`{r.source}`)"
+            for r in other.itertuples()
+        ]
     lines += ["", "Sources:"] + [f"- `{k}`: {sources[k]}" for k in sorted({*used, *other["source"]})]
     return "\n".join(lines) + "\n"
 
 
 def plot(df: pd.DataFrame, path: Path, title: str) -> Path:
     """Horizontal bars with the bootstrap interval, one per row; published scores as markers."""
-    models = [c for c in df.columns if c not in ("benchmark", "dataset", "row", "metric", "n", "score", "ci_low",
-                                                   "ci_high")]
+    models = [
+        c for c in df.columns if c not in ("benchmark", "dataset", "row", "metric", "n", "score", "ci_low", "ci_high")
+    ]
     labels = [f"{NAMES.get(d, b)} {r}" for b, d, r in zip(df["benchmark"], df["dataset"], df["row"])]
     fig = figure(8.0, 1.4 + 0.36 * max(len(df), 1))
     ax = fig.add_subplot()
@@ -168,7 +206,8 @@ def compare_leaderboards(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     base = None
     for label, df in tables.items():
         part = df[key + ["n", "score", "ci_low", "ci_high"]].rename(
-            columns={c: f"{label}: {c}" for c in ("n", "score", "ci_low", "ci_high")})
+            columns={c: f"{label}: {c}" for c in ("n", "score", "ci_low", "ci_high")}
+        )
         base = part if base is None else base.merge(part, on=key, how="outer")
     first = next(iter(tables))
     for label in list(tables)[1:]:
@@ -181,10 +220,16 @@ def comparison_markdown(df: pd.DataFrame, labels: list[str]) -> str:
     head = ["Benchmark", "Split", "Metric", *labels, *(f"{b} - {labels[0]}" for b in labels[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in df.to_dict("records"):
-        cells = [NAMES.get(r["dataset"], r["benchmark"]), r["row"], r["metric"],
-                 *(_cell(r[f"{b}: score"], r[f"{b}: ci_low"], r[f"{b}: ci_high"]) for b in labels),
-                 *(f"{r[f'{b} - {labels[0]}']:+.{DIGITS}f}" if not pd.isna(r[f"{b} - {labels[0]}"]) else "n/a"
-                   for b in labels[1:])]
+        cells = [
+            NAMES.get(r["dataset"], r["benchmark"]),
+            r["row"],
+            r["metric"],
+            *(_cell(r[f"{b}: score"], r[f"{b}: ci_low"], r[f"{b}: ci_high"]) for b in labels),
+            *(
+                f"{r[f'{b} - {labels[0]}']:+.{DIGITS}f}" if not pd.isna(r[f"{b} - {labels[0]}"]) else "n/a"
+                for b in labels[1:]
+            ),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nScores in percent; brackets: bootstrap 95% intervals.\n"
 
@@ -197,8 +242,10 @@ def plot_comparison(df: pd.DataFrame, labels: list[str], path: Path) -> Path:
     height = 0.8 / len(labels)
     for i, label in enumerate(labels):
         score = df[f"{label}: score"].astype(float)
-        err = [(score - df[f"{label}: ci_low"].astype(float)).fillna(0), (df[f"{label}: ci_high"].astype(float)
-                                                                          - score).fillna(0)]
+        err = [
+            (score - df[f"{label}: ci_low"].astype(float)).fillna(0),
+            (df[f"{label}: ci_high"].astype(float) - score).fillna(0),
+        ]
         ax.barh(np.arange(len(df)) + i * height, score.fillna(0), height, xerr=err, capsize=2, label=label)
     ax.set_yticks(np.arange(len(df)) + height * (len(labels) - 1) / 2, names, fontsize=8)
     ax.invert_yaxis()

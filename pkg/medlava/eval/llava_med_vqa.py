@@ -21,15 +21,29 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as written there: a lookahead for "<=digit", i.e. almost any period
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(\,)(\d)")
 # The VQA evaluation's contraction table, less its entries that can never apply (capitalised or mapping to
 # themselves: words are lower-cased first).
-_CONTRACTIONS = dict(pair.split("=") for pair in """
+_CONTRACTIONS = dict(
+    pair.split("=")
+    for pair in """
     aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
     couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
     hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
@@ -50,7 +64,8 @@ _CONTRACTIONS = dict(pair.split("=") for pair in """
     wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll
     yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've
     you'dve=you'd've youll=you'll youre=you're youve=you've
-""".split())
+""".split()
+)
 
 
 def normalize_word(text: str) -> str:

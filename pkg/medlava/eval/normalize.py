@@ -22,18 +22,53 @@ from functools import lru_cache
 
 # HAM10000 / ISIC 2018 diagnosis codes and the names models answer with (dermatology usage).
 HAM10000_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "akiec": ("actinic keratosis", "actinic keratoses", "solar keratosis", "intraepithelial carcinoma",
-              "bowen's disease", "bowens disease", "bowen disease", "squamous cell carcinoma in situ"),
+    "akiec": (
+        "actinic keratosis",
+        "actinic keratoses",
+        "solar keratosis",
+        "intraepithelial carcinoma",
+        "bowen's disease",
+        "bowens disease",
+        "bowen disease",
+        "squamous cell carcinoma in situ",
+    ),
     "bcc": ("basal cell carcinoma", "basal cell carcinomas", "basalioma", "basal cell epithelioma"),
-    "bkl": ("benign keratosis", "benign keratosis-like lesion", "benign keratosis-like lesions",
-            "benign keratoses", "seborrheic keratosis", "seborrhoeic keratosis", "seborrheic keratoses",
-            "solar lentigo", "lichen planus-like keratosis", "lplk"),
+    "bkl": (
+        "benign keratosis",
+        "benign keratosis-like lesion",
+        "benign keratosis-like lesions",
+        "benign keratoses",
+        "seborrheic keratosis",
+        "seborrhoeic keratosis",
+        "seborrheic keratoses",
+        "solar lentigo",
+        "lichen planus-like keratosis",
+        "lplk",
+    ),
     "df": ("dermatofibroma", "dermatofibromas", "benign fibrous histiocytoma"),
     "mel": ("melanoma", "melanomas", "malignant melanoma"),
-    "nv": ("melanocytic nevus", "melanocytic nevi", "melanocytic naevus", "melanocytic naevi", "nevus", "nevi",
-           "naevus", "naevi", "mole", "moles"),
-    "vasc": ("vascular lesion", "vascular lesions", "angioma", "hemangioma", "haemangioma", "cherry angioma",
-             "angiokeratoma", "pyogenic granuloma"),
+    "nv": (
+        "melanocytic nevus",
+        "melanocytic nevi",
+        "melanocytic naevus",
+        "melanocytic naevi",
+        "nevus",
+        "nevi",
+        "naevus",
+        "naevi",
+        "mole",
+        "moles",
+    ),
+    "vasc": (
+        "vascular lesion",
+        "vascular lesions",
+        "angioma",
+        "hemangioma",
+        "haemangioma",
+        "cherry angioma",
+        "angiokeratoma",
+        "pyogenic granuloma",
+    ),
 }
 YES = ("yes", "yeah", "yep", "true", "correct", "affirmative")
 NO = ("no", "nope", "false", "incorrect", "negative")
@@ -43,11 +78,14 @@ _WORD = r"[a-z0-9]"
 _NEG_BEFORE = re.compile(
     r"(?:\b(?:not|no|non|without|never|neither|nor|exclud\w*|ruled? out|rules out|rather than|instead of|"
     r"negative for|unlikely|absence of|free of|than)\b|\bnon-)"
-    r"(?:\s+[a-z'-]+){0,3}\s*$")
+    r"(?:\s+[a-z'-]+){0,3}\s*$"
+)
 # After the mention: "melanoma is (highly) unlikely / is not ...", "melanoma excluded" (not "nevus, not melanoma").
-_NEG_AFTER = re.compile(r"^\s*(?:(?:is|are|was|were|seems?|appears?)\s+(?:(?:very|highly|most|rather)\s+)?not\b|"
-                        r"(?:(?:is|are|was|were|seems?|appears?)\s+)?(?:(?:very|highly|most|rather)\s+)?"
-                        r"(?:unlikely|excluded|ruled out|absent)\b)")
+_NEG_AFTER = re.compile(
+    r"^\s*(?:(?:is|are|was|were|seems?|appears?)\s+(?:(?:very|highly|most|rather)\s+)?not\b|"
+    r"(?:(?:is|are|was|were|seems?|appears?)\s+)?(?:(?:very|highly|most|rather)\s+)?"
+    r"(?:unlikely|excluded|ruled out|absent)\b)"
+)
 _CLAUSE_END = re.compile(r"[.;:!?]|\bbut\b|\bhowever\b|\bwhereas\b|\balthough\b")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
@@ -55,8 +93,10 @@ _SPACE = re.compile(r"\s+")
 _STRIP = " \t\n.!,;:\"'()[]"
 _ARTICLE_LEAD = re.compile(r"^(?:an?|the)\s+")
 _YES_NO_TOKEN = re.compile(r"[a-z]+")
-_UNSURE = re.compile(r"\b(?:not sure|unsure|cannot (?:tell|say|determine)|can't (?:tell|say|determine)|"
-                     r"uncertain|unclear|unknown)\b")
+_UNSURE = re.compile(
+    r"\b(?:not sure|unsure|cannot (?:tell|say|determine)|can't (?:tell|say|determine)|"
+    r"uncertain|unclear|unknown)\b"
+)
 
 
 def normalize_text(text: str) -> str:
@@ -143,7 +183,7 @@ class ChoiceMatcher:
         cut = None
         for cut in _CLAUSE_END.finditer(before):
             pass
-        before = before[cut.end():] if cut else before
+        before = before[cut.end() :] if cut else before
         after = _CLAUSE_END.split(text[end:], 1)[0]
         return bool(_NEG_BEFORE.search(before) or _NEG_AFTER.search(after))
 

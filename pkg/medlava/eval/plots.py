@@ -91,7 +91,7 @@ def roc_figure(df: pd.DataFrame, classes: Sequence[str], title: str = "One-vs-re
         ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
         ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
         ax.set_aspect("equal")
-    for k, ax in enumerate(axes[len(curves):], len(curves)):
+    for k, ax in enumerate(axes[len(curves) :], len(curves)):
         ax.axis("off")
         axes[k - cols].xaxis.set_tick_params(labelbottom=True)  # the panel above ends its column
     fig.suptitle(title + (f"; no curve (class absent): {', '.join(skipped)}" if skipped else ""), fontsize=10)
@@ -100,9 +100,7 @@ def roc_figure(df: pd.DataFrame, classes: Sequence[str], title: str = "One-vs-re
     return fig
 
 
-def plot_roc(
-    df: pd.DataFrame, classes: Sequence[str], path: str | os.PathLike, title: str = "One-vs-rest ROC"
-) -> Path:
+def plot_roc(df: pd.DataFrame, classes: Sequence[str], path: str | os.PathLike, title: str = "One-vs-rest ROC") -> Path:
     return atomic_savefig(roc_figure(df, classes, title), path, dpi=150)
 
 

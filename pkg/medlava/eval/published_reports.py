@@ -19,11 +19,19 @@ from matplotlib.figure import Figure
 
 from medlava.io import atomic_savefig
 
-LABELS = {"f1chexbert_all_macro_f1": "F1-CheXbert macro-14", "f1chexbert_all_micro_f1": "F1-CheXbert micro-14",
-          "f1chexbert_5_macro_f1": "F1-CheXbert macro-5", "f1chexbert_5_micro_f1": "F1-CheXbert micro-5",
-          "radcliq_v1": "1/RadCliQ-v1", "ratescore": "RaTEScore", "green": "GREEN"}
-REXRANK = ("https://github.com/rajpurkarlab/ReXrank/blob/0b9b62e445307688f685d686cf6ef117d1cc4a2e/"
-           "results/findings_result_mimiccxr.csv")
+LABELS = {
+    "f1chexbert_all_macro_f1": "F1-CheXbert macro-14",
+    "f1chexbert_all_micro_f1": "F1-CheXbert micro-14",
+    "f1chexbert_5_macro_f1": "F1-CheXbert macro-5",
+    "f1chexbert_5_micro_f1": "F1-CheXbert micro-5",
+    "radcliq_v1": "1/RadCliQ-v1",
+    "ratescore": "RaTEScore",
+    "green": "GREEN",
+}
+REXRANK = (
+    "https://github.com/rajpurkarlab/ReXrank/blob/0b9b62e445307688f685d686cf6ef117d1cc4a2e/"
+    "results/findings_result_mimiccxr.csv"
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,12 @@ class Result:
 
 
 def _chexbert(macro14: float, micro14: float, macro5: float, micro5: float) -> dict[str, float]:
-    return {"f1chexbert_all_macro_f1": macro14 / 100, "f1chexbert_all_micro_f1": micro14 / 100,
-            "f1chexbert_5_macro_f1": macro5 / 100, "f1chexbert_5_micro_f1": micro5 / 100}
+    return {
+        "f1chexbert_all_macro_f1": macro14 / 100,
+        "f1chexbert_all_micro_f1": micro14 / 100,
+        "f1chexbert_5_macro_f1": macro5 / 100,
+        "f1chexbert_5_micro_f1": micro5 / 100,
+    }
 
 
 def _rexrank(radcliq_inv: float, ratescore: float, green: float) -> dict[str, float]:
@@ -43,10 +55,20 @@ def _rexrank(radcliq_inv: float, ratescore: float, green: float) -> dict[str, fl
 
 
 PUBLISHED = (
-    Result("CheXagent-2-3b", "https://github.com/Stanford-AIMI/CheXagent/blob/03a39c6dbcf62d10188632b4f002f9e3434d12f3/"
-           "README.md (Evaluation)", _chexbert(44.9, 58.0, 55.3, 62.5)),
-    Result("MAIRA-2", "Bannur et al. 2024, arXiv:2406.04449 (MIMIC-CXR findings table)", _chexbert(41.6, 58.1, 50.4, 59.1)),
-    Result("LLaVA-Rad", "Bannur et al. 2024, arXiv:2406.04449 (MIMIC-CXR findings table)", _chexbert(39.5, 57.3, 47.7, 57.4)),
+    Result(
+        "CheXagent-2-3b",
+        "https://github.com/Stanford-AIMI/CheXagent/blob/03a39c6dbcf62d10188632b4f002f9e3434d12f3/"
+        "README.md (Evaluation)",
+        _chexbert(44.9, 58.0, 55.3, 62.5),
+    ),
+    Result(
+        "MAIRA-2", "Bannur et al. 2024, arXiv:2406.04449 (MIMIC-CXR findings table)", _chexbert(41.6, 58.1, 50.4, 59.1)
+    ),
+    Result(
+        "LLaVA-Rad",
+        "Bannur et al. 2024, arXiv:2406.04449 (MIMIC-CXR findings table)",
+        _chexbert(39.5, 57.3, 47.7, 57.4),
+    ),
     Result("MedVersa (ReXrank)", REXRANK, _rexrank(1.103, 0.550, 0.374)),
     Result("Libra (ReXrank)", REXRANK, _rexrank(0.898, 0.523, 0.356)),
     Result("CXRMate-RRG24 (ReXrank)", REXRANK, _rexrank(0.870, 0.521, 0.338)),
@@ -63,8 +85,7 @@ def plot_published(run: dict[str, float], path: str | os.PathLike, label: str = 
     if not keys:
         return None
     rows = max(sum(k in r.values for r in PUBLISHED) for k in keys) + 1
-    fig = Figure(figsize=(4.2 * min(len(keys), 4), (0.32 * rows + 1.2) * ((len(keys) + 3) // 4)),
-                 layout="constrained")
+    fig = Figure(figsize=(4.2 * min(len(keys), 4), (0.32 * rows + 1.2) * ((len(keys) + 3) // 4)), layout="constrained")
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
         ax = fig.add_subplot((len(keys) + 3) // 4, min(len(keys), 4), i + 1)

@@ -46,7 +46,7 @@ class _RadEvalAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        module = importlib.import_module("radeval" + spec.name[len("RadEval"):])
+        module = importlib.import_module("radeval" + spec.name[len("RadEval") :])
         self._spec = module.__spec__
         return module
 
@@ -62,16 +62,20 @@ def import_radeval():
     try:
         import nltk
     except ImportError as e:
-        raise ImportError(f"report metrics need the `metrics` extra ({e.name} is missing): "
-                          "pip install -c constraints.txt -e '.[metrics]'") from None
+        raise ImportError(
+            f"report metrics need the `metrics` extra ({e.name} is missing): "
+            "pip install -c constraints.txt -e '.[metrics]'"
+        ) from None
     if not any(isinstance(f, _RadEvalAlias) for f in sys.meta_path):
         sys.meta_path.insert(0, _RadEvalAlias())  # before PathFinder, which would load a second copy
     download, nltk.download = nltk.download, lambda *a, **k: True
     try:
         import radeval
     except ImportError as e:
-        raise ImportError(f"the RadEval report metrics need the `metrics` extra ({e.name} is missing): "
-                          "pip install -c constraints.txt -e '.[metrics]'") from None
+        raise ImportError(
+            f"the RadEval report metrics need the `metrics` extra ({e.name} is missing): "
+            "pip install -c constraints.txt -e '.[metrics]'"
+        ) from None
     finally:
         nltk.download = download
     _fit_check_targets()
@@ -106,8 +110,10 @@ def use_cache(cache: Path, offline: bool = True) -> None:
 
         constants.HF_HOME, constants.HF_HUB_CACHE = env["HF_HOME"], env["HF_HUB_CACHE"]
         constants.HF_HUB_OFFLINE = offline or constants.HF_HUB_OFFLINE
-    for module, value in (("radeval.metrics.f1chexbert.f1chexbert", cache / "chexbert"),
-                          ("radeval.metrics.radgraph._vendor.core", cache / "radgraph" / "0.1.18")):
+    for module, value in (
+        ("radeval.metrics.f1chexbert.f1chexbert", cache / "chexbert"),
+        ("radeval.metrics.radgraph._vendor.core", cache / "radgraph" / "0.1.18"),
+    ):
         if module in sys.modules:
             sys.modules[module].CACHE_DIR = str(value)
 
@@ -134,9 +140,11 @@ def adapter(name: str):
 
 
 _IMPORT_HINTS = {
-    "ratescore": (". RaTEScore splits sentences with medspacy; on Python < 3.12 medspacy 1.3 requires spacy < 3.8, "
-                  "whose thinc 8.2 is built for numpy < 2 while medlava pins numpy 2: run it with Python >= 3.12 "
-                  "(medspacy then takes spacy 3.8), or leave ratescore out of eval.report_metrics"),
+    "ratescore": (
+        ". RaTEScore splits sentences with medspacy; on Python < 3.12 medspacy 1.3 requires spacy < 3.8, "
+        "whose thinc 8.2 is built for numpy < 2 while medlava pins numpy 2: run it with Python >= 3.12 "
+        "(medspacy then takes spacy 3.8), or leave ratescore out of eval.report_metrics"
+    ),
 }
 
 
@@ -153,6 +161,7 @@ def importable(name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ per-report scorers
+
 
 def _format(raw: dict) -> dict[str, Any]:
     """RadEval's detailed-mode output of a simple metric (its MetricBase formatting: aggregates rounded)."""
@@ -211,8 +220,14 @@ class Bleu(Scorer):
         stats = []  # per pair: test length, closest reference length, guesses 1..4, matches 1..4
         for h, r in zip(hyps, refs):
             cooked = cook_test(h, cook_refs([r]))
-            stats.append([cooked["testlen"], min((abs(x - cooked["testlen"]), x) for x in cooked["reflen"])[1],
-                          *cooked["guess"], *cooked["correct"]])
+            stats.append(
+                [
+                    cooked["testlen"],
+                    min((abs(x - cooked["testlen"]), x) for x in cooked["reflen"])[1],
+                    *cooked["guess"],
+                    *cooked["correct"],
+                ]
+            )
         total = w @ np.array(stats, dtype=float)
         tiny, small = 1e-15, 1e-9  # BleuScorer's constants
         ratio = (total[:, 0] + tiny) / (total[:, 1] + small)
@@ -233,8 +248,12 @@ class Rouge(Scorer):
 
     @staticmethod
     def result(scores, refs, hyps):
-        return _format({c: {"aggregate": sum(s[c] for s in scores) / len(scores), "per_sample": []}
-                        for c in ("rouge1", "rouge2", "rougeL")})
+        return _format(
+            {
+                c: {"aggregate": sum(s[c] for s in scores) / len(scores), "per_sample": []}
+                for c in ("rouge1", "rouge2", "rougeL")
+            }
+        )
 
 
 class BertScore(Scorer):
@@ -256,15 +275,23 @@ class F1CheXbert(Scorer):
     the corpus F1s come from RadEval's own evaluator fed with those labels."""
 
     columns = ("f1chexbert_sample_acc_all", "f1chexbert_sample_acc_5")
-    RESULTS = ("f1chexbert_5_micro_f1", "f1chexbert_all_micro_f1", "f1chexbert_5_macro_f1",
-               "f1chexbert_all_macro_f1", "f1chexbert_5_weighted_f1", "f1chexbert_all_weighted_f1")
+    RESULTS = (
+        "f1chexbert_5_micro_f1",
+        "f1chexbert_all_micro_f1",
+        "f1chexbert_5_macro_f1",
+        "f1chexbert_all_macro_f1",
+        "f1chexbert_5_weighted_f1",
+        "f1chexbert_all_weighted_f1",
+    )
 
     def score(self, refs, hyps):
         labeler = self.metric._scorer
         ref_labels, hyp_labels = labeler.get_labels(refs), labeler.get_labels(hyps)
         out = self.from_labels(ref_labels, hyp_labels, per_sample=True)
-        return [{"ref_labels": r, "hyp_labels": h, **{c: float(out[c][i]) for c in self.columns}}
-                for i, (r, h) in enumerate(zip(ref_labels, hyp_labels))]
+        return [
+            {"ref_labels": r, "hyp_labels": h, **{c: float(out[c][i]) for c in self.columns}}
+            for i, (r, h) in enumerate(zip(ref_labels, hyp_labels))
+        ]
 
     @classmethod
     def result(cls, scores, refs, hyps):
@@ -274,10 +301,10 @@ class F1CheXbert(Scorer):
     def from_labels(ref_labels, hyp_labels, per_sample: bool = False) -> dict:
         import_radeval()
         from radeval.metrics._chexbert_base import BaseCheXbertEvaluator
-        from scipy.sparse import SparseEfficiencyWarning
-        from sklearn.exceptions import UndefinedMetricWarning
         from radeval.metrics.f1chexbert.adapter import F1CheXbertMetric
         from radeval.metrics.f1chexbert.f1chexbert import F1CheXbert as Labeler
+        from scipy.sparse import SparseEfficiencyWarning
+        from sklearn.exceptions import UndefinedMetricWarning
 
         class StoredLabels(BaseCheXbertEvaluator):  # RadEval's evaluator, its labeler replaced by the labels
             CONDITION_NAMES, NO_FINDING, TOP5 = Labeler.CONDITION_NAMES, Labeler.NO_FINDING, Labeler.TOP5
@@ -312,11 +339,13 @@ class F1CheXbert(Scorer):
             f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
             support = tp + fn
             micro = 2 * tp.sum(1)
-            out[f"f1chexbert_{tag}_micro_f1"] = np.divide(micro, micro + fp.sum(1) + fn.sum(1),
-                                                          out=np.zeros(len(w)), where=micro + fp.sum(1) + fn.sum(1) > 0)
+            out[f"f1chexbert_{tag}_micro_f1"] = np.divide(
+                micro, micro + fp.sum(1) + fn.sum(1), out=np.zeros(len(w)), where=micro + fp.sum(1) + fn.sum(1) > 0
+            )
             out[f"f1chexbert_{tag}_macro_f1"] = f1.mean(axis=1)
-            out[f"f1chexbert_{tag}_weighted_f1"] = np.divide((f1 * support).sum(1), support.sum(1),
-                                                             out=np.zeros(len(w)), where=support.sum(1) > 0)
+            out[f"f1chexbert_{tag}_weighted_f1"] = np.divide(
+                (f1 * support).sum(1), support.sum(1), out=np.zeros(len(w)), where=support.sum(1) > 0
+            )
         return out
 
 
@@ -325,13 +354,17 @@ class RadGraph(Scorer):
 
     def score(self, refs, hyps):
         levels = self.metric._scorer(refs=refs, hyps=hyps)[1]
-        return [{"radgraph_simple": float(s), "radgraph_partial": float(p), "radgraph_complete": float(c)}
-                for s, p, c in zip(*levels)]
+        return [
+            {"radgraph_simple": float(s), "radgraph_partial": float(p), "radgraph_complete": float(c)}
+            for s, p, c in zip(*levels)
+        ]
 
     @staticmethod
     def result(scores, refs, hyps):  # RadEval's detailed mode: np.mean of each level, not rounded
-        return {k: float(np.mean([s[k] for s in scores]))
-                for k in ("radgraph_simple", "radgraph_partial", "radgraph_complete")}
+        return {
+            k: float(np.mean([s[k] for s in scores]))
+            for k in ("radgraph_simple", "radgraph_partial", "radgraph_complete")
+        }
 
 
 class RadCliQ(Scorer):
@@ -384,12 +417,27 @@ class Green(Scorer):
     @staticmethod
     def result(scores, refs, hyps):
         values = [s["green"] for s in scores]
-        return _format({"green": {"aggregate": float(np.mean(values)), "per_sample": [],
-                                  "detailed": {"green_std": float(np.std(values))}}})
+        return _format(
+            {
+                "green": {
+                    "aggregate": float(np.mean(values)),
+                    "per_sample": [],
+                    "detailed": {"green_std": float(np.std(values))},
+                }
+            }
+        )
 
 
-SCORERS: dict[str, type[Scorer]] = {"bleu": Bleu, "rouge": Rouge, "bertscore": BertScore, "f1chexbert": F1CheXbert,
-                                    "radgraph": RadGraph, "radcliq": RadCliQ, "ratescore": RaTEScore, "green": Green}
+SCORERS: dict[str, type[Scorer]] = {
+    "bleu": Bleu,
+    "rouge": Rouge,
+    "bertscore": BertScore,
+    "f1chexbert": F1CheXbert,
+    "radgraph": RadGraph,
+    "radcliq": RadCliQ,
+    "ratescore": RaTEScore,
+    "green": Green,
+}
 
 
 def load_scorers(names: Sequence[str], corpus_refs: Sequence[str]) -> dict[str, Scorer]:
@@ -398,8 +446,9 @@ def load_scorers(names: Sequence[str], corpus_refs: Sequence[str]) -> dict[str, 
         try:
             out[name] = SCORERS[name](name, corpus_refs)
         except OSError as e:  # transformers / huggingface_hub: a file not in the cache (HF_HUB_OFFLINE)
-            raise InputError(f"{name}: its weights could not be loaded from the staged cache ({e}); stage them "
-                             f"with `medlava weights fetch --metrics {name} --cache DIR` where there is internet"
-                             ) from None
+            raise InputError(
+                f"{name}: its weights could not be loaded from the staged cache ({e}); stage them "
+                f"with `medlava weights fetch --metrics {name} --cache DIR` where there is internet"
+            ) from None
         log.info("report metrics: %s loaded", name)
     return out

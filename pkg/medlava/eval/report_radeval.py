@@ -54,8 +54,9 @@ def select_metrics(cfg: EvalConfig) -> Selection:
     asked = cfg.report_metrics if cfg.report_metrics is not None else list(NO_LLM)
     unknown = sorted(set(asked) - set(METRICS))
     if unknown:
-        raise ConfigError(f"eval.report_metrics: unknown {unknown}; RadEval's report metrics here are "
-                          f"{', '.join(METRICS)}")
+        raise ConfigError(
+            f"eval.report_metrics: unknown {unknown}; RadEval's report metrics here are {', '.join(METRICS)}"
+        )
     unavailable: dict[str, str] = {}
     for name in [m for m in METRICS if m in asked]:
         why = importable(name)
@@ -82,15 +83,21 @@ def chunk_file(folder: Path, idx: int, chunks: int) -> Path:
 def source_of(pairs: pd.DataFrame, selection: Selection) -> dict[str, Any]:
     """What decides the scores: the metrics, the weights' manifest, RadEval's version and the pairs."""
     manifest = selection.cache / MANIFEST
-    digest = hashlib.sha256(pd.util.hash_pandas_object(pairs[["id", "reference", "prediction"]], index=False)
-                            .to_numpy().tobytes()).hexdigest()
-    return {"eval.report_metrics": selection.per_report, "eval.metric_cache": str(selection.cache.absolute()),
-            "weights": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None,
-            "radeval": importlib.metadata.version("radeval"), "pairs": digest}
+    digest = hashlib.sha256(
+        pd.util.hash_pandas_object(pairs[["id", "reference", "prediction"]], index=False).to_numpy().tobytes()
+    ).hexdigest()
+    return {
+        "eval.report_metrics": selection.per_report,
+        "eval.metric_cache": str(selection.cache.absolute()),
+        "weights": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None,
+        "radeval": importlib.metadata.version("radeval"),
+        "pairs": digest,
+    }
 
 
-def score_chunks(pairs: pd.DataFrame, selection: Selection, indices: list[int], chunks: int, folder: Path,
-                 batch_size: int) -> None:
+def score_chunks(
+    pairs: pd.DataFrame, selection: Selection, indices: list[int], chunks: int, folder: Path, batch_size: int
+) -> None:
     """Score chunks `indices` of `chunks` with every per-report metric, `batch_size` reports at a time, each batch
     appended and flushed before the next: a killed task resumes after the last whole batch. The models load once,
     and only when some report is left to score."""
@@ -110,24 +117,41 @@ def score_chunks(pairs: pd.DataFrame, selection: Selection, indices: list[int], 
             batch = left.iloc[start : start + batch_size]
             refs, hyps = batch["reference"].tolist(), batch["prediction"].tolist()
             scores = {name: s.score(refs, hyps) for name, s in scorers.items()}
-            writer.write([{"id": str(i), "scores": {name: scores[name][k] for name in scores}}
-                          for k, i in enumerate(batch["id"])])
-            log.info("report metrics: chunk %d/%d, %d of %d reports scored", idx, chunks,
-                     min(start + batch_size, len(left)), len(left))
+            writer.write(
+                [
+                    {"id": str(i), "scores": {name: scores[name][k] for name in scores}}
+                    for k, i in enumerate(batch["id"])
+                ]
+            )
+            log.info(
+                "report metrics: chunk %d/%d, %d of %d reports scored",
+                idx,
+                chunks,
+                min(start + batch_size, len(left)),
+                len(left),
+            )
         writer.finish()
 
 
-def merge_scores(pairs: pd.DataFrame, selection: Selection, chunks: int, folder: Path,
-                 n_bootstrap: int) -> tuple[dict[str, Any], pd.DataFrame]:
+def merge_scores(
+    pairs: pd.DataFrame, selection: Selection, chunks: int, folder: Path, n_bootstrap: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics.json's RadEval part, per-report scores) from the finished chunks; every pair exactly once."""
     refs, hyps = pairs["reference"].tolist(), pairs["prediction"].tolist()
     per: dict[str, list[dict]] = {}
     if selection.per_report:
         source = source_of(pairs, selection)
         check_source(folder, source, noun="score")
-        rows = collect(folder, [chunk_file(folder, i, chunks) for i in range(chunks)], "id",
-                       pairs["id"].astype(str).tolist(), "score chunk {0} again (--chunk-idx {0})", source,
-                       noun="score", verb="scored")
+        rows = collect(
+            folder,
+            [chunk_file(folder, i, chunks) for i in range(chunks)],
+            "id",
+            pairs["id"].astype(str).tolist(),
+            "score chunk {0} again (--chunk-idx {0})",
+            source,
+            noun="score",
+            verb="scored",
+        )
         per = {name: [r["scores"][name] for r in rows] for name in selection.per_report}
     corpus = [m for m in selection.metrics if m in CORPUS]
     if corpus:
@@ -144,8 +168,9 @@ def merge_scores(pairs: pd.DataFrame, selection: Selection, chunks: int, folder:
     return {"radeval": result, "radeval_ci95": intervals}, table
 
 
-def bootstrap(scorer, scores: list[dict], refs: list[str], hyps: list[str], n_bootstrap: int
-              ) -> dict[str, list[float] | None]:
+def bootstrap(
+    scorer, scores: list[dict], refs: list[str], hyps: list[str], n_bootstrap: int
+) -> dict[str, list[float] | None]:
     """95% percentile intervals of the scorer's corpus results over `n_bootstrap` resamples of the pairs."""
     if not n_bootstrap or not scores:
         return {}

@@ -18,13 +18,39 @@ from medlava.runs import is_complete, read_result
 
 HEADLINES = {
     "classification": ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "unmapped"),
-    "vqa": ("n_closed", "closed_accuracy", "closed_unparsed", "closed_substring_accuracy", "n_open",
-            "open_exact_match", "open_token_recall", "open_token_f1", "open_bleu", "llava_med_closed_accuracy",
-            "llava_med_closed_accuracy_run_eval", "llava_med_open_recall", "n_multiple_choice", "mc_accuracy",
-            "mc_unparsed", "mmmu_accuracy"),
-    "report": ("n", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "chexpert_rules_f1_micro_14",
-               "chexpert_rules_f1_macro_14", "chexpert_rules_f1_micro_5", "chexpert_rules_f1_macro_5",
-               "bertscore_f1", "chexbert_similarity", "empty_predictions"),
+    "vqa": (
+        "n_closed",
+        "closed_accuracy",
+        "closed_unparsed",
+        "closed_substring_accuracy",
+        "n_open",
+        "open_exact_match",
+        "open_token_recall",
+        "open_token_f1",
+        "open_bleu",
+        "llava_med_closed_accuracy",
+        "llava_med_closed_accuracy_run_eval",
+        "llava_med_open_recall",
+        "n_multiple_choice",
+        "mc_accuracy",
+        "mc_unparsed",
+        "mmmu_accuracy",
+    ),
+    "report": (
+        "n",
+        "bleu_1",
+        "bleu_2",
+        "bleu_3",
+        "bleu_4",
+        "rouge_l",
+        "chexpert_rules_f1_micro_14",
+        "chexpert_rules_f1_macro_14",
+        "chexpert_rules_f1_micro_5",
+        "chexpert_rules_f1_macro_5",
+        "bertscore_f1",
+        "chexbert_similarity",
+        "empty_predictions",
+    ),
 }
 
 
@@ -79,8 +105,16 @@ def eval_inputs(source: Path, cfg: EvalConfig) -> EvalInputs:
         vocab_path = train if train.exists() else None
     vocab = load_closed_vocab(vocab_path) if vocab_path else []
     step = result.get("step", step_of(result.get("checkpoint") or "base"))
-    return EvalInputs(csv, result.get("classes"), vocab, str(vocab_path) if vocab_path else None, int(step),
-                      _image_root(result), _trained_run(source, result), result.get("split"))
+    return EvalInputs(
+        csv,
+        result.get("classes"),
+        vocab,
+        str(vocab_path) if vocab_path else None,
+        int(step),
+        _image_root(result),
+        _trained_run(source, result),
+        result.get("split"),
+    )
 
 
 def family_of(tasks: Sequence[str], path: Path) -> str:
@@ -89,15 +123,19 @@ def family_of(tasks: Sequence[str], path: Path) -> str:
     present = {str(t) for t in tasks}
     if "report" in present:
         if present != {"report"}:
-            raise InputError(f"{path}: report rows are mixed with {sorted(present - {'report'})}; score them from "
-                             "separate files (or set eval.family)")
+            raise InputError(
+                f"{path}: report rows are mixed with {sorted(present - {'report'})}; score them from "
+                "separate files (or set eval.family)"
+            )
         return "report"
     if present & {"open", "multiple_choice"}:
         return "vqa"
     if present and present <= set(CLASSIFICATION_TASKS):
         return "classification"
-    raise InputError(f"{path}: cannot tell the metric family from tasks {sorted(present)}; expected "
-                     "closed/label, open (+closed) or report, or set eval.family")
+    raise InputError(
+        f"{path}: cannot tell the metric family from tasks {sorted(present)}; expected "
+        "closed/label, open (+closed) or report, or set eval.family"
+    )
 
 
 def _family(predictions_csv: Path, cfg: EvalConfig) -> tuple[str, pd.DataFrame | None]:
@@ -116,9 +154,16 @@ def _family(predictions_csv: Path, cfg: EvalConfig) -> tuple[str, pd.DataFrame |
     return family, df
 
 
-def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Sequence[str] | None = None,
-             vocab: list[str] | None = None, vocab_source: str | None = None,
-             chunk_folder: Path | None = None, merge_only: bool = False) -> dict[str, Any]:
+def evaluate(
+    predictions_csv: Path,
+    out_dir: Path,
+    cfg: EvalConfig,
+    classes: Sequence[str] | None = None,
+    vocab: list[str] | None = None,
+    vocab_source: str | None = None,
+    chunk_folder: Path | None = None,
+    merge_only: bool = False,
+) -> dict[str, Any]:
     """Write the metrics directory of `predictions_csv` into `out_dir`; return metrics.json's content. Reports
     read RadEval's per-report scores from the chunks in `chunk_folder` (with `merge_only`, every chunk must be
     finished; otherwise what is missing is scored here)."""
@@ -129,8 +174,9 @@ def evaluate(predictions_csv: Path, out_dir: Path, cfg: EvalConfig, classes: Seq
     if family == "vqa":
         from medlava.eval.vqa import evaluate_vqa
 
-        return evaluate_vqa(df, out_dir, vocab or [], vocab_source, str(predictions_csv), cfg.n_bootstrap,
-                            cfg.error_dump)
+        return evaluate_vqa(
+            df, out_dir, vocab or [], vocab_source, str(predictions_csv), cfg.n_bootstrap, cfg.error_dump
+        )
     from medlava.eval.radiology import evaluate_reports
 
     return evaluate_reports(df, out_dir, cfg, str(predictions_csv), chunk_folder, merge_only)
@@ -142,8 +188,10 @@ def score_report_chunk(predictions_csv: Path, cfg: EvalConfig, chunk_idx: int, c
 
     family, df = _family(Path(predictions_csv), cfg)
     if family != "report":
-        raise InputError(f"{predictions_csv}: eval.chunks splits report metrics; these are {family} predictions, "
-                         "scored in one job (set eval.chunks=1)")
+        raise InputError(
+            f"{predictions_csv}: eval.chunks splits report metrics; these are {family} predictions, "
+            "scored in one job (set eval.chunks=1)"
+        )
     pairs, _ = scorable(df)
     score_chunks(pairs, select_metrics(cfg), [chunk_idx], cfg.chunks, chunk_folder, cfg.batch_size)
 
@@ -160,12 +208,17 @@ def summary_table(metrics: dict[str, Any]) -> str:
     """The family's headline numbers, one per line, with 95% intervals where they were computed; for reports
     also RadEval's results under their own names (and what was left out)."""
     ci = metrics.get("ci95") or {}
-    rows = [(k, _cell(metrics[k]), "" if not ci.get(k) else f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]")
-            for k in HEADLINES.get(metrics.get("family", ""), ()) if k in metrics]
+    rows = [
+        (k, _cell(metrics[k]), "" if not ci.get(k) else f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]")
+        for k in HEADLINES.get(metrics.get("family", ""), ())
+        if k in metrics
+    ]
     radeval_ci = metrics.get("radeval_ci95") or {}
-    rows += [(f"radeval {k}", _cell(v), "" if not radeval_ci.get(k) else
-              f"[{radeval_ci[k][0]:.4f}, {radeval_ci[k][1]:.4f}]")
-             for k, v in (metrics.get("radeval") or {}).items() if isinstance(v, (int, float))]
+    rows += [
+        (f"radeval {k}", _cell(v), "" if not radeval_ci.get(k) else f"[{radeval_ci[k][0]:.4f}, {radeval_ci[k][1]:.4f}]")
+        for k, v in (metrics.get("radeval") or {}).items()
+        if isinstance(v, (int, float))
+    ]
     if (metrics.get("radeval_skipped") or {}).get("empty_report"):
         rows.append(("radeval skipped (empty report)", str(metrics["radeval_skipped"]["empty_report"]), ""))
     rows += [(f"radeval {k}", "not run", why[:90]) for k, why in (metrics.get("radeval_unavailable") or {}).items()]

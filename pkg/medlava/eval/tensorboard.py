@@ -27,8 +27,15 @@ from medlava.eval.plots import figure
 log = logging.getLogger(__name__)
 
 FIGURES = ("confusion.png", "roc.png", "vqa_groups.png")
-GROUP_METRICS = ("accuracy", "closed_accuracy", "open_token_recall", "llava_med_closed_accuracy",
-                 "llava_med_open_recall", "mc_accuracy", "mmmu_accuracy")
+GROUP_METRICS = (
+    "accuracy",
+    "closed_accuracy",
+    "open_token_recall",
+    "llava_med_closed_accuracy",
+    "llava_med_open_recall",
+    "mc_accuracy",
+    "mmmu_accuracy",
+)
 
 
 SKIP = ("ci95", "radeval_ci95", "per_label", "conventions", "radeval_skipped", "seconds", "by_group")
@@ -73,8 +80,10 @@ def worst_reports(per_sample: pd.DataFrame, reports: pd.DataFrame, n: int = 20) 
         return " ".join(str(text).split()).replace("|", "\\|")[:400]
 
     lines = [f"| id | {column} | reference | generated |", "|---|---|---|---|"]
-    lines += [f"| {cell(r.id)} | {getattr(r, column):.4f} | {cell(r.reference)} | {cell(r.prediction)} |"
-              for r in rows.itertuples(index=False)]
+    lines += [
+        f"| {cell(r.id)} | {getattr(r, column):.4f} | {cell(r.reference)} | {cell(r.prediction)} |"
+        for r in rows.itertuples(index=False)
+    ]
     return column, "\n".join(lines)
 
 
@@ -88,8 +97,11 @@ def worst_first(per: pd.DataFrame) -> pd.DataFrame:
     keys = [per["correct"].astype(bool)]
     if "reference_score" in per.columns:
         keys.append(per["reference_score"].astype(float))
-    return per.assign(_c=keys[0], _s=keys[-1] if len(keys) > 1 else 0.0).sort_values(
-        ["_c", "_s", "id"], kind="stable").drop(columns=["_c", "_s"])
+    return (
+        per.assign(_c=keys[0], _s=keys[-1] if len(keys) > 1 else 0.0)
+        .sort_values(["_c", "_s", "id"], kind="stable")
+        .drop(columns=["_c", "_s"])
+    )
 
 
 def _panel_text(row: pd.Series) -> str:
@@ -147,8 +159,14 @@ def markdown_table(rows: pd.DataFrame, n: int = 20) -> str:
     return "\n".join(lines)
 
 
-def write_eval_tensorboard(out_dir: Path, metrics: dict, predictions: pd.DataFrame, step: int,
-                           image_root: Path | None, curve_dir: Path | None = None) -> dict[str, int]:
+def write_eval_tensorboard(
+    out_dir: Path,
+    metrics: dict,
+    predictions: pd.DataFrame,
+    step: int,
+    image_root: Path | None,
+    curve_dir: Path | None = None,
+) -> dict[str, int]:
     """Write the eval run's events into out_dir/tensorboard (and the scalars into `curve_dir`); return how many
     of each kind were written."""
     out_dir = Path(out_dir)
@@ -159,19 +177,25 @@ def write_eval_tensorboard(out_dir: Path, metrics: dict, predictions: pd.DataFra
             w.add_scalar(tag, v, step)
         for name in FIGURES:
             if (out_dir / name).exists():
-                w.add_image(f"eval/{Path(name).stem}", np.asarray(Image.open(out_dir / name).convert("RGB")), step,
-                            dataformats="HWC")
+                w.add_image(
+                    f"eval/{Path(name).stem}",
+                    np.asarray(Image.open(out_dir / name).convert("RGB")),
+                    step,
+                    dataformats="HWC",
+                )
                 counts["images"] += 1
         per_path = out_dir / "per_sample.csv"
         if per_path.exists() and metrics.get("family") == "report":
-            ranked = worst_reports(pd.read_csv(per_path, dtype={"id": str}),
-                                   predictions.assign(id=predictions["id"].astype(str)))
+            ranked = worst_reports(
+                pd.read_csv(per_path, dtype={"id": str}), predictions.assign(id=predictions["id"].astype(str))
+            )
             if ranked:
                 w.add_text(f"eval/worst_reports_by_{ranked[0]}", ranked[1], step)
                 counts["text"] += 1
         elif per_path.exists():
-            per = pd.read_csv(per_path, dtype={"id": str, "reference": str, "prediction": str},
-                              keep_default_na=False, na_values=[""])
+            per = pd.read_csv(
+                per_path, dtype={"id": str, "reference": str, "prediction": str}, keep_default_na=False, na_values=[""]
+            )
             if "image" in predictions.columns and "image" not in per.columns:
                 images = predictions.assign(id=predictions["id"].astype(str)).set_index("id")["image"]
                 per["image"] = per["id"].map(images)

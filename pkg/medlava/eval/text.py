@@ -33,8 +33,10 @@ def _libraries():
         from rapidfuzz.distance import LCSseq
         from sacrebleu.metrics import BLEU
     except ImportError as e:
-        raise ImportError(f"report metrics need the `metrics` extra ({e.name} is missing): "
-                          "pip install -c constraints.txt -e '.[metrics]'") from None
+        raise ImportError(
+            f"report metrics need the `metrics` extra ({e.name} is missing): "
+            "pip install -c constraints.txt -e '.[metrics]'"
+        ) from None
     return BLEU, LCSseq
 
 
@@ -54,8 +56,14 @@ def pair_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, np.ndarra
         if lcs:
             rouge_p[i], rouge_r[i] = lcs / len(h_tokens), lcs / len(r_tokens)
     rouge_f = f_beta(rouge_p, rouge_r, 1.0)
-    return {"bleu_stats": stats, "sentence_bleu_4": sentence_bleu, "rouge_l_precision": rouge_p,
-            "rouge_l_recall": rouge_r, "rouge_l": rouge_f, "rouge_l_coco": f_beta(rouge_p, rouge_r, COCO_BETA)}
+    return {
+        "bleu_stats": stats,
+        "sentence_bleu_4": sentence_bleu,
+        "rouge_l_precision": rouge_p,
+        "rouge_l_recall": rouge_r,
+        "rouge_l": rouge_f,
+        "rouge_l_coco": f_beta(rouge_p, rouge_r, COCO_BETA),
+    }
 
 
 def f_beta(p: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:

@@ -39,8 +39,17 @@ from medlava.eval.text import (
 )
 from medlava.io import InputError, atomic_write_json, atomic_write_text, read_jsonl
 
-GROUP_KEYS = ("answer_type", "content_type", "modality", "subject", "question_type", "modality_type", "medical_task",
-              "body_system", "source_dataset")
+GROUP_KEYS = (
+    "answer_type",
+    "content_type",
+    "modality",
+    "subject",
+    "question_type",
+    "modality_type",
+    "medical_task",
+    "body_system",
+    "source_dataset",
+)
 """meta fields results are broken down by: SLAKE's, MMMU's subjects, OmniMedVQA's and MedXpertQA's categories."""
 VQA_TASKS = ("closed", "open", "multiple_choice")
 META_PREFIX = "meta_"
@@ -68,7 +77,7 @@ def question_options(question: str) -> list[str]:
         return []
     if not re.search(r"[,:;][^,:;]*\sor\s", text):
         left = _LEAD.split(left)[-1]
-    left_text = " ".join(normalize_text(left).split()[-len(right_words):])
+    left_text = " ".join(normalize_text(left).split()[-len(right_words) :])
     return [left_text, " ".join(right_words)] if left_text else []
 
 
@@ -90,7 +99,9 @@ def load_closed_vocab(path: Path) -> list[str]:
     answers = []
     for row in read_jsonl(path):
         meta = row.get("meta") or {}
-        closed = meta.get("task") == "closed" or str(row.get("answer_type", meta.get("answer_type", ""))).upper() == "CLOSED"
+        closed = (
+            meta.get("task") == "closed" or str(row.get("answer_type", meta.get("answer_type", ""))).upper() == "CLOSED"
+        )
         answer = meta.get("answer", row.get("answer"))
         if closed and answer is not None:
             answers.append(str(answer))
@@ -134,12 +145,18 @@ def _summary(part: pd.DataFrame) -> dict[str, Any]:
     closed, open_, mc = (part[part["task"] == t] for t in VQA_TASKS)
     out: dict[str, Any] = {"n": len(part), "n_closed": len(closed), "n_open": len(open_), "n_multiple_choice": len(mc)}
     if len(closed):
-        out.update(closed_accuracy=float(closed["correct"].mean()), closed_unparsed=int(closed["mapped"].isna().sum()),
-                   llava_med_closed_accuracy=float(closed["llava_med_closed_hit"].mean()))
+        out.update(
+            closed_accuracy=float(closed["correct"].mean()),
+            closed_unparsed=int(closed["mapped"].isna().sum()),
+            llava_med_closed_accuracy=float(closed["llava_med_closed_hit"].mean()),
+        )
     if len(open_):
-        out.update(open_exact_match=float(open_["exact"].mean()), open_token_recall=float(open_["token_recall"].mean()),
-                   open_token_f1=float(open_["token_f1"].mean()),
-                   llava_med_open_recall=float(open_["llava_med_open_recall"].mean()))
+        out.update(
+            open_exact_match=float(open_["exact"].mean()),
+            open_token_recall=float(open_["token_recall"].mean()),
+            open_token_f1=float(open_["token_f1"].mean()),
+            llava_med_open_recall=float(open_["llava_med_open_recall"].mean()),
+        )
     if len(mc):
         out.update(mc_accuracy=float(mc["correct"].mean()), mc_unparsed=int(mc["mapped"].isna().sum()))
     mmmu = part[part["mmmu_correct"].notna()]
@@ -148,8 +165,9 @@ def _summary(part: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, seed: int = 0
-                ) -> tuple[dict[str, Any], pd.DataFrame]:
+def vqa_metrics(
+    df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, seed: int = 0
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics and the per-sample table for rows with task closed/open/multiple_choice (others are counted and
     left out)."""
     tasks = df["task"].fillna("").astype(str)
@@ -163,14 +181,19 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
     closed, opened, mc = ((df["task"] == t).to_numpy() for t in VQA_TASKS)
     vocab_key = tuple(vocab)
 
-    per = pd.DataFrame({"id": df["id"].astype(str), "task": df["task"], "prompt": prompts, "reference": ref,
-                        "prediction": pred})
-    routed = [route_closed(q, p, r, vocab_key) if c else (p or None, "letter") if m else (None, None)
-              for q, p, r, c, m in zip(prompts, pred, ref, closed, mc)]
+    per = pd.DataFrame(
+        {"id": df["id"].astype(str), "task": df["task"], "prompt": prompts, "reference": ref, "prediction": pred}
+    )
+    routed = [
+        route_closed(q, p, r, vocab_key) if c else (p or None, "letter") if m else (None, None)
+        for q, p, r, c, m in zip(prompts, pred, ref, closed, mc)
+    ]
     per["route"] = [r for _, r in routed]
     per["mapped"] = [m for m, _ in routed]
-    per["correct"] = [(c and m is not None and m == normalize_text(r)) or (k and m == r)
-                      for (m, _), r, c, k in zip(routed, ref, closed, mc)]
+    per["correct"] = [
+        (c and m is not None and m == normalize_text(r)) or (k and m == r)
+        for (m, _), r, c, k in zip(routed, ref, closed, mc)
+    ]
     per["substring"] = [c and normalize_text(r) in normalize_text(p) for p, r, c in zip(pred, ref, closed)]
     per["exact"] = [exact_match(p, r) for p, r in zip(pred, ref)]
     per["token_recall"] = [token_recall(p, r) for p, r in zip(pred, ref)]
@@ -178,12 +201,15 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
     # LLaVA-Med scores the raw answer text (its answers.jsonl `text`), not an answer mapped to a choice.
     raw = df["text"].fillna("").astype(str) if "text" in df.columns else pred
     per["llava_med_closed_hit"] = [c and llava_med_vqa.closed_hit(t, r) for t, r, c in zip(raw, ref, closed)]
-    per["llava_med_closed_hit_run_eval"] = [c and llava_med_vqa.closed_hit_run_eval(t, r)
-                                            for t, r, c in zip(raw, ref, closed)]
+    per["llava_med_closed_hit_run_eval"] = [
+        c and llava_med_vqa.closed_hit_run_eval(t, r) for t, r, c in zip(raw, ref, closed)
+    ]
     per["llava_med_open_recall"] = [llava_med_vqa.open_scores(t, r)[2] for t, r in zip(raw, ref)]
     datasets = df[META_PREFIX + "dataset"] if META_PREFIX + "dataset" in df.columns else pd.Series([""] * len(df))
-    per["mmmu_correct"] = [mmmu_correct(t, x, r, text) if d == "mmmu_med" else None
-                           for t, x, r, text, d in zip(df["task"], per["correct"], ref, raw, datasets)]
+    per["mmmu_correct"] = [
+        mmmu_correct(t, x, r, text) if d == "mmmu_med" else None
+        for t, x, r, text, d in zip(df["task"], per["correct"], ref, raw, datasets)
+    ]
     scores = pair_scores([normalize_text(p) for p in pred[opened]], [normalize_text(r) for r in ref[opened]])
     per.loc[opened, "bleu"] = scores["sentence_bleu_4"]
     for key in GROUP_KEYS:
@@ -207,31 +233,44 @@ def vqa_metrics(df: pd.DataFrame, vocab: list[str], n_bootstrap: int = 1000, see
         )
     if len(o):
         metrics.update(open_bleu=float(o["bleu"].mean()), open_bleu_1=corpus_bleu(scores["bleu_stats"], 1))
-        f1, precision, recall = np.mean([llava_med_vqa.open_scores(t, r) for t, r in zip(raw[opened], ref[opened])],
-                                        axis=0)
-        metrics.update(llava_med_open_recall=float(recall), llava_med_open_precision=float(precision),
-                       llava_med_open_f1=float(f1))
+        f1, precision, recall = np.mean(
+            [llava_med_vqa.open_scores(t, r) for t, r in zip(raw[opened], ref[opened])], axis=0
+        )
+        metrics.update(
+            llava_med_open_recall=float(recall), llava_med_open_precision=float(precision), llava_med_open_f1=float(f1)
+        )
     mmmu = per[per["mmmu_correct"].notna()]
-    metrics["ci95"] = {name: _mean_ci(part[col].to_numpy(float), n_bootstrap, seed) for name, part, col in (
-        ("closed_accuracy", c, "correct"), ("open_exact_match", o, "exact"), ("open_token_recall", o, "token_recall"),
-        ("open_token_f1", o, "token_f1"), ("llava_med_closed_accuracy", c, "llava_med_closed_hit"),
-        ("llava_med_open_recall", o, "llava_med_open_recall"), ("mc_accuracy", k, "correct"),
-        ("mmmu_accuracy", mmmu, "mmmu_correct"))}
-    metrics["by_group"] = {key: {str(v): _summary(part) for v, part in per.groupby(key, sort=True)}
-                           for key in GROUP_KEYS if key in per.columns}
+    metrics["ci95"] = {
+        name: _mean_ci(part[col].to_numpy(float), n_bootstrap, seed)
+        for name, part, col in (
+            ("closed_accuracy", c, "correct"),
+            ("open_exact_match", o, "exact"),
+            ("open_token_recall", o, "token_recall"),
+            ("open_token_f1", o, "token_f1"),
+            ("llava_med_closed_accuracy", c, "llava_med_closed_hit"),
+            ("llava_med_open_recall", o, "llava_med_open_recall"),
+            ("mc_accuracy", k, "correct"),
+            ("mmmu_accuracy", mmmu, "mmmu_correct"),
+        )
+    }
+    metrics["by_group"] = {
+        key: {str(v): _summary(part) for v, part in per.groupby(key, sort=True)}
+        for key in GROUP_KEYS
+        if key in per.columns
+    }
     metrics["vocab_size"] = len(vocab)
     metrics["conventions"] = {
         "normalisation": "lower case, punctuation and articles removed (SQuAD)",
         "closed_accuracy": "routed: yes_no, options from the question, train vocabulary, else exact; unparsed = wrong",
         "open_token_recall": "share of reference tokens found in the answer",
         "llava_med": "llava_med_*: LLaVA-Med v1.0's run_eval_batch.py on the raw answer text (closed: the reference "
-                     "inside the answer; open: recall), the script behind its paper's table; "
-                     "llava_med_closed_accuracy_run_eval: run_eval.py's closed rule (also needs yes/no in the answer)",
+        "inside the answer; open: recall), the script behind its paper's table; "
+        "llava_med_closed_accuracy_run_eval: run_eval.py's closed rule (also needs yes/no in the answer)",
         "open_bleu": "mean sentence BLEU (sacrebleu, effective order); open_bleu_1: corpus BLEU-1",
         "mc_accuracy": "multiple choice: the option letter answered (by likelihood, or parsed from generated text with "
-                       "MMMU's parser) equals the answer; unparsed answers are wrong (mc_unparsed), never guessed",
+        "MMMU's parser) equals the answer; unparsed answers are wrong (mc_unparsed), never guessed",
         "mmmu_accuracy": "MMMU's rule on its rows: letters as mc_accuracy, open answers by MMMU's "
-                         "parse_open_response + eval_open",
+        "parse_open_response + eval_open",
     }
     return metrics, per
 
@@ -246,8 +285,15 @@ def error_rank(per: pd.DataFrame) -> np.ndarray:
     return np.where(choice, np.where(per["correct"].astype(bool), 9.0, wrong), per["token_f1"].astype(float))
 
 
-def evaluate_vqa(df: pd.DataFrame, out_dir: Path, vocab: list[str], vocab_source: str | None, source: str,
-                 n_bootstrap: int = 1000, error_dump: int = 50) -> dict[str, Any]:
+def evaluate_vqa(
+    df: pd.DataFrame,
+    out_dir: Path,
+    vocab: list[str],
+    vocab_source: str | None,
+    source: str,
+    n_bootstrap: int = 1000,
+    error_dump: int = 50,
+) -> dict[str, Any]:
     """Write metrics.json, per_sample.csv, errors.csv, closed_vocab.json and a per-group chart."""
     out_dir = Path(out_dir)
     metrics, per = vqa_metrics(df, vocab, n_bootstrap)

@@ -135,8 +135,7 @@ def verify_staged(cache: Path, metrics: list[str]) -> list[str]:
     fix = fetch_command(need, cache)
     path = cache / MANIFEST
     if not path.exists():
-        return [f"{', '.join(need)}: no staged weights in {cache} (no {MANIFEST}); where there is internet run "
-                f"`{fix}`"]
+        return [f"{', '.join(need)}: no staged weights in {cache} (no {MANIFEST}); where there is internet run `{fix}`"]
     recorded = json.loads(path.read_text())["metrics"]
     stamps = _read_stamps(cache / VERIFIED)
     problems = []

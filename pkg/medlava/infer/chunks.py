@@ -18,8 +18,17 @@ from medlava.chunks import (
 )
 from medlava.io import InputError
 
-__all__ = ["SOURCE", "ChunkWriter", "check_source", "chunk_of", "chunk_path", "merge_chunks", "partial_path",
-           "read_partial", "settings_path"]
+__all__ = [
+    "SOURCE",
+    "ChunkWriter",
+    "check_source",
+    "chunk_of",
+    "chunk_path",
+    "merge_chunks",
+    "partial_path",
+    "read_partial",
+    "settings_path",
+]
 
 
 def chunk_path(folder: Path, idx: int, chunks: int) -> Path:
@@ -29,11 +38,19 @@ def chunk_path(folder: Path, idx: int, chunks: int) -> Path:
 def merge_chunks(folder: Path, chunks: int, expected_ids: list[str], source: dict) -> list[dict]:
     """All chunk rows in `expected_ids` order; every sample must be answered exactly once, every chunk with the
     settings `source`."""
-    rows = collect(folder, [chunk_path(folder, i, chunks) for i in range(chunks)], "question_id", expected_ids,
-                   "run chunk {0} again (--chunk-idx {0})", source)
+    rows = collect(
+        folder,
+        [chunk_path(folder, i, chunks) for i in range(chunks)],
+        "question_id",
+        expected_ids,
+        "run chunk {0} again (--chunk-idx {0})",
+        source,
+    )
     models = Counter(str(row.get("model_id")) for row in rows)
     if len(models) > 1:
-        raise InputError(f"chunks in {folder} hold answers of {len(models)} models ("
-                         + ", ".join(f"{m}: {n} answers" for m, n in models.most_common())
-                         + "); a merged answer file must come from one model: answer again under a new run_id")
+        raise InputError(
+            f"chunks in {folder} hold answers of {len(models)} models ("
+            + ", ".join(f"{m}: {n} answers" for m, n in models.most_common())
+            + "); a merged answer file must come from one model: answer again under a new run_id"
+        )
     return rows

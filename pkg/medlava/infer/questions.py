@@ -20,14 +20,17 @@ _OWN = {"question_id", "image", "text", "task", "choices", *ANSWER_KEYS}
 
 def question_sample(row: dict, where: str) -> dict:
     if "question_id" not in row or not isinstance(row.get("text"), str):
-        raise InputError(f"{where}: a question needs `question_id` and a `text` string (LLaVA-Med question file); "
-                         f"got keys {sorted(row)}")
+        raise InputError(
+            f"{where}: a question needs `question_id` and a `text` string (LLaVA-Med question file); "
+            f"got keys {sorted(row)}"
+        )
     if not isinstance(row["question_id"], (str, int)) or isinstance(row["question_id"], bool):
         raise InputError(f"{where}: `question_id` must be a string or an integer, got {row['question_id']!r}")
     qid = str(row["question_id"])
     choices = row.get("choices")
-    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
-                                or not all(isinstance(c, str) and c.strip() for c in choices)):
+    if choices is not None and (
+        not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
         raise InputError(f"{where} (question {qid}): `choices` must be a list of at least two non-empty strings")
     answer_type = str(row.get("answer_type", "")).lower()
     task = row.get("task") or (answer_type if answer_type in ("closed", "open") else "closed" if choices else "open")
@@ -44,8 +47,13 @@ def question_sample(row: dict, where: str) -> dict:
         meta["answer"] = str(answer)
     if choices:
         meta["choices"] = [c.strip() for c in choices]
-    return {"id": qid, "question_id": row["question_id"], "image": image,
-            "conversations": [{"from": "human", "value": text}], "meta": meta}
+    return {
+        "id": qid,
+        "question_id": row["question_id"],
+        "image": image,
+        "conversations": [{"from": "human", "value": text}],
+        "meta": meta,
+    }
 
 
 def read_questions(path: Path) -> list[dict]:

@@ -12,8 +12,9 @@ from medlava.models.inputs import collate
 COMPILE_PAD_MULTIPLE = 64
 
 
-def _choice_rows(prompt_lengths: list[int], choices: list[list[list[int]]], pad_id: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _choice_rows(
+    prompt_lengths: list[int], choices: list[list[list[int]]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every prompt's choices end to end, to follow its prompt: their ids, which choice each column holds
     (-1: padding) and their positions, which restart after the prompt for every choice."""
     span = max(sum(len(c) for c in cs) for cs in choices)
@@ -46,8 +47,9 @@ def _shared_prefix_mask(prompt_mask: torch.Tensor, owner: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def score_choices(model, prompts: list[dict], choices: list[list[list[int]]], pad_id: int,
-                  device: torch.device) -> list[list[float]]:
+def score_choices(
+    model, prompts: list[dict], choices: list[list[list[int]]], pad_id: int, device: torch.device
+) -> list[list[float]]:
     """Sum of log p(choice tokens | image, prompt) for every choice of every prompt, in one forward pass.
 
     Each row holds its prompt (image included, left-padded so all prompts end in one column) followed by all its
@@ -65,9 +67,14 @@ def score_choices(model, prompts: list[dict], choices: list[list[list[int]]], pa
     if model.config.text_config._attn_implementation == "eager":  # eager adds its mask to the scores
         blocked = torch.finfo(model.dtype).min
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, blocked)
-    logits = model(input_ids=torch.cat([batch.pop("input_ids"), ids], 1), attention_mask=mask,
-                   position_ids=torch.cat([prompt_positions, positions], 1), use_cache=False,
-                   logits_to_keep=torch.arange(width - 1, width - 1 + ids.shape[1], device=device), **batch).logits
+    logits = model(
+        input_ids=torch.cat([batch.pop("input_ids"), ids], 1),
+        attention_mask=mask,
+        position_ids=torch.cat([prompt_positions, positions], 1),
+        use_cache=False,
+        logits_to_keep=torch.arange(width - 1, width - 1 + ids.shape[1], device=device),
+        **batch,
+    ).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     # Logit column j predicts choice column j from the column before it, except that a choice's first token
     # follows the prompt's last column (logit column 0).
@@ -89,15 +96,30 @@ def compile_config(device: torch.device):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[dict], tokenizer, device: torch.device, max_new_tokens: int, num_beams: int,
-             temperature: float, compile: bool = False) -> list[str]:
+def generate(
+    model,
+    prompts: list[dict],
+    tokenizer,
+    device: torch.device,
+    max_new_tokens: int,
+    num_beams: int,
+    temperature: float,
+    compile: bool = False,
+) -> list[str]:
     """Free-text answers. With `compile`, decoding keeps its KV cache in a static buffer and runs a compiled
     forward per token (prompts padded to a multiple of COMPILE_PAD_MULTIPLE, so shapes repeat)."""
     multiple = COMPILE_PAD_MULTIPLE if compile else 1
     batch = {k: v.to(device) for k, v in collate(prompts, tokenizer.pad_token_id, "left", multiple).items()}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     static = {"cache_implementation": "static", "compile_config": compile_config(device)} if compile else {}
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling, **static)
-    new = out[:, batch["input_ids"].shape[1]:]
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+        **static,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -37,8 +37,10 @@ def read_local_dir(path: Path) -> tuple[dict, dict]:
     """(model_cfg, preprocess_cfg) of an open_clip directory."""
     f = Path(path) / OPEN_CLIP_CONFIG
     if not f.is_file():
-        raise FileNotFoundError(f"{path} holds no {OPEN_CLIP_CONFIG}: give an open_clip model directory (a pretrain "
-                                "checkpoint, or a local copy of an open_clip hub model such as BiomedCLIP)")
+        raise FileNotFoundError(
+            f"{path} holds no {OPEN_CLIP_CONFIG}: give an open_clip model directory (a pretrain "
+            "checkpoint, or a local copy of an open_clip hub model such as BiomedCLIP)"
+        )
     data = json.loads(f.read_text())
     if "model_cfg" not in data:
         raise FileNotFoundError(f"{f} has no `model_cfg`; it is not an open_clip model config")
@@ -53,17 +55,23 @@ def model_config(p: PretrainConfig) -> dict:
     """The open_clip model_cfg that pretrain.model (a config name), text_tower and context_length describe."""
     cfg = open_clip.get_model_config(p.model)
     if cfg is None:
-        raise ConfigError(f"pretrain.model={p.model} is not an open_clip model config; use one of "
-                          f"open_clip.list_models() (e.g. ViT-B-16, medlava-tiny-clip) or {LOCAL_DIR}PATH")
+        raise ConfigError(
+            f"pretrain.model={p.model} is not an open_clip model config; use one of "
+            f"open_clip.list_models() (e.g. ViT-B-16, medlava-tiny-clip) or {LOCAL_DIR}PATH"
+        )
     cfg = copy.deepcopy(cfg)
     if "multimodal_cfg" in cfg:
-        raise ConfigError(f"pretrain.model={p.model} is a CoCa model (captioning decoder); pretrain trains "
-                          "contrastive CLIP models only")
+        raise ConfigError(
+            f"pretrain.model={p.model} is a CoCa model (captioning decoder); pretrain trains "
+            "contrastive CLIP models only"
+        )
     if p.text_tower:
         tower = Path(p.text_tower)
         if not (tower / "config.json").is_file():
-            raise FileNotFoundError(f"pretrain.text_tower={tower} holds no config.json: give a local transformers "
-                                    "model directory with its tokenizer (e.g. PubMedBERT saved with save_pretrained)")
+            raise FileNotFoundError(
+                f"pretrain.text_tower={tower} holds no config.json: give a local transformers "
+                "model directory with its tokenizer (e.g. PubMedBERT saved with save_pretrained)"
+            )
         cfg["text_cfg"] = {**HF_TEXT, "hf_model_name": str(tower), "hf_tokenizer_name": str(tower)}
     if p.context_length:
         cfg["text_cfg"]["context_length"] = p.context_length
@@ -113,8 +121,9 @@ class ClipModule(torch.nn.Module):
 
     def save_pretrained(self, path: Path) -> None:
         path = Path(path)
-        atomic_write_json(path / OPEN_CLIP_CONFIG, {"model_cfg": self.cfg,
-                                                    "preprocess_cfg": get_model_preprocess_cfg(self.clip)})
+        atomic_write_json(
+            path / OPEN_CLIP_CONFIG, {"model_cfg": self.cfg, "preprocess_cfg": get_model_preprocess_cfg(self.clip)}
+        )
         save_file({k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}, str(path / WEIGHTS))
         text = getattr(self.clip, "text", None)
         if hasattr(text, "config"):  # a transformers tower: its config, so the directory loads on its own
@@ -136,9 +145,11 @@ def create(p: PretrainConfig) -> ClipModule:
     """The model pretrain starts from: a new one (its text tower's weights loaded), or an open_clip directory."""
     if p.model.startswith(LOCAL_DIR):
         if p.text_tower or p.context_length:
-            raise ConfigError(f"pretrain.model={p.model} continues that model as it is: drop pretrain.text_tower "
-                              "and pretrain.context_length")
-        return load_clip(Path(p.model[len(LOCAL_DIR):]))
+            raise ConfigError(
+                f"pretrain.model={p.model} continues that model as it is: drop pretrain.text_tower "
+                "and pretrain.context_length"
+            )
+        return load_clip(Path(p.model[len(LOCAL_DIR) :]))
     cfg = model_config(p)
     return ClipModule(build_clip(cfg, {}, pretrained_text=True), cfg, tokenizer_for(cfg))
 

@@ -67,21 +67,29 @@ class MetaEncoder:
         def vocab(key: str) -> tuple[str, ...]:
             return (UNKNOWN, *sorted({t for m in metas if (t := _text(m.get(key))) not in (None, UNKNOWN)}))
 
-        return cls(sexes=vocab("sex"), localizations=vocab("localization"), age_mean=float(ages.mean()),
-                   age_std=float(ages.std()) or 1.0, age_median=float(np.median(ages)))
+        return cls(
+            sexes=vocab("sex"),
+            localizations=vocab("localization"),
+            age_mean=float(ages.mean()),
+            age_std=float(ages.std()) or 1.0,
+            age_median=float(np.median(ages)),
+        )
 
     def encode(self, meta: dict) -> tuple[float, int, int]:
         age = _age(meta.get("age"))
         sex, loc = _text(meta.get("sex")), _text(meta.get("localization"))
-        return ((self.age_median if age is None else age) - self.age_mean) / self.age_std, \
-            self.sexes.index(sex) if sex in self.sexes else 0, \
-            self.localizations.index(loc) if loc in self.localizations else 0
+        return (
+            ((self.age_median if age is None else age) - self.age_mean) / self.age_std,
+            self.sexes.index(sex) if sex in self.sexes else 0,
+            self.localizations.index(loc) if loc in self.localizations else 0,
+        )
 
     def missing(self, metas: Sequence[dict]) -> dict[str, tuple[int, str]]:
         """Per field, how many of `metas` lack it and the training default that stands in for it."""
-        defaults = {"age": (lambda m: _age(m.get("age")) is None, f"the training median age {self.age_median:g}"),
-                    **{key: (lambda m, key=key: _text(m.get(key)) is None, f"'{UNKNOWN}'")
-                       for key in ("sex", "localization")}}
+        defaults = {
+            "age": (lambda m: _age(m.get("age")) is None, f"the training median age {self.age_median:g}"),
+            **{key: (lambda m, key=key: _text(m.get(key)) is None, f"'{UNKNOWN}'") for key in ("sex", "localization")},
+        }
         counts = {key: (sum(map(absent, metas)), default) for key, (absent, default) in defaults.items()}
         return {key: c for key, c in counts.items() if c[0]}
 
@@ -114,10 +122,20 @@ class CnnSpec:
     @classmethod
     def from_json(cls, data: dict) -> CnnSpec:
         meta = data.get("meta")
-        return cls(**{**data, "classes": tuple(data["classes"]), "mean": tuple(data["mean"]),
-                      "std": tuple(data["std"]), "head_hidden": tuple(data.get("head_hidden", ())),
-                      "meta": MetaEncoder(**{**meta, "sexes": tuple(meta["sexes"]),
-                                             "localizations": tuple(meta["localizations"])}) if meta else None})
+        return cls(
+            **{
+                **data,
+                "classes": tuple(data["classes"]),
+                "mean": tuple(data["mean"]),
+                "std": tuple(data["std"]),
+                "head_hidden": tuple(data.get("head_hidden", ())),
+                "meta": MetaEncoder(
+                    **{**meta, "sexes": tuple(meta["sexes"]), "localizations": tuple(meta["localizations"])}
+                )
+                if meta
+                else None,
+            }
+        )
 
 
 class CnnClassifier(nn.Module):
@@ -127,20 +145,25 @@ class CnnClassifier(nn.Module):
     def __init__(self, spec: CnnSpec, pretrained: str | None = None):
         super().__init__()
         if not timm.is_model(spec.arch):
-            raise InputError(f"cnn.arch={spec.arch!r} is not a timm model; e.g. resnet18, tf_efficientnetv2_s "
-                             "(python -c 'import timm; print(timm.list_models())')")
+            raise InputError(
+                f"cnn.arch={spec.arch!r} is not a timm model; e.g. resnet18, tf_efficientnetv2_s "
+                "(python -c 'import timm; print(timm.list_models())')"
+            )
         overlay = {"file": str(pretrained)} if pretrained else None
-        self.backbone = timm.create_model(spec.arch, pretrained=bool(pretrained), num_classes=0,
-                                          pretrained_cfg_overlay=overlay)
+        self.backbone = timm.create_model(
+            spec.arch, pretrained=bool(pretrained), num_classes=0, pretrained_cfg_overlay=overlay
+        )
         width = self.backbone.num_features
         self.meta = None
         if spec.meta is not None:
-            self.meta = nn.ModuleDict({
-                "age": nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU()),
-                "sex": nn.Embedding(len(spec.meta.sexes), 8),
-                "localization": nn.Embedding(len(spec.meta.localizations), 16),
-                "joint": nn.Sequential(nn.Linear(64 + 8 + 16, 128), nn.ReLU()),
-            })
+            self.meta = nn.ModuleDict(
+                {
+                    "age": nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU()),
+                    "sex": nn.Embedding(len(spec.meta.sexes), 8),
+                    "localization": nn.Embedding(len(spec.meta.localizations), 16),
+                    "joint": nn.Sequential(nn.Linear(64 + 8 + 16, 128), nn.ReLU()),
+                }
+            )
             width += 128
         layers: list[nn.Module] = []
         for hidden in spec.head_hidden:
@@ -148,8 +171,9 @@ class CnnClassifier(nn.Module):
             width = hidden
         self.head = nn.Sequential(nn.Dropout(spec.dropout), *layers, nn.Linear(width, len(spec.classes)))
 
-    def forward(self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor,
-                localization: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, age: torch.Tensor, sex: torch.Tensor, localization: torch.Tensor
+    ) -> torch.Tensor:
         x = self.backbone(image)
         if self.meta is not None:
             m = self.meta
@@ -158,17 +182,33 @@ class CnnClassifier(nn.Module):
         return self.head(x)
 
 
-def new_spec(arch: str, classes: Sequence[str], image_size: int, head_hidden: Sequence[int], dropout: float,
-             meta: MetaEncoder | None) -> CnnSpec:
+def new_spec(
+    arch: str,
+    classes: Sequence[str],
+    image_size: int,
+    head_hidden: Sequence[int],
+    dropout: float,
+    meta: MetaEncoder | None,
+) -> CnnSpec:
     """A spec whose normalisation is the one timm records for the architecture's weights."""
     cfg = timm.get_pretrained_cfg(arch)
-    mean, std = (cfg.mean, cfg.std) if cfg is not None else (timm.data.IMAGENET_DEFAULT_MEAN,
-                                                                timm.data.IMAGENET_DEFAULT_STD)
-    return CnnSpec(arch=arch, classes=tuple(classes), image_size=image_size, mean=tuple(mean), std=tuple(std),
-                   head_hidden=tuple(head_hidden), dropout=dropout, meta=meta)
+    mean, std = (
+        (cfg.mean, cfg.std) if cfg is not None else (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
+    )
+    return CnnSpec(
+        arch=arch,
+        classes=tuple(classes),
+        image_size=image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        head_hidden=tuple(head_hidden),
+        dropout=dropout,
+        meta=meta,
+    )
 
 
 # -- two-phase training: what trains when ---------------------------------------------------------------------
+
 
 def backbone_groups(model: CnnClassifier) -> list[list[str]]:
     """The backbone's parameter names in timm's layer groups (stem first, the last block last), the unit
@@ -176,8 +216,10 @@ def backbone_groups(model: CnnClassifier) -> list[list[str]]:
     from timm.models import group_parameters
 
     if not hasattr(model.backbone, "group_matcher"):
-        raise InputError(f"timm model {type(model.backbone).__name__} has no layer groups (group_matcher); "
-                         "use cnn.unfreeze_fraction=1")
+        raise InputError(
+            f"timm model {type(model.backbone).__name__} has no layer groups (group_matcher); "
+            "use cnn.unfreeze_fraction=1"
+        )
     groups = group_parameters(model.backbone, model.backbone.group_matcher(coarse=False))
     return [list(names) for _, names in sorted(groups.items())]
 
@@ -187,14 +229,18 @@ def set_phase(model: CnnClassifier, frozen: bool, unfreeze_fraction: float) -> d
     ceil(fraction x groups) backbone groups train too. Returns what trains, for the run's record."""
     groups = backbone_groups(model)
     k = 0 if frozen else math.ceil(unfreeze_fraction * len(groups))
-    open_names = {BACKBONE + n for g in groups[len(groups) - k:] for n in g}
+    open_names = {BACKBONE + n for g in groups[len(groups) - k :] for n in g}
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith(BACKBONE) or name in open_names
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
-    return {"backbone_groups": len(groups), "trainable_groups": k,
-            "first_trainable_group": groups[len(groups) - k][0] if k else None, "parameters": counts}
+    return {
+        "backbone_groups": len(groups),
+        "trainable_groups": k,
+        "first_trainable_group": groups[len(groups) - k][0] if k else None,
+        "parameters": counts,
+    }
 
 
 def keep_frozen_statistics(model: nn.Module) -> None:
@@ -206,6 +252,7 @@ def keep_frozen_statistics(model: nn.Module) -> None:
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Item:
@@ -223,8 +270,14 @@ class Item:
 
 
 def eval_transform(spec: CnnSpec) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize((spec.image_size, spec.image_size), antialias=True),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((spec.image_size, spec.image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 class ItemDataset(torch.utils.data.Dataset):
@@ -237,8 +290,13 @@ class ItemDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         it = self.items[i]
         age, sex, loc = self.meta.encode(it.meta) if self.meta is not None else (0.0, 0, 0)
-        return {"image": self.transform(load_image(it.path, it.id)), "age": torch.tensor(age, dtype=torch.float32),
-                "sex": torch.tensor(sex), "localization": torch.tensor(loc), "label": torch.tensor(it.label)}
+        return {
+            "image": self.transform(load_image(it.path, it.id)),
+            "age": torch.tensor(age, dtype=torch.float32),
+            "sex": torch.tensor(sex),
+            "localization": torch.tensor(loc),
+            "label": torch.tensor(it.label),
+        }
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -249,8 +307,9 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-                  amp_dtype: torch.dtype | None = None) -> np.ndarray:
+def predict_proba(
+    model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> np.ndarray:
     """Class probabilities (n, classes) in the loader's order."""
     model.eval()
     out = []
@@ -262,6 +321,7 @@ def predict_proba(model: nn.Module, loader: torch.utils.data.DataLoader, device:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
+
 
 def write_cnn(folder: Path, model: CnnClassifier, spec: CnnSpec) -> None:
     """The weights and the spec (what prediction needs besides the manifest) into `folder`."""
@@ -285,8 +345,9 @@ def load_cnn(path: Path) -> tuple[CnnClassifier, CnnSpec]:
     """The model (eval mode, CPU) and its spec from a checkpoint directory alone."""
     path = Path(path)
     if not is_cnn_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a CNN checkpoint (no {SPEC}); pass checkpoints/best of a cnn run "
-                                "or the run directory")
+        raise FileNotFoundError(
+            f"{path} is not a CNN checkpoint (no {SPEC}); pass checkpoints/best of a cnn run or the run directory"
+        )
     spec = CnnSpec.from_json(json.loads((path / SPEC).read_text()))
     model = CnnClassifier(spec)
     model.load_state_dict(load_file(str(path / WEIGHTS)))

@@ -30,11 +30,14 @@ class Encoder:
 
     def _encode(self, sample: dict, generation: bool) -> Encoded:
         segments = render(self.template, sample["conversations"], str(sample["id"]), add_generation_prompt=generation)
-        enc = encode(segments, self.tokenizer, self.image_token_id, self.n_image_tokens, self.max_length,
-                     str(sample["id"]))
+        enc = encode(
+            segments, self.tokenizer, self.image_token_id, self.n_image_tokens, self.max_length, str(sample["id"])
+        )
         if enc.n_images != (1 if sample.get("image") else 0):
-            raise ValueError(f"sample {sample['id']}: {enc.n_images} <image> placeholders but "
-                             f"{'an' if sample.get('image') else 'no'} image; put one <image> in the first human turn")
+            raise ValueError(
+                f"sample {sample['id']}: {enc.n_images} <image> placeholders but "
+                f"{'an' if sample.get('image') else 'no'} image; put one <image> in the first human turn"
+            )
         return enc
 
     def train_item(self, sample: dict) -> dict:
@@ -54,9 +57,11 @@ class Encoder:
         full = self._encode({**sample, "conversations": turns + [{"from": "gpt", "value": answer}]}, generation=False)
         prompt = self._encode(sample, generation=True).input_ids
         if full.input_ids[: len(prompt)] != prompt:
-            raise InputError(f"sample {sample['id']}: the prompt tokenizes differently when the answer {answer!r} "
-                             "follows it, so its likelihood cannot be scored after the prompt alone")
-        return full.input_ids[len(prompt):]
+            raise InputError(
+                f"sample {sample['id']}: the prompt tokenizes differently when the answer {answer!r} "
+                "follows it, so its likelihood cannot be scored after the prompt alone"
+            )
+        return full.input_ids[len(prompt) :]
 
 
 def item_error(items: list[dict]) -> dict | None:
@@ -130,8 +135,9 @@ class SampleDataset(torch.utils.data.Dataset):
         if self._lengths is None:
             texts = [" ".join(str(c["value"]) for c in s["conversations"]) for s in self.samples]
             counts = self.encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            self._lengths = [len(c) + (self.encoder.n_image_tokens if s.get("image") else 0)
-                             for c, s in zip(counts, self.samples)]
+            self._lengths = [
+                len(c) + (self.encoder.n_image_tokens if s.get("image") else 0) for c, s in zip(counts, self.samples)
+            ]
         return self._lengths
 
     def __len__(self) -> int:

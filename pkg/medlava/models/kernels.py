@@ -22,13 +22,17 @@ def check_kernels(kernels: str, device: torch.device, section: str) -> None:
     if kernels != "liger":
         return
     if device.type != "cuda":
-        raise ConfigError(f"{section}.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels) but this "
-                          f"process runs on {device.type}; set {section}.kernels=none")
+        raise ConfigError(
+            f"{section}.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels) but this "
+            f"process runs on {device.type}; set {section}.kernels=none"
+        )
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
-        raise ConfigError(f"{section}.kernels=liger needs liger-kernel: pip install -c constraints.txt '.[gpu]', "
-                          f"or set {section}.kernels=none") from None
+        raise ConfigError(
+            f"{section}.kernels=liger needs liger-kernel: pip install -c constraints.txt '.[gpu]', "
+            f"or set {section}.kernels=none"
+        ) from None
 
 
 def apply_liger(model: torch.nn.Module, section: str) -> dict:
@@ -38,15 +42,22 @@ def apply_liger(model: torch.nn.Module, section: str) -> dict:
     cfg = model.config
     text = cfg.text_config.model_type
     if cfg.model_type != "llava" or text not in LIGER_TEXT_MODELS:
-        raise ConfigError(f"{section}.kernels=liger covers LLaVA with a {' or '.join(LIGER_TEXT_MODELS)} language "
-                          f"model; this model is {cfg.model_type} with {text}: set {section}.kernels=none")
+        raise ConfigError(
+            f"{section}.kernels=liger covers LLaVA with a {' or '.join(LIGER_TEXT_MODELS)} language "
+            f"model; this model is {cfg.model_type} with {text}: set {section}.kernels=none"
+        )
     from liger_kernel.transformers import apply_liger_kernel_to_llava
 
     # Liger swaps the Mistral/Llama module's RMSNorm, MLP and rotary functions for the whole process, and the
     # instance's own modules and forward: every model this process builds afterwards is patched too.
     apply_liger_kernel_to_llava(model=model, fused_linear_cross_entropy=True, rope=True, rms_norm=True, swiglu=True)
-    return {"name": "liger", "version": version("liger-kernel"), "language_model": text, "patched": LIGER_PATCHES,
-            "vision_tower": f"{cfg.vision_config.model_type} (no Liger kernels; unchanged)"}
+    return {
+        "name": "liger",
+        "version": version("liger-kernel"),
+        "language_model": text,
+        "patched": LIGER_PATCHES,
+        "vision_tower": f"{cfg.vision_config.model_type} (no Liger kernels; unchanged)",
+    }
 
 
 def compile_blocks(model: torch.nn.Module) -> int:

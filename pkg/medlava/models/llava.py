@@ -23,12 +23,14 @@ def base_model_path(cfg: ModelConfig) -> str:
         base = cfg.name_or_path
     else:
         from medlava.models.tiny import tiny_checkpoint
+
         base = str(tiny_checkpoint(cfg.tiny))
     if cfg.vision_tower is None:
         return base
     from medlava.models.vision_tower import (
         llava_with_vision_tower,  # an open_clip ViT (pretrain) as CLIP tower
     )
+
     return str(llava_with_vision_tower(base, cfg.vision_tower))
 
 
@@ -39,16 +41,23 @@ def choose_attention(requested: str, packing: bool = False) -> str | dict[str, s
 
     gpu = torch.cuda.is_available()
     if requested == "flash_attention_2" and not is_flash_attn_2_available():
-        raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed or no GPU "
-                          "is visible; install the `gpu` extra or use attn_implementation=auto")
-    if requested == "flash_attention_4" and not (is_flash_attn_4_available()
-                                                 and torch.cuda.get_device_capability()[0] >= 9):
-        raise ConfigError("model.attn_implementation=flash_attention_4 needs the flash-attn-4 wheel (pip install "
-                          "-c constraints.txt flash-attn-4, without flash-attn 2: both install flash_attn) and a "
-                          "Hopper or newer GPU; use attn_implementation=auto")
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 but flash-attn is not installed or no GPU "
+            "is visible; install the `gpu` extra or use attn_implementation=auto"
+        )
+    if requested == "flash_attention_4" and not (
+        is_flash_attn_4_available() and torch.cuda.get_device_capability()[0] >= 9
+    ):
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_4 needs the flash-attn-4 wheel (pip install "
+            "-c constraints.txt flash-attn-4, without flash-attn 2: both install flash_attn) and a "
+            "Hopper or newer GPU; use attn_implementation=auto"
+        )
     if requested == "flex_attention" and not gpu:
-        raise ConfigError("model.attn_implementation=flex_attention needs a GPU: PyTorch's FlexAttention has no "
-                          "backward pass on CPU; use attn_implementation=auto (SDPA)")
+        raise ConfigError(
+            "model.attn_implementation=flex_attention needs a GPU: PyTorch's FlexAttention has no "
+            "backward pass on CPU; use attn_implementation=auto (SDPA)"
+        )
     if requested == "auto":
         if is_flash_attn_2_available():
             return "flash_attention_2"
@@ -78,8 +87,9 @@ def load_processor(path: str, cfg: ModelConfig):
     return processor
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype,
-               attn: str | dict[str, str] | None = None) -> LlavaForConditionalGeneration:
+def load_model(
+    path: str, cfg: ModelConfig, dtype: torch.dtype, attn: str | dict[str, str] | None = None
+) -> LlavaForConditionalGeneration:
     """The LLaVA at `path`, attending with `attn` (default: as answering does, inference_attention)."""
     attn = attn or inference_attention(cfg.attn_implementation)
     # flash-attn needs half precision weights; fp32 training keeps fp32 master weights under autocast.
@@ -105,8 +115,11 @@ def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
 
 
 def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k.split(PROJECTOR + ".", 1)[1]: v.detach().cpu().contiguous()
-            for k, v in model.state_dict().items() if PROJECTOR + "." in k}
+    return {
+        k.split(PROJECTOR + ".", 1)[1]: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if PROJECTOR + "." in k
+    }
 
 
 def save_projector(model: torch.nn.Module, path: Path) -> None:
@@ -118,8 +131,10 @@ def load_projector(model: LlavaForConditionalGeneration, path: Path) -> None:
     module = model.get_submodule(f"model.{PROJECTOR}")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{path}: projector weights do not fit this model (missing {missing}, "
-                           f"unexpected {unexpected}); was it trained for another base model?")
+        raise RuntimeError(
+            f"{path}: projector weights do not fit this model (missing {missing}, "
+            f"unexpected {unexpected}); was it trained for another base model?"
+        )
 
 
 def load_for_inference(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype):
@@ -137,6 +152,7 @@ def load_for_inference(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.d
             load_projector(model, checkpoint / PROJECTOR_FILE)
         elif kind == "lora":
             from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
         else:
             raise ValueError(f"{checkpoint} holds a {kind} checkpoint, not a LLaVA one (projector, lora or full)")

@@ -21,8 +21,10 @@ from medlava.io import InputError
 
 IGNORE_INDEX = -100
 IMAGE = "<image>"
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 TEMPLATES = ("mistral_instruct", "vicuna_v1", "plain")
 
 
@@ -46,16 +48,19 @@ def _turns(conversations: Sequence[dict], sample_id: str) -> list[tuple[str, str
         human = conversations[i]
         gpt = conversations[i + 1] if i + 1 < len(conversations) else None
         if human.get("from") not in ("human", "user") or (gpt and gpt.get("from") not in ("gpt", "assistant")):
-            raise InputError(f"sample {sample_id}: conversations must alternate human/gpt starting with human, "
-                             f"got {[c.get('from') for c in conversations]}")
+            raise InputError(
+                f"sample {sample_id}: conversations must alternate human/gpt starting with human, "
+                f"got {[c.get('from') for c in conversations]}"
+            )
         turns.append((image_first(str(human["value"])), None if gpt is None else image_first(str(gpt["value"]))))
     if not turns:
         raise InputError(f"sample {sample_id}: empty conversations")
     return turns
 
 
-def render(template: str, conversations: Sequence[dict], sample_id: str = "?",
-           add_generation_prompt: bool = False) -> list[Segment]:
+def render(
+    template: str, conversations: Sequence[dict], sample_id: str = "?", add_generation_prompt: bool = False
+) -> list[Segment]:
     """The conversation string in pieces that carry loss or not. With add_generation_prompt the last gpt
     turn is dropped (if any) and the string ends where the assistant's answer would begin."""
     turns = _turns(conversations, sample_id)
@@ -77,8 +82,10 @@ def render(template: str, conversations: Sequence[dict], sample_id: str = "?",
     elif template == "plain":  # alignment: <image>caption\n, the question dropped, loss on the caption
         human, gpt = turns[0]
         if len(turns) != 1 or IMAGE not in human:
-            raise InputError(f"sample {sample_id}: the plain (alignment) template takes one image-caption pair "
-                             "with <image> in the human turn")
+            raise InputError(
+                f"sample {sample_id}: the plain (alignment) template takes one image-caption pair "
+                "with <image> in the human turn"
+            )
         segs.append(Segment(IMAGE, False))
         if gpt is not None:
             segs.append(Segment(gpt + "\n", True))
@@ -105,8 +112,14 @@ class Encoded:
     n_images: int
 
 
-def encode(segments: Sequence[Segment], tokenizer, image_token_id: int, n_image_tokens: int,
-           max_length: int, sample_id: str = "?") -> Encoded:
+def encode(
+    segments: Sequence[Segment],
+    tokenizer,
+    image_token_id: int,
+    n_image_tokens: int,
+    max_length: int,
+    sample_id: str = "?",
+) -> Encoded:
     text = "".join(s.text for s in segments)
     ids, n_images = tokenize(text, tokenizer, image_token_id, n_image_tokens)
     labels = [IGNORE_INDEX] * len(ids)
@@ -120,16 +133,22 @@ def encode(segments: Sequence[Segment], tokenizer, image_token_id: int, n_image_
     if n_images > 1:
         raise InputError(f"sample {sample_id}: {n_images} <image> placeholders; one image per sample is supported")
     if len(ids) > max_length and not any(s.loss for s in segments):  # a prompt: its end is the question's end
-        raise InputError(f"sample {sample_id}: the prompt is {len(ids)} tokens (image tokens included), over "
-                         f"model.model_max_length={max_length}; cut, the model would answer a question it never "
-                         "saw whole. Shorten the question or raise model.model_max_length")
+        raise InputError(
+            f"sample {sample_id}: the prompt is {len(ids)} tokens (image tokens included), over "
+            f"model.model_max_length={max_length}; cut, the model would answer a question it never "
+            "saw whole. Shorten the question or raise model.model_max_length"
+        )
     if len(ids) > max_length:
         last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
         if last_image >= max_length:
-            raise InputError(f"sample {sample_id}: {len(ids)} tokens; truncating to model.model_max_length="
-                             f"{max_length} would cut the image tokens. Raise model.model_max_length or shorten it")
+            raise InputError(
+                f"sample {sample_id}: {len(ids)} tokens; truncating to model.model_max_length="
+                f"{max_length} would cut the image tokens. Raise model.model_max_length or shorten it"
+            )
         ids, labels = ids[:max_length], labels[:max_length]
     if any(s.loss for s in segments) and all(l == IGNORE_INDEX for l in labels):
-        raise InputError(f"sample {sample_id}: no answer tokens left within model.model_max_length={max_length}; "
-                         "raise it or shorten the prompt")
+        raise InputError(
+            f"sample {sample_id}: no answer tokens left within model.model_max_length={max_length}; "
+            "raise it or shorten the prompt"
+        )
     return Encoded(ids, labels, n_images)

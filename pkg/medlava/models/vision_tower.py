@@ -33,9 +33,20 @@ from medlava.runs import is_complete
 
 log = logging.getLogger(__name__)
 # open_clip ViT options CLIPVisionModel cannot express, with the value that it can.
-_EXACT_ONLY = {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "final_ln_after_pool": False,
-               "pool_type": "tok", "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
-               "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "act_kwargs": None}
+_EXACT_ONLY = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "act_kwargs": None,
+}
 
 
 def _square(value, what: str, where: str) -> int:
@@ -50,9 +61,11 @@ def clip_vision_config(model_cfg: dict, where: str) -> CLIPVisionConfig:
     """The CLIPVisionConfig of an open_clip model config's ViT; InputError naming what cannot be mapped exactly."""
     v = model_cfg["vision_cfg"]
     if v.get("timm_model_name"):
-        raise InputError(f"{where}: the vision tower is a timm trunk ({v['timm_model_name']}, as BiomedCLIP's), whose "
-                         "blocks and norms have no exact CLIPVisionModel counterpart; medlava does not approximate "
-                         "it. Pretrain an open_clip ViT (pretrain.model=ViT-B-16) and use that checkpoint")
+        raise InputError(
+            f"{where}: the vision tower is a timm trunk ({v['timm_model_name']}, as BiomedCLIP's), whose "
+            "blocks and norms have no exact CLIPVisionModel counterpart; medlava does not approximate "
+            "it. Pretrain an open_clip ViT (pretrain.model=ViT-B-16) and use that checkpoint"
+        )
     c = CLIPVisionCfg(**v)
     if isinstance(c.layers, (list, tuple)):
         raise InputError(f"{where}: the vision tower is a ResNet (layers {list(c.layers)}), not a ViT")
@@ -64,23 +77,33 @@ def clip_vision_config(model_cfg: dict, where: str) -> CLIPVisionConfig:
     if norm:
         unmappable["norm_kwargs"] = c.norm_kwargs
     if unmappable:
-        raise InputError(f"{where}: vision_cfg options {unmappable} have no CLIPVisionModel counterpart; medlava "
-                         "converts only plain CLIP ViTs exactly and does not approximate others")
+        raise InputError(
+            f"{where}: vision_cfg options {unmappable} have no CLIPVisionModel counterpart; medlava "
+            "converts only plain CLIP ViTs exactly and does not approximate others"
+        )
     if c.width % c.head_width:
         raise InputError(f"{where}: vision width {c.width} is not a multiple of head_width {c.head_width}")
-    return CLIPVisionConfig(hidden_size=c.width, intermediate_size=int(c.width * c.mlp_ratio),
-                            num_hidden_layers=c.layers, num_attention_heads=c.width // c.head_width,
-                            image_size=_square(c.image_size, "image_size", where),
-                            patch_size=_square(c.patch_size, "patch_size", where), layer_norm_eps=eps,
-                            hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-                            projection_dim=model_cfg["embed_dim"])
+    return CLIPVisionConfig(
+        hidden_size=c.width,
+        intermediate_size=int(c.width * c.mlp_ratio),
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.width // c.head_width,
+        image_size=_square(c.image_size, "image_size", where),
+        patch_size=_square(c.patch_size, "patch_size", where),
+        layer_norm_eps=eps,
+        hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        projection_dim=model_cfg["embed_dim"],
+    )
 
 
 def convert_state(visual: VisionTransformer) -> dict[str, torch.Tensor]:
     """open_clip VisionTransformer weights under CLIPVisionModel's names (fused qkv split into q, k, v)."""
     s = visual.state_dict()
-    out = {"embeddings.patch_embedding.weight": s["conv1.weight"], "embeddings.class_embedding": s["class_embedding"],
-           "embeddings.position_embedding.weight": s["positional_embedding"]}
+    out = {
+        "embeddings.patch_embedding.weight": s["conv1.weight"],
+        "embeddings.class_embedding": s["class_embedding"],
+        "embeddings.position_embedding.weight": s["positional_embedding"],
+    }
     for ours, theirs in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
         out |= {f"{ours}.weight": s[f"{theirs}.weight"], f"{ours}.bias": s[f"{theirs}.bias"]}
     for i in range(len(visual.transformer.resblocks)):
@@ -88,8 +111,13 @@ def convert_state(visual: VisionTransformer) -> dict[str, torch.Tensor]:
         for kind in ("weight", "bias"):
             for name, part in zip("qkv", s[f"{src}attn.in_proj_{kind}"].chunk(3)):
                 out[f"{dst}self_attn.{name}_proj.{kind}"] = part
-            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for ours, theirs in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
                 out[f"{dst}{ours}.{kind}"] = s[f"{src}{theirs}.{kind}"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
@@ -110,8 +138,10 @@ def open_clip_dir(path: Path) -> Path:
         return path
     if is_complete(path):
         return checkpoint_of(path)
-    raise FileNotFoundError(f"model.vision_tower={path} is neither an open_clip model directory (no "
-                            f"{OPEN_CLIP_CONFIG}) nor a complete pretrain run")
+    raise FileNotFoundError(
+        f"model.vision_tower={path} is neither an open_clip model directory (no "
+        f"{OPEN_CLIP_CONFIG}) nor a complete pretrain run"
+    )
 
 
 def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
@@ -122,8 +152,12 @@ def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
 
     source = open_clip_dir(Path(tower))
     weights = weights_file(source)
-    stamp = [str(source.resolve()), base, weights.stat().st_size if weights else 0, weights.stat().st_mtime_ns
-             if weights else 0]
+    stamp = [
+        str(source.resolve()),
+        base,
+        weights.stat().st_size if weights else 0,
+        weights.stat().st_mtime_ns if weights else 0,
+    ]
     path = cache_root() / "llava-vision-tower" / hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
     if (path / "config.json").exists():
         return path
@@ -131,8 +165,9 @@ def llava_with_vision_tower(base: str, tower: str | os.PathLike) -> Path:
     vision = to_clip_vision_model(clip, str(source))
     config = LlavaConfig.from_pretrained(base)
     config.vision_config = vision.config
-    model = LlavaForConditionalGeneration.from_pretrained(base, config=config, ignore_mismatched_sizes=True,
-                                                          dtype="auto")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        base, config=config, ignore_mismatched_sizes=True, dtype="auto"
+    )
     model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
     processor = AutoProcessor.from_pretrained(base)
     pre, size = clip.clip.visual.preprocess_cfg, vision.config.image_size

@@ -21,8 +21,15 @@ from medlava.models.inputs import item_error
 
 log = logging.getLogger(__name__)
 
-HAM10000_NAMES = {"akiec": "actinic keratosis", "bcc": "basal cell carcinoma", "bkl": "benign keratosis",
-                  "df": "dermatofibroma", "mel": "melanoma", "nv": "melanocytic nevus", "vasc": "vascular lesion"}
+HAM10000_NAMES = {
+    "akiec": "actinic keratosis",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
 CHEXPERT_5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 """The CheXpert competition labels; zero-shot uses the studies positive for exactly one (GLoRIA's CheXpert 5x200)."""
 PROMPTS = {"ham10000": ["a dermoscopy image of {}."], "chexpert": ["a chest x-ray showing {}."]}
@@ -48,8 +55,9 @@ def caption(sample: dict) -> str:
         if label not in HAM10000_NAMES:
             raise InputError(f"sample {sample['id']}: HAM10000 label {label!r} is not one of {list(HAM10000_NAMES)}")
         where = meta.get("localization")
-        return f"a dermoscopy image of {HAM10000_NAMES[label]}" + (f" on the {where}" if where and where != "unknown"
-                                                                    else "")
+        return f"a dermoscopy image of {HAM10000_NAMES[label]}" + (
+            f" on the {where}" if where and where != "unknown" else ""
+        )
     answers = [_text(t["value"]) for t in turns if t.get("from") == "gpt"]
     if meta.get("task") == "report" or meta.get("dataset") == "llava_med":  # the answer is the text of the image
         return " ".join(answers)

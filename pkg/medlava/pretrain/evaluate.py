@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed(model: ClipModule, dataset: PairDataset, batch_size: int, num_workers: int, d: Dist,
-          amp: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
+def embed(
+    model: ClipModule, dataset: PairDataset, batch_size: int, num_workers: int, d: Dist, amp: torch.dtype | None
+) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised (image, caption) embeddings of every pair, on every rank; each rank computes a 1/world share."""
     model.eval()
     mine = list(range(d.rank, len(dataset), d.world_size))
@@ -54,15 +55,31 @@ def embed(model: ClipModule, dataset: PairDataset, batch_size: int, num_workers:
 
 def zero_shot_probabilities(model: ClipModule, images: np.ndarray, task: ZeroShot, device: torch.device) -> np.ndarray:
     """Class probabilities of each labelled pair: softmax of the scaled similarity to each class's mean prompt."""
-    weights = build_zero_shot_classifier(model.clip, model.tokenizer, task.names, task.templates,
-                                         num_classes_per_batch=None, device=device).float().cpu().numpy()
+    weights = (
+        build_zero_shot_classifier(
+            model.clip, model.tokenizer, task.names, task.templates, num_classes_per_batch=None, device=device
+        )
+        .float()
+        .cpu()
+        .numpy()
+    )
     scale = float(model.clip.logit_scale.detach().exp())
     rows = [i for i, _ in task.labelled]
     return torch.softmax(torch.from_numpy(scale * images[rows] @ weights), 1).numpy()
 
 
-def write_results(run: Path, model: ClipModule, pairs: list[Pair], dataset: PairDataset, task: ZeroShot | None,
-                  n_bootstrap: int, d: Dist, amp: torch.dtype | None, batch_size: int, num_workers: int) -> dict:
+def write_results(
+    run: Path,
+    model: ClipModule,
+    pairs: list[Pair],
+    dataset: PairDataset,
+    task: ZeroShot | None,
+    n_bootstrap: int,
+    d: Dist,
+    amp: torch.dtype | None,
+    batch_size: int,
+    num_workers: int,
+) -> dict:
     """Every rank embeds its share; rank 0 writes predictions.csv, the classification outputs and metrics.json."""
     images, texts = embed(model, dataset, batch_size, num_workers, d, amp)
     if not d.main:
@@ -73,8 +90,12 @@ def write_results(run: Path, model: ClipModule, pairs: list[Pair], dataset: Pair
         items = [Item(pairs[i].id, dataset.root, pairs[i].image, pairs[i].meta, c) for i, c in task.labelled]
         write_predictions(run / "predictions.csv", predictions_frame(items, probs, task.classes))
         metrics = evaluate_closed(run / "predictions.csv", run, task.classes, n_bootstrap)
-        metrics["zero_shot"] = {"class_names": task.names, "templates": task.templates, "n": len(task.labelled),
-                                "chance_balanced_accuracy": 1 / len(task.classes)}
+        metrics["zero_shot"] = {
+            "class_names": task.names,
+            "templates": task.templates,
+            "n": len(task.labelled),
+            "chance_balanced_accuracy": 1 / len(task.classes),
+        }
     metrics["retrieval"] = retrieval_metrics(images, texts, [p.caption for p in pairs])
     atomic_write_json(run / "metrics.json", metrics)
     return metrics

@@ -46,16 +46,25 @@ def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
     """Full batches only: the contrastive task's difficulty depends on the batch size, so it never shrinks."""
     steps = math.ceil(n / d.world_size) // p.batch_size
     if steps == 0:
-        raise InputError(f"{n} training pairs over {d.world_size} process(es) make no full batch of "
-                         f"pretrain.batch_size={p.batch_size}; lower it")
+        raise InputError(
+            f"{n} training pairs over {d.world_size} process(es) make no full batch of "
+            f"pretrain.batch_size={p.batch_size}; lower it"
+        )
     return steps
 
 
 class ClipTrainer:
     """Contrastive training of a ClipModule as a task of the step loop: one batch per step, full batches only."""
 
-    def __init__(self, model: ClipModule, dataset: PairDataset, p: PretrainConfig, d: Dist, manifest: dict,
-                 checkpointer: Checkpointer):
+    def __init__(
+        self,
+        model: ClipModule,
+        dataset: PairDataset,
+        p: PretrainConfig,
+        d: Dist,
+        manifest: dict,
+        checkpointer: Checkpointer,
+    ):
         self.model, self.dataset, self.p, self.d = model, dataset, p, d
         self.manifest, self.checkpointer = manifest, checkpointer
         self.steps_per_epoch = steps_per_epoch(len(dataset), p, d)
@@ -63,19 +72,33 @@ class ClipTrainer:
         self.amp = amp_dtype(p, d)
         self.net = runtime.wrap_ddp(model, d)
         self.optimizer = make_optimizer(model, p.lr, p.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.total * p.warmup_ratio),
-                                                         self.total)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(self.total * p.warmup_ratio), self.total
+        )
         self.scaler = precision.grad_scaler(self.amp)
-        self.loss_fn = ClipLoss(local_loss=p.local_loss, gather_with_grad=p.gather_with_grad, cache_labels=True,
-                                rank=d.rank, world_size=d.world_size)
+        self.loss_fn = ClipLoss(
+            local_loss=p.local_loss,
+            gather_with_grad=p.gather_with_grad,
+            cache_labels=True,
+            rank=d.rank,
+            world_size=d.world_size,
+        )
 
     def batches(self, epoch: int, skip: int):
         p = self.p
         self.net.train()
         order = epoch_indices(len(self.dataset), p.seed, epoch, self.d, skip * p.batch_size, p.batch_size)
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=p.batch_size, sampler=order, drop_last=True,
-                                                num_workers=p.num_workers, collate_fn=collate,
-                                                pin_memory=self.d.device.type == "cuda"))
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=p.batch_size,
+                sampler=order,
+                drop_last=True,
+                num_workers=p.num_workers,
+                collate_fn=collate,
+                pin_memory=self.d.device.type == "cuda",
+            )
+        )
 
     def step(self, batches, pos: Position) -> StepMetrics:
         tic = time.perf_counter()
@@ -84,8 +107,9 @@ class ClipTrainer:
         raise_batch_error(batch)
         d = self.d
         with precision.autocast(d.device, self.amp):
-            image_features, text_features, scale = self.net(batch["image"].to(d.device, non_blocking=True),
-                                                            batch["text"].to(d.device, non_blocking=True))
+            image_features, text_features, scale = self.net(
+                batch["image"].to(d.device, non_blocking=True), batch["text"].to(d.device, non_blocking=True)
+            )
             loss = self.loss_fn(image_features.float(), text_features.float(), scale.float())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -96,8 +120,14 @@ class ClipTrainer:
         self.scheduler.step()
         with torch.no_grad():
             self.model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return StepMetrics(loss=loss.item(), samples=self.p.batch_size, seconds=time.perf_counter() - tic,
-                           waited=waited, grad_norm=grad_norm, extra={"logit_scale": scale.item()})
+        return StepMetrics(
+            loss=loss.item(),
+            samples=self.p.batch_size,
+            seconds=time.perf_counter() - tic,
+            waited=waited,
+            grad_norm=grad_norm,
+            extra={"logit_scale": scale.item()},
+        )
 
     def lrs(self) -> dict[str, float]:
         return {"model": self.optimizer.param_groups[0]["lr"]}
@@ -111,10 +141,16 @@ class ClipTrainer:
             TokenizerFiles(self.model.tokenizer).save_pretrained(tmp)
 
     def save(self, pos: Position) -> Path:
-        state = {"position": pos.state(), "total": self.total, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        return self.checkpointer.save(f"step-{pos.step:06d}", "clip", {"step": pos.step, **self.manifest}, state,
-                                      self._write)
+        state = {
+            "position": pos.state(),
+            "total": self.total,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        return self.checkpointer.save(
+            f"step-{pos.step:06d}", "clip", {"step": pos.step, **self.manifest}, state, self._write
+        )
 
     def restore(self, ckpt: Path, state: dict) -> Position:
         self.model.clip.load_state_dict(load_file(str(ckpt / WEIGHTS)))
@@ -124,22 +160,33 @@ class ClipTrainer:
         return Position(**state["position"])
 
 
-def train(model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, d: Dist, manifest: dict,
-          settings: dict) -> Path:
+def train(
+    model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, d: Dist, manifest: dict, settings: dict
+) -> Path:
     """Train (resuming what `run` holds; checkpoints record `settings`) and return the final checkpoint directory
     (every rank calls it)."""
     checkpointer = Checkpointer(run, d, p.keep_last, settings=settings)
     trainer = ClipTrainer(model, dataset, p, d, manifest, checkpointer)
-    return resume_and_train(trainer, checkpointer, p.resume == "auto", p.seed,
-                            Schedule(trainer.total, p.save_every, p.log_every, "pretrain",
-                                     f"pretrain.lr (now {p.lr:g})"), run, d)
+    return resume_and_train(
+        trainer,
+        checkpointer,
+        p.resume == "auto",
+        p.seed,
+        Schedule(trainer.total, p.save_every, p.log_every, "pretrain", f"pretrain.lr (now {p.lr:g})"),
+        run,
+        d,
+    )
 
 
 def weight_settings(cfg: Config, prepared: Path) -> dict:
     """What decides the weights (runtime.weight_settings): the pretrain section but what only evaluation reads, and
     the training split's digest."""
-    return runtime.weight_settings("pretrain", cfg.pretrain, ("eval_split", "prompt_templates"),
-                                   **{"data.train": runtime.file_digest(split_file(prepared, "train"))})
+    return runtime.weight_settings(
+        "pretrain",
+        cfg.pretrain,
+        ("eval_split", "prompt_templates"),
+        **{"data.train": runtime.file_digest(split_file(prepared, "train"))},
+    )
 
 
 def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict) -> dict | None:
@@ -153,8 +200,10 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
     train_pairs = pairs_of(train_samples, prepared / "train.jsonl")
     eval_pairs = pairs_of(eval_samples, prepared / f"{p.eval_split}.jsonl")
     if not eval_pairs:
-        raise InputError(f"{prepared}/{p.eval_split}.jsonl holds no image-text pairs to evaluate on; "
-                         "set pretrain.eval_split to a split that has images")
+        raise InputError(
+            f"{prepared}/{p.eval_split}.jsonl holds no image-text pairs to evaluate on; "
+            "set pretrain.eval_split to a split that has images"
+        )
     torch.manual_seed(p.seed)  # the same initial weights on every rank and every run of a seed
     model = create(p)
     if p.gradient_checkpointing:
@@ -162,26 +211,67 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
     model.to(d.device)
     transform = image_transform(model.clip)
     task = zero_shot_task(eval_pairs, manifest.get("choices"), p.prompt_templates)
-    info = {"model": p.model, "text_tower": p.text_tower, "prepared": str(prepared), "world_size": d.world_size,
-            "device": str(d.device), "pairs": {"train": len(train_pairs), p.eval_split: len(eval_pairs)},
-            "contrastive_batch": p.batch_size * d.world_size, "autocast": str(amp_dtype(p, d)),
-            "parameters": sum(x.numel() for x in model.parameters()),
-            "zero_shot_classes": task.classes if task else None}
+    info = {
+        "model": p.model,
+        "text_tower": p.text_tower,
+        "prepared": str(prepared),
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "pairs": {"train": len(train_pairs), p.eval_split: len(eval_pairs)},
+        "contrastive_batch": p.batch_size * d.world_size,
+        "autocast": str(amp_dtype(p, d)),
+        "parameters": sum(x.numel() for x in model.parameters()),
+        "zero_shot_classes": task.classes if task else None,
+    }
     if d.main:
         atomic_write_json(run / "train_info.json", info)
-    log.info("pretrain: %d training pairs, %s parameters, contrastive batch %d", len(train_pairs),
-             f"{info['parameters']:,}", info["contrastive_batch"])
-    ckpt = train(model, PairDataset(train_pairs, root, transform, model.tokenizer), p, run, d,
-                 {"stage": "pretrain", "model": p.model}, settings)
-    metrics = write_results(run, model, eval_pairs, PairDataset(eval_pairs, root, transform, model.tokenizer), task,
-                            cfg.eval.n_bootstrap, d, amp_dtype(p, d), p.batch_size, p.num_workers)
+    log.info(
+        "pretrain: %d training pairs, %s parameters, contrastive batch %d",
+        len(train_pairs),
+        f"{info['parameters']:,}",
+        info["contrastive_batch"],
+    )
+    ckpt = train(
+        model,
+        PairDataset(train_pairs, root, transform, model.tokenizer),
+        p,
+        run,
+        d,
+        {"stage": "pretrain", "model": p.model},
+        settings,
+    )
+    metrics = write_results(
+        run,
+        model,
+        eval_pairs,
+        PairDataset(eval_pairs, root, transform, model.tokenizer),
+        task,
+        cfg.eval.n_bootstrap,
+        d,
+        amp_dtype(p, d),
+        p.batch_size,
+        p.num_workers,
+    )
     barrier()
     if not d.main:
         return None
     r = metrics["retrieval"]
-    log.info("pretrain: %s%s -> %s", describe(r), f"; zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f} "
-             f"(chance {metrics['zero_shot']['chance_balanced_accuracy']:.3f})" if task else "", run)
-    return {"checkpoint": str(ckpt.relative_to(run)), "samples": str(prepared), "split": p.eval_split,
-            "predictions": "predictions.csv" if task else None, "classes": task.classes if task else None,
-            "image_to_text": r["image_to_text"], "text_to_image": r["text_to_image"],
-            "zero_shot_accuracy": metrics.get("accuracy")}
+    log.info(
+        "pretrain: %s%s -> %s",
+        describe(r),
+        f"; zero-shot balanced accuracy {metrics['balanced_accuracy']:.3f} "
+        f"(chance {metrics['zero_shot']['chance_balanced_accuracy']:.3f})"
+        if task
+        else "",
+        run,
+    )
+    return {
+        "checkpoint": str(ckpt.relative_to(run)),
+        "samples": str(prepared),
+        "split": p.eval_split,
+        "predictions": "predictions.csv" if task else None,
+        "classes": task.classes if task else None,
+        "image_to_text": r["image_to_text"],
+        "text_to_image": r["text_to_image"],
+        "zero_shot_accuracy": metrics.get("accuracy"),
+    }

@@ -24,8 +24,13 @@ def retrieval_metrics(images: np.ndarray, texts: np.ndarray, captions: list[str]
     best_relevant = np.array([sim[inverse == j, j].max() for j in range(u)])
     t2i_rank = (sim > best_relevant[None, :]).sum(0)  # images scored above the caption's best image
     per_caption = np.bincount(inverse, minlength=u)
-    out = {"n_images": int(n), "n_captions": int(u), "image_to_text": {}, "text_to_image": {},
-           "chance": {"image_to_text": {}, "text_to_image": {}}}
+    out = {
+        "n_images": int(n),
+        "n_captions": int(u),
+        "image_to_text": {},
+        "text_to_image": {},
+        "chance": {"image_to_text": {}, "text_to_image": {}},
+    }
     for k in ks:
         out["image_to_text"][f"recall@{k}"] = float((i2t_rank < k).mean())
         out["text_to_image"][f"recall@{k}"] = float((t2i_rank < k).mean())
@@ -39,9 +44,15 @@ def retrieval_metrics(images: np.ndarray, texts: np.ndarray, captions: list[str]
 
 def describe(retrieval: dict) -> str:
     """Recall@K both ways beside what a random ranking scores: `image->text R@1 0.120 (chance 0.016), ...`."""
+
     def by_k(way: str) -> list[str]:  # metrics.json sorts its keys as text: recall@10 before recall@5
         return sorted(retrieval[way], key=lambda key: int(key.split("@")[1]))
 
-    return "; ".join(f"{way.replace('_to_', '->')} " + ", ".join(
-        f"R@{key.split('@')[1]} {retrieval[way][key]:.3f} (chance {retrieval['chance'][way][key]:.3f})"
-        for key in by_k(way)) for way in ("image_to_text", "text_to_image"))
+    return "; ".join(
+        f"{way.replace('_to_', '->')} "
+        + ", ".join(
+            f"R@{key.split('@')[1]} {retrieval[way][key]:.3f} (chance {retrieval['chance'][way][key]:.3f})"
+            for key in by_k(way)
+        )
+        for way in ("image_to_text", "text_to_image")
+    )

@@ -67,8 +67,13 @@ def form_meta(form: MultiDict, predictor: CnnPredictor | VlmPredictor) -> dict:
     return meta
 
 
-def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10.0, hosts: tuple[str, ...] = LOCAL_HOSTS,
-               max_side: int = MAX_SIDE, decode_slots: int = 2) -> Flask:
+def create_app(
+    predictor: CnnPredictor | VlmPredictor,
+    max_upload_mb: float = 10.0,
+    hosts: tuple[str, ...] = LOCAL_HOSTS,
+    max_side: int = MAX_SIDE,
+    decode_slots: int = 2,
+) -> Flask:
     """The page and /predict, answering requests whose Host is one of `hosts` (lower-case names or addresses,
     IPv6 without brackets; any port)."""
     app = Flask(__name__)
@@ -85,14 +90,18 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
     def this_machine_and_same_origin():
         # By hand: werkzeug's TRUSTED_HOSTS cannot match an IPv6 address (it cuts "[::1]" at its first colon).
         if urlsplit(f"//{request.host}").hostname not in hosts:
-            return jsonify(error=f"this server answers requests for {', '.join(hosts)} only, not "
-                                 f"{request.host[:100]!r}; open it by one of those names (or start it with "
-                                 "--allowed-host NAME)"), 400
+            return jsonify(
+                error=f"this server answers requests for {', '.join(hosts)} only, not "
+                f"{request.host[:100]!r}; open it by one of those names (or start it with "
+                "--allowed-host NAME)"
+            ), 400
         # Browsers send Origin with every POST; a page of another site posting here is refused (tools send none).
         origin = request.headers.get("Origin")
         if request.method == "POST" and origin is not None and origin != f"{request.scheme}://{request.host}":
-            return jsonify(error=f"a page of another origin ({origin[:100]}) may not post here; open "
-                                 f"{request.scheme}://{request.host}/ itself"), 403
+            return jsonify(
+                error=f"a page of another origin ({origin[:100]}) may not post here; open "
+                f"{request.scheme}://{request.host}/ itself"
+            ), 403
         return None
 
     @app.get("/")
@@ -139,25 +148,47 @@ def create_app(predictor: CnnPredictor | VlmPredictor, max_upload_mb: float = 10
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="medlava serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medlava serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_predictor_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="another name this server may be reached by (the Host header; repeatable). Always allowed: "
-                        f"{', '.join(LOCAL_HOSTS)} and --host")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name this server may be reached by (the Host header; repeatable). Always allowed: "
+        f"{', '.join(LOCAL_HOSTS)} and --host",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted")
-    p.add_argument("--max-side", type=int, default=MAX_SIDE,
-                   help="longest side of an image accepted, in pixels (decoding costs 3 bytes per pixel)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=MAX_SIDE,
+        help="longest side of an image accepted, in pixels (decoding costs 3 bytes per pixel)",
+    )
     p.add_argument("--decode-slots", type=int, default=2, help="uploads decoded at once")
     p.add_argument("--threads", type=int, default=4, help="worker threads answering requests")
-    p.add_argument("--timeout", type=int, default=30,
-                   help="seconds a connection may stay idle (mid-request included) before it is closed")
-    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
-                   help="seconds from a request's first byte to the end of its headers before it is closed")
-    p.add_argument("--max-client-connections", type=int, default=CONNECTIONS_PER_CLIENT,
-                   help="open connections per client address; a new one closes that client's oldest idle one")
+    p.add_argument(
+        "--timeout",
+        type=int,
+        default=30,
+        help="seconds a connection may stay idle (mid-request included) before it is closed",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        help="seconds from a request's first byte to the end of its headers before it is closed",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        type=int,
+        default=CONNECTIONS_PER_CLIENT,
+        help="open connections per client address; a new one closes that client's oldest idle one",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -168,21 +199,37 @@ def main(argv: list[str]) -> int:
     names = (*LOCAL_HOSTS, *([] if args.host in ANY_ADDRESS else [args.host]), *args.allowed_host)
     hosts = tuple(dict.fromkeys(h.lower().strip("[]") for h in names))
     if args.host not in LOCAL_HOSTS:
-        log.warning("binding to %s: the page is reachable from other machines and has no authentication; it answers "
-                    "requests for %s (add the names people use with --allowed-host)", args.host, ", ".join(hosts))
+        log.warning(
+            "binding to %s: the page is reachable from other machines and has no authentication; it answers "
+            "requests for %s (add the names people use with --allowed-host)",
+            args.host,
+            ", ".join(hosts),
+        )
     app = create_app(predictor, args.max_upload_mb, hosts, args.max_side, args.decode_slots)
     # waitress buffers a request body before the app sees it: bound that too (the app's own limit, which
     # answers with its clear message, is half of it).
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads, channel_timeout=args.timeout,
-                           cleanup_interval=max(1, min(args.timeout // 2, 30)),
-                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"], ident="medlava")
+    server = create_server(
+        app,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        channel_timeout=args.timeout,
+        cleanup_interval=max(1, min(args.timeout // 2, 30)),
+        max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
+        ident="medlava",
+    )
     guard(server, args.header_timeout, args.max_client_connections)
     # one listening socket, or several (a name such as localhost resolving to IPv4 and IPv6)
-    host, port = (server.effective_listen if hasattr(server, "effective_listen")
-                  else [(server.effective_host, server.effective_port)])[0]
+    host, port = (
+        server.effective_listen
+        if hasattr(server, "effective_listen")
+        else [(server.effective_host, server.effective_port)]
+    )[0]
     host = f"[{host}]" if ":" in host else host
-    print(f"medlava serve: {predictor.title} ({predictor.checkpoint}) at http://{host}:{port}/ "
-          "(Ctrl-C stops it)", flush=True)
+    print(
+        f"medlava serve: {predictor.title} ({predictor.checkpoint}) at http://{host}:{port}/ (Ctrl-C stops it)",
+        flush=True,
+    )
     try:
         server.run()
     except KeyboardInterrupt:

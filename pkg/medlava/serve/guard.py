@@ -35,14 +35,21 @@ class GuardedChannel(HTTPChannel):
 
     def __init__(self, server: BaseWSGIServer, sock: Any, addr: Any, adj: Any, map: dict | None = None):
         super().__init__(server, sock, addr, adj, map)
-        mine = [c for c in list(server.active_channels.values())
-                if c is not self and c.addr[0] == addr[0] and not c.will_close]  # will_close: closed at the next pass
+        mine = [
+            c
+            for c in list(server.active_channels.values())
+            if c is not self and c.addr[0] == addr[0] and not c.will_close
+        ]  # will_close: closed at the next pass
         if len(mine) >= self.per_client:
             spare = [c for c in mine if c.spare()]
             victim = min(spare, key=lambda c: c.creation_time) if spare else self
             victim.will_close = True  # the event loop closes it at its next pass
-            self.logger.warning("client %s holds %d connections (--max-client-connections): closing %s", addr[0],
-                                len(mine), "its oldest spare one" if spare else "the new one")
+            self.logger.warning(
+                "client %s holds %d connections (--max-client-connections): closing %s",
+                addr[0],
+                len(mine),
+                "its oldest spare one" if spare else "the new one",
+            )
 
     def spare(self) -> bool:
         """Neither answering a request nor receiving one whose headers are complete."""
@@ -51,10 +58,16 @@ class GuardedChannel(HTTPChannel):
     def readable(self) -> bool:
         # Called by the event loop at every pass (at least once a second), so the deadline is checked here.
         request = self.request
-        if (request is not None and not request.headers_finished
-                and time.monotonic() - request.started > self.header_timeout):
-            self.logger.warning("closing a connection from %s: no complete headers after %g s (--header-timeout)",
-                                self.addr[0], self.header_timeout)
+        if (
+            request is not None
+            and not request.headers_finished
+            and time.monotonic() - request.started > self.header_timeout
+        ):
+            self.logger.warning(
+                "closing a connection from %s: no complete headers after %g s (--header-timeout)",
+                self.addr[0],
+                self.header_timeout,
+            )
             self.will_close = True  # writable() now says so, and the loop closes the socket
         return super().readable()
 
@@ -62,7 +75,10 @@ class GuardedChannel(HTTPChannel):
 def guard(server: Any, header_timeout: float = HEADER_TIMEOUT_S, per_client: int = CONNECTIONS_PER_CLIENT) -> None:
     """Make every listening socket of a waitress `server` (one, or a MultiSocketServer's) use GuardedChannel."""
     channel = type("Channel", (GuardedChannel,), {"header_timeout": header_timeout, "per_client": per_client})
-    listeners = [server] if isinstance(server, BaseWSGIServer) else [
-        s for s in server.map.values() if isinstance(s, BaseWSGIServer)]
+    listeners = (
+        [server]
+        if isinstance(server, BaseWSGIServer)
+        else [s for s in server.map.values() if isinstance(s, BaseWSGIServer)]
+    )
     for listener in listeners:
         listener.channel_class = channel

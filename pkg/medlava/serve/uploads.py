@@ -49,23 +49,33 @@ def save_upload(stream: IO[bytes], folder: Path, limit: int, name: str, max_side
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadError(413, f"{name} declares too many pixels, a decompression bomb? ({e}); refused") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UploadError(415, f"{name} is not an image: its content is none of {', '.join(FORMATS)} (the file "
-                          "name and declared type are not trusted); send a photo in one of those formats") from None
+        raise UploadError(
+            415,
+            f"{name} is not an image: its content is none of {', '.join(FORMATS)} (the file "
+            "name and declared type are not trusted); send a photo in one of those formats",
+        ) from None
     if fmt not in FORMATS:
         raise UploadError(415, f"{name} is a {fmt} image; accepted: {', '.join(FORMATS)}")
     if width * height > MAX_PIXELS:
-        raise UploadError(413, f"{name} is {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel "
-                          "limit, a decompression bomb?; refused (downscale a real photo before sending it)")
+        raise UploadError(
+            413,
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel "
+            "limit, a decompression bomb?; refused (downscale a real photo before sending it)",
+        )
     if problem := padded_too_large(width, height):
         raise UploadError(413, f"{name} is {problem}; refused (downscale it before sending it)")
     if max(width, height) > max_side:
-        raise UploadError(413, f"{name} is {width}x{height} pixels; this server takes images of at most {max_side} "
-                          "pixels on the longest side (the model sees a few hundred): downscale it before sending it")
+        raise UploadError(
+            413,
+            f"{name} is {width}x{height} pixels; this server takes images of at most {max_side} "
+            "pixels on the longest side (the model sees a few hundred): downscale it before sending it",
+        )
     path = Path(folder) / f"upload{FORMATS[fmt]}"
     path.write_bytes(data)
     try:
         load_image(path)  # every pixel: a truncated or corrupt file is refused here, not inside the model
     except InputError as e:  # its message names our temporary file: the sender knows it as `name`
-        raise UploadError(400, f"{name} is a {fmt} file that cannot be decoded; re-export it "
-                          f"({str(e).replace(str(path), name)})") from None
+        raise UploadError(
+            400, f"{name} is a {fmt} file that cannot be decoded; re-export it ({str(e).replace(str(path), name)})"
+        ) from None
     return path

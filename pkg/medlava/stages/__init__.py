@@ -23,24 +23,33 @@ class CheckFailed(Exception):
 @dataclass(frozen=True)
 class Option:
     """A command-line option of some stages, passed to run() as the keyword `name`."""
+
     name: str
     flag: str
     type: type
     help: str
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in (
-    Option("chunk_idx", "--chunk-idx", int, "do only this chunk (a job-array task)"),
-    Option("merge_only", "--merge-only", bool, "merge the finished chunks and stop (the job after an array)"),
-    Option("check", "--check", bool, "list every problem in the input in one pass, write no outputs; exit 1 if any"),
-    Option("prepare_only", "--prepare-only", bool, "prepare the inputs (cached) and stop (the job before an array)"),
-)}
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option("chunk_idx", "--chunk-idx", int, "do only this chunk (a job-array task)"),
+        Option("merge_only", "--merge-only", bool, "merge the finished chunks and stop (the job after an array)"),
+        Option(
+            "check", "--check", bool, "list every problem in the input in one pass, write no outputs; exit 1 if any"
+        ),
+        Option(
+            "prepare_only", "--prepare-only", bool, "prepare the inputs (cached) and stop (the job before an array)"
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
 class Input:
     """A config key naming an upstream run a stage reads: `latest` (the newest complete run of `stage`), a path, or
     one of `none` (nothing read)."""
+
     key: str
     """Dotted, e.g. `sft.init_from`."""
     stage: str
@@ -140,21 +149,49 @@ class Stage:
 
 SAMPLES = Input("data.samples", "prepare")
 CHECKPOINT = Input("infer.checkpoint", "sft", none=("base",))
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "data", vlm=False, trains=False, inputs=(), options=("check",), check="stage"),
-    Stage("align", "align", vlm=True, trains=True, inputs=(SAMPLES,)),
-    Stage("sft", "sft", vlm=True, trains=True, inputs=(SAMPLES, Input("sft.init_from", "align", none=("none",)))),
-    Stage("infer", "infer", vlm=True, trains=False, options=("chunk_idx", "merge_only"), array="chunks",
-          pins="checkpoint", inputs=(Input("data.samples", "prepare", unless="infer.questions"), CHECKPOINT)),
-    Stage("eval", "eval", vlm=False, trains=False, inputs=(Input("eval.predictions", "infer"),),
-          options=("chunk_idx", "merge_only"), array="chunks", one_gpu=True,
-          preflight=True),  # report metrics: an array of one-GPU tasks
-    Stage("suite", "suite", vlm=True, trains=False, inputs=(CHECKPOINT,),  # it prepares its benchmarks itself
-          options=("chunk_idx", "merge_only", "prepare_only"), array="chunks", pins="checkpoint", keys_in="infer",
-          before="prepare_only"),
-    Stage("cnn", "cnn", vlm=False, trains=True, inputs=(SAMPLES,)),
-    Stage("pretrain", "pretrain", vlm=False, trains=True, inputs=(SAMPLES,)),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("prepare", "data", vlm=False, trains=False, inputs=(), options=("check",), check="stage"),
+        Stage("align", "align", vlm=True, trains=True, inputs=(SAMPLES,)),
+        Stage("sft", "sft", vlm=True, trains=True, inputs=(SAMPLES, Input("sft.init_from", "align", none=("none",)))),
+        Stage(
+            "infer",
+            "infer",
+            vlm=True,
+            trains=False,
+            options=("chunk_idx", "merge_only"),
+            array="chunks",
+            pins="checkpoint",
+            inputs=(Input("data.samples", "prepare", unless="infer.questions"), CHECKPOINT),
+        ),
+        Stage(
+            "eval",
+            "eval",
+            vlm=False,
+            trains=False,
+            inputs=(Input("eval.predictions", "infer"),),
+            options=("chunk_idx", "merge_only"),
+            array="chunks",
+            one_gpu=True,
+            preflight=True,
+        ),  # report metrics: an array of one-GPU tasks
+        Stage(
+            "suite",
+            "suite",
+            vlm=True,
+            trains=False,
+            inputs=(CHECKPOINT,),  # it prepares its benchmarks itself
+            options=("chunk_idx", "merge_only", "prepare_only"),
+            array="chunks",
+            pins="checkpoint",
+            keys_in="infer",
+            before="prepare_only",
+        ),
+        Stage("cnn", "cnn", vlm=False, trains=True, inputs=(SAMPLES,)),
+        Stage("pretrain", "pretrain", vlm=False, trains=True, inputs=(SAMPLES,)),
+    )
+}
 CHAIN = ("prepare", "align", "sft", "infer", "eval")
 """The VLM pipeline (`demo`, `pipeline`), in order."""
 

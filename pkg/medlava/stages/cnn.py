@@ -17,8 +17,10 @@ def run(cfg: Config, dist: Dist) -> Path:
 
     c = cfg.cnn
     if c.pretrained and not Path(c.pretrained).is_file():
-        raise FileNotFoundError(f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
-                                f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights")
+        raise FileNotFoundError(
+            f"cnn.pretrained={c.pretrained} does not exist: download the timm weights of "
+            f"{c.arch} to that file, or set cnn.pretrained=null to start from random weights"
+        )
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     settings = weight_settings(c, prepared)
     check_resume(run_dir(cfg, "cnn"), dist, c.resume, settings, "epoch")  # before start_run rewrites config.yaml

@@ -52,12 +52,29 @@ def run(cfg: Config, dist=None, chunk_idx: int | None = None, merge_only: bool =
         score_report_chunk(inputs.csv, cfg.eval, chunk_idx, run / CHUNKS)
         log.info("eval: chunk %d of %d scored into %s", chunk_idx, cfg.eval.chunks, run / CHUNKS)
         return run
-    metrics = evaluate(inputs.csv, run, cfg.eval, inputs.classes, inputs.vocab, inputs.vocab_source,
-                       chunk_folder=run / CHUNKS, merge_only=merge_only)
+    metrics = evaluate(
+        inputs.csv,
+        run,
+        cfg.eval,
+        inputs.classes,
+        inputs.vocab,
+        inputs.vocab_source,
+        chunk_folder=run / CHUNKS,
+        merge_only=merge_only,
+    )
     curve = inputs.trained_run / "tensorboard" / f"eval-{inputs.split or 'predictions'}" if inputs.trained_run else None
     written = write_eval_tensorboard(run, metrics, read_predictions(inputs.csv), inputs.step, inputs.image_root, curve)
-    mark_complete(run, {"metrics": "metrics.json", "predictions": str(inputs.csv), "family": metrics["family"],
-                        "step": inputs.step, "tensorboard": written, "curve": str(curve) if curve else None})
+    mark_complete(
+        run,
+        {
+            "metrics": "metrics.json",
+            "predictions": str(inputs.csv),
+            "family": metrics["family"],
+            "step": inputs.step,
+            "tensorboard": written,
+            "curve": str(curve) if curve else None,
+        },
+    )
     print(summary_table(metrics), flush=True)
     log.info("eval: %s metrics of %s -> %s", metrics["family"], inputs.csv, run)
     return run

@@ -35,8 +35,12 @@ def load_inputs(cfg: Config) -> tuple[list[dict], Path, list[str] | None, dict]:
         return samples, root, classes, {"questions": str(path)}
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     samples, manifest = load_prepared(prepared, cfg.infer.split)
-    return samples, Path(manifest["image_root"]), manifest.get("choices"), {"samples": str(prepared),
-                                                                          "split": cfg.infer.split}
+    return (
+        samples,
+        Path(manifest["image_root"]),
+        manifest.get("choices"),
+        {"samples": str(prepared), "split": cfg.infer.split},
+    )
 
 
 def resolved_checkpoint(cfg: Config) -> str:
@@ -51,10 +55,14 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     inf = cfg.infer
     ckpt = resolved_checkpoint(cfg)
     model = cfg.vlm("infer").model_dump(mode="json")
-    source = {"infer.checkpoint": ckpt, **{f"model.{k}": v for k, v in model.items()},
-              **{f"infer.{k}": getattr(inf, k) for k in ("mode", "score_tasks", "max_new_tokens", "num_beams",
-                                                         "temperature")},
-              "infer.image_root": str(image_root.absolute())}
+    source = {
+        "infer.checkpoint": ckpt,
+        **{f"model.{k}": v for k, v in model.items()},
+        **{
+            f"infer.{k}": getattr(inf, k) for k in ("mode", "score_tasks", "max_new_tokens", "num_beams", "temperature")
+        },
+        "infer.image_root": str(image_root.absolute()),
+    }
     if "samples" in origin:
         source |= {"data.samples": str(Path(origin["samples"]).absolute()), "infer.split": origin["split"]}
     else:
@@ -99,10 +107,22 @@ def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = F
         for k, v in shares.items():
             writer.add_scalar(f"infer/{k}", v, step)
         writer.close()
-    mark_complete(run, {"predictions": "predictions.csv", "answers": "answers.jsonl", "n": len(rows),
-                        "chunks": cfg.infer.chunks, "classes": classes, "normalized": normalized, "answers_read": shares,
-                        "checkpoint": source["infer.checkpoint"], "step": step, "image_root": str(image_root.absolute()),
-                        **origin})
+    mark_complete(
+        run,
+        {
+            "predictions": "predictions.csv",
+            "answers": "answers.jsonl",
+            "n": len(rows),
+            "chunks": cfg.infer.chunks,
+            "classes": classes,
+            "normalized": normalized,
+            "answers_read": shares,
+            "checkpoint": source["infer.checkpoint"],
+            "step": step,
+            "image_root": str(image_root.absolute()),
+            **origin,
+        },
+    )
     if normalized:
         log.info("infer: free-text answers mapped to choices: %s (unmapped answers score as wrong)", normalized)
     log.info("infer: %d answers merged from %d chunks into %s", len(rows), cfg.infer.chunks, run)

@@ -38,4 +38,3 @@ def run(cfg: Config, dist=None, check: bool = False) -> Path:
     mark_complete(run, {"splits": summary["splits"], "skipped": {k: v for k, v in summary["skipped"].items() if v}})
     log.info("prepare: %s samples in %s", summary["splits"], run)
     return run
-

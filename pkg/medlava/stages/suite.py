@@ -35,8 +35,9 @@ def data_config(cfg: Config, i: int, b: SuiteBenchmark) -> DataConfig:
     root = Path(b.root) if Path(b.root).is_absolute() else Path(cfg.data.root) / b.root
     common = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k in COMMON_DATA}
     try:
-        return DataConfig.model_validate({**common, "dataset": b.dataset, "root": str(root), "image_root": b.image_root,
-                                          b.dataset: b.options})
+        return DataConfig.model_validate(
+            {**common, "dataset": b.dataset, "root": str(root), "image_root": b.image_root, b.dataset: b.options}
+        )
     except ValidationError as e:
         raise ConfigError(format_errors(e, f"suite.benchmarks[{i}] ({b.label})")) from None
 
@@ -73,8 +74,10 @@ def _inputs(cfg: Config, i: int, run: Path):
 
     bcfg = benchmark_cfg(cfg, i)
     if not is_complete(Path(bcfg.data.samples)):
-        raise FileNotFoundError(f"{bcfg.data.samples} is not a complete prepare run: run the suite's prepare step "
-                                "first (`medlava suite --prepare-only`)")
+        raise FileNotFoundError(
+            f"{bcfg.data.samples} is not a complete prepare run: run the suite's prepare step "
+            "first (`medlava suite --prepare-only`)"
+        )
     samples, image_root, _, origin = load_inputs(bcfg)
     source = answer_source(bcfg, image_root, origin)
     folder = run / cfg.suite.benchmarks[i].label / "chunks"
@@ -104,6 +107,7 @@ def answer(cfg: Config, d, run: Path, chunks: list[int]) -> None:
 
 def merge(cfg: Config, run: Path, writer) -> list[dict]:
     """Each benchmark's answers merged, scored into <benchmark>/eval, and its leaderboard rows."""
+    from medlava.artifacts import step_of
     from medlava.eval.closed import read_predictions
     from medlava.eval.leaderboard import benchmark_rows
     from medlava.eval.run import evaluate
@@ -113,7 +117,6 @@ def merge(cfg: Config, run: Path, writer) -> list[dict]:
     from medlava.infer.chunks import merge_chunks
     from medlava.io import atomic_write_jsonl
     from medlava.predictions import answers_frame, write_predictions
-    from medlava.artifacts import step_of
 
     rows = []
     for i, b in enumerate(cfg.suite.benchmarks):
@@ -128,19 +131,26 @@ def merge(cfg: Config, run: Path, writer) -> list[dict]:
         write_predictions(out / "predictions.csv", answers_frame(answers))
         train = Path(source["data.samples"]) / "train.jsonl"
         vocab = load_closed_vocab(train) if train.exists() else []
-        metrics = evaluate(out / "predictions.csv", out / "eval", cfg.eval.model_copy(update={"family": "vqa"}),
-                           vocab=vocab, vocab_source=str(train) if vocab else None)
+        metrics = evaluate(
+            out / "predictions.csv",
+            out / "eval",
+            cfg.eval.model_copy(update={"family": "vqa"}),
+            vocab=vocab,
+            vocab_source=str(train) if vocab else None,
+        )
         write_eval_tensorboard(out / "eval", metrics, read_predictions(out / "predictions.csv"), step, image_root)
-        rows += benchmark_rows(b.label, b.dataset, out / "eval" / "per_sample.csv", cfg.suite.n_bootstrap,
-                               cfg.suite.seed)
+        rows += benchmark_rows(
+            b.label, b.dataset, out / "eval" / "per_sample.csv", cfg.suite.n_bootstrap, cfg.suite.seed
+        )
     return rows
 
 
-def run(cfg: Config, d=None, chunk_idx: int | None = None, merge_only: bool = False,
-        prepare_only: bool = False) -> Path:
+def run(
+    cfg: Config, d=None, chunk_idx: int | None = None, merge_only: bool = False, prepare_only: bool = False
+) -> Path:
+    from medlava.artifacts import step_of
     from medlava.eval.leaderboard import write_leaderboard
     from medlava.stages.infer import resolved_checkpoint
-    from medlava.artifacts import step_of
     from medlava.train.runtime import tensorboard
 
     if not cfg.suite.benchmarks:
@@ -172,8 +182,16 @@ def run(cfg: Config, d=None, chunk_idx: int | None = None, merge_only: bool = Fa
         for r in rows:
             writer.add_scalar(f"suite/{r['benchmark']}/{r['row']}", r["score"], step)
         writer.close()
-    mark_complete(run, {"leaderboard": "leaderboard.csv", "checkpoint": checkpoint, "step": step,
-                        "benchmarks": [b.label for b in cfg.suite.benchmarks], "rows": len(df)})
+    mark_complete(
+        run,
+        {
+            "leaderboard": "leaderboard.csv",
+            "checkpoint": checkpoint,
+            "step": step,
+            "benchmarks": [b.label for b in cfg.suite.benchmarks],
+            "rows": len(df),
+        },
+    )
     log.info("suite: %d benchmarks scored; leaderboard -> %s", len(cfg.suite.benchmarks), run / "leaderboard.md")
     print((run / "leaderboard.md").read_text(), flush=True)
     return run

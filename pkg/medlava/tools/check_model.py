@@ -122,8 +122,19 @@ class Memory:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def estimate_memory(trainable: int, frozen: int, dtype: torch.dtype, deepspeed: str, gpus: int, hidden: int,
-                    layers: int, vocab: int, batch: int, seq: int, checkpointing: bool) -> Memory:
+def estimate_memory(
+    trainable: int,
+    frozen: int,
+    dtype: torch.dtype,
+    deepspeed: str,
+    gpus: int,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+) -> Memory:
     half = dtype in (torch.bfloat16, torch.float16)
     w = 2 if half else 4
     cpu = 0.0
@@ -137,8 +148,11 @@ def estimate_memory(trainable: int, frozen: int, dtype: torch.dtype, deepspeed: 
             weights /= gpus
         if deepspeed == "zero3_offload":
             cpu, weights, optimizer = weights + optimizer, 0.0, 0.0
-        setup = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
-                 "zero3_offload": "DeepSpeed ZeRO-3 + CPU offload"}[deepspeed]
+        setup = {
+            "zero2": "DeepSpeed ZeRO-2",
+            "zero3": "DeepSpeed ZeRO-3",
+            "zero3_offload": "DeepSpeed ZeRO-3 + CPU offload",
+        }[deepspeed]
     sbh = seq * batch * hidden
     layer = 34 * sbh * w / 2
     acts = (layers * sbh * w + layer) if checkpointing else layers * layer
@@ -165,8 +179,10 @@ def format_ranges(positions: list[int]) -> str:
 def marked_text(ids: list[int], labels: list[int], image_id: int, tokenizer) -> str:
     """The rendered sample: the image span as <image×N>, loss-carrying tokens inside ⟦ ⟧."""
     out = []
-    kinds = ["image" if t == image_id else "loss" if y != IGNORE_INDEX else "prompt"
-             for t, y in zip(ids, labels, strict=True)]
+    kinds = [
+        "image" if t == image_id else "loss" if y != IGNORE_INDEX else "prompt"
+        for t, y in zip(ids, labels, strict=True)
+    ]
     pos = 0
     for kind, grp in itertools.groupby(kinds):
         n = len(list(grp))
@@ -203,6 +219,7 @@ def pick_sample(cfg: Config, tmp: Path) -> tuple[dict, Path, str]:
 @dataclass
 class Report:
     """What check-model found; printed line by line and returned for tests."""
+
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     memory: dict[str, Memory] = field(default_factory=dict)
     input_ids: list[int] = field(default_factory=list)
@@ -233,13 +250,21 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     c = base_model.config
     tc, vc = c.text_config, c.vision_config
     line("model", f"{b.base}")
-    line("", f"{type(base_model).__name__}: {vc.model_type} {vc.num_hidden_layers}×{vc.hidden_size} "
-         f"({vc.image_size}px, patch {vc.patch_size}, feature layer {c.vision_feature_layer}) → projector "
-         f"{c.projector_hidden_act} → {tc.model_type} {tc.num_hidden_layers}×{tc.hidden_size}, vocab {tc.vocab_size}")
-    line("attention", f"{c._attn_implementation} (model.attn_implementation={vlm.attn_implementation} → "
-         f"{choose_attention(vlm.attn_implementation)})")
-    line("dtype", f"{next(base_model.parameters()).dtype} (precision={t.precision}); stage {stage}, "
-         f"template {b.template}")
+    line(
+        "",
+        f"{type(base_model).__name__}: {vc.model_type} {vc.num_hidden_layers}×{vc.hidden_size} "
+        f"({vc.image_size}px, patch {vc.patch_size}, feature layer {c.vision_feature_layer}) → projector "
+        f"{c.projector_hidden_act} → {tc.model_type} {tc.num_hidden_layers}×{tc.hidden_size}, vocab {tc.vocab_size}",
+    )
+    line(
+        "attention",
+        f"{c._attn_implementation} (model.attn_implementation={vlm.attn_implementation} → "
+        f"{choose_attention(vlm.attn_implementation)})",
+    )
+    line(
+        "dtype",
+        f"{next(base_model.parameters()).dtype} (precision={t.precision}); stage {stage}, template {b.template}",
+    )
     for note in b.notes:
         line("note", note)
 
@@ -256,16 +281,31 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     gpus = cfg.cluster.nodes * max(1, cfg.cluster.gpus_per_node)
     chosen = t.deepspeed
     for setup in dict.fromkeys([chosen, "none", "zero2", "zero3", "zero3_offload"]):
-        rep.memory[setup] = estimate_memory(trainable, frozen, b.dtype, setup, gpus, tc.hidden_size,
-                                            tc.num_hidden_layers, tc.vocab_size, t.batch_size,
-                                            vlm.model_max_length, t.gradient_checkpointing)
+        rep.memory[setup] = estimate_memory(
+            trainable,
+            frozen,
+            b.dtype,
+            setup,
+            gpus,
+            tc.hidden_size,
+            tc.num_hidden_layers,
+            tc.vocab_size,
+            t.batch_size,
+            vlm.model_max_length,
+            t.gradient_checkpointing,
+        )
     m = rep.memory[chosen]
-    line("memory/GPU", f"{size(m.total)} with {m.setup} on {gpus} GPU(s), micro-batch {t.batch_size} × "
-         f"{vlm.model_max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
-    line("", f"= weights {size(m.weights)} + grads {size(m.grads)} + optimizer {size(m.optimizer)} + activations "
-         f"{size(m.activations)}" + (f"; {size(m.cpu)} in CPU memory" if m.cpu else ""))
-    line("", "others: " + ", ".join(f"sft.deepspeed={k} {size(v.total)}" for k, v in rep.memory.items()
-                                    if k != chosen))
+    line(
+        "memory/GPU",
+        f"{size(m.total)} with {m.setup} on {gpus} GPU(s), micro-batch {t.batch_size} × "
+        f"{vlm.model_max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+    )
+    line(
+        "",
+        f"= weights {size(m.weights)} + grads {size(m.grads)} + optimizer {size(m.optimizer)} + activations "
+        f"{size(m.activations)}" + (f"; {size(m.cpu)} in CPU memory" if m.cpu else ""),
+    )
+    line("", "others: " + ", ".join(f"sft.deepspeed={k} {size(v.total)}" for k, v in rep.memory.items() if k != chosen))
 
     with tempfile.TemporaryDirectory() as tmp:
         sample, image_root, source = _step("sample", lambda: pick_sample(cfg, Path(tmp)))
@@ -278,8 +318,11 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     rep.image_positions = [i for i, x in enumerate(rep.input_ids) if x == encoder.image_token_id]
     rep.loss_positions = [i for i, x in enumerate(rep.labels) if x != IGNORE_INDEX]
     line("sample", f"{sample['id']}: {source}")
-    line("", f"{len(rep.input_ids)} tokens; image tokens at {format_ranges(rep.image_positions)} "
-         f"({len(rep.image_positions)}); loss on {format_ranges(rep.loss_positions)} ({len(rep.loss_positions)})")
+    line(
+        "",
+        f"{len(rep.input_ids)} tokens; image tokens at {format_ranges(rep.image_positions)} "
+        f"({len(rep.image_positions)}); loss on {format_ranges(rep.loss_positions)} ({len(rep.loss_positions)})",
+    )
     line("", marked_text(rep.input_ids, rep.labels, encoder.image_token_id, tok))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,11 +337,16 @@ def check_model(cfg: Config, stage: str, out: Callable[[str], None] = print) -> 
     tic = time.perf_counter()
     with torch.autocast(device.type, dtype=b.dtype, enabled=amp):
         rep.generated = _step("generate", lambda: generate(model, [prompt], tok, device, MAX_NEW_TOKENS, 1, 0.0)[0])
-    line("generate", f"greedy, ≤{MAX_NEW_TOKENS} new tokens, {time.perf_counter() - tic:.1f} s on {device}: "
-         f"{rep.generated!r}")
+    line(
+        "generate",
+        f"greedy, ≤{MAX_NEW_TOKENS} new tokens, {time.perf_counter() - tic:.1f} s on {device}: {rep.generated!r}",
+    )
     if vlm.tiny is not None and vlm.name_or_path is None:
-        line("", "(expected: the tiny preset's weights are random, so its greedy answer is repeated sub-words; "
-             "it shows that generation runs, not what a trained model says)")
+        line(
+            "",
+            "(expected: the tiny preset's weights are random, so its greedy answer is repeated sub-words; "
+            "it shows that generation runs, not what a trained model says)",
+        )
     return rep
 
 
@@ -311,9 +359,12 @@ def config_for_model(path: str, overrides: list[str]) -> Config:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="medlava check-model", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Memory formula:\n" + (Memory.__doc__ or ""))
+    p = argparse.ArgumentParser(
+        prog="medlava check-model",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Memory formula:\n" + (Memory.__doc__ or ""),
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="the recipe the job will run (jobs/configs/*.yaml)")
     src.add_argument("--model", help="a transformers LLaVA checkpoint (hub id or directory), default sft settings")

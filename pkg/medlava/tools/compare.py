@@ -34,8 +34,12 @@ from medlava.io import InputError, atomic_savefig, atomic_write_text
 from medlava.runs import is_complete, read_result
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
-TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
-          "macro_auc": "Macro-AUC"}
+TITLES = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_f1": "Macro-F1",
+    "macro_auc": "Macro-AUC",
+}
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,15 @@ def _split(arg: str) -> tuple[str, Path]:
 
 def compare_suites(args: list[str], out: Path) -> int:
     """Suite runs' leaderboards side by side (comparison.md, .csv, .png in `out`)."""
-    from medlava.eval.leaderboard import comparison_markdown, compare_leaderboards, plot_comparison
+    from medlava.eval.leaderboard import compare_leaderboards, comparison_markdown, plot_comparison
 
     runs = dict(_split(a) for a in args)
     missing = [str(p) for p in runs.values() if not (p / "leaderboard.csv").exists()]
     if missing:
-        print(f"medlava compare: {', '.join(missing)} hold no leaderboard.csv: compare suite runs with suite runs",
-              file=sys.stderr)
+        print(
+            f"medlava compare: {', '.join(missing)} hold no leaderboard.csv: compare suite runs with suite runs",
+            file=sys.stderr,
+        )
         return 2
     df = compare_leaderboards({label: pd.read_csv(p / "leaderboard.csv") for label, p in runs.items()})
     text = comparison_markdown(df, list(runs))
@@ -93,14 +99,17 @@ def load_result(arg: str, n_bootstrap: int = 1000) -> Result:
     """`[LABEL=]PATH` -> its classification metrics (read from metrics.json, or computed from predictions)."""
     label, path = _split(arg)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give an eval, cnn or infer run directory, a metrics.json "
-                                "or a predictions.csv")
+        raise FileNotFoundError(
+            f"{path} does not exist: give an eval, cnn or infer run directory, a metrics.json or a predictions.csv"
+        )
     metrics_json = path / "metrics.json" if path.is_dir() else path if path.suffix == ".json" else None
     if metrics_json is not None and metrics_json.exists():
         metrics = json.loads(metrics_json.read_text())
         if metrics.get("family", "classification") != "classification":
-            raise InputError(f"{metrics_json}: {metrics['family']} metrics; compare lines up classification runs "
-                             "(accuracy, macro-F1, AUC)")
+            raise InputError(
+                f"{metrics_json}: {metrics['family']} metrics; compare lines up classification runs "
+                "(accuracy, macro-F1, AUC)"
+            )
         return Result(label, metrics_json, metrics)
     csv = path / "predictions.csv" if path.is_dir() else path
     if not csv.exists():
@@ -150,8 +159,15 @@ def comparison_figure(df: pd.DataFrame) -> Figure:
         values = np.array([_number(row[m]) for m in METRICS])
         low = np.array([_number(row[f"{m}_ci_low"], v) for m, v in zip(METRICS, values)])
         high = np.array([_number(row[f"{m}_ci_high"], v) for m, v in zip(METRICS, values)])
-        bars = ax.bar(x + (i - (len(df) - 1) / 2) * width, values, width, label=row["run"],
-                      yerr=[values - low, high - values], capsize=3, error_kw={"linewidth": 1})
+        bars = ax.bar(
+            x + (i - (len(df) - 1) / 2) * width,
+            values,
+            width,
+            label=row["run"],
+            yerr=[values - low, high - values],
+            capsize=3,
+            error_kw={"linewidth": 1},
+        )
         ax.bar_label(bars, fmt="%.2f", label_type="center", fontsize=7, color="white")
     ax.set_xticks(x, [TITLES[m] for m in METRICS])
     ax.set_ylim(0, 1.05)
@@ -169,13 +185,22 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="medlava compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medlava compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="eval/cnn/infer run, metrics.json or predictions.csv")
-    p.add_argument("--out", type=Path, default=Path("comparison"),
-                   help="directory for comparison.md, comparison.csv and comparison.png (default: ./comparison)")
-    p.add_argument("--n-bootstrap", type=int, default=1000,
-                   help="resamples for the intervals of runs scored here from predictions.csv (0: none)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("comparison"),
+        help="directory for comparison.md, comparison.csv and comparison.png (default: ./comparison)",
+    )
+    p.add_argument(
+        "--n-bootstrap",
+        type=int,
+        default=1000,
+        help="resamples for the intervals of runs scored here from predictions.csv (0: none)",
+    )
     args = p.parse_args(argv)
     if any((_split(a)[1] / "leaderboard.csv").exists() for a in args.runs):
         return compare_suites(args.runs, args.out)

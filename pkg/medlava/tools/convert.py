@@ -47,10 +47,22 @@ log = logging.getLogger(__name__)
 
 TEXT_CONFIGS = {"LlavaMistralForCausalLM": MistralConfig, "LlavaLlamaForCausalLM": LlamaConfig}
 # LLaVA's training switches left in config.json; they mean nothing to the converted model.
-LLAVA_ONLY_KEYS = {"image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
-                   "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
-                   "unfreeze_mm_vision_tower", "architectures", "model_type", "_name_or_path",
-                   "transformers_version", "torch_dtype", "dtype"}
+LLAVA_ONLY_KEYS = {
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "use_mm_proj",
+    "unfreeze_mm_vision_tower",
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+}
 # Config names older transformers wrote that current configs still accept and convert.
 LEGACY_TEXT_KEYS = {"rope_theta", "rope_scaling"}
 STORED_TOWER = "model.vision_tower.vision_tower."
@@ -81,16 +93,21 @@ class Weights:
         for name in SINGLE_FILES:
             if (self.path / name).exists():
                 return {k: name for k in self._handle(name).keys()}
-        raise InputError(f"{what} {self.path} holds no weights: expected {' or '.join(SINGLE_FILES)}, or shards "
-                         f"with {' or '.join(INDEX_FILES)}")
+        raise InputError(
+            f"{what} {self.path} holds no weights: expected {' or '.join(SINGLE_FILES)}, or shards "
+            f"with {' or '.join(INDEX_FILES)}"
+        )
 
     def _handle(self, name: str):
         if name not in self._open:
             path = self.path / name
             if not path.exists():
                 raise InputError(f"{path} is listed in the weight index but missing; the download is incomplete")
-            self._open[name] = (safe_open(str(path), framework="pt") if name.endswith(".safetensors") else
-                                torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            self._open[name] = (
+                safe_open(str(path), framework="pt")
+                if name.endswith(".safetensors")
+                else torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            )
         return self._open[name]
 
     def keys(self) -> list[str]:
@@ -127,17 +144,21 @@ def _read_json(path: Path) -> dict:
 
 # ---------------------------------------------------------------- original LLaVA -> transformers
 
+
 def _check_original(cfg: dict, path: Path) -> type:
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch == "LlavaForConditionalGeneration":
         raise InputError(f"{path}: already a transformers LLaVA checkpoint; use it as model.name_or_path as it is")
     if arch not in TEXT_CONFIGS:
-        raise InputError(f"{path}: architectures {arch!r} is not an original LLaVA checkpoint "
-                         f"({', '.join(TEXT_CONFIGS)})")
+        raise InputError(
+            f"{path}: architectures {arch!r} is not an original LLaVA checkpoint ({', '.join(TEXT_CONFIGS)})"
+        )
     problems = []
     if cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        problems.append(f"mm_projector_type={cfg.get('mm_projector_type')!r} (transformers' LLaVA projector "
-                        "is Linear-GELU-Linear: mlp2x_gelu)")
+        problems.append(
+            f"mm_projector_type={cfg.get('mm_projector_type')!r} (transformers' LLaVA projector "
+            "is Linear-GELU-Linear: mlp2x_gelu)"
+        )
     if cfg.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
         problems.append(f"mm_vision_select_feature={cfg['mm_vision_select_feature']!r} (patch or cls_patch)")
     if cfg.get("mm_use_im_start_end"):
@@ -153,8 +174,7 @@ def _check_original(cfg: dict, path: Path) -> type:
 
 def _text_config(cls: type, cfg: dict, vocab_size: int, pad_id: int):
     accepted = set(cls().to_dict()) | LEGACY_TEXT_KEYS
-    fields = {k: v for k, v in cfg.items()
-              if k in accepted and k not in LLAVA_ONLY_KEYS and not k.startswith("mm_")}
+    fields = {k: v for k, v in cfg.items() if k in accepted and k not in LLAVA_ONLY_KEYS and not k.startswith("mm_")}
     return cls(**{**fields, "vocab_size": vocab_size, "pad_token_id": pad_id})
 
 
@@ -170,11 +190,21 @@ def _clip_from_shapes(state: dict[str, torch.Tensor], cfg_path: Path) -> CLIPVis
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
     side = math.isqrt(positions - 1)
     if side * side != positions - 1 or hidden % CLIP_HEAD_DIM:
-        raise InputError(f"{cfg_path.parent}: the stored vision tower is not an OpenAI CLIP ViT "
-                         f"({positions} positions, hidden {hidden}); pass its checkpoint with --vision-tower")
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                            num_attention_heads=hidden // CLIP_HEAD_DIM, image_size=side * patch, patch_size=patch,
-                            hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=hidden)
+        raise InputError(
+            f"{cfg_path.parent}: the stored vision tower is not an OpenAI CLIP ViT "
+            f"({positions} positions, hidden {hidden}); pass its checkpoint with --vision-tower"
+        )
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // CLIP_HEAD_DIM,
+        image_size=side * patch,
+        patch_size=patch,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=hidden,
+    )
 
 
 def _vision_tower(src: Weights, cfg: dict, vision_tower: Path | None) -> tuple[CLIPVisionConfig, dict, dict]:
@@ -186,22 +216,30 @@ def _vision_tower(src: Weights, cfg: dict, vision_tower: Path | None) -> tuple[C
         except (OSError, ValueError) as e:
             raise InputError(f"--vision-tower {vision_tower}: not a CLIP checkpoint ({e})") from None
         # A CLIPModel holds `vision_model.*` next to the text tower; a CLIPVisionModel may hold either naming.
-        state = {k.split("vision_model.", 1)[-1]: clip[k] for k in clip.keys()
-                 if k.startswith("vision_model.") or k.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm",
-                                                                         "post_layernorm")}
+        state = {
+            k.split("vision_model.", 1)[-1]: clip[k]
+            for k in clip.keys()
+            if k.startswith("vision_model.")
+            or k.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")
+        }
         pre = vision_tower / "preprocessor_config.json"
         image = _read_json(pre) if pre.exists() else {}
         if any(k.startswith(STORED_TOWER) for k in src.keys()):
-            log.info("using the vision tower from %s, not the copy stored in %s (as LLaVA-Med's loader does)",
-                     vision_tower, src.path)
+            log.info(
+                "using the vision tower from %s, not the copy stored in %s (as LLaVA-Med's loader does)",
+                vision_tower,
+                src.path,
+            )
         return config, state, image
-    stored = {k[len(STORED_TOWER):].split("vision_model.", 1)[-1]: src[k] for k in src.keys()
-              if k.startswith(STORED_TOWER)}
+    stored = {
+        k[len(STORED_TOWER) :].split("vision_model.", 1)[-1]: src[k] for k in src.keys() if k.startswith(STORED_TOWER)
+    }
     if not stored:
         raise InputError(
             f"{src.path} does not store its vision tower (LLaVA-Med loads {cfg.get('mm_vision_tower', 'CLIP')} "
             f"from the hub at run time). Download it (`hf download {cfg.get('mm_vision_tower', 'CLIP')} "
-            "--local-dir DIR`) and pass --vision-tower DIR")
+            "--local-dir DIR`) and pass --vision-tower DIR"
+        )
     return _clip_from_shapes(stored, src.path / "config.json"), stored, {}
 
 
@@ -209,8 +247,10 @@ def _tokenizer(src: Path, text_config):
     try:  # the text config stands in for config.json, whose llava_mistral type transformers does not know
         tokenizer = AutoTokenizer.from_pretrained(src, config=text_config)
     except (OSError, ValueError, ImportError) as e:
-        raise InputError(f"{src}: its tokenizer cannot be loaded ({e}); the checkpoint needs its tokenizer files "
-                         "(a tokenizer.model alone needs `pip install sentencepiece`)") from None
+        raise InputError(
+            f"{src}: its tokenizer cannot be loaded ({e}); the checkpoint needs its tokenizer files "
+            "(a tokenizer.model alone needs `pip install sentencepiece`)"
+        ) from None
     added = []
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
@@ -243,13 +283,15 @@ def original_state_dict(src: Weights, vision: dict[str, torch.Tensor], vocab: in
             out[key] = _grow_rows(src[key], vocab)
         elif key.startswith("model.") and not key.startswith("model.mm_projector"):
             tensor = src[key]
-            out["model.language_model." + key[len("model."):]] = (
-                _grow_rows(tensor, vocab) if key == "model.embed_tokens.weight" else tensor)
+            out["model.language_model." + key[len("model.") :]] = (
+                _grow_rows(tensor, vocab) if key == "model.embed_tokens.weight" else tensor
+            )
         else:
             unknown.append(key)
     if unknown:
-        raise InputError(f"{src.path}: tensors of no known LLaVA part: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise InputError(
+            f"{src.path}: tensors of no known LLaVA part: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
     dtype = out["model.language_model.embed_tokens.weight"].dtype
     # One dtype for the whole model: LLaVA also ran CLIP and the projector in the LM's precision.
     out = {k: v.to(dtype) for k, v in out.items()}
@@ -264,49 +306,75 @@ def convert_original(src: Path, dst: Path, vision_tower: Path | None = None) -> 
     text_cls = _check_original(cfg, src / "config.json")
     weights = Weights(src, "original checkpoint")
     if "model.embed_tokens.weight" not in weights:
-        raise InputError(f"{src}: no tensor model.embed_tokens.weight, so not LLaVA's layout (model.layers.*, "
-                         "model.mm_projector.*); is it already converted, or a different model?")
+        raise InputError(
+            f"{src}: no tensor model.embed_tokens.weight, so not LLaVA's layout (model.layers.*, "
+            "model.mm_projector.*); is it already converted, or a different model?"
+        )
     clip_config, vision, image_settings = _vision_tower(weights, cfg, Path(vision_tower) if vision_tower else None)
     if clip_config.hidden_size != cfg.get("mm_hidden_size", clip_config.hidden_size):
-        raise InputError(f"{src / 'config.json'}: mm_hidden_size={cfg['mm_hidden_size']} but the vision tower has "
-                         f"hidden size {clip_config.hidden_size}; pass the CLIP it was trained with (--vision-tower)")
+        raise InputError(
+            f"{src / 'config.json'}: mm_hidden_size={cfg['mm_hidden_size']} but the vision tower has "
+            f"hidden size {clip_config.hidden_size}; pass the CLIP it was trained with (--vision-tower)"
+        )
     tokenizer, added = _tokenizer(src, text_cls())
     # Checkpoints whose embedding was padded past the tokenizer keep their rows (an added token may take one).
     vocab = max(len(tokenizer), weights["model.embed_tokens.weight"].shape[0])
     strategy = "default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
     n_patches = (clip_config.image_size // clip_config.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=clip_config, text_config=_text_config(text_cls, cfg, vocab, tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
-        vision_feature_layer=cfg.get("mm_vision_select_layer", -2), vision_feature_select_strategy=strategy,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        image_seq_length=n_patches + (strategy == "full"))
+        vision_config=clip_config,
+        text_config=_text_config(text_cls, cfg, vocab, tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=strategy,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        image_seq_length=n_patches + (strategy == "full"),
+    )
     state = original_state_dict(weights, vision, vocab)
     config.dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise InputError(f"{src}: the weights do not fill a LLaVA of this config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise InputError(
+            f"{src}: the weights do not fill a LLaVA of this config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     gen_path = src / "generation_config.json"
-    model.generation_config = GenerationConfig.from_pretrained(src) if gen_path.exists() else GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.generation_config = (
+        GenerationConfig.from_pretrained(src)
+        if gen_path.exists()
+        else GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     size = clip_config.image_size
     image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_mean=image_settings.get("image_mean", OPENAI_CLIP_MEAN),
         image_std=image_settings.get("image_std", OPENAI_CLIP_STD),
-        do_pad=cfg.get("image_aspect_ratio") == "pad")  # pad to square with the mean colour, as LLaVA's `pad`
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=clip_config.patch_size, vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=1)
-    report = {"source": str(src), "architecture": cfg["architectures"][0],
-              "vision_tower": str(vision_tower) if vision_tower else "stored in the source checkpoint",
-              "added_tokens": added, "vocab_size": vocab, "image_token_id": config.image_token_id,
-              "image_tokens": config.image_seq_length, "dtype": str(config.dtype), "tensors": len(state)}
+        do_pad=cfg.get("image_aspect_ratio") == "pad",
+    )  # pad to square with the mean colour, as LLaVA's `pad`
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=clip_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+    )
+    report = {
+        "source": str(src),
+        "architecture": cfg["architectures"][0],
+        "vision_tower": str(vision_tower) if vision_tower else "stored in the source checkpoint",
+        "added_tokens": added,
+        "vocab_size": vocab,
+        "image_token_id": config.image_token_id,
+        "image_tokens": config.image_seq_length,
+        "dtype": str(config.dtype),
+        "tensors": len(state),
+    }
     with atomic_dir(dst) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -325,9 +393,11 @@ def _apply_one(key: str, d: torch.Tensor, base: Weights, delta_path: Path) -> tu
     if key not in base:
         if any(part in key for part in MULTIMODAL):
             return d.clone(), "copied"  # the projector (and a stored tower) exist only in the delta
-        raise InputError(f"{delta_path}: tensor {key} has no counterpart in base {base.path}; is that the model "
-                         "this delta was made from (LLaVA deltas apply to the original weights in transformers "
-                         "format)?")
+        raise InputError(
+            f"{delta_path}: tensor {key} has no counterpart in base {base.path}; is that the model "
+            "this delta was made from (LLaVA deltas apply to the original weights in transformers "
+            "format)?"
+        )
     b = base[key]
     if d.shape == b.shape:
         return (d.float() + b.float()).to(d.dtype), "added"
@@ -336,8 +406,10 @@ def _apply_one(key: str, d: torch.Tensor, base: Weights, delta_path: Path) -> tu
         out = d.clone()
         out[: b.shape[0]] = (d[: b.shape[0]].float() + b.float()).to(d.dtype)
         return out, "grown"
-    raise InputError(f"{key}: delta {tuple(d.shape)} and base {tuple(b.shape)} do not fit; is {base.path} the base "
-                     f"model of {delta_path}?")
+    raise InputError(
+        f"{key}: delta {tuple(d.shape)} and base {tuple(b.shape)} do not fit; is {base.path} the base "
+        f"model of {delta_path}?"
+    )
 
 
 def _out_name(name: str) -> str:
@@ -370,10 +442,19 @@ def apply_delta(delta: Path, base: Path, dst: Path) -> dict:
         if len(set(weight_map.values())) > 1:
             atomic_write_json(tmp / INDEX_FILES[0], {"metadata": {"total_size": total}, "weight_map": weight_map})
     if skipped:
-        log.info("%d base tensors have no delta and were left out, as LLaVA's apply_delta does: %s",
-                 len(skipped), skipped[:5])
-    return {"delta": str(delta), "base": str(base), "out": str(dst), "architecture": arch,
-            "base_tensors_left_out": skipped, **counts}
+        log.info(
+            "%d base tensors have no delta and were left out, as LLaVA's apply_delta does: %s",
+            len(skipped),
+            skipped[:5],
+        )
+    return {
+        "delta": str(delta),
+        "base": str(base),
+        "out": str(dst),
+        "architecture": arch,
+        "base_tensors_left_out": skipped,
+        **counts,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -383,8 +464,11 @@ def main(argv: list[str]) -> int:
     src.add_argument("--original", type=Path, help="original LLaVA-Med v1.5 / LLaVA-1.5 checkpoint directory")
     src.add_argument("--delta", type=Path, help="delta weights (LLaVA's apply_delta format) to add to --base")
     p.add_argument("--base", type=Path, help="with --delta: the base weights the delta was made from")
-    p.add_argument("--vision-tower", type=Path,
-                   help="with --original: local CLIP checkpoint (needed when the source does not store its tower)")
+    p.add_argument(
+        "--vision-tower",
+        type=Path,
+        help="with --original: local CLIP checkpoint (needed when the source does not store its tower)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     args = p.parse_args(argv)
     if args.delta and not args.base:
@@ -397,14 +481,18 @@ def main(argv: list[str]) -> int:
     try:
         if args.original:
             report = convert_original(args.original, args.out, args.vision_tower)
-            print(f"wrote {args.out}: {report['architecture']} -> LlavaForConditionalGeneration, vocab "
-                  f"{report['vocab_size']} (added {', '.join(report['added_tokens']) or 'nothing'}), "
-                  f"{report['image_tokens']} image tokens, {report['dtype']}\n"
-                  f"next: medlava check-model --model {args.out}")
+            print(
+                f"wrote {args.out}: {report['architecture']} -> LlavaForConditionalGeneration, vocab "
+                f"{report['vocab_size']} (added {', '.join(report['added_tokens']) or 'nothing'}), "
+                f"{report['image_tokens']} image tokens, {report['dtype']}\n"
+                f"next: medlava check-model --model {args.out}"
+            )
         else:
             report = apply_delta(args.delta, args.base, args.out)
-            print(f"wrote {args.out}: {report['added']} tensors base+delta, {report['grown']} with added token rows, "
-                  f"{report['copied']} from the delta only")
+            print(
+                f"wrote {args.out}: {report['added']} tensors base+delta, {report['grown']} with added token rows, "
+                f"{report['copied']} from the delta only"
+            )
             if report["architecture"] in TEXT_CONFIGS:
                 print(f"next: medlava convert --original {args.out} --out {args.out}-hf [--vision-tower CLIP_DIR]")
     except InputError as e:

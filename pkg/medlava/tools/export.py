@@ -21,8 +21,9 @@ def export(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     ckpt = checkpoint_of(Path(checkpoint))
     manifest = read_manifest(ckpt)
     with atomic_dir(Path(out)) as tmp:  # refuses an existing --out before the model is loaded
-        model, processor, _ = load_for_inference(ModelConfig(name_or_path=manifest["base_model"],
-                                                             attn_implementation="sdpa"), ckpt, dtype)
+        model, processor, _ = load_for_inference(
+            ModelConfig(name_or_path=manifest["base_model"], attn_implementation="sdpa"), ckpt, dtype
+        )
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out)

@@ -56,13 +56,23 @@ class CnnPredictor:
         if self.meta is not None:
             known = {"sex": self.meta.sexes, "localization": self.meta.localizations}
             for key, values in self.meta.unseen([it.meta for it in items]).items():
-                log.warning("%s value(s) %s were not in the training data; encoded as 'unknown' (known: %s)",
-                            key, values, ", ".join(known[key]))
+                log.warning(
+                    "%s value(s) %s were not in the training data; encoded as 'unknown' (known: %s)",
+                    key,
+                    values,
+                    ", ".join(known[key]),
+                )
             if missing := self.meta.missing([it.meta for it in items]):
-                log.warning("filled with training defaults (the model uses patient metadata): " + "; ".join(
-                    f"{key} missing for {n} of {len(items)} image(s): {default}" for key, (n, default) in missing.items()))
-        loader = torch.utils.data.DataLoader(ItemDataset(items, eval_transform(self.spec), self.meta),
-                                             batch_size=batch_size)
+                log.warning(
+                    "filled with training defaults (the model uses patient metadata): "
+                    + "; ".join(
+                        f"{key} missing for {n} of {len(items)} image(s): {default}"
+                        for key, (n, default) in missing.items()
+                    )
+                )
+        loader = torch.utils.data.DataLoader(
+            ItemDataset(items, eval_transform(self.spec), self.meta), batch_size=batch_size
+        )
         return predict_proba(self.model, loader, self.device)
 
 
@@ -73,8 +83,14 @@ class VlmPredictor:
     kind = "vlm"
     meta = None
 
-    def __init__(self, checkpoint: Path, device: torch.device, question: str = QUESTION,
-                 choices: Sequence[str] = CLASSES, max_new_tokens: int = 64):
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: torch.device,
+        question: str = QUESTION,
+        choices: Sequence[str] = CLASSES,
+        max_new_tokens: int = 64,
+    ):
         from medlava.artifacts import read_manifest
         from medlava.models.llava import load_for_inference, num_image_tokens
         from medlava.precision import choose_dtype
@@ -102,22 +118,37 @@ class VlmPredictor:
         from medlava.infer.score import score_choices
 
         tok = self.processor.tokenizer
-        question = {"id": "options", "image": "options",  # only tokenized: the options follow any image alike
-                    "conversations": [{"from": "human", "value": "<image>\n" + self.question}]}
+        question = {
+            "id": "options",
+            "image": "options",  # only tokenized: the options follow any image alike
+            "conversations": [{"from": "human", "value": "<image>\n" + self.question}],
+        }
         options = [self._encoder(Path(".")).answer_ids(question, c) for c in self.classes]
         out = []
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            logps = score_choices(self.model, [self._prompt(it, self.question) for it in batch],
-                                  [options] * len(batch), tok.pad_token_id, self.device)
+            logps = score_choices(
+                self.model,
+                [self._prompt(it, self.question) for it in batch],
+                [options] * len(batch),
+                tok.pad_token_id,
+                self.device,
+            )
             out += [torch.softmax(torch.tensor(lp), 0).numpy() for lp in logps]
         return np.array(out)
 
     def answer(self, item: Item, question: str) -> str:
         from medlava.infer.score import generate
 
-        return generate(self.model, [self._prompt(item, question)], self.processor.tokenizer, self.device,
-                        self.max_new_tokens, 1, 0.0)[0]
+        return generate(
+            self.model,
+            [self._prompt(item, question)],
+            self.processor.tokenizer,
+            self.device,
+            self.max_new_tokens,
+            1,
+            0.0,
+        )[0]
 
 
 def _model_config(checkpoint: Path, manifest: dict):
@@ -144,8 +175,9 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_predictor(path: Path, device: torch.device, question: str = QUESTION,
-                   choices: Sequence[str] = CLASSES) -> CnnPredictor | VlmPredictor:
+def load_predictor(
+    path: Path, device: torch.device, question: str = QUESTION, choices: Sequence[str] = CLASSES
+) -> CnnPredictor | VlmPredictor:
     """A CNN or VLM predictor from a checkpoint directory or a complete cnn/align/sft run directory."""
     from medlava.artifacts import checkpoint_of
 
@@ -157,25 +189,36 @@ def load_predictor(path: Path, device: torch.device, question: str = QUESTION,
 
 def add_predictor_args(p: argparse.ArgumentParser) -> None:
     """The options `medlava predict` and `medlava serve` share: which model, where it runs, what it is asked."""
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint directory, or a complete cnn / sft / align run directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint directory, or a complete cnn / sft / align run directory",
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--question", default=QUESTION, help="VLM: the closed question whose options are scored")
     p.add_argument("--choices", default=",".join(CLASSES), help="VLM: comma-separated answer options (the classes)")
 
 
 def predictor_from_args(args: argparse.Namespace) -> CnnPredictor | VlmPredictor:
-    return load_predictor(args.checkpoint, choose_device(args.device), args.question,
-                          [c.strip() for c in args.choices.split(",") if c.strip()])
+    return load_predictor(
+        args.checkpoint,
+        choose_device(args.device),
+        args.question,
+        [c.strip() for c in args.choices.split(",") if c.strip()],
+    )
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
 
+
 def _unique_ids(items: list[Item], where: Path) -> list[Item]:
     dupes = [i for i, n in Counter(it.id for it in items).items() if n > 1]
     if dupes:
-        raise InputError(f"{where}: id(s) {dupes[:5]} name more than one image; ids must be unique (give an `id` "
-                         "column, or rename the files)")
+        raise InputError(
+            f"{where}: id(s) {dupes[:5]} name more than one image; ids must be unique (give an `id` "
+            "column, or rename the files)"
+        )
     return items
 
 
@@ -184,8 +227,12 @@ def read_folder(folder: Path) -> list[Item]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if len(images) < len(files):
-        log.info("%s: ignoring %d file(s) without an image suffix (%s)", folder, len(files) - len(images),
-                 ", ".join(IMAGE_SUFFIXES))
+        log.info(
+            "%s: ignoring %d file(s) without an image suffix (%s)",
+            folder,
+            len(files) - len(images),
+            ", ".join(IMAGE_SUFFIXES),
+        )
     if not images:
         raise InputError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     rels = [p.relative_to(folder) for p in images]
@@ -219,8 +266,10 @@ def read_csv(csv: Path, image_root: Path | None, classes: Sequence[str]) -> list
         elif isinstance(row.get("image_id"), str):
             rel = _find_image(root, row["image_id"])
             if rel is None:
-                raise InputError(f"{where}: image {row['image_id']} not found under {root} (or its "
-                                 f"{'/'.join(IMAGE_DIRS)} folders) as {'/'.join(IMAGE_SUFFIXES)}; check --image-root")
+                raise InputError(
+                    f"{where}: image {row['image_id']} not found under {root} (or its "
+                    f"{'/'.join(IMAGE_DIRS)} folders) as {'/'.join(IMAGE_SUFFIXES)}; check --image-root"
+                )
         else:
             raise InputError(f"{where}: no image given; fill `image` or `image_id`")
         meta = {k: row[k] for k in META_COLUMNS if k in row and isinstance(row[k], str)}
@@ -228,16 +277,19 @@ def read_csv(csv: Path, image_root: Path | None, classes: Sequence[str]) -> list
             try:
                 meta["age"] = float(meta["age"])
             except ValueError:
-                raise InputError(f"{where}: age {meta['age']!r} is not a number; write a number or leave it "
-                                 "empty") from None
+                raise InputError(
+                    f"{where}: age {meta['age']!r} is not a number; write a number or leave it empty"
+                ) from None
         label = -1
         if label_col and isinstance(row.get(label_col), str):
             if row[label_col] not in index:
-                raise InputError(f"{where}: {label_col} {row[label_col]!r} is not one of the model's classes "
-                                 f"{list(classes)}")
+                raise InputError(
+                    f"{where}: {label_col} {row[label_col]!r} is not one of the model's classes {list(classes)}"
+                )
             label = index[row[label_col]]
-        item_id = next((row[k] for k in ("id", "image_id") if isinstance(row.get(k), str)),
-                       Path(rel).with_suffix("").as_posix())
+        item_id = next(
+            (row[k] for k in ("id", "image_id") if isinstance(row.get(k), str)), Path(rel).with_suffix("").as_posix()
+        )
         items.append(Item(item_id, root, rel, meta, label))
     if not items:
         raise InputError(f"{csv} lists no images")
@@ -254,8 +306,9 @@ def read_inputs(path: Path, image_root: Path | None, classes: Sequence[str]) -> 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="medlava predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medlava predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_predictor_args(p)
     p.add_argument("--images", required=True, type=Path, help="a folder of images, or a CSV listing them")
     p.add_argument("--image-root", type=Path, help="where a CSV's image paths start (default: the CSV's folder)")

@@ -31,9 +31,21 @@ from medlava.eval.weights import (
     verify_staged,
 )
 
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spm.model",
-                "tokenizer.model", "sentencepiece.bpe.model", "chat_template.jinja")
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spm.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+)
 CONFIG_ONLY = {"bert-base-uncased"}
 """Repos a metric builds from their config and tokenizer only (CheXbert's weights are chexbert.pth)."""
 _SHARDS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
@@ -74,8 +86,10 @@ def wanted(files: list[str], weights: bool) -> list[str]:
 def fetch_repo(hub: Hub, repo: str, cache: Path, weights: bool = True) -> list[str]:
     names = wanted(hub.files(repo), weights)
     if "config.json" not in names:
-        raise FileNotFoundError(f"{repo}: no config.json on the hub; is the repo name right and readable "
-                                "(a gated repo needs `huggingface-cli login`)?")
+        raise FileNotFoundError(
+            f"{repo}: no config.json on the hub; is the repo name right and readable "
+            "(a gated repo needs `huggingface-cli login`)?"
+        )
     for name in names:
         hub.download(repo, name, cache / "hub")
     return names
@@ -109,8 +123,9 @@ def fetch(metrics: list[str], cache: Path, hub: Hub | None = None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="medlava weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medlava weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("action", choices=["fetch", "check"])
     p.add_argument("--metrics", required=True, help=f"comma-separated, from {', '.join(NEEDS)}")
     p.add_argument("--cache", type=Path, help="the staged cache (default: $MEDLAVA_CACHE/metric-weights)")

@@ -71,12 +71,27 @@ class Checkpointer:
     def saved(self) -> list[Path]:
         """The complete checkpoints, oldest first: `<prefix>-N` or `<prefix>-N-step-S` holding STATE; anything else
         there (a user's step-100.bak copy) is not ours."""
-        found = [p for p in self.root.glob(f"{self.prefix}-*") if (p / STATE).exists() and
-                 re.fullmatch(rf"{self.prefix}-\d+(-step-\d+)?", p.name)] if self.root.exists() else []
+        found = (
+            [
+                p
+                for p in self.root.glob(f"{self.prefix}-*")
+                if (p / STATE).exists() and re.fullmatch(rf"{self.prefix}-\d+(-step-\d+)?", p.name)
+            ]
+            if self.root.exists()
+            else []
+        )
         return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split("-")[1::2]))
 
-    def save(self, name: str, kind: Kind, manifest: dict, state: dict, write: Callable[[Path], None],
-             engine=None, keep: frozenset[str] = frozenset()) -> Path:
+    def save(
+        self,
+        name: str,
+        kind: Kind,
+        manifest: dict,
+        state: dict,
+        write: Callable[[Path], None],
+        engine=None,
+        keep: frozenset[str] = frozenset(),
+    ) -> Path:
         """checkpoints/`name`, on every rank: `write(tmp)` puts the weights in (each rank calls it; what only rank 0
         writes, it writes on rank 0), `engine` (DeepSpeed) its sharded state; then the older ones go."""
         final = self.root / name
@@ -90,8 +105,14 @@ class Checkpointer:
         write(tmp)
         if self.d.main:
             torch.save(state, tmp / STATE)
-            write_manifest(tmp, kind, **manifest, world_size=self.d.world_size, sharded=engine is not None,
-                           **self._settings_record())
+            write_manifest(
+                tmp,
+                kind,
+                **manifest,
+                world_size=self.d.world_size,
+                sharded=engine is not None,
+                **self._settings_record(),
+            )
         barrier()  # every rank's part is in tmp before it becomes `name`: renamed earlier, a slow rank's is lost
         if self.d.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
             publish(tmp, final, exists="replace")
@@ -123,9 +144,11 @@ class Checkpointer:
         if recorded is None:  # written before checkpoints recorded their settings
             log.warning("%s records no settings: resuming without checking them", saved[-1])
         elif changed := changed_settings(recorded, self.settings or {}):
-            raise ConfigError(f"{saved[-1]} was trained with other settings ({'; '.join(changed)}); resuming it with "
-                              "these would mix two trainings in one set of weights: relaunch with its settings "
-                              f"({self.run / 'config.yaml'}), or leave run_id unset to train a new run")
+            raise ConfigError(
+                f"{saved[-1]} was trained with other settings ({'; '.join(changed)}); resuming it with "
+                "these would mix two trainings in one set of weights: relaunch with its settings "
+                f"({self.run / 'config.yaml'}), or leave run_id unset to train a new run"
+            )
 
     def check_world(self) -> None:
         """Refuse, before anything is loaded, to resume a sharded checkpoint under another number of processes."""
@@ -135,9 +158,11 @@ class Checkpointer:
         manifest = read_manifest(saved[-1])
         world, here = manifest.get("world_size"), self.d.world_size
         if manifest.get("sharded") and world != here:
-            raise ConfigError(f"{saved[-1]} holds DeepSpeed ZeRO state sharded over {world} process(es), one "
-                              f"optimizer shard per rank, and cannot be resumed by {here}: resume with {world} "
-                              "process(es) (cluster.nodes x GPUs per node), or start a new run_id")
+            raise ConfigError(
+                f"{saved[-1]} holds DeepSpeed ZeRO state sharded over {world} process(es), one "
+                f"optimizer shard per rank, and cannot be resumed by {here}: resume with {world} "
+                "process(es) (cluster.nodes x GPUs per node), or start a new run_id"
+            )
 
     def resume(self, seed: int) -> tuple[Path, dict] | None:
         """The newest checkpoint and its state, on every rank, with this rank's random state restored; None when
@@ -155,8 +180,13 @@ class Checkpointer:
         if world == self.d.world_size and rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
         else:
-            log.warning("%s was saved by %s process(es), resumed by %d: weights, optimizer and data position carry "
-                        "over; random draws (dropout) are reseeded", ckpt, world, self.d.world_size)
+            log.warning(
+                "%s was saved by %s process(es), resumed by %d: weights, optimizer and data position carry "
+                "over; random draws (dropout) are reseeded",
+                ckpt,
+                world,
+                self.d.world_size,
+            )
             reseed(seed + 1_000_003 * self.d.rank + int(state["position"]["step"]))
         return ckpt, state
 

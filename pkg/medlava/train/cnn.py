@@ -43,15 +43,15 @@ from medlava.models.cnn import (
     model_inputs,
     new_spec,
     predict_proba,
-    write_cnn,
     set_phase,
+    write_cnn,
 )
 from medlava.precision import autocast, autocast_dtype, choose_dtype, grad_scaler
 from medlava.predictions import predictions_frame, write_predictions
 from medlava.train import runtime
-from medlava.train.optim import make_optimizer
 from medlava.train.checkpoint import Checkpointer
 from medlava.train.loop import Position, Schedule, StepMetrics, resume_and_train
+from medlava.train.optim import make_optimizer
 from medlava.train.runtime import wrap_ddp
 from medlava.train.sampling import rank_share
 
@@ -78,11 +78,20 @@ def train_transform(spec: CnnSpec, augment: bool) -> v2.Compose:
     camera and the light."""
     if not augment:
         return eval_transform(spec)
-    return v2.Compose([
-        v2.ToImage(), v2.RandomRotation(180),
-        v2.RandomResizedCrop((spec.image_size, spec.image_size), scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True),
-        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomRotation(180),
+            v2.RandomResizedCrop(
+                (spec.image_size, spec.image_size), scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 def seed_of(*parts: int) -> int:
@@ -122,8 +131,10 @@ def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, d: Di
 def class_weights(labels: np.ndarray, classes: list[str]) -> torch.Tensor:
     missing = [c for i, c in enumerate(classes) if i not in labels]
     if missing:
-        raise InputError(f"cnn.class_balance=weights: class(es) {missing} have no training sample; "
-                         "use class_balance=none or add samples")
+        raise InputError(
+            f"cnn.class_balance=weights: class(es) {missing} have no training sample; "
+            "use class_balance=none or add samples"
+        )
     weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -138,20 +149,37 @@ def phase_plan(model: CnnClassifier, c: CnnConfig) -> list[dict]:
     """What each phase trains, at which rate, over which epochs (recorded in train_info.json)."""
     phases = []
     if c.frozen_epochs:
-        phases.append({"phase": 1, "epochs": [0, c.frozen_epochs], "lr": c.lr,
-                       **set_phase(model, frozen=True, unfreeze_fraction=c.unfreeze_fraction)})
-    phases.append({"phase": 2, "epochs": [c.frozen_epochs, c.epochs], "lr": c.finetune_lr or c.lr,
-                   "unfreeze_fraction": c.unfreeze_fraction,
-                   **set_phase(model, frozen=False, unfreeze_fraction=c.unfreeze_fraction)})
+        phases.append(
+            {
+                "phase": 1,
+                "epochs": [0, c.frozen_epochs],
+                "lr": c.lr,
+                **set_phase(model, frozen=True, unfreeze_fraction=c.unfreeze_fraction),
+            }
+        )
+    phases.append(
+        {
+            "phase": 2,
+            "epochs": [c.frozen_epochs, c.epochs],
+            "lr": c.finetune_lr or c.lr,
+            "unfreeze_fraction": c.unfreeze_fraction,
+            **set_phase(model, frozen=False, unfreeze_fraction=c.unfreeze_fraction),
+        }
+    )
     return phases
 
 
-def gather_proba(model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfig, d: Dist,
-                 amp: torch.dtype | None) -> np.ndarray:
+def gather_proba(
+    model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfig, d: Dist, amp: torch.dtype | None
+) -> np.ndarray:
     """Probabilities for all `items` on every rank; each rank computes a 1/world share."""
     mine = list(range(d.rank, len(items), d.world_size))
-    loader = DataLoader(Subset(ItemDataset(items, eval_transform(spec), spec.meta), mine), batch_size=c.batch_size,
-                        num_workers=c.num_workers, pin_memory=d.device.type == "cuda")
+    loader = DataLoader(
+        Subset(ItemDataset(items, eval_transform(spec), spec.meta), mine),
+        batch_size=c.batch_size,
+        num_workers=c.num_workers,
+        pin_memory=d.device.type == "cuda",
+    )
     probs = predict_proba(model, loader, d.device, amp)
     if d.world_size == 1:
         return probs
@@ -166,9 +194,14 @@ def gather_proba(model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfi
 
 def val_metrics(items: list[Item], probs: np.ndarray, classes: list[str]) -> dict[str, float | None]:
     labels = np.array([it.label for it in items])
-    df = pd.DataFrame({"id": [it.id for it in items], "reference": [classes[i] for i in labels],
-                       "prediction": [classes[i] for i in probs.argmax(1)],
-                       **{f"score_{c}": probs[:, j] for j, c in enumerate(classes)}})
+    df = pd.DataFrame(
+        {
+            "id": [it.id for it in items],
+            "reference": [classes[i] for i in labels],
+            "prediction": [classes[i] for i in probs.argmax(1)],
+            **{f"score_{c}": probs[:, j] for j, c in enumerate(classes)},
+        }
+    )
     m = classification_metrics(df, classes, n_bootstrap=0)
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
     return {"loss": loss, **{k: m[k] for k in VAL_METRICS[1:]}}
@@ -180,10 +213,13 @@ def load_splits(prepared: Path, c: CnnConfig) -> tuple[dict[str, list[Item]], li
     for split in dict.fromkeys(("train", "val", c.predict_split)):
         samples, manifest = load_prepared(prepared, split)
         if not manifest.get("choices"):
-            raise InputError(f"{prepared}/dataset.json lists no classes (`choices`): the cnn stage needs a "
-                             "classification dataset such as ham10000")
-        splits[split] = sample_items(samples, Path(manifest["image_root"]), manifest["choices"],
-                                     prepared / f"{split}.jsonl")
+            raise InputError(
+                f"{prepared}/dataset.json lists no classes (`choices`): the cnn stage needs a "
+                "classification dataset such as ham10000"
+            )
+        splits[split] = sample_items(
+            samples, Path(manifest["image_root"]), manifest["choices"], prepared / f"{split}.jsonl"
+        )
     if not splits["val"]:
         raise InputError(f"{prepared}/val.jsonl is empty: early stopping needs a validation split")
     return splits, list(manifest["choices"])
@@ -192,6 +228,7 @@ def load_splits(prepared: Path, c: CnnConfig) -> tuple[dict[str, list[Item]], li
 @dataclass
 class Progress:
     """What the CNN carries from epoch to epoch besides the loop's position (and a checkpoint stores)."""
+
     best_f1: float = -1.0
     best: str | None = None
     bad_epochs: int = 0
@@ -221,21 +258,36 @@ class CnnTrainer:
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
         self.steps_per_epoch = math.ceil(len(self.labels) / d.world_size) // c.batch_size  # BatchNorm needs > 1
         if self.steps_per_epoch == 0:
-            raise InputError(f"{len(self.labels)} training samples over {d.world_size} process(es) make no full "
-                             f"batch of cnn.batch_size={c.batch_size}; lower it")
+            raise InputError(
+                f"{len(self.labels)} training samples over {d.world_size} process(es) make no full "
+                f"batch of cnn.batch_size={c.batch_size}; lower it"
+            )
         if c.frozen_epochs and not c.pretrained:
-            log.warning("cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head "
-                        "on random features", c.frozen_epochs)
+            log.warning(
+                "cnn.frozen_epochs=%d with a random backbone (no cnn.pretrained): phase 1 trains the head "
+                "on random features",
+                c.frozen_epochs,
+            )
         self.progress = Progress()
         self.phase: int | None = None
         self.saved: dict | None = None  # a resumed checkpoint's optimizer state, until its phase is entered
         if d.main:
-            atomic_write_json(run / "train_info.json", {
-                "arch": c.arch, "pretrained": c.pretrained, "classes": self.classes, "prepared": str(prepared),
-                "samples": {k: len(v) for k, v in self.splits.items()}, "world_size": d.world_size,
-                "device": str(d.device), "autocast": str(self.amp).replace("torch.", "") if self.amp else "fp32",
-                "steps_per_epoch": self.steps_per_epoch, "metadata": None if self.meta is None else asdict(self.meta),
-                "phases": self.plan})
+            atomic_write_json(
+                run / "train_info.json",
+                {
+                    "arch": c.arch,
+                    "pretrained": c.pretrained,
+                    "classes": self.classes,
+                    "prepared": str(prepared),
+                    "samples": {k: len(v) for k, v in self.splits.items()},
+                    "world_size": d.world_size,
+                    "device": str(d.device),
+                    "autocast": str(self.amp).replace("torch.", "") if self.amp else "fp32",
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "metadata": None if self.meta is None else asdict(self.meta),
+                    "phases": self.plan,
+                },
+            )
 
     def restore(self, ckpt: Path, state: dict) -> Position:
         self.model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
@@ -249,18 +301,25 @@ class CnnTrainer:
         p = next(x for x in self.plan if x["phase"] == self.phase)
         set_phase(self.model, frozen=self.phase == 1, unfreeze_fraction=c.unfreeze_fraction)
         self.optimizer = make_optimizer(self.model, p["lr"], c.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, c.schedule,
-                                        (p["epochs"][1] - p["epochs"][0]) * self.steps_per_epoch)
+        self.scheduler = make_scheduler(
+            self.optimizer, c.schedule, (p["epochs"][1] - p["epochs"][0]) * self.steps_per_epoch
+        )
         if self.saved is not None and self.saved["phase"] == self.phase:  # resuming inside this phase
             self.optimizer.load_state_dict(self.saved["optimizer"])
             self.scheduler.load_state_dict(self.saved["scheduler"])
             self.scaler.load_state_dict(self.saved["scaler"])
         self.saved = None
         self.net = wrap_ddp(self.model, self.d)  # DDP records which parameters train when it is built: one per phase
-        log.info("phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)", self.phase,
-                 epoch, p["lr"], f"{p['parameters']['trainable']:,}",
-                 f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}", p["trainable_groups"],
-                 p["backbone_groups"])
+        log.info(
+            "phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)",
+            self.phase,
+            epoch,
+            p["lr"],
+            f"{p['parameters']['trainable']:,}",
+            f"{p['parameters']['trainable'] + p['parameters']['frozen']:,}",
+            p["trainable_groups"],
+            p["backbone_groups"],
+        )
 
     def batches(self, epoch: int, skip: int):
         c, d = self.c, self.d
@@ -269,11 +328,17 @@ class CnnTrainer:
         self.net.train()
         keep_frozen_statistics(self.model)
         order = epoch_order(self.labels, c.class_balance == "sampler", c.seed, epoch, d)
-        keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][skip * c.batch_size:]
-        return iter(DataLoader(Augmented(ItemDataset(self.splits["train"], train_transform(self.spec, c.augment),
-                                                     self.meta)),
-                               batch_size=c.batch_size, sampler=keys, num_workers=c.num_workers, drop_last=True,
-                               pin_memory=d.device.type == "cuda"))
+        keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][skip * c.batch_size :]
+        return iter(
+            DataLoader(
+                Augmented(ItemDataset(self.splits["train"], train_transform(self.spec, c.augment), self.meta)),
+                batch_size=c.batch_size,
+                sampler=keys,
+                num_workers=c.num_workers,
+                drop_last=True,
+                pin_memory=d.device.type == "cuda",
+            )
+        )
 
     def step(self, batches, pos: Position) -> StepMetrics:
         c, d = self.c, self.d
@@ -289,8 +354,13 @@ class CnnTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return StepMetrics(loss=loss.item(), samples=len(batch["label"]), seconds=time.perf_counter() - tic,
-                           waited=waited, extra={"phase": float(self.phase)})
+        return StepMetrics(
+            loss=loss.item(),
+            samples=len(batch["label"]),
+            seconds=time.perf_counter() - tic,
+            waited=waited,
+            extra={"phase": float(self.phase)},
+        )
 
     def lrs(self) -> dict[str, float]:
         return {"model": self.optimizer.param_groups[0]["lr"]}
@@ -298,17 +368,27 @@ class CnnTrainer:
     def save(self, pos: Position, name: str | None = None) -> Path:
         """epoch-E at an epoch's end (E epochs done), epoch-E-step-S inside epoch E; the best one stays."""
         name = name or f"epoch-{pos.epoch:03d}" + (f"-step-{pos.in_epoch:05d}" if pos.in_epoch else "")
-        state = {"position": pos.state(), "progress": asdict(self.progress), "phase": self.phase,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict()}
+        state = {
+            "position": pos.state(),
+            "progress": asdict(self.progress),
+            "phase": self.phase,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
         def write(tmp: Path) -> None:
             if self.d.main:
                 write_cnn(tmp, self.model, self.spec)
 
-        return self.checkpointer.save(name, "cnn", {"arch": self.spec.arch, "stage": "cnn", "classes": self.classes,
-                                                    "epoch": pos.epoch}, state, write,
-                                      keep=frozenset({self.progress.best} - {None}))
+        return self.checkpointer.save(
+            name,
+            "cnn",
+            {"arch": self.spec.arch, "stage": "cnn", "classes": self.classes, "epoch": pos.epoch},
+            state,
+            write,
+            keep=frozenset({self.progress.best} - {None}),
+        )
 
     def end_epoch(self, pos: Position, losses: list[float], writer) -> Path:
         """Validation metrics, early stopping and the phase switch, the epoch's checkpoint, history and curves."""
@@ -320,9 +400,15 @@ class CnnTrainer:
             pr.best_f1, pr.best, pr.bad_epochs = m["macro_f1"], name, 0
         else:
             pr.bad_epochs += 1
-        pr.history.append({"epoch": epoch, "phase": phase, "lr": self.optimizer.param_groups[0]["lr"],
-                           "train_loss": float(np.mean(losses)) if losses else None,
-                           **{f"val_{k}": v for k, v in m.items()}})
+        pr.history.append(
+            {
+                "epoch": epoch,
+                "phase": phase,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": float(np.mean(losses)) if losses else None,
+                **{f"val_{k}": v for k, v in m.items()},
+            }
+        )
         patience_out = c.patience is not None and pr.bad_epochs >= c.patience
         if phase == 1 and (patience_out or epoch == c.frozen_epochs):
             pos.epoch, pr.bad_epochs = c.frozen_epochs, 0  # on to phase 2, whose patience starts afresh
@@ -335,10 +421,19 @@ class CnnTrainer:
                     writer.add_scalar(f"val/{k}", v, pos.step)
             atomic_write_text(self.run / "history.csv", pd.DataFrame(pr.history).to_csv(index=False))
             plot_history(pr.history, self.run / "curves.png")
-        log.info("epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
-                 "macro-F1 %.4f%s", epoch, c.epochs, phase, pr.history[-1]["train_loss"] or float("nan"),
-                 m["loss"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
-                 " (best)" if pr.best == name else f" (best {pr.best_f1:.4f}, {pr.best})")
+        log.info(
+            "epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, accuracy %.4f, balanced accuracy %.4f, "
+            "macro-F1 %.4f%s",
+            epoch,
+            c.epochs,
+            phase,
+            pr.history[-1]["train_loss"] or float("nan"),
+            m["loss"],
+            m["accuracy"],
+            m["balanced_accuracy"],
+            m["macro_f1"],
+            " (best)" if pr.best == name else f" (best {pr.best_f1:.4f}, {pr.best})",
+        )
         if patience_out:
             log.info("early stopping: %d epochs without a better validation macro-F1 in phase %d", c.patience, phase)
         return ckpt
@@ -353,20 +448,37 @@ class CnnTrainer:
         best_row = next(h for h in pr.history if f"epoch-{h['epoch']:03d}" == pr.best)
         if self.d.main:
             write_predictions(self.run / "predictions.csv", predictions_frame(items, probs, self.classes))
-            log.info("cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s", best_row["epoch"],
-                     pr.best_f1, len(items), self.c.predict_split, self.run / "predictions.csv")
+            log.info(
+                "cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s",
+                best_row["epoch"],
+                pr.best_f1,
+                len(items),
+                self.c.predict_split,
+                self.run / "predictions.csv",
+            )
         barrier()
-        return {"checkpoint": str(best.relative_to(self.run)), "predictions": "predictions.csv",
-                "classes": self.classes, "samples": str(self.prepared), "split": self.c.predict_split,
-                "n": len(items), "epochs_run": len(pr.history), "best_epoch": best_row["epoch"],
-                "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS}}
+        return {
+            "checkpoint": str(best.relative_to(self.run)),
+            "predictions": "predictions.csv",
+            "classes": self.classes,
+            "samples": str(self.prepared),
+            "split": self.c.predict_split,
+            "n": len(items),
+            "epochs_run": len(pr.history),
+            "best_epoch": best_row["epoch"],
+            "best_val": {k: best_row[f"val_{k}"] for k in VAL_METRICS},
+        }
 
 
 def weight_settings(c: CnnConfig, prepared: Path) -> dict:
     """What decides the weights (runtime.weight_settings): the cnn section but the split it answers, and the digests
     of the training and validation splits (early stopping reads the latter)."""
-    return runtime.weight_settings("cnn", c, ("predict_split",), **{
-        f"data.{split}": runtime.file_digest(split_file(prepared, split)) for split in ("train", "val")})
+    return runtime.weight_settings(
+        "cnn",
+        c,
+        ("predict_split",),
+        **{f"data.{split}": runtime.file_digest(split_file(prepared, split)) for split in ("train", "val")},
+    )
 
 
 def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path, settings: dict) -> dict:

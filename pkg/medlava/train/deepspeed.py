@@ -16,11 +16,16 @@ def deepspeed_config(t: TrainConfig, dtype: torch.dtype) -> dict:
     offload = t.deepspeed == "zero3_offload"
     zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if stage == 3:
-        zero |= {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 1e4,
-                 "stage3_prefetch_bucket_size": 5e7}
+        zero |= {
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "stage3_param_persistence_threshold": 1e4,
+            "stage3_prefetch_bucket_size": 5e7,
+        }
     if offload:
-        zero |= {"offload_optimizer": {"device": "cpu", "pin_memory": True},
-                 "offload_param": {"device": "cpu", "pin_memory": True}}
+        zero |= {
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "offload_param": {"device": "cpu", "pin_memory": True},
+        }
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -29,8 +34,16 @@ def deepspeed_config(t: TrainConfig, dtype: torch.dtype) -> dict:
         "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
         # CPU offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW (no JIT-compiled op needed).
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                   "weight_decay": t.weight_decay, "torch_adam": not offload}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": not offload,
+            },
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Position:
     """Where a loop is; what a checkpoint stores to resume. Steps count optimizer updates."""
+
     step: int = 0
     epoch: int = 0
     in_epoch: int = 0
@@ -42,6 +43,7 @@ class Position:
 @dataclass
 class StepMetrics:
     """What one optimizer step measured on this rank (the loop averages it over ranks)."""
+
     loss: float
     samples: int
     seconds: float
@@ -95,9 +97,16 @@ def log_step(writer, pos: Position, epoch: float, m: StepMetrics, lrs: dict[str,
     keys = sorted(m.extra)
     loss, samples_s, tokens_s, wait, *extra = mean_over_ranks(
         [m.loss, m.samples / m.seconds, (m.tokens or 0) / m.seconds, m.waited / m.seconds, *(m.extra[k] for k in keys)],
-        d)
-    scalars = {"loss": loss, "samples_per_s": samples_s * d.world_size, "data_wait_fraction": wait, "epoch": epoch,
-               "lr": lrs.get("model", next(iter(lrs.values()))), **dict(zip(keys, extra))}
+        d,
+    )
+    scalars = {
+        "loss": loss,
+        "samples_per_s": samples_s * d.world_size,
+        "data_wait_fraction": wait,
+        "epoch": epoch,
+        "lr": lrs.get("model", next(iter(lrs.values()))),
+        **dict(zip(keys, extra)),
+    }
     if m.tokens is not None:
         scalars["tokens_per_s"] = tokens_s * d.world_size
     if m.grad_norm is not None:
@@ -125,8 +134,14 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
             m = task.step(batches, pos)
             pos.step, pos.in_epoch = pos.step + 1, pos.in_epoch + 1
             pos.done = s.total is not None and pos.step >= s.total
-            shown = log_step(writer if pos.step % s.log_every == 0 or pos.done else None, pos,
-                             epoch + pos.in_epoch / task.steps_per_epoch, m, task.lrs(), d)
+            shown = log_step(
+                writer if pos.step % s.log_every == 0 or pos.done else None,
+                pos,
+                epoch + pos.in_epoch / task.steps_per_epoch,
+                m,
+                task.lrs(),
+                d,
+            )
             losses.append(shown["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{shown['loss']:.4f}", **{k: f"{v:.0f}" for k, v in shown.items() if k != "loss"})
@@ -150,8 +165,9 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
     return last
 
 
-def resume_and_train(task: Task, checkpointer: Checkpointer, resume: bool, seed: int, s: Schedule, run: Path,
-                     d: Dist) -> Path | None:
+def resume_and_train(
+    task: Task, checkpointer: Checkpointer, resume: bool, seed: int, s: Schedule, run: Path, d: Dist
+) -> Path | None:
     """Continue `task` from the newest checkpoint of `run` (when `resume` and there is one), then train it to the
     end of the schedule; the final checkpoint."""
     pos, resumed = Position(), None

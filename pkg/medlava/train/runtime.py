@@ -29,8 +29,9 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-RUN_ONLY = frozenset({"resume", "save_every", "keep_last", "log_every", "num_workers", "gradient_checkpointing",
-                      "compile", "kernels"})
+RUN_ONLY = frozenset(
+    {"resume", "save_every", "keep_last", "log_every", "num_workers", "gradient_checkpointing", "compile", "kernels"}
+)
 """Section keys that change how a run goes (or how fast), not the weights it reaches."""
 
 
@@ -65,8 +66,10 @@ def check_finite(loss: float, step: int, last: tuple[int, float] | None, lr_sett
     if math.isfinite(loss):
         return step, loss
     before = f"the last finite loss was {last[1]:.4g} at step {last[0]}" if last else "no finite loss before it"
-    raise ConfigError(f"training diverged: the loss is {loss} at step {step} ({before}); no checkpoint of it is "
-                      f"written and the run is not complete. Lower {lr_setting} and train a new run_id")
+    raise ConfigError(
+        f"training diverged: the loss is {loss} at step {step} ({before}); no checkpoint of it is "
+        f"written and the run is not complete. Lower {lr_setting} and train a new run_id"
+    )
 
 
 def stop_requested(d: Dist) -> bool:
@@ -83,8 +86,14 @@ def exit_for_requeue(where: str, writer: SummaryWriter | None = None) -> NoRetur
 
 def progress(total: int | None, initial: int, desc: str, d: Dist) -> tqdm:
     """A progress bar on rank 0; in a log file (no terminal) it updates every 30 s, not every step."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not d.main, dynamic_ncols=True,
-                mininterval=1 if sys.stderr.isatty() else 30)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not d.main,
+        dynamic_ncols=True,
+        mininterval=1 if sys.stderr.isatty() else 30,
+    )
 
 
 def tensorboard(run: Path, purge_step: int | None, d: Dist) -> SummaryWriter | None:

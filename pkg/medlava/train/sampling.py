@@ -14,8 +14,9 @@ def rank_share(order: list[int], d: Dist) -> list[int]:
     return order[d.rank :: d.world_size]
 
 
-def epoch_indices(n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size: int,
-                  lengths: list[int] | None = None) -> list[int]:
+def epoch_indices(
+    n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size: int, lengths: list[int] | None = None
+) -> list[int]:
     """This rank's sample order for an epoch, from `skip` on.
 
     With `lengths`, batches are length-grouped as HF's group_by_length: a random permutation is cut into

@@ -65,8 +65,9 @@ class Validation:
     def of(cls, samples: list[dict], encoder: Encoder, t: TrainConfig, template: str) -> Validation:
         """`plain` (alignment) prompts ask no question: the loss only."""
         closed = closed_questions(samples)[: t.eval_closed_samples] if template != "plain" else []
-        return cls(SampleDataset(samples, encoder), closed, SampleDataset(closed, encoder, prompts=True), encoder,
-                   t.batch_size)
+        return cls(
+            SampleDataset(samples, encoder), closed, SampleDataset(closed, encoder, prompts=True), encoder, t.batch_size
+        )
 
     def measure(self, model: torch.nn.Module, d: Dist, amp: torch.dtype | None = None) -> dict[str, float]:
         """{"loss": ..., "closed_accuracy": ... (when there are closed questions), "closed_n": ...}, the same on
@@ -102,8 +103,9 @@ class Validation:
             labels = batch.pop("labels").to(d.device)
             logits = model(**{k: v.to(d.device) for k, v in batch.items()}, use_cache=False).logits
             target = labels[:, 1:]
-            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
-                                        reduction="none")
+            per_token = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+            )
             weights = torch.tensor([w for _, w in part], device=d.device)
             nll += float((per_token.sum(1) * weights).sum())
             tokens += float(((target != IGNORE_INDEX).sum(1) * weights).sum())
@@ -135,6 +137,9 @@ def log_validation(step: int, result: dict[str, float], writer, write=log.info) 
         if "closed_accuracy" in result:
             writer.add_scalar("val/closed_accuracy", result["closed_accuracy"], step)
         writer.flush()
-    closed = (f", closed-question accuracy {result['closed_accuracy']:.3f} on {result['closed_n']} (option "
-              "likelihood)") if "closed_accuracy" in result else ""
+    closed = (
+        (f", closed-question accuracy {result['closed_accuracy']:.3f} on {result['closed_n']} (option likelihood)")
+        if "closed_accuracy" in result
+        else ""
+    )
     write(f"step {step}: validation loss {result['loss']:.4f}{closed}")

@@ -19,6 +19,7 @@ from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier
 from medlava.io import atomic_write_json
 from medlava.models.inputs import Encoder, SampleDataset
+from medlava.models.kernels import apply_liger, compile_blocks
 from medlava.models.llava import (
     PROJECTOR,
     PROJECTOR_FILE,
@@ -30,7 +31,6 @@ from medlava.models.llava import (
     num_image_tokens,
     varlen,
 )
-from medlava.models.kernels import apply_liger, compile_blocks
 from medlava.precision import choose_dtype
 from medlava.train import runtime
 from medlava.train.checkpoint import Checkpointer
@@ -63,6 +63,7 @@ def _gathered_for_write(module: torch.nn.Module, t: TrainConfig):
     if not t.deepspeed.startswith("zero3"):
         return nullcontext()
     import deepspeed
+
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
@@ -72,14 +73,21 @@ def _lora(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
     # LoRA on the language model only: CLIP's attention layers share the projection names.
     target = rf"^model\.language_model\..*\.({'|'.join(t.lora.target_modules)})$"
     keep = [m for m, on in ((PROJECTOR, t.train_projector), ("vision_tower", t.train_vision)) if on]
-    config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, target_modules=target,
-                        modules_to_save=keep or None, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=t.lora.r,
+        lora_alpha=t.lora.alpha,
+        lora_dropout=t.lora.dropout,
+        target_modules=target,
+        modules_to_save=keep or None,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
 @dataclass
 class StageModel:
     """The model a training stage trains, with what it was built from."""
+
     model: torch.nn.Module
     processor: object
     template: str
@@ -103,6 +111,7 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
 
         from medlava.distributed import ensure_process_group
         from medlava.train.deepspeed import deepspeed_config
+
         ensure_process_group(d)
         zero3 = HfDeepSpeedConfig(deepspeed_config(t, dtype))
     attention = choose_attention(m.attn_implementation, t.packing)
@@ -131,14 +140,23 @@ def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None, 
     keep them), the model, the training split's digest and the projector it starts from."""
     t: TrainConfig = getattr(cfg, stage)
     model = runtime.flatten("model", cfg.vlm(stage).model_dump(mode="json"))
-    start = {f"{stage}.init_from": str(init.resolve()) if init else None,
-             f"{stage}.global_batch_size": t.batch_size * t.grad_accum * world_size}
-    return runtime.weight_settings(stage, t, ("init_from", "grad_accum", "global_batch_size"), **model, **start,
-                                   **{"data.train": runtime.file_digest(split_file(prepared, "train"))})
+    start = {
+        f"{stage}.init_from": str(init.resolve()) if init else None,
+        f"{stage}.global_batch_size": t.batch_size * t.grad_accum * world_size,
+    }
+    return runtime.weight_settings(
+        stage,
+        t,
+        ("init_from", "grad_accum", "global_batch_size"),
+        **model,
+        **start,
+        **{"data.train": runtime.file_digest(split_file(prepared, "train"))},
+    )
 
 
-def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None,
-              settings: dict) -> tuple[Path, dict]:
+def train_vlm(
+    cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None, settings: dict
+) -> tuple[Path, dict]:
     """Train what `stage` (align or sft) trains on the prepared training split, checkpoints under `run` recording
     `settings` (weight_settings); starts from the projector checkpoint `init` when given. (final checkpoint, what
     train_info.json records)."""
@@ -156,29 +174,70 @@ def train_vlm(cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init:
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
     if t.packing and not varlen(built.attention):
-        log.warning("%s.packing with %s attention: the packed row is attended through a dense block-diagonal mask, "
-                    "slower than padding (bench/train.py); on a GPU model.attn_implementation=auto attends it "
-                    "sample by sample", stage, built.attention)
+        log.warning(
+            "%s.packing with %s attention: the packed row is attended through a dense block-diagonal mask, "
+            "slower than padding (bench/train.py); on a GPU model.attn_implementation=auto attends it "
+            "sample by sample",
+            stage,
+            built.attention,
+        )
     counts = count_parameters(model)
-    info = {"attention": built.attention, "dtype": str(dtype), "template": template, "world_size": d.world_size,
-            "device": str(d.device), "samples": len(samples), "parameters": counts, "prepared": str(prepared),
-            "init_from": str(init) if init else None, **built.speedups,
-            "optimizer": "deepspeed AdamW" if t.deepspeed != "none" else "torch AdamW (fused)"}
+    info = {
+        "attention": built.attention,
+        "dtype": str(dtype),
+        "template": template,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "samples": len(samples),
+        "parameters": counts,
+        "prepared": str(prepared),
+        "init_from": str(init) if init else None,
+        **built.speedups,
+        "optimizer": "deepspeed AdamW" if t.deepspeed != "none" else "torch AdamW (fused)",
+    }
     if d.main:
         atomic_write_json(run / "train_info.json", info)
-    log.info("%s: %d samples, %s trainable of %s parameters, attention=%s", stage, len(samples),
-             f"{counts['trainable']:,}", f"{counts['trainable'] + counts['frozen']:,}", info["attention"])
+    log.info(
+        "%s: %d samples, %s trainable of %s parameters, attention=%s",
+        stage,
+        len(samples),
+        f"{counts['trainable']:,}",
+        f"{counts['trainable'] + counts['frozen']:,}",
+        info["attention"],
+    )
 
-    encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length,
-                      Path(manifest["image_root"]))
-    trainer = VlmTrainer(model, processor, SampleDataset(samples, encoder), t, d, dtype, built.kind,
-                         {"base_model": built.base, "stage": stage, "template": template}, checkpointer)
+    encoder = Encoder(processor, template, num_image_tokens(model), m.model_max_length, Path(manifest["image_root"]))
+    trainer = VlmTrainer(
+        model,
+        processor,
+        SampleDataset(samples, encoder),
+        t,
+        d,
+        dtype,
+        built.kind,
+        {"base_model": built.base, "stage": stage, "template": template},
+        checkpointer,
+    )
     torch.manual_seed(t.seed + d.rank)
     validation = validation_of(prepared, encoder, t, stage, template)
     validate = (lambda: validation.measure(trainer.engine or model, d, trainer.amp)) if validation else None
-    ckpt = resume_and_train(trainer, checkpointer, t.resume == "auto", t.seed,
-                            Schedule(trainer.total, t.save_every, t.log_every, run.parent.name,
-                                     f"{stage}.lr (now {t.lr:g})", t.eval_every, validate), run, d)
+    ckpt = resume_and_train(
+        trainer,
+        checkpointer,
+        t.resume == "auto",
+        t.seed,
+        Schedule(
+            trainer.total,
+            t.save_every,
+            t.log_every,
+            run.parent.name,
+            f"{stage}.lr (now {t.lr:g})",
+            t.eval_every,
+            validate,
+        ),
+        run,
+        d,
+    )
     return ckpt, info
 
 

@@ -39,16 +39,21 @@ def _gathered(model: torch.nn.Module, engine):
     if engine is None or engine.zero_optimization_stage() != 3:
         return nullcontext()
     import deepspeed
-    params = [p for p in model.parameters() if p.requires_grad] if any(
-        not p.requires_grad for p in model.parameters()) else list(model.parameters())
+
+    params = (
+        [p for p in model.parameters() if p.requires_grad]
+        if any(not p.requires_grad for p in model.parameters())
+        else list(model.parameters())
+    )
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def saved_model_weights(ckpt: Path, names: set[str]) -> dict[str, torch.Tensor]:
     """The tensors `names` of the transformers model files in `ckpt` (one file or an index of shards)."""
     index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out = {}
     for name in files:
         with safe_open(str(ckpt / name), "pt") as f:
@@ -60,19 +65,32 @@ class VlmTrainer:
     """What the VLM step loop holds: the model (unwrapped), what steps it (DDP or a DeepSpeed engine), the optimizer
     and schedule, and how a checkpoint of it is written and read."""
 
-    def __init__(self, model: torch.nn.Module, processor, dataset: SampleDataset, t: TrainConfig, d: Dist,
-                 dtype: torch.dtype, kind: str, manifest: dict, checkpointer: Checkpointer):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor,
+        dataset: SampleDataset,
+        t: TrainConfig,
+        d: Dist,
+        dtype: torch.dtype,
+        kind: str,
+        manifest: dict,
+        checkpointer: Checkpointer,
+    ):
         self.model, self.processor, self.dataset, self.t, self.d = model, processor, dataset, t, d
         self.kind, self.manifest, self.checkpointer = kind, manifest, checkpointer
         micro_per_epoch = math.ceil(math.ceil(len(dataset) / d.world_size) / t.batch_size)
         if micro_per_epoch < t.grad_accum:
-            raise ValueError(f"{len(dataset)} samples make {micro_per_epoch} micro-batches per rank, fewer than "
-                             f"grad_accum={t.grad_accum}: lower batch_size or grad_accum")
+            raise ValueError(
+                f"{len(dataset)} samples make {micro_per_epoch} micro-batches per rank, fewer than "
+                f"grad_accum={t.grad_accum}: lower batch_size or grad_accum"
+            )
         self.steps_per_epoch = micro_per_epoch // t.grad_accum  # a trailing partial window is dropped, as drop_last
         self.total = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         warmup = math.ceil(self.total * t.warmup_ratio)
-        self.collate = collate_packed if t.packing else partial(collate, pad_id=processor.tokenizer.pad_token_id,
-                                                                side="right")
+        self.collate = (
+            collate_packed if t.packing else partial(collate, pad_id=processor.tokenizer.pad_token_id, side="right")
+        )
         if t.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.engine = None
@@ -80,12 +98,15 @@ class VlmTrainer:
             import deepspeed
 
             from medlava.train.deepspeed import deepspeed_config
+
             ensure_process_group(d)
             # DeepSpeed owns mixed precision, accumulation, clipping, the optimizer and the scheduler step.
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=param_groups(model, t.lr, t.weight_decay, t.projector_lr),
+                model=model,
+                model_parameters=param_groups(model, t.lr, t.weight_decay, t.projector_lr),
                 config=deepspeed_config(t, dtype),
-                lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total))
+                lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total),
+            )
             self.net, self.amp = self.engine, None
         else:
             # Mixed precision keeps fp32 master copies of what trains; frozen weights stay in `dtype`.
@@ -101,11 +122,25 @@ class VlmTrainer:
     def batches(self, epoch: int, skip: int) -> Iterator:
         t = self.t
         self.net.train()
-        indices = epoch_indices(len(self.dataset), t.seed, epoch, self.d, skip * t.grad_accum * t.batch_size,
-                                t.batch_size, self.dataset.lengths() if t.group_by_length else None)
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size, sampler=indices,
-                                                num_workers=t.num_workers, collate_fn=self.collate,
-                                                pin_memory=self.d.device.type == "cuda"))
+        indices = epoch_indices(
+            len(self.dataset),
+            t.seed,
+            epoch,
+            self.d,
+            skip * t.grad_accum * t.batch_size,
+            t.batch_size,
+            self.dataset.lengths() if t.group_by_length else None,
+        )
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=t.batch_size,
+                sampler=indices,
+                num_workers=t.num_workers,
+                collate_fn=self.collate,
+                pin_memory=self.d.device.type == "cuda",
+            )
+        )
 
     def step(self, batches: Iterator, pos: Position) -> StepMetrics:
         """One update over grad_accum micro-batches."""
@@ -126,7 +161,7 @@ class VlmTrainer:
                 self.engine.backward(loss)
                 self.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
             else:
-                with (nullcontext() if sync else self.net.no_sync()), precision.autocast(d.device, self.amp):
+                with nullcontext() if sync else self.net.no_sync(), precision.autocast(d.device, self.amp):
                     loss = self.net(**batch, use_cache=False).loss
                     self.scaler.scale(loss / t.grad_accum).backward()
             losses.append(loss.item())
@@ -139,8 +174,15 @@ class VlmTrainer:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return StepMetrics(loss=sum(losses) / len(losses), samples=samples, seconds=time.perf_counter() - tic,
-                           waited=waited, tokens=tokens, grad_norm=grad_norm, extra={"pad_fraction": 1 - tokens / slots})
+        return StepMetrics(
+            loss=sum(losses) / len(losses),
+            samples=samples,
+            seconds=time.perf_counter() - tic,
+            waited=waited,
+            tokens=tokens,
+            grad_norm=grad_norm,
+            extra={"pad_fraction": 1 - tokens / slots},
+        )
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
@@ -159,8 +201,10 @@ class VlmTrainer:
                 else:  # full: the model files, by the parameters' own names (what resume reads back)
                     model.save_pretrained(tmp, save_original_format=False)
                 if self.kind != "full":
-                    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                               if p.requires_grad}, str(tmp / TRAINABLE))
+                    save_file(
+                        {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                        str(tmp / TRAINABLE),
+                    )
         if self.d.main:
             self.processor.save_pretrained(tmp)
 
@@ -168,26 +212,36 @@ class VlmTrainer:
         state = {"position": pos.state(), "total": self.total}
         if self.engine is None:
             state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        return self.checkpointer.save(f"step-{pos.step:06d}", self.kind, {"step": pos.step, **self.manifest}, state,
-                                      self._write, self.engine)
+        return self.checkpointer.save(
+            f"step-{pos.step:06d}", self.kind, {"step": pos.step, **self.manifest}, state, self._write, self.engine
+        )
 
     def restore(self, ckpt: Path, state: dict) -> Position:
         """The trainable weights, optimizer and schedule of `ckpt`; where the loop was."""
         if self.engine is not None:
-            self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            self.engine.load_checkpoint(
+                str(ckpt / "deepspeed"),
+                tag="state",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             return Position(**state["position"])
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = (saved_model_weights(ckpt, set(params)) if self.kind == "full" else
-                   {k: v for k, v in load_file(str(ckpt / TRAINABLE)).items() if k in params})
+        weights = (
+            saved_model_weights(ckpt, set(params))
+            if self.kind == "full"
+            else {k: v for k, v in load_file(str(ckpt / TRAINABLE)).items() if k in params}
+        )
         missing = sorted(set(params) - set(weights))
         if missing:
-            raise RuntimeError(f"{ckpt}: cannot resume, trainable weights missing ({missing[:3]}...): was the run "
-                               "restarted with other train_* / lora settings? Restore them, or start a new run_id")
+            raise RuntimeError(
+                f"{ckpt}: cannot resume, trainable weights missing ({missing[:3]}...): was the run "
+                "restarted with other train_* / lora settings? Restore them, or start a new run_id"
+            )
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return Position(**state["position"])
-
