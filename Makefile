@@ -19,10 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/submit.py demo --config jobs/configs/tiny.yaml --executor local
 
-# Import layers and cycles (setup.cfg [importlinter]) and pyflakes' errors (undefined names, unused imports).
+# Import layers and cycles (setup.cfg [importlinter]); ruff's rules and format (pyproject.toml [tool.ruff]).
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check --select F pkg tests bench launch
+	$(VENV)/bin/ruff check pkg tests bench launch
+	$(VENV)/bin/ruff format --check pkg tests bench launch
 
 test: lint
 	$(PY) -m pytest -q

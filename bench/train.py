@@ -237,7 +237,7 @@ def run(args, v: dict) -> dict:
     argv += ["--layers", str(args.layers)] if args.layers else []
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode:
-        return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1]}
+        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         f"  {label(v):60s} {result.get('samples_per_s', float('nan')):8.2f} samples/s"

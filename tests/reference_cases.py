@@ -24,7 +24,8 @@ N_IMAGE = 16  # image tokens per placeholder in medlava (the original keeps one 
 @functools.cache
 def tokenizer(name: str):
     """`tiny`: the tiny model's; `mistral`: Mistral-7B's real one, configured as its tokenizer_config.json
-    (add_bos_token, legacy), LLaVA training's model_max_length 2048 and `<image>` added as medlava's converter adds it."""
+    (add_bos_token, legacy), LLaVA training's model_max_length 2048 and `<image>` added as medlava's converter adds
+    it."""
     if name == "tiny":
         return build_tokenizer(512)
     if name == "mistral":

@@ -115,7 +115,7 @@ def test_submit_dry_run_prints_config_and_commands(tmp_path):
     )
     lines = out.stdout.splitlines()
     assert "gpus_per_node: 2" in out.stdout and f"output_root: {tmp_path}" in out.stdout
-    cmds = [l for l in lines if " -m medlava " in l]
+    cmds = [line for line in lines if " -m medlava " in line]
     assert [c.split(" -m medlava ")[1].split()[0] for c in cmds] == [
         "prepare",
         "align",

@@ -37,7 +37,7 @@ def test_peft_reading_a_deprecated_property_is_silent_and_other_warnings_are_not
                 silence_known_warnings()
             model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
             peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-            warnings.warn("a warning of our own", FutureWarning)
+            warnings.warn("a warning of our own", FutureWarning, stacklevel=1)
         return [str(w.message) for w in seen]
 
     assert any("is_gradient_checkpointing" in m for m in caught(quiet=False))  # the source is real

@@ -1,6 +1,6 @@
-"""The medical VQA benchmark adapters on tiny copies written in each release's own layout (tests/synthetic/benchmarks.py):
-sample counts, published splits, tasks, options and answers, images (files, parquet-embedded, several combined), and
-bad rows named by file and row."""
+"""The medical VQA benchmark adapters on tiny copies written in each release's own layout
+(tests/synthetic/benchmarks.py): sample counts, published splits, tasks, options and answers, images (files,
+parquet-embedded, several combined), and bad rows named by file and row."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_check_lists_every_problem_in_one_pass(broken_mimic, tmp_path, capsys):
         (e["reason"], next(w for r, w in planted if r == e["reason"]) in e["where"] + e["message"])
         for e in report["errors"]
     ) == sorted((r, True) for r, _ in planted)
-    for reason, where in planted:
+    for _, where in planted:
         assert where in out
     assert not (run / "train.jsonl").exists() and not (run / "COMPLETE.json").exists()  # a check writes no samples
     # the same problems, allowed to be skipped: the check passes and says what would be skipped
@@ -177,7 +177,8 @@ def test_bad_data_is_a_message_not_a_traceback(broken_mimic, tmp_path, capsys):
         (["data.dataset=slake", "data.synthetic={n_lesions: 20}"], "data.synthetic generates HAM10000 only"),
         (
             ["data.dataset=mimic_cxr", "data.split_file=s.csv"],
-            "data.split_file is set but mimic_cxr uses its official split; remove it or set data.mimic_cxr.split=grouped",
+            "data.split_file is set but mimic_cxr uses its official split; remove it or set "
+            "data.mimic_cxr.split=grouped",
         ),
         (["data.dataset=llava_med", "data.llava_med.eval_file=q.jsonl"], "data.llava_med.eval_file is the test split"),
         (

@@ -49,7 +49,7 @@ def test_resume_skips_answered_ids_and_repairs_a_torn_line(tmp_path):
     assert w2.done_ids == {"a", "b"}
     w2.write([_row("c")])
     w2.finish()
-    assert [json.loads(l)["question_id"] for l in final.read_text().splitlines()] == ["a", "b", "c"]
+    assert [json.loads(line)["question_id"] for line in final.read_text().splitlines()] == ["a", "b", "c"]
     assert not partial_path(final).exists()
 
 

@@ -1,5 +1,6 @@
-"""`make lint`'s import contracts (setup.cfg [importlinter]): they hold on this tree, and they catch what they are
-for: an upward import (even one inside a function) and an import circle."""
+"""`make lint`: the import contracts (setup.cfg [importlinter]) and ruff's rules and format (pyproject.toml) hold on
+this tree, and they catch what they are for: an upward import (even one inside a function), an import circle, an
+unused import, code the formatter would rewrite."""
 
 import os
 import shutil
@@ -11,6 +12,8 @@ import pytest
 from conftest import ROOT
 
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+RUFF = Path(sys.executable).with_name("ruff")
+LINTED = ("pkg", "tests", "bench", "launch")
 
 
 def lint(pkg_root: Path, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -63,3 +66,24 @@ def test_a_circle_between_siblings_breaks_the_build(planted, tmp_path):
     plant(planted, "medlava.train.checkpoint", "from medlava.train.loop import train")
     out = lint(planted, tmp_path)
     assert out.returncode == 1 and "No cycles are allowed in medlava.train" in out.stdout
+
+
+def ruff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RUFF), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_ruff_rules_and_format_hold_on_this_tree():
+    for args in (("check", *LINTED), ("format", "--check", *LINTED)):
+        out = ruff(*args, cwd=ROOT)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_catches_an_unused_import_and_unformatted_code(tmp_path):
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("import os\n\n\ndef f(l):\n    return {'a':l}\n")
+    check = ruff("check", "--output-format", "concise", "pkg", cwd=tmp_path)
+    assert check.returncode == 1
+    assert "F401 [*] `os` imported but unused" in check.stdout and "E741 Ambiguous variable name: `l`" in check.stdout
+    fmt = ruff("format", "--check", "pkg", cwd=tmp_path)
+    assert fmt.returncode == 1 and "--> pkg/m.py:5" in fmt.stdout and "1 file would be reformatted" in fmt.stdout

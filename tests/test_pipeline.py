@@ -86,7 +86,7 @@ def test_predictions_cover_each_test_sample_exactly_once(demo):
     assert (pred[score_cols].sum(axis=1) - 1).abs().max() < 1e-5
     chunks = sorted((runs / "infer" / "t1" / "chunks").glob("answers-*.jsonl"))
     assert len(chunks) == 2
-    answers = [json.loads(l) for l in (runs / "infer" / "t1" / "answers.jsonl").read_text().splitlines()]
+    answers = [json.loads(line) for line in (runs / "infer" / "t1" / "answers.jsonl").read_text().splitlines()]
     assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(answers[0])
 
 

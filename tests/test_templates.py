@@ -31,9 +31,9 @@ def test_mistral_instruct_layout_and_loss_mask(tok):
     full = _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>")
     assert full == "<s>[INST] <IMG>\nWhat is the lesion type? [/INST] nv </s>"  # LLaVA-Med's " a </s>"
     # Only the answer and its </s> carry loss (the model must learn to stop).
-    labelled = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    labelled = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert _text(tok, labelled) == " nv </s>"
-    assert all(l == t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX)
+    assert all(label == t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX)
     # Image tokens: exactly N_IMG, contiguous, where the placeholder stood, never labelled.
     pos = [i for i, t in enumerate(enc.input_ids) if t == image_id]
     assert len(pos) == N_IMG and pos == list(range(pos[0], pos[0] + N_IMG))
@@ -46,7 +46,7 @@ def test_mistral_multi_turn_masks_every_prompt(tok):
     enc = _enc(tok, "mistral_instruct", conv)
     # One string, encoded whole: no space is put after </s> between turns.
     assert _text(tok, enc.input_ids).endswith("[/INST] nv </s>[INST] Is it benign? [/INST] yes </s>")
-    labelled = [t if l != IGNORE_INDEX else None for t, l in zip(enc.input_ids, enc.labels)]
+    labelled = [t if label != IGNORE_INDEX else None for t, label in zip(enc.input_ids, enc.labels)]
     spans, cur = [], []
     for t in labelled:
         if t is None and cur:
@@ -64,13 +64,13 @@ def test_vicuna_v1_layout(tok):
         _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>")
         == f"<s>{VICUNA_SYSTEM} USER: <IMG>\nWhat is the lesion type? ASSISTANT: nv</s>"
     )
-    assert _text(tok, [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]) == " nv</s>"
+    assert _text(tok, [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]) == " nv</s>"
 
 
 def test_plain_alignment_drops_question_keeps_caption_loss(tok):
     enc = _enc(tok, "plain")
     assert _text(tok, enc.input_ids).replace("<image>" * N_IMG, "<IMG>") == "<s><IMG>nv\n"
-    assert _text(tok, [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]) == "nv\n"
+    assert _text(tok, [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]) == "nv\n"
 
 
 def test_generation_prompt_ends_where_the_answer_starts(tok):

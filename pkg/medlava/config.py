@@ -167,7 +167,8 @@ class SlakeConfig(Section):
 
 class MimicCxrConfig(Section):
     image_layout: Literal["official", "flat"] = "official"
-    """official: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (MIMIC-CXR-JPG); flat: images/{study_id}-{dicom_id}.png (seed 003)."""
+    """official: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (MIMIC-CXR-JPG); flat: images/{study_id}-{dicom_id}.png
+    (seed 003)."""
     views: list[Name] = Field(["PA", "AP"], min_length=1)
     """ViewPosition values kept (frontal only by default)."""
     section: Literal["findings", "impression", "findings_impression"] = "findings"
@@ -790,8 +791,8 @@ class _RecipeLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in lines:
                 raise RecipeYamlError(
-                    f"key {_short(key)} is given twice, on lines {lines[key]} and {line}: the second would silently replace "
-                    "the first; merge them into one"
+                    f"key {_short(key)} is given twice, on lines {lines[key]} and {line}: the second would silently "
+                    "replace the first; merge them into one"
                 )
             lines[key] = line
         return super().construct_mapping(node, deep)

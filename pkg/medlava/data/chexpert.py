@@ -216,8 +216,9 @@ _UNCERTAIN_BEFORE = re.compile(
 )
 _UNCERTAIN_AFTER = re.compile(
     r"^[\s,]*(?:(?:is|are|was|were)\s+)?(?:also\s+)?(?:possible|possibly|probable|questionable|suspected|suggested|"
-    r"(?:may|might|could|can) (?:also )?(?:be|have)|versus|vs\b|or\b|and/or|(?:poorly|incompletely|not well|not clearly) "
-    r"(?:evaluated|visualized|assessed|seen)|obscured|less likely|not (?:well )?(?:appreciated)|"
+    r"(?:may|might|could|can) (?:also )?(?:be|have)|versus|vs\b|or\b|and/or|"
+    r"(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|assessed|seen)|obscured|less likely|"
+    r"not (?:well )?(?:appreciated)|"
     r"(?:difficult|hard) to (?:assess|evaluate|exclude)|(?:top|upper|high)[- ]normal|borderline)\b"
 )
 # CheXpert: a stable / unchanged heart or mediastinum says nothing certain about its size.

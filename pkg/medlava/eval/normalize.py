@@ -180,10 +180,8 @@ class ChoiceMatcher:
     @staticmethod
     def _negated(text: str, start: int, end: int) -> bool:
         before = text[:start]
-        cut = None
-        for cut in _CLAUSE_END.finditer(before):
-            pass
-        before = before[cut.end() :] if cut else before
+        clauses = list(_CLAUSE_END.finditer(before))
+        before = before[clauses[-1].end() :] if clauses else before
         after = _CLAUSE_END.split(text[end:], 1)[0]
         return bool(_NEG_BEFORE.search(before) or _NEG_AFTER.search(after))
 

@@ -146,7 +146,7 @@ def encode(
                 f"{max_length} would cut the image tokens. Raise model.model_max_length or shorten it"
             )
         ids, labels = ids[:max_length], labels[:max_length]
-    if any(s.loss for s in segments) and all(l == IGNORE_INDEX for l in labels):
+    if any(s.loss for s in segments) and all(label == IGNORE_INDEX for label in labels):
         raise InputError(
             f"sample {sample_id}: no answer tokens left within model.model_max_length={max_length}; "
             "raise it or shorten the prompt"
