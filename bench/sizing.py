@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 import torch
-from medlava.models.tiny import build_tokenizer
+from medlava.config import TinyModelConfig
+from medlava.models.tiny import build_tokenizer, llava_config
 
 # Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet, without sparsity): the MFU denominator.
 HOPPER_BF16_PEAK = 989.4e12
@@ -15,47 +16,22 @@ HOPPER_BF16_PEAK = 989.4e12
 def llava_med_v15(layers: int | None, device: torch.device, dtype: torch.dtype):
     """LLaVA-Med v1.5's shapes: CLIP ViT-L/14-336 + 2-layer GELU projector + Mistral-7B (32 layers, 4096 wide,
     GQA 32/8, 14336 MLP, 32k vocabulary); `layers` shortens both stacks. Returns (model, tokenizer, image size)."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        MistralConfig,
-    )
+    from transformers import LlavaForConditionalGeneration
 
-    tok = build_tokenizer(512)
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=layers or 24,
-        num_attention_heads=16,
+    shapes = TinyModelConfig(
         image_size=336,
         patch_size=14,
-        projection_dim=768,
+        vision_hidden=1024,
+        vision_layers=layers or 24,
+        vision_heads=16,
+        text_hidden=4096,
+        text_layers=layers or 32,
+        text_heads=32,
+        text_kv_heads=8,
+        text_intermediate=14336,
     )
-    text = MistralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers or 32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tok.pad_token_id,
-    )
+    tok = build_tokenizer(512)
+    config = llava_config(shapes, tok, vocab=32000)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medlava.eval.text import metrics_extra_missing
 from medlava.io import InputError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def bertscore(
         from bert_score import BERTScorer
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ImportError(f"BERTScore needs the `metrics` extra ({e.name} is missing)") from None
+        raise metrics_extra_missing(e, "BERTScore needs") from None
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.model_max_length > _UNBOUNDED:
         raise InputError(

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medlava.eval.text import metrics_extra_missing
 from medlava.io import InputError
 
 log = logging.getLogger(__name__)
@@ -62,20 +63,14 @@ def import_radeval():
     try:
         import nltk
     except ImportError as e:
-        raise ImportError(
-            f"report metrics need the `metrics` extra ({e.name} is missing): "
-            "pip install -c constraints.txt -e '.[metrics]'"
-        ) from None
+        raise metrics_extra_missing(e) from None
     if not any(isinstance(f, _RadEvalAlias) for f in sys.meta_path):
         sys.meta_path.insert(0, _RadEvalAlias())  # before PathFinder, which would load a second copy
     download, nltk.download = nltk.download, lambda *a, **k: True
     try:
         import radeval
     except ImportError as e:
-        raise ImportError(
-            f"the RadEval report metrics need the `metrics` extra ({e.name} is missing): "
-            "pip install -c constraints.txt -e '.[metrics]'"
-        ) from None
+        raise metrics_extra_missing(e, "the RadEval report metrics need") from None
     finally:
         nltk.download = download
     _fit_check_targets()

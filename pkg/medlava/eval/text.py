@@ -33,11 +33,15 @@ def _libraries():
         from rapidfuzz.distance import LCSseq
         from sacrebleu.metrics import BLEU
     except ImportError as e:
-        raise ImportError(
-            f"report metrics need the `metrics` extra ({e.name} is missing): "
-            "pip install -c constraints.txt -e '.[metrics]'"
-        ) from None
+        raise metrics_extra_missing(e) from None
     return BLEU, LCSseq
+
+
+def metrics_extra_missing(e: ImportError, who: str = "report metrics need") -> ImportError:
+    """What to raise when a package of the `metrics` extra is missing: which one, and the line that installs it."""
+    return ImportError(
+        f"{who} the `metrics` extra ({e.name} is missing): pip install -c constraints.txt -e '.[metrics]'"
+    )
 
 
 def pair_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, np.ndarray]:

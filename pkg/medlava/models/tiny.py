@@ -75,9 +75,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    tokenizer = build_tokenizer(cfg.vocab_size)
-    vocab = len(tokenizer)
+def llava_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, vocab: int | None = None) -> LlavaConfig:
+    """LLaVA-Med v1.5's architecture (CLIP vision tower, GELU projector, Mistral LM) at `cfg`'s shapes, for
+    `tokenizer`; `vocab` (default: the tokenizer's size) is the embedding size."""
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden,
         intermediate_size=cfg.vision_hidden * 4,
@@ -88,7 +88,7 @@ def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, Lla
         projection_dim=cfg.vision_hidden,
     )
     text = MistralConfig(
-        vocab_size=vocab,
+        vocab_size=vocab or len(tokenizer),
         hidden_size=cfg.text_hidden,
         intermediate_size=cfg.text_intermediate,
         num_hidden_layers=cfg.text_layers,
@@ -102,7 +102,7 @@ def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, Lla
         tie_word_embeddings=False,
         sliding_window=None,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -111,6 +111,11 @@ def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, Lla
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny(cfg: TinyModelConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    config = llava_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
     # At hidden size 64 the default init (std 0.02) gives an output head whose logits span ~±0.5, so a

@@ -4,6 +4,7 @@ tune_mm_mlp_adapter)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from medlava.config import Config
 from medlava.distributed import Dist
@@ -12,16 +13,23 @@ from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    return train(cfg, dist, "align", None)
+
+
+def train(cfg: Config, dist: Dist, stage: Literal["align", "sft"], init: Path | None) -> Path:
+    """align's and sft's run: kernels, resume and upstream checked before the run directory is written, then
+    train_vlm from `init` (sft's aligned projector) and COMPLETE.json."""
     from medlava.models.kernels import check_kernels
     from medlava.train.checkpoint import check_resume
     from medlava.train.vlm import train_vlm, weight_settings
 
-    check_kernels(cfg.align.kernels, dist.device, "align")  # before a run directory exists
+    t = cfg.align if stage == "align" else cfg.sft
+    check_kernels(t.kernels, dist.device, stage)  # before a run directory exists
     prepared = resolve(cfg, cfg.data.samples, "prepare")
-    settings = weight_settings(cfg, "align", prepared, None, dist.world_size)
-    check_resume(run_dir(cfg, "align"), dist, cfg.align.resume, settings)  # before start_run rewrites config.yaml
-    run = start_run(cfg, "align", dist.rank, *STAGES["align"].reuse(cfg))
-    ckpt, info = train_vlm(cfg, "align", dist, run, prepared, None, settings)
+    settings = weight_settings(cfg, stage, prepared, init, dist.world_size)
+    check_resume(run_dir(cfg, stage), dist, t.resume, settings)  # before start_run rewrites config.yaml
+    run = start_run(cfg, stage, dist.rank, *STAGES[stage].reuse(cfg))
+    ckpt, info = train_vlm(cfg, stage, dist, run, prepared, init, settings)
     if dist.main:
         mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
     return run

@@ -8,8 +8,8 @@ from pathlib import Path
 from medlava.artifacts import checkpoint_of
 from medlava.config import Config
 from medlava.distributed import Dist
-from medlava.runs import mark_complete, resolve, run_dir, start_run
-from medlava.stages import STAGES, upstream
+from medlava.runs import resolve
+from medlava.stages import align, upstream
 
 
 def init_checkpoint(cfg: Config) -> Path | None:
@@ -20,16 +20,4 @@ def init_checkpoint(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config, dist: Dist) -> Path:
-    from medlava.models.kernels import check_kernels
-    from medlava.train.checkpoint import check_resume
-    from medlava.train.vlm import train_vlm, weight_settings
-
-    check_kernels(cfg.sft.kernels, dist.device, "sft")  # before a run directory exists
-    prepared, init = resolve(cfg, cfg.data.samples, "prepare"), init_checkpoint(cfg)
-    settings = weight_settings(cfg, "sft", prepared, init, dist.world_size)
-    check_resume(run_dir(cfg, "sft"), dist, cfg.sft.resume, settings)  # before start_run rewrites config.yaml
-    run = start_run(cfg, "sft", dist.rank, *STAGES["sft"].reuse(cfg))
-    ckpt, info = train_vlm(cfg, "sft", dist, run, prepared, init, settings)
-    if dist.main:
-        mark_complete(run, {"checkpoint": str(ckpt.relative_to(run)), **info})
-    return run
+    return align.train(cfg, dist, "sft", init_checkpoint(cfg))
