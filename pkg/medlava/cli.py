@@ -50,9 +50,9 @@ def run_stage(stage: str, cfg: Config, **options) -> Path:
     check_reuse(run_dir(cfg, stage), stage, *s.reuse(cfg))
     if not s.distributed:
         return s.run(cfg, None, **options)
-    d = distributed.setup()
+    dist = distributed.setup()
     try:
-        return s.run(cfg, d, **options)
+        return s.run(cfg, dist, **options)
     finally:
         distributed.teardown()
 

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 
 @dataclass(frozen=True)
@@ -30,48 +30,50 @@ def setup() -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local, device)
 
 
-def ensure_process_group(d: Dist) -> None:
+def ensure_process_group(dist: Dist) -> None:
     """A one-process group when not started by torchrun: DeepSpeed needs one (else it probes for MPI)."""
-    if dist.is_initialized():
+    if torch_dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", d.local_rank)):
+    for key, value in (("RANK", dist.rank), ("WORLD_SIZE", dist.world_size), ("LOCAL_RANK", dist.local_rank)):
         os.environ.setdefault(key, str(value))
-    dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world_size)
+    torch_dist.init_process_group(
+        "nccl" if dist.device.type == "cuda" else "gloo", rank=dist.rank, world_size=dist.world_size
+    )
 
 
-def any_rank(flag: bool, d: Dist) -> bool:
+def any_rank(flag: bool, dist: Dist) -> bool:
     """True on every rank when it is true on one (e.g. a stop signal that reached one node first)."""
-    if d.world_size == 1:
+    if dist.world_size == 1:
         return flag
-    t = torch.tensor([float(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(flag)], device=dist.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def mean_over_ranks(values: list[float], d: Dist) -> list[float]:
+def mean_over_ranks(values: list[float], dist: Dist) -> list[float]:
     """Each value's mean over ranks, in one all-reduce."""
-    if d.world_size == 1:
+    if dist.world_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return (t / d.world_size).tolist()
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t)
+    return (t / dist.world_size).tolist()
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch.utils.data import DataLoader, Subset
 
@@ -28,23 +27,23 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def embed(
-    model: ClipModule, dataset: PairDataset, batch_size: int, num_workers: int, d: Dist, amp: torch.dtype | None
+    model: ClipModule, dataset: PairDataset, batch_size: int, num_workers: int, dist: Dist, amp: torch.dtype | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised (image, caption) embeddings of every pair, on every rank; each rank computes a 1/world share."""
     model.eval()
-    mine = list(range(d.rank, len(dataset), d.world_size))
+    mine = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     images, texts = [], []
     for batch in loader:
         raise_batch_error(batch)
-        with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            images.append(model.clip.encode_image(batch["image"].to(d.device), normalize=True).float().cpu())
-            texts.append(model.clip.encode_text(batch["text"].to(d.device), normalize=True).float().cpu())
+        with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            images.append(model.clip.encode_image(batch["image"].to(dist.device), normalize=True).float().cpu())
+            texts.append(model.clip.encode_text(batch["text"].to(dist.device), normalize=True).float().cpu())
     part = (mine, torch.cat(images).numpy(), torch.cat(texts).numpy()) if mine else (mine, None, None)
     parts = [part]
-    if d.world_size > 1:
-        parts = [None] * d.world_size
-        dist.all_gather_object(parts, part)
+    if dist.world_size > 1:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, part)
     width = next(p[1].shape[1] for p in parts if p[0])
     out_i, out_t = np.zeros((len(dataset), width), np.float32), np.zeros((len(dataset), width), np.float32)
     for idx, im, tx in parts:
@@ -75,18 +74,18 @@ def write_results(
     dataset: PairDataset,
     task: ZeroShot | None,
     n_bootstrap: int,
-    d: Dist,
+    dist: Dist,
     amp: torch.dtype | None,
     batch_size: int,
     num_workers: int,
 ) -> dict:
     """Every rank embeds its share; rank 0 writes predictions.csv, the classification outputs and metrics.json."""
-    images, texts = embed(model, dataset, batch_size, num_workers, d, amp)
-    if not d.main:
+    images, texts = embed(model, dataset, batch_size, num_workers, dist, amp)
+    if not dist.main:
         return {}
     metrics: dict = {"family": "retrieval"}
     if task is not None:
-        probs = zero_shot_probabilities(model, images, task, d.device)
+        probs = zero_shot_probabilities(model, images, task, dist.device)
         items = [Item(pairs[i].id, dataset.root, pairs[i].image, pairs[i].meta, c) for i, c in task.labelled]
         write_predictions(run / "predictions.csv", predictions_frame(items, probs, task.classes))
         metrics = evaluate_closed(run / "predictions.csv", run, task.classes, n_bootstrap)

@@ -37,17 +37,17 @@ log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
 
 
-def amp_dtype(p: PretrainConfig, d: Dist) -> torch.dtype | None:
+def amp_dtype(p: PretrainConfig, dist: Dist) -> torch.dtype | None:
     """pretrain.precision's autocast dtype (auto without bf16: fp16 with loss scaling); None on CPU."""
-    return precision.autocast_dtype(precision.choose_dtype(p.precision, without_bf16=torch.float16), d.device)
+    return precision.autocast_dtype(precision.choose_dtype(p.precision, without_bf16=torch.float16), dist.device)
 
 
-def steps_per_epoch(n: int, p: PretrainConfig, d: Dist) -> int:
+def steps_per_epoch(n: int, p: PretrainConfig, dist: Dist) -> int:
     """Full batches only: the contrastive task's difficulty depends on the batch size, so it never shrinks."""
-    steps = math.ceil(n / d.world_size) // p.batch_size
+    steps = math.ceil(n / dist.world_size) // p.batch_size
     if steps == 0:
         raise InputError(
-            f"{n} training pairs over {d.world_size} process(es) make no full batch of "
+            f"{n} training pairs over {dist.world_size} process(es) make no full batch of "
             f"pretrain.batch_size={p.batch_size}; lower it"
         )
     return steps
@@ -61,16 +61,16 @@ class ClipTrainer:
         model: ClipModule,
         dataset: PairDataset,
         p: PretrainConfig,
-        d: Dist,
+        dist: Dist,
         manifest: dict,
         checkpointer: Checkpointer,
     ):
-        self.model, self.dataset, self.p, self.d = model, dataset, p, d
+        self.model, self.dataset, self.p, self.d = model, dataset, p, dist
         self.manifest, self.checkpointer = manifest, checkpointer
-        self.steps_per_epoch = steps_per_epoch(len(dataset), p, d)
+        self.steps_per_epoch = steps_per_epoch(len(dataset), p, dist)
         self.total = p.max_steps or max(1, math.ceil(p.epochs * self.steps_per_epoch))
-        self.amp = amp_dtype(p, d)
-        self.net = runtime.wrap_ddp(model, d)
+        self.amp = amp_dtype(p, dist)
+        self.net = runtime.wrap_ddp(model, dist)
         self.optimizer = make_optimizer(model, p.lr, p.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, math.ceil(self.total * p.warmup_ratio), self.total
@@ -80,8 +80,8 @@ class ClipTrainer:
             local_loss=p.local_loss,
             gather_with_grad=p.gather_with_grad,
             cache_labels=True,
-            rank=d.rank,
-            world_size=d.world_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
 
     def batches(self, epoch: int, skip: int):
@@ -161,12 +161,12 @@ class ClipTrainer:
 
 
 def train(
-    model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, d: Dist, manifest: dict, settings: dict
+    model: ClipModule, dataset: PairDataset, p: PretrainConfig, run: Path, dist: Dist, manifest: dict, settings: dict
 ) -> Path:
     """Train (resuming what `run` holds; checkpoints record `settings`) and return the final checkpoint directory
     (every rank calls it)."""
-    checkpointer = Checkpointer(run, d, p.keep_last, settings=settings)
-    trainer = ClipTrainer(model, dataset, p, d, manifest, checkpointer)
+    checkpointer = Checkpointer(run, dist, p.keep_last, settings=settings)
+    trainer = ClipTrainer(model, dataset, p, dist, manifest, checkpointer)
     return resume_and_train(
         trainer,
         checkpointer,
@@ -174,7 +174,7 @@ def train(
         p.seed,
         Schedule(trainer.total, p.save_every, p.log_every, "pretrain", f"pretrain.lr (now {p.lr:g})"),
         run,
-        d,
+        dist,
     )
 
 
@@ -189,7 +189,7 @@ def weight_settings(cfg: Config, prepared: Path) -> dict:
     )
 
 
-def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict) -> dict | None:
+def run_pretrain(cfg: Config, dist: Dist, run: Path, prepared: Path, settings: dict) -> dict | None:
     """Train on the pairs of `prepared` into `run` (resuming what is there; checkpoints record `settings`), then
     score pretrain.eval_split; the run's result on rank 0 (None on the others)."""
     p = cfg.pretrain
@@ -208,22 +208,22 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
     model = create(p)
     if p.gradient_checkpointing:
         model.clip.set_grad_checkpointing(True)
-    model.to(d.device)
+    model.to(dist.device)
     transform = image_transform(model.clip)
     task = zero_shot_task(eval_pairs, manifest.get("choices"), p.prompt_templates)
     info = {
         "model": p.model,
         "text_tower": p.text_tower,
         "prepared": str(prepared),
-        "world_size": d.world_size,
-        "device": str(d.device),
+        "world_size": dist.world_size,
+        "device": str(dist.device),
         "pairs": {"train": len(train_pairs), p.eval_split: len(eval_pairs)},
-        "contrastive_batch": p.batch_size * d.world_size,
-        "autocast": str(amp_dtype(p, d)),
+        "contrastive_batch": p.batch_size * dist.world_size,
+        "autocast": str(amp_dtype(p, dist)),
         "parameters": sum(x.numel() for x in model.parameters()),
         "zero_shot_classes": task.classes if task else None,
     }
-    if d.main:
+    if dist.main:
         atomic_write_json(run / "train_info.json", info)
     log.info(
         "pretrain: %d training pairs, %s parameters, contrastive batch %d",
@@ -236,7 +236,7 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
         PairDataset(train_pairs, root, transform, model.tokenizer),
         p,
         run,
-        d,
+        dist,
         {"stage": "pretrain", "model": p.model},
         settings,
     )
@@ -247,13 +247,13 @@ def run_pretrain(cfg: Config, d: Dist, run: Path, prepared: Path, settings: dict
         PairDataset(eval_pairs, root, transform, model.tokenizer),
         task,
         cfg.eval.n_bootstrap,
-        d,
-        amp_dtype(p, d),
+        dist,
+        amp_dtype(p, dist),
         p.batch_size,
         p.num_workers,
     )
     barrier()
-    if not d.main:
+    if not dist.main:
         return None
     r = metrics["retrieval"]
     log.info(

@@ -70,26 +70,26 @@ def answer_source(cfg: Config, image_root: Path, origin: dict) -> dict:
     return source
 
 
-def load_answerer(cfg: Config, source: dict, image_root: Path, d: Dist) -> Answerer:
+def load_answerer(cfg: Config, source: dict, image_root: Path, dist: Dist) -> Answerer:
     """The checkpoint `source` pins, on this rank's device, reading images from `image_root`."""
     ckpt = None if source["infer.checkpoint"] == "base" else Path(source["infer.checkpoint"])
-    return Answerer.load(cfg.infer, cfg.vlm("infer"), ckpt, image_root, d.device)
+    return Answerer.load(cfg.infer, cfg.vlm("infer"), ckpt, image_root, dist.device)
 
 
-def run(cfg: Config, d: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
+def run(cfg: Config, dist: Dist, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
     cfg.vlm("infer")
     samples, image_root, classes, origin = load_inputs(cfg)
     source = answer_source(cfg, image_root, origin)
     folder = run_dir(cfg, "infer") / "chunks"
     check_source(folder, source)  # before start_run records a config the chunks were not made with
-    run = start_run(cfg, "infer", d.rank)  # chunk tasks and the merge share it, until it is complete
+    run = start_run(cfg, "infer", dist.rank)  # chunk tasks and the merge share it, until it is complete
     todo = [] if merge_only else ([chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     todo = [i for i in todo if not chunk_path(folder, i, cfg.infer.chunks).exists()]
     step = step_of(source["infer.checkpoint"])
-    writer = tensorboard(run, None, d)  # array tasks share the directory: none may purge another's events
+    writer = tensorboard(run, None, dist)  # array tasks share the directory: none may purge another's events
     if todo:
         check_source(folder, source, claim=True)
-        answerer = load_answerer(cfg, source, image_root, d)
+        answerer = load_answerer(cfg, source, image_root, dist)
         for i in todo:
             stats = answerer.answer_chunk(samples, i, folder, source)
             if writer and stats.answers:  # one point per chunk: a slow node shows up

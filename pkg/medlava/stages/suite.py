@@ -85,19 +85,19 @@ def _inputs(cfg: Config, i: int, run: Path):
     return samples, image_root, source, folder
 
 
-def answer(cfg: Config, d, run: Path, chunks: list[int]) -> None:
+def answer(cfg: Config, dist, run: Path, chunks: list[int]) -> None:
     """Answer the given chunks of every benchmark; the model is loaded once, when there is work left."""
     from medlava.infer.chunks import check_source, chunk_path
     from medlava.stages.infer import load_answerer
     from medlava.train.runtime import tensorboard
 
-    model, writer = None, tensorboard(run, None, d)
+    model, writer = None, tensorboard(run, None, dist)
     for i, c in ((i, c) for c in chunks for i in range(len(cfg.suite.benchmarks))):
         samples, image_root, source, folder = _inputs(cfg, i, run)
         if chunk_path(folder, c, cfg.infer.chunks).exists():
             continue
         check_source(folder, source, claim=True)
-        model = model or load_answerer(cfg, source, image_root, d)
+        model = model or load_answerer(cfg, source, image_root, dist)
         stats = model.for_images(image_root).answer_chunk(samples, c, folder, source)
         if writer and stats.answers:
             writer.add_scalar(f"infer/{cfg.suite.benchmarks[i].label}/answers_per_s", stats.answers_per_s, c)
@@ -146,7 +146,7 @@ def merge(cfg: Config, run: Path, writer) -> list[dict]:
 
 
 def run(
-    cfg: Config, d=None, chunk_idx: int | None = None, merge_only: bool = False, prepare_only: bool = False
+    cfg: Config, dist=None, chunk_idx: int | None = None, merge_only: bool = False, prepare_only: bool = False
 ) -> Path:
     from medlava.artifacts import step_of
     from medlava.eval.leaderboard import write_leaderboard
@@ -155,7 +155,7 @@ def run(
 
     if not cfg.suite.benchmarks:
         raise ConfigError("suite.benchmarks is empty: list the benchmarks to score (jobs/configs/medvqa_suite.yaml)")
-    rank = d.rank if d is not None else 0
+    rank = dist.rank if dist is not None else 0
     if cfg.suite.synthetic and (prepare_only or (chunk_idx is None and not merge_only)):
         from medlava.data.synthetic_benchmarks import ensure_synthetic_suite
 
@@ -170,10 +170,10 @@ def run(
         for i in range(len(cfg.suite.benchmarks)):
             prepare(cfg, i)
     if not merge_only:
-        answer(cfg, d, run, [chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
+        answer(cfg, dist, run, [chunk_idx] if chunk_idx is not None else list(range(cfg.infer.chunks)))
     if chunk_idx is not None and not merge_only:
         return run
-    writer = tensorboard(run, None, d)
+    writer = tensorboard(run, None, dist)
     rows = merge(cfg, run, writer)
     checkpoint = resolved_checkpoint(cfg)
     step = step_of(checkpoint)

@@ -57,7 +57,7 @@ def reseed(seed: int) -> None:
 @dataclass
 class Checkpointer:
     run: Path
-    d: Dist
+    dist: Dist
     keep_last: int | None
     """The newest checkpoints kept after a save (None: all)."""
     prefix: str = "step"
@@ -96,25 +96,25 @@ class Checkpointer:
         writes, it writes on rank 0), `engine` (DeepSpeed) its sharded state; then the older ones go."""
         final = self.root / name
         tmp = temp_path(final)  # the same name on every rank: each writes its files into it
-        if self.d.main:
+        if self.dist.main:
             temp_dir_for(final)
         barrier()
-        torch.save(_rng_state(), tmp / f"rng-{self.d.rank}.pt")
+        torch.save(_rng_state(), tmp / f"rng-{self.dist.rank}.pt")
         if engine is not None:  # optimizer, scheduler and trainable weights, sharded as they are in memory
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         write(tmp)
-        if self.d.main:
+        if self.dist.main:
             torch.save(state, tmp / STATE)
             write_manifest(
                 tmp,
                 kind,
                 **manifest,
-                world_size=self.d.world_size,
+                world_size=self.dist.world_size,
                 sharded=engine is not None,
                 **self._settings_record(),
             )
         barrier()  # every rank's part is in tmp before it becomes `name`: renamed earlier, a slow rank's is lost
-        if self.d.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
+        if self.dist.main:  # a re-run of the same step after a crash between rename and COMPLETE replaces it
             publish(tmp, final, exists="replace")
             self.prune(keep | {name})
         barrier()
@@ -156,7 +156,7 @@ class Checkpointer:
         if not saved:
             return
         manifest = read_manifest(saved[-1])
-        world, here = manifest.get("world_size"), self.d.world_size
+        world, here = manifest.get("world_size"), self.dist.world_size
         if manifest.get("sharded") and world != here:
             raise ConfigError(
                 f"{saved[-1]} holds DeepSpeed ZeRO state sharded over {world} process(es), one "
@@ -176,8 +176,8 @@ class Checkpointer:
         ckpt = saved[-1]
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
         world = read_manifest(ckpt).get("world_size")
-        rng = ckpt / f"rng-{self.d.rank}.pt"
-        if world == self.d.world_size and rng.exists():
+        rng = ckpt / f"rng-{self.dist.rank}.pt"
+        if world == self.dist.world_size and rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
         else:
             log.warning(
@@ -185,15 +185,15 @@ class Checkpointer:
                 "over; random draws (dropout) are reseeded",
                 ckpt,
                 world,
-                self.d.world_size,
+                self.dist.world_size,
             )
-            reseed(seed + 1_000_003 * self.d.rank + int(state["position"]["step"]))
+            reseed(seed + 1_000_003 * self.dist.rank + int(state["position"]["step"]))
         return ckpt, state
 
 
-def check_resume(run: Path, d: Dist, resume: str, settings: dict, prefix: str = "step") -> None:
+def check_resume(run: Path, dist: Dist, resume: str, settings: dict, prefix: str = "step") -> None:
     """Checkpointer.check_world and check_settings, for the run a training stage is about to start (resume=auto)."""
     if resume == "auto":
-        checkpointer = Checkpointer(run, d, None, prefix, settings)
+        checkpointer = Checkpointer(run, dist, None, prefix, settings)
         checkpointer.check_world()
         checkpointer.check_settings()

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
@@ -116,7 +115,7 @@ class Augmented(torch.utils.data.Dataset):
             return self.items[index]
 
 
-def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, d: Dist) -> list[int]:
+def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, dist: Dist) -> list[int]:
     """This rank's sample order for an epoch: a permutation, or class-balanced draws with replacement.
     By hand because DistributedSampler can neither draw balanced nor start mid-epoch (resume)."""
     g = torch.Generator().manual_seed(seed + epoch)
@@ -125,7 +124,7 @@ def epoch_order(labels: np.ndarray, balanced: bool, seed: int, epoch: int, d: Di
         order = torch.multinomial(weights, len(labels), replacement=True, generator=g).tolist()
     else:
         order = torch.randperm(len(labels), generator=g).tolist()
-    return rank_share(order, d)
+    return rank_share(order, dist)
 
 
 def class_weights(labels: np.ndarray, classes: list[str]) -> torch.Tensor:
@@ -170,21 +169,21 @@ def phase_plan(model: CnnClassifier, c: CnnConfig) -> list[dict]:
 
 
 def gather_proba(
-    model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfig, d: Dist, amp: torch.dtype | None
+    model: nn.Module, items: list[Item], spec: CnnSpec, c: CnnConfig, dist: Dist, amp: torch.dtype | None
 ) -> np.ndarray:
     """Probabilities for all `items` on every rank; each rank computes a 1/world share."""
-    mine = list(range(d.rank, len(items), d.world_size))
+    mine = list(range(dist.rank, len(items), dist.world_size))
     loader = DataLoader(
         Subset(ItemDataset(items, eval_transform(spec), spec.meta), mine),
         batch_size=c.batch_size,
         num_workers=c.num_workers,
-        pin_memory=d.device.type == "cuda",
+        pin_memory=dist.device.type == "cuda",
     )
-    probs = predict_proba(model, loader, d.device, amp)
-    if d.world_size == 1:
+    probs = predict_proba(model, loader, dist.device, amp)
+    if dist.world_size == 1:
         return probs
-    parts: list = [None] * d.world_size
-    dist.all_gather_object(parts, (mine, probs))
+    parts: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, (mine, probs))
     out = np.zeros((len(items), len(spec.classes)))
     for idx, p in parts:
         if idx:
@@ -239,27 +238,27 @@ class CnnTrainer:
     """The CNN as a task of the step loop: phases, one optimizer per phase, validation at each epoch's end with
     early stopping and the best checkpoint kept."""
 
-    def __init__(self, c: CnnConfig, d: Dist, run: Path, prepared: Path, checkpointer: Checkpointer):
+    def __init__(self, c: CnnConfig, dist: Dist, run: Path, prepared: Path, checkpointer: Checkpointer):
         """The data, the model, loss and precision, train_info.json."""
-        self.c, self.d, self.run, self.prepared, self.checkpointer = c, d, run, prepared, checkpointer
+        self.c, self.dist, self.run, self.prepared, self.checkpointer = c, dist, run, prepared, checkpointer
         self.splits, self.classes = load_splits(prepared, c)
         torch.manual_seed(c.seed)  # the same initial weights on every rank and every run of a seed
         self.meta = MetaEncoder.fit([it.meta for it in self.splits["train"]]) if c.metadata else None
         self.spec = new_spec(c.arch, self.classes, c.image_size, c.head_hidden, c.dropout, self.meta)
         self.model = CnnClassifier(self.spec, c.pretrained)
         self.plan = phase_plan(self.model, c)
-        self.model.to(d.device)
-        if d.device.type == "cuda":
+        self.model.to(dist.device)
+        if dist.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        self.amp = autocast_dtype(choose_dtype(c.precision, without_bf16=torch.float16), d.device)
+        self.amp = autocast_dtype(choose_dtype(c.precision, without_bf16=torch.float16), dist.device)
         self.scaler = grad_scaler(self.amp)
         self.labels = np.array([it.label for it in self.splits["train"]])
-        weight = class_weights(self.labels, self.classes).to(d.device) if c.class_balance == "weights" else None
+        weight = class_weights(self.labels, self.classes).to(dist.device) if c.class_balance == "weights" else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
-        self.steps_per_epoch = math.ceil(len(self.labels) / d.world_size) // c.batch_size  # BatchNorm needs > 1
+        self.steps_per_epoch = math.ceil(len(self.labels) / dist.world_size) // c.batch_size  # BatchNorm needs > 1
         if self.steps_per_epoch == 0:
             raise InputError(
-                f"{len(self.labels)} training samples over {d.world_size} process(es) make no full "
+                f"{len(self.labels)} training samples over {dist.world_size} process(es) make no full "
                 f"batch of cnn.batch_size={c.batch_size}; lower it"
             )
         if c.frozen_epochs and not c.pretrained:
@@ -271,7 +270,7 @@ class CnnTrainer:
         self.progress = Progress()
         self.phase: int | None = None
         self.saved: dict | None = None  # a resumed checkpoint's optimizer state, until its phase is entered
-        if d.main:
+        if dist.main:
             atomic_write_json(
                 run / "train_info.json",
                 {
@@ -280,8 +279,8 @@ class CnnTrainer:
                     "classes": self.classes,
                     "prepared": str(prepared),
                     "samples": {k: len(v) for k, v in self.splits.items()},
-                    "world_size": d.world_size,
-                    "device": str(d.device),
+                    "world_size": dist.world_size,
+                    "device": str(dist.device),
                     "autocast": str(self.amp).replace("torch.", "") if self.amp else "fp32",
                     "steps_per_epoch": self.steps_per_epoch,
                     "metadata": None if self.meta is None else asdict(self.meta),
@@ -309,7 +308,7 @@ class CnnTrainer:
             self.scheduler.load_state_dict(self.saved["scheduler"])
             self.scaler.load_state_dict(self.saved["scaler"])
         self.saved = None
-        self.net = wrap_ddp(self.model, self.d)  # DDP records which parameters train when it is built: one per phase
+        self.net = wrap_ddp(self.model, self.dist)  # DDP records which parameters train when it is built: one per phase
         log.info(
             "phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)",
             self.phase,
@@ -322,13 +321,13 @@ class CnnTrainer:
         )
 
     def batches(self, epoch: int, skip: int):
-        c, d = self.c, self.d
+        c, dist = self.c, self.dist
         if self.phase != (1 if epoch < c.frozen_epochs else 2):
             self.enter_phase(epoch)
         self.net.train()
         keep_frozen_statistics(self.model)
-        order = epoch_order(self.labels, c.class_balance == "sampler", c.seed, epoch, d)
-        keys = [(i, seed_of(c.seed, d.rank, epoch, pos)) for pos, i in enumerate(order)][skip * c.batch_size :]
+        order = epoch_order(self.labels, c.class_balance == "sampler", c.seed, epoch, dist)
+        keys = [(i, seed_of(c.seed, dist.rank, epoch, pos)) for pos, i in enumerate(order)][skip * c.batch_size :]
         return iter(
             DataLoader(
                 Augmented(ItemDataset(self.splits["train"], train_transform(self.spec, c.augment), self.meta)),
@@ -336,19 +335,19 @@ class CnnTrainer:
                 sampler=keys,
                 num_workers=c.num_workers,
                 drop_last=True,
-                pin_memory=d.device.type == "cuda",
+                pin_memory=dist.device.type == "cuda",
             )
         )
 
     def step(self, batches, pos: Position) -> StepMetrics:
-        c, d = self.c, self.d
+        c, dist = self.c, self.dist
         tic = time.perf_counter()
         batch = next(batches)
         waited = time.perf_counter() - tic
-        torch.manual_seed(seed_of(c.seed, d.rank, pos.epoch, pos.in_epoch, -1))  # dropout, the same after a resume
-        with autocast(d.device, self.amp):
-            logits = self.net(**model_inputs(batch, d.device))
-        loss = self.loss_fn(logits.float(), batch["label"].to(d.device))
+        torch.manual_seed(seed_of(c.seed, dist.rank, pos.epoch, pos.in_epoch, -1))  # dropout, the same after a resume
+        with autocast(dist.device, self.amp):
+            logits = self.net(**model_inputs(batch, dist.device))
+        loss = self.loss_fn(logits.float(), batch["label"].to(dist.device))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -378,7 +377,7 @@ class CnnTrainer:
         }
 
         def write(tmp: Path) -> None:
-            if self.d.main:
+            if self.dist.main:
                 write_cnn(tmp, self.model, self.spec)
 
         return self.checkpointer.save(
@@ -394,7 +393,7 @@ class CnnTrainer:
         """Validation metrics, early stopping and the phase switch, the epoch's checkpoint, history and curves."""
         c, pr, epoch, phase = self.c, self.progress, pos.epoch, self.phase
         val = self.splits["val"]
-        m = val_metrics(val, gather_proba(self.model, val, self.spec, c, self.d, self.amp), self.classes)
+        m = val_metrics(val, gather_proba(self.model, val, self.spec, c, self.dist, self.amp), self.classes)
         name = f"epoch-{epoch:03d}"
         if m["macro_f1"] > pr.best_f1:
             pr.best_f1, pr.best, pr.bad_epochs = m["macro_f1"], name, 0
@@ -415,7 +414,7 @@ class CnnTrainer:
         elif patience_out or epoch >= c.epochs:
             pos.done = True
         ckpt = self.save(pos, name)
-        if self.d.main:
+        if self.dist.main:
             for k, v in m.items():
                 if v is not None:
                     writer.add_scalar(f"val/{k}", v, pos.step)
@@ -444,9 +443,9 @@ class CnnTrainer:
         best = self.checkpointer.root / pr.best
         self.model.load_state_dict(load_file(str(best / WEIGHTS)))
         items = self.splits[self.c.predict_split]
-        probs = gather_proba(self.model, items, self.spec, self.c, self.d, self.amp)
+        probs = gather_proba(self.model, items, self.spec, self.c, self.dist, self.amp)
         best_row = next(h for h in pr.history if f"epoch-{h['epoch']:03d}" == pr.best)
-        if self.d.main:
+        if self.dist.main:
             write_predictions(self.run / "predictions.csv", predictions_frame(items, probs, self.classes))
             log.info(
                 "cnn: best epoch %d (validation macro-F1 %.4f); %d %s predictions -> %s",
@@ -481,11 +480,11 @@ def weight_settings(c: CnnConfig, prepared: Path) -> dict:
     )
 
 
-def run_cnn(c: CnnConfig, d: Dist, run: Path, prepared: Path, settings: dict) -> dict:
+def run_cnn(c: CnnConfig, dist: Dist, run: Path, prepared: Path, settings: dict) -> dict:
     """Train on `prepared` into `run` (resuming what is there; checkpoints record `settings`), answer
     cnn.predict_split; the run's result."""
-    checkpointer = Checkpointer(run, d, c.keep_last, prefix="epoch", settings=settings)
-    trainer = CnnTrainer(c, d, run, prepared, checkpointer)
+    checkpointer = Checkpointer(run, dist, c.keep_last, prefix="epoch", settings=settings)
+    trainer = CnnTrainer(c, dist, run, prepared, checkpointer)
     lr = f"cnn.lr (now {c.lr:g})" + (f" or cnn.finetune_lr (now {c.finetune_lr:g})" if c.finetune_lr else "")
-    resume_and_train(trainer, checkpointer, c.resume == "auto", c.seed, Schedule(None, None, 1, "cnn", lr), run, d)
+    resume_and_train(trainer, checkpointer, c.resume == "auto", c.seed, Schedule(None, None, 1, "cnn", lr), run, dist)
     return trainer.predict()

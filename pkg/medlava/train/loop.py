@@ -92,23 +92,25 @@ class Task(Protocol):
         checkpoint, `pos.done`; the checkpoint it saved, if any. A task without validation returns None."""
 
 
-def log_step(writer, pos: Position, epoch: float, m: StepMetrics, lrs: dict[str, float], d: Dist) -> dict[str, float]:
+def log_step(
+    writer, pos: Position, epoch: float, m: StepMetrics, lrs: dict[str, float], dist: Dist
+) -> dict[str, float]:
     """A step's rank means to TensorBoard (writer None: not this step); what the progress bar shows."""
     keys = sorted(m.extra)
     loss, samples_s, tokens_s, wait, *extra = mean_over_ranks(
         [m.loss, m.samples / m.seconds, (m.tokens or 0) / m.seconds, m.waited / m.seconds, *(m.extra[k] for k in keys)],
-        d,
+        dist,
     )
     scalars = {
         "loss": loss,
-        "samples_per_s": samples_s * d.world_size,
+        "samples_per_s": samples_s * dist.world_size,
         "data_wait_fraction": wait,
         "epoch": epoch,
         "lr": lrs.get("model", next(iter(lrs.values()))),
         **dict(zip(keys, extra)),
     }
     if m.tokens is not None:
-        scalars["tokens_per_s"] = tokens_s * d.world_size
+        scalars["tokens_per_s"] = tokens_s * dist.world_size
     if m.grad_norm is not None:
         scalars["grad_norm"] = m.grad_norm
     if "projector" in lrs and "model" in lrs:
@@ -119,13 +121,13 @@ def log_step(writer, pos: Position, epoch: float, m: StepMetrics, lrs: dict[str,
     return {"loss": loss, **({"tok_s": scalars["tokens_per_s"]} if m.tokens is not None else {})}
 
 
-def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | None:
+def train(task: Task, pos: Position, s: Schedule, run: Path, dist: Dist) -> Path | None:
     """Run `task` from `pos` to the end of the schedule; the last checkpoint saved (None when none was)."""
     signals.install()
     if s.total is not None:  # a step-counted schedule is done at its total (which a re-run may have raised)
         pos.done = pos.step >= s.total
-    writer = runtime.tensorboard(run, pos.step + 1, d)
-    bar = runtime.progress(s.total, pos.step, s.desc, d)
+    writer = runtime.tensorboard(run, pos.step + 1, dist)
+    bar = runtime.progress(s.total, pos.step, s.desc, dist)
     last, saved_at, finite = None, -1, None
     while not pos.done:
         epoch = pos.epoch
@@ -140,7 +142,7 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
                 epoch + pos.in_epoch / task.steps_per_epoch,
                 m,
                 task.lrs(),
-                d,
+                dist,
             )
             losses.append(shown["loss"])
             bar.update(1)
@@ -152,9 +154,9 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
                     last, saved_at = closed, pos.step
             if s.validate is not None and (pos.step % s.eval_every == 0 or pos.done):
                 result = s.validate()
-                if d.main:
+                if dist.main:
                     log_validation(pos.step, result, writer, bar.write)
-            stop = runtime.stop_requested(d) and not pos.done
+            stop = runtime.stop_requested(dist) and not pos.done
             if (stop or pos.done or (s.save_every and pos.step % s.save_every == 0)) and saved_at != pos.step:
                 last, saved_at = task.save(pos), pos.step
             if stop:
@@ -166,7 +168,7 @@ def train(task: Task, pos: Position, s: Schedule, run: Path, d: Dist) -> Path | 
 
 
 def resume_and_train(
-    task: Task, checkpointer: Checkpointer, resume: bool, seed: int, s: Schedule, run: Path, d: Dist
+    task: Task, checkpointer: Checkpointer, resume: bool, seed: int, s: Schedule, run: Path, dist: Dist
 ) -> Path | None:
     """Continue `task` from the newest checkpoint of `run` (when `resume` and there is one), then train it to the
     end of the schedule; the final checkpoint."""
@@ -175,4 +177,4 @@ def resume_and_train(
         resumed, state = found
         pos = task.restore(resumed, state)
         log.info("resumed from %s at step %d%s", resumed, pos.step, f" of {s.total}" if s.total else "")
-    return train(task, pos, s, run, d) or resumed
+    return train(task, pos, s, run, dist) or resumed

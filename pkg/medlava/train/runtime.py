@@ -21,11 +21,11 @@ from medlava.distributed import Dist, any_rank
 log = logging.getLogger(__name__)
 
 
-def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     """DDP over the ranks, or the model itself in a single process."""
-    if d.world_size == 1:
+    if dist.world_size == 1:
         return model
-    device_ids = [d.local_rank] if d.device.type == "cuda" else None
+    device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
@@ -72,9 +72,9 @@ def check_finite(loss: float, step: int, last: tuple[int, float] | None, lr_sett
     )
 
 
-def stop_requested(d: Dist) -> bool:
+def stop_requested(dist: Dist) -> bool:
     """A stop (SIGUSR2) requested on any rank: every rank sees it at the same step."""
-    return any_rank(signals.requested(), d)
+    return any_rank(signals.requested(), dist)
 
 
 def exit_for_requeue(where: str, writer: SummaryWriter | None = None) -> NoReturn:
@@ -84,18 +84,18 @@ def exit_for_requeue(where: str, writer: SummaryWriter | None = None) -> NoRetur
     raise SystemExit(signals.EXIT_REQUEUE)
 
 
-def progress(total: int | None, initial: int, desc: str, d: Dist) -> tqdm:
+def progress(total: int | None, initial: int, desc: str, dist: Dist) -> tqdm:
     """A progress bar on rank 0; in a log file (no terminal) it updates every 30 s, not every step."""
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        disable=not d.main,
+        disable=not dist.main,
         dynamic_ncols=True,
         mininterval=1 if sys.stderr.isatty() else 30,
     )
 
 
-def tensorboard(run: Path, purge_step: int | None, d: Dist) -> SummaryWriter | None:
+def tensorboard(run: Path, purge_step: int | None, dist: Dist) -> SummaryWriter | None:
     """Rank 0's writer; events after `purge_step` (from before a resume) are dropped (None: none are)."""
-    return SummaryWriter(str(run / "tensorboard"), purge_step=purge_step) if d.main else None
+    return SummaryWriter(str(run / "tensorboard"), purge_step=purge_step) if dist.main else None

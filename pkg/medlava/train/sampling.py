@@ -8,14 +8,14 @@ import torch
 from medlava.distributed import Dist
 
 
-def rank_share(order: list[int], d: Dist) -> list[int]:
+def rank_share(order: list[int], dist: Dist) -> list[int]:
     """This rank's strided share of an epoch's order, padded to equal shards as DistributedSampler pads."""
-    order = order + order[: (-len(order)) % d.world_size]
-    return order[d.rank :: d.world_size]
+    order = order + order[: (-len(order)) % dist.world_size]
+    return order[dist.rank :: dist.world_size]
 
 
 def epoch_indices(
-    n: int, seed: int, epoch: int, d: Dist, skip: int, batch_size: int, lengths: list[int] | None = None
+    n: int, seed: int, epoch: int, dist: Dist, skip: int, batch_size: int, lengths: list[int] | None = None
 ) -> list[int]:
     """This rank's sample order for an epoch, from `skip` on.
 
@@ -25,9 +25,9 @@ def epoch_indices(
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     if lengths is None:
-        return rank_share(order, d)[skip:]
-    order += order[: (-len(order)) % d.world_size]  # equal shards, as DistributedSampler pads
-    global_batch = batch_size * d.world_size
+        return rank_share(order, dist)[skip:]
+    order += order[: (-len(order)) % dist.world_size]  # equal shards, as DistributedSampler pads
+    global_batch = batch_size * dist.world_size
     mega = global_batch * 50
     batches = []
     for i in range(0, len(order), mega):
@@ -36,4 +36,4 @@ def epoch_indices(
     # Only the very last batch can be short; it stays last so every rank's batches stay aligned.
     full = len(batches) - (len(batches[-1]) < global_batch)
     perm = torch.randperm(full, generator=g).tolist() + list(range(full, len(batches)))
-    return [j for b in perm for j in batches[b][d.rank :: d.world_size]][skip:]
+    return [j for b in perm for j in batches[b][dist.rank :: dist.world_size]][skip:]

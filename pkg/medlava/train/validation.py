@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from medlava import precision
@@ -29,10 +28,10 @@ from medlava.models.templates import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def share(n: int, d: Dist) -> list[tuple[int, float]]:
+def share(n: int, dist: Dist) -> list[tuple[int, float]]:
     """This rank's (index, weight) pairs of n items: strided, padded to equal shares with weight-0 repeats."""
-    padded = n + (-n) % d.world_size
-    return [(i % n, float(i < n)) for i in range(d.rank, padded, d.world_size)]
+    padded = n + (-n) % dist.world_size
+    return [(i % n, float(i < n)) for i in range(dist.rank, padded, dist.world_size)]
 
 
 def closed_questions(samples: list[dict]) -> list[dict]:
@@ -42,11 +41,11 @@ def closed_questions(samples: list[dict]) -> list[dict]:
     return sorted(closed, key=lambda s: hashlib.sha1(str(s["id"]).encode()).hexdigest())
 
 
-def _sum_over_ranks(values: list[float], d: Dist) -> list[float]:
-    if d.world_size == 1:
+def _sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
+    if dist.world_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
     return t.tolist()
 
 
@@ -69,62 +68,62 @@ class Validation:
             SampleDataset(samples, encoder), closed, SampleDataset(closed, encoder, prompts=True), encoder, t.batch_size
         )
 
-    def measure(self, model: torch.nn.Module, d: Dist, amp: torch.dtype | None = None) -> dict[str, float]:
+    def measure(self, model: torch.nn.Module, dist: Dist, amp: torch.dtype | None = None) -> dict[str, float]:
         """{"loss": ..., "closed_accuracy": ... (when there are closed questions), "closed_n": ...}, the same on
         every rank; the model is left in the mode it was in."""
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), precision.autocast(d.device, amp):
-                out = {"loss": self.loss(model, d)}
+            with torch.no_grad(), precision.autocast(dist.device, amp):
+                out = {"loss": self.loss(model, dist)}
                 if self.closed:
-                    out["closed_accuracy"] = self.accuracy(model, d)
+                    out["closed_accuracy"] = self.accuracy(model, dist)
                     out["closed_n"] = len(self.closed)
         finally:
             model.train(training)
         return out
 
-    def _batches(self, n: int, d: Dist):
-        mine = share(n, d)
+    def _batches(self, n: int, dist: Dist):
+        mine = share(n, dist)
         for lo in range(0, len(mine), self.batch_size):
             yield mine[lo : lo + self.batch_size]
 
-    def loss(self, model: torch.nn.Module, d: Dist) -> float:
-        nll, tokens = _sum_over_ranks(self.loss_sums(model, d), d)
+    def loss(self, model: torch.nn.Module, dist: Dist) -> float:
+        nll, tokens = _sum_over_ranks(self.loss_sums(model, dist), dist)
         return nll / max(tokens, 1.0)
 
     @torch.no_grad()
-    def loss_sums(self, model: torch.nn.Module, d: Dist) -> list[float]:
+    def loss_sums(self, model: torch.nn.Module, dist: Dist) -> list[float]:
         """This rank's [summed negative log-likelihood, answer tokens] over its share of the split."""
         nll, tokens = 0.0, 0.0
-        for part in self._batches(len(self.items), d):
+        for part in self._batches(len(self.items), dist):
             batch = collate([self.items[i] for i, _ in part], self.encoder.tokenizer.pad_token_id, side="right")
             raise_batch_error(batch)
-            labels = batch.pop("labels").to(d.device)
-            logits = model(**{k: v.to(d.device) for k, v in batch.items()}, use_cache=False).logits
+            labels = batch.pop("labels").to(dist.device)
+            logits = model(**{k: v.to(dist.device) for k, v in batch.items()}, use_cache=False).logits
             target = labels[:, 1:]
             per_token = F.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
             )
-            weights = torch.tensor([w for _, w in part], device=d.device)
+            weights = torch.tensor([w for _, w in part], device=dist.device)
             nll += float((per_token.sum(1) * weights).sum())
             tokens += float(((target != IGNORE_INDEX).sum(1) * weights).sum())
         return [nll, tokens]
 
-    def accuracy(self, model: torch.nn.Module, d: Dist) -> float:
-        (right,) = _sum_over_ranks([self.right(model, d)], d)
+    def accuracy(self, model: torch.nn.Module, dist: Dist) -> float:
+        (right,) = _sum_over_ranks([self.right(model, dist)], dist)
         return right / len(self.closed)
 
     @torch.no_grad()
-    def right(self, model: torch.nn.Module, d: Dist) -> float:
+    def right(self, model: torch.nn.Module, dist: Dist) -> float:
         """How many of this rank's share of the closed questions the highest-likelihood option answers right."""
         right = 0.0
-        for part in self._batches(len(self.closed), d):
+        for part in self._batches(len(self.closed), dist):
             samples = [self.closed[i] for i, _ in part]
             prompts = [self.prompts[i] for i, _ in part]
             raise_batch_error(prompts)
             options = [[self.encoder.answer_ids(s, c) for c in s["meta"]["choices"]] for s in samples]
-            logps = score_choices(model, prompts, options, self.encoder.tokenizer.pad_token_id, d.device)
+            logps = score_choices(model, prompts, options, self.encoder.tokenizer.pad_token_id, dist.device)
             for s, lp, (_, w) in zip(samples, logps, part):
                 right += w * (s["meta"]["choices"][max(range(len(lp)), key=lp.__getitem__)] == reference(s))
         return right

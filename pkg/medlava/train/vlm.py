@@ -99,7 +99,7 @@ class StageModel:
     zero3_config: object = None  # HfDeepSpeedConfig: transformers reads it through a weakref while it lives
 
 
-def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageModel:
+def build_model(cfg: Config, stage: str, dist: Dist, init: Path | None) -> StageModel:
     """Load the base model and choose what trains, as `stage` does (check-model builds it this way too)."""
     t: TrainConfig = getattr(cfg, stage)  # align and sft are configured by the sections of their names
     m = cfg.vlm(stage)
@@ -112,7 +112,7 @@ def build_model(cfg: Config, stage: str, d: Dist, init: Path | None) -> StageMod
         from medlava.distributed import ensure_process_group
         from medlava.train.deepspeed import deepspeed_config
 
-        ensure_process_group(d)
+        ensure_process_group(dist)
         zero3 = HfDeepSpeedConfig(deepspeed_config(t, dtype))
     attention = choose_attention(m.attn_implementation, t.packing)
     model, processor = load_model(base, m, dtype, attention), load_processor(base, m)
@@ -155,7 +155,7 @@ def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None, 
 
 
 def train_vlm(
-    cfg: Config, stage: str, d: Dist, run: Path, prepared: Path, init: Path | None, settings: dict
+    cfg: Config, stage: str, dist: Dist, run: Path, prepared: Path, init: Path | None, settings: dict
 ) -> tuple[Path, dict]:
     """Train what `stage` (align or sft) trains on the prepared training split, checkpoints under `run` recording
     `settings` (weight_settings); starts from the projector checkpoint `init` when given. (final checkpoint, what
@@ -164,13 +164,13 @@ def train_vlm(
     m = cfg.vlm(stage)
     signals.install()  # a stop requested while the model loads is answered at the first step
     samples, manifest = load_prepared(prepared, "train")
-    checkpointer = Checkpointer(run, d, t.keep_last, settings=settings)
+    checkpointer = Checkpointer(run, dist, t.keep_last, settings=settings)
     if t.resume == "auto":
         checkpointer.check_world()  # before a 7B is loaded
-    if d.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
+    if dist.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
         base_model_path(m)
     barrier()
-    built = build_model(cfg, stage, d, init)
+    built = build_model(cfg, stage, dist, init)
     model, processor, template, dtype = built.model, built.processor, built.template, built.dtype
 
     if t.packing and not varlen(built.attention):
@@ -186,8 +186,8 @@ def train_vlm(
         "attention": built.attention,
         "dtype": str(dtype),
         "template": template,
-        "world_size": d.world_size,
-        "device": str(d.device),
+        "world_size": dist.world_size,
+        "device": str(dist.device),
         "samples": len(samples),
         "parameters": counts,
         "prepared": str(prepared),
@@ -195,7 +195,7 @@ def train_vlm(
         **built.speedups,
         "optimizer": "deepspeed AdamW" if t.deepspeed != "none" else "torch AdamW (fused)",
     }
-    if d.main:
+    if dist.main:
         atomic_write_json(run / "train_info.json", info)
     log.info(
         "%s: %d samples, %s trainable of %s parameters, attention=%s",
@@ -212,15 +212,15 @@ def train_vlm(
         processor,
         SampleDataset(samples, encoder),
         t,
-        d,
+        dist,
         dtype,
         built.kind,
         {"base_model": built.base, "stage": stage, "template": template},
         checkpointer,
     )
-    torch.manual_seed(t.seed + d.rank)
+    torch.manual_seed(t.seed + dist.rank)
     validation = validation_of(prepared, encoder, t, stage, template)
-    validate = (lambda: validation.measure(trainer.engine or model, d, trainer.amp)) if validation else None
+    validate = (lambda: validation.measure(trainer.engine or model, dist, trainer.amp)) if validation else None
     ckpt = resume_and_train(
         trainer,
         checkpointer,
@@ -236,7 +236,7 @@ def train_vlm(
             validate,
         ),
         run,
-        d,
+        dist,
     )
     return ckpt, info
 

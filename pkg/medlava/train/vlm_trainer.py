@@ -71,15 +71,15 @@ class VlmTrainer:
         processor,
         dataset: SampleDataset,
         t: TrainConfig,
-        d: Dist,
+        dist: Dist,
         dtype: torch.dtype,
         kind: str,
         manifest: dict,
         checkpointer: Checkpointer,
     ):
-        self.model, self.processor, self.dataset, self.t, self.d = model, processor, dataset, t, d
+        self.model, self.processor, self.dataset, self.t, self.dist = model, processor, dataset, t, dist
         self.kind, self.manifest, self.checkpointer = kind, manifest, checkpointer
-        micro_per_epoch = math.ceil(math.ceil(len(dataset) / d.world_size) / t.batch_size)
+        micro_per_epoch = math.ceil(math.ceil(len(dataset) / dist.world_size) / t.batch_size)
         if micro_per_epoch < t.grad_accum:
             raise ValueError(
                 f"{len(dataset)} samples make {micro_per_epoch} micro-batches per rank, fewer than "
@@ -99,7 +99,7 @@ class VlmTrainer:
 
             from medlava.train.deepspeed import deepspeed_config
 
-            ensure_process_group(d)
+            ensure_process_group(dist)
             # DeepSpeed owns mixed precision, accumulation, clipping, the optimizer and the scheduler step.
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
@@ -113,10 +113,10 @@ class VlmTrainer:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-            model.to(d.device)
+            model.to(dist.device)
             self.optimizer = make_optimizer(model, t.lr, t.weight_decay, t.projector_lr)
             self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
-            self.net, self.amp = runtime.wrap_ddp(model, d), precision.autocast_dtype(dtype, d.device)
+            self.net, self.amp = runtime.wrap_ddp(model, dist), precision.autocast_dtype(dtype, dist.device)
         self.scaler = precision.grad_scaler(self.amp)
 
     def batches(self, epoch: int, skip: int) -> Iterator:
@@ -126,7 +126,7 @@ class VlmTrainer:
             len(self.dataset),
             t.seed,
             epoch,
-            self.d,
+            self.dist,
             skip * t.grad_accum * t.batch_size,
             t.batch_size,
             self.dataset.lengths() if t.group_by_length else None,
@@ -138,20 +138,20 @@ class VlmTrainer:
                 sampler=indices,
                 num_workers=t.num_workers,
                 collate_fn=self.collate,
-                pin_memory=self.d.device.type == "cuda",
+                pin_memory=self.dist.device.type == "cuda",
             )
         )
 
     def step(self, batches: Iterator, pos: Position) -> StepMetrics:
         """One update over grad_accum micro-batches."""
-        t, d = self.t, self.d
+        t, dist = self.t, self.dist
         tic, losses, tokens, slots, samples, waited = time.perf_counter(), [], 0, 0, 0, 0.0
         for k in range(t.grad_accum):
             wait = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - wait
             raise_batch_error(batch)
-            batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
+            batch = {key: v.to(dist.device, non_blocking=True) for key, v in batch.items()}
             samples += int((batch["position_ids"] == 0).sum()) if t.packing else len(batch["input_ids"])
             real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             tokens, slots = tokens + real, slots + batch["input_ids"].numel()
@@ -161,7 +161,7 @@ class VlmTrainer:
                 self.engine.backward(loss)
                 self.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
             else:
-                with nullcontext() if sync else self.net.no_sync(), precision.autocast(d.device, self.amp):
+                with nullcontext() if sync else self.net.no_sync(), precision.autocast(dist.device, self.amp):
                     loss = self.net(**batch, use_cache=False).loss
                     self.scaler.scale(loss / t.grad_accum).backward()
             losses.append(loss.item())
@@ -193,7 +193,7 @@ class VlmTrainer:
     def _write(self, tmp: Path) -> None:
         model = self.model
         with _gathered(model, self.engine):
-            if self.d.main:
+            if self.dist.main:
                 if self.kind == "projector":
                     save_projector(model, tmp / PROJECTOR_FILE)
                 elif self.kind == "lora":  # the adapter + modules_to_save (the projector)
@@ -205,7 +205,7 @@ class VlmTrainer:
                         {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                         str(tmp / TRAINABLE),
                     )
-        if self.d.main:
+        if self.dist.main:
             self.processor.save_pretrained(tmp)
 
     def save(self, pos: Position) -> Path:
