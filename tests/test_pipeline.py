@@ -102,13 +102,15 @@ def test_metrics_hold_accuracy_f1_auc_and_confusion(demo):
 
 
 def test_relaunching_a_finished_run_is_refused_before_anything_is_written(demo):
-    """Its config.yaml, COMPLETE.json (whose time `latest` goes by), launch record and log stay as they are, and the
-    slurm executor refuses it in the dry run instead of on the node."""
+    """Its config.yaml, COMPLETE.json (whose time `latest` goes by), launch record and log stay as they are: the
+    local and slurm executors refuse it before writing or queueing anything, a slurm dry run warns of it."""
     runs, _ = demo
     tmp, sft = runs.parent.parent, runs / "sft" / "t1"
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft.rglob("*") if p.is_file()}
-    assert {"logs/sft.launch.json", "logs/sft.log", "config.yaml"} <= {str(p.relative_to(sft)) for p in before}
-    for executor in (["--executor", "local"], ["--executor", "slurm", "--dry-run", "--cpus-per-task", "1"]):
+    assert {"logs/local.json", "logs/sft.log", "config.yaml"} <= {str(p.relative_to(sft)) for p in before}
+    taken = f"{sft} already holds a complete sft run (started "
+    slurm = ["--executor", "slurm", "--cpus-per-task", "1"]
+    for executor in (["--executor", "local"], slurm, [*slurm, "--dry-run"]):
         out = subprocess.run(
             [
                 sys.executable,
@@ -129,7 +131,11 @@ def test_relaunching_a_finished_run_is_refused_before_anything_is_written(demo):
             env={**os.environ, "MEDLAVA_CACHE": str(tmp / "cache")},
             cwd=tmp,
         )
-        assert out.returncode == 2 and out.stdout == "", out.stdout[-2000:]
-        assert out.stderr.startswith(f"submit: refused: {sft} already holds a complete sft run (started "), out.stderr
-        assert "a finished run is never rewritten: choose another run_id" in out.stderr
+        assert "a finished run is never rewritten: choose another run_id" in out.stderr, out.stderr
+        if "--dry-run" in executor:
+            assert out.returncode == 0 and "#SBATCH" in out.stdout
+            assert f"submit: warning (submitting would refuse this): {taken}" in out.stderr
+        else:
+            assert out.returncode == 2 and out.stdout == "", out.stdout[-2000:]
+            assert f"submit: refused: {taken}" in out.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft.rglob("*") if p.is_file()} == before
