@@ -280,21 +280,17 @@ def test_latest_checkpoint_is_resolved_once_at_submit_time(tmp_path):
     )
     assert chain.returncode == 0, chain.stderr
     assert all(f"infer.checkpoint={tmp_path / 'tiny' / 'sft' / 'p'}" in s[-1] for s in scripts(chain.stdout))
-    refused = submit(
-        "infer",
-        "--config",
-        str(TINY),
-        "--executor",
-        "slurm",
-        "--dry-run",
-        "--cpus-per-task",
-        "1",
-        "--output-root",
-        str(tmp_path / "empty"),
-        cwd=tmp_path,
-    )
+    # with no sft run, submitting is refused; a dry run shows the tasks unpinned (the recipe's `latest`), and warns
+    empty = ["--config", str(TINY), "--cpus-per-task", "1", "--output-root", str(tmp_path / "empty")]
+    refused = submit("infer", *empty, "--executor", "local", cwd=tmp_path)
     assert (
         refused.returncode == 2 and "submit: refused: infer.checkpoint=latest: no complete `sft` run" in refused.stderr
+    )
+    dry = submit("infer", *empty, "--executor", "slurm", "--dry-run", cwd=tmp_path)
+    tasks = scripts(dry.stdout)
+    assert dry.returncode == 0 and len(tasks) == 2 and not any("infer.checkpoint=" in s[-1] for s in tasks)
+    assert (
+        "submit: warning (submitting would refuse this): infer.checkpoint=latest: no complete `sft` run" in dry.stderr
     )
 
 
