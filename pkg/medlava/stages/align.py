@@ -13,18 +13,19 @@ from medlava.stages import STAGES
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    from medlava.models.kernels import check_kernels
+
+    check_kernels(cfg.align.kernels, dist.device, "align")  # before a run directory exists or an upstream run is read
     return train(cfg, dist, "align", None)
 
 
 def train(cfg: Config, dist: Dist, stage: Literal["align", "sft"], init: Path | None) -> Path:
-    """align's and sft's run: kernels, resume and upstream checked before the run directory is written, then
+    """align's and sft's run: the upstream run and the resume checked before the run directory is written, then
     train_vlm from `init` (sft's aligned projector) and COMPLETE.json."""
-    from medlava.models.kernels import check_kernels
     from medlava.train.checkpoint import check_resume
     from medlava.train.vlm import train_vlm, weight_settings
 
     t = cfg.align if stage == "align" else cfg.sft
-    check_kernels(t.kernels, dist.device, stage)  # before a run directory exists
     prepared = resolve(cfg, cfg.data.samples, "prepare")
     settings = weight_settings(cfg, stage, prepared, init, dist.world_size)
     check_resume(run_dir(cfg, stage), dist, t.resume, settings)  # before start_run rewrites config.yaml

@@ -20,4 +20,7 @@ def init_checkpoint(cfg: Config) -> Path | None:
 
 
 def run(cfg: Config, dist: Dist) -> Path:
+    from medlava.models.kernels import check_kernels
+
+    check_kernels(cfg.sft.kernels, dist.device, "sft")  # before a run directory exists or an upstream run is read
     return align.train(cfg, dist, "sft", init_checkpoint(cfg))
