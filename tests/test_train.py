@@ -41,24 +41,23 @@ def prepared(tmp_path_factory):
     return tmp, env, base
 
 
+def _sft_cmd(prepared, run_id, *extra) -> list[str]:
+    _, _, base = prepared
+    return [sys.executable, "-m", "medlava", "sft", *base, f"run_id={run_id}", "sft.init_from=none", "sft.batch_size=4",
+            *extra]  # fmt: skip
+
+
+def _launch(prepared, run_id, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(_sft_cmd(prepared, run_id, *extra), env=prepared[1], capture_output=True, text=True)
+
+
 def _sft(prepared, run_id, *extra, popen=False):
-    tmp, env, base = prepared
-    cmd = [
-        sys.executable,
-        "-m",
-        "medlava",
-        "sft",
-        *base,
-        f"run_id={run_id}",
-        "sft.init_from=none",
-        "sft.batch_size=4",
-        *extra,
-    ]
+    cmd = _sft_cmd(prepared, run_id, *extra)
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return subprocess.Popen(cmd, env=prepared[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = _launch(prepared, run_id, *extra)
     assert out.returncode == 0, out.stderr[-3000:]
-    return tmp / "runs" / "tiny" / "sft" / run_id
+    return prepared[0] / "runs" / "tiny" / "sft" / run_id
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -190,26 +189,9 @@ def _files(run: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_finished_run_is_never_rewritten(prepared, whole):
     """Relaunched, with its own settings or others: refused, and nothing in it changes (its config.yaml, its
     COMPLETE.json, whose time `latest` goes by)."""
-    tmp, env, base = prepared
     before = _files(whole)
     for extra in ((), ("sft.lr=0.05",), ("sft.resume=never",)):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "medlava",
-                "sft",
-                *base,
-                "run_id=whole",
-                "sft.init_from=none",
-                "sft.batch_size=4",
-                *ARGS,
-                *extra,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        out = _launch(prepared, "whole", *ARGS, *extra)
         assert out.returncode == 2, out.stderr[-3000:]
         assert (
             f"medlava sft: {whole} already holds a complete sft run (started " in out.stderr
@@ -229,24 +211,7 @@ def stopped(prepared, whole, tmp_path):
 
 
 def test_a_started_run_is_not_continued_with_resume_never(prepared, stopped):
-    tmp, env, base = prepared
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medlava",
-            "sft",
-            *base,
-            f"run_id={stopped.name}",
-            "sft.init_from=none",
-            "sft.batch_size=4",
-            *ARGS,
-            "sft.resume=never",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = _launch(prepared, stopped.name, *ARGS, "sft.resume=never")
     assert out.returncode == 2, out.stderr[-3000:]
     assert (
         f"medlava sft: {stopped} already holds a started sft run (started " in out.stderr
@@ -257,7 +222,7 @@ def test_a_started_run_is_not_continued_with_resume_never(prepared, stopped):
 def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, stopped, tmp_path):
     """Each checkpoint records what decides the weights (the sft section, the model, the training split's
     digest); a resume with others would continue the old optimizer while config.yaml says otherwise."""
-    tmp, env, base = prepared
+    tmp = prepared[0]
     ckpt = stopped / "checkpoints" / "step-000024"
     manifest = json.loads((ckpt / "medlava.json").read_text())
     assert manifest["settings"]["sft.lr"] == 2e-3 and len(manifest["settings_hash"]) == 16
@@ -266,23 +231,8 @@ def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, s
     lines = (other / "train.jsonl").read_text().splitlines(keepends=True)
     (other / "train.jsonl").write_text("".join(lines[1:]))
     before = _files(stopped)
-    cmd = [
-        sys.executable,
-        "-m",
-        "medlava",
-        "sft",
-        *base,
-        f"run_id={stopped.name}",
-        "sft.init_from=none",
-        "sft.batch_size=4",
-        *ARGS,
-    ]
-    out = subprocess.run(
-        [*cmd, "sft.lr=0.05", "sft.lora.r=8", f"data.samples={other}", "model.model_max_length=300"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = _launch(prepared, stopped.name, *ARGS, "sft.lr=0.05", "sft.lora.r=8", f"data.samples={other}",
+                  "model.model_max_length=300")  # fmt: skip
     assert out.returncode == 2, out.stderr[-3000:]
     old, new = manifest["settings"]["data.train"], hashlib.sha256((other / "train.jsonl").read_bytes()).hexdigest()
     for changed in (
@@ -294,7 +244,7 @@ def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, s
     ):
         assert changed in out.stderr, out.stderr[-3000:]
     assert _files(stopped) == before  # config.yaml still says what the checkpoints were trained with
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # its own settings: it continues
+    out = _launch(prepared, stopped.name, *ARGS)  # its own settings: it continues
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {ckpt} at step 24 of 24" in out.stderr and (stopped / "COMPLETE.json").exists()
 
@@ -302,25 +252,7 @@ def test_a_resume_with_other_settings_or_data_is_refused_naming_them(prepared, s
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(prepared):
     """sft.lr=1e30 (finite, so the config takes it): the loss is NaN by the third step. Training stops there,
     naming the step, the last finite loss and the key; no checkpoint of that step, no COMPLETE.json."""
-    tmp, env, base = prepared
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medlava",
-            "sft",
-            *base,
-            "run_id=nan",
-            "sft.init_from=none",
-            "sft.batch_size=4",
-            "sft.max_steps=6",
-            "sft.save_every=1",
-            "sft.lr=1e30",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = _launch(prepared, "nan", "sft.max_steps=6", "sft.save_every=1", "sft.lr=1e30")
     assert out.returncode == 2, out.stderr[-3000:]
     m = re.search(
         r"medlava sft: training diverged: the loss is nan at step (\d+) \(the last finite loss was "
@@ -329,7 +261,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(prepared):
         out.stderr,
     )
     assert m and int(m[2]) == int(m[1]) - 1, out.stderr[-3000:]
-    run = tmp / "runs" / "tiny" / "sft" / "nan"
+    run = prepared[0] / "runs" / "tiny" / "sft" / "nan"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in range(1, int(m[1]))]
     assert not (run / "COMPLETE.json").exists()
 
