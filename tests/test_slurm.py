@@ -33,8 +33,10 @@ pytestmark = [
 SUBMIT = ROOT / "launch" / "submit.py"
 PY = sys.executable
 WAIT = 300  # seconds per wait; each job here takes 5-30 s on the CI cluster
-STEPS = 24  # the USR2 test signals after step 4: the other 20 are the margin for a slow signal under load
-TRAIN = ["sft.init_from=none", f"sft.max_steps={STEPS}", "sft.batch_size=4", "sft.save_every=4", "sft.keep_last=null"]
+# The USR2 test signals once step 8 is saved: the other 152 steps (about 5 s at the tiny model's 30 steps/s on an
+# idle machine) are the margin for the signal's way through slurmd, the batch script, torchrun and the workers.
+STEPS = 160
+TRAIN = ["sft.init_from=none", f"sft.max_steps={STEPS}", "sft.batch_size=4", "sft.save_every=8", "sft.keep_last=null"]
 
 
 @dataclass
@@ -185,7 +187,7 @@ def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_no
     run = site.runs / "tiny" / "sft" / "sig"
     job_id = record(run)[0]["job_id"]
     deadline = time.time() + WAIT
-    while not (run / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+    while not (run / "checkpoints" / "step-000008").exists() and time.time() < deadline:
         time.sleep(0.2)
     assert show(job_id)["JobState"] == "RUNNING", "the job ended before it could be signalled"
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -198,7 +200,7 @@ def test_usr2_mid_training_requeues_and_resumes_to_the_same_weights(site, two_no
     assert f"job {job_id} restart 1:" in head and f"job {job_id} restart 1:" in node_log(run, job_id, 1)
     logs = head + node_log(run, job_id, 1)
     stopped = int(logs.split("checkpoint saved at step ")[1].split()[0])
-    assert 4 <= stopped < STEPS and (run / "checkpoints" / f"step-{stopped:06d}").exists()
+    assert 8 <= stopped < STEPS and (run / "checkpoints" / f"step-{stopped:06d}").exists()
     assert f"resumed from {run / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped} of {STEPS}" in logs
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
     a, b = final_weights(two_node_sft[0]), final_weights(run)
