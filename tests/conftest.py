@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from medlava.config import load_config
@@ -12,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 TINY_CNN = ROOT / "jobs" / "configs" / "tiny_cnn.yaml"
 TINY_PRETRAIN = ROOT / "jobs" / "configs" / "tiny_pretrain.yaml"
+
+
+def torchrun(procs: int) -> list[str]:
+    """`procs` processes on this machine under torchrun, as the node task starts them; a script or `-m` follows."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
 
 
 def prepare_dataset(dataset: str, tmp: Path, root: Path, *overrides: str, run_id: str = "r") -> Path:

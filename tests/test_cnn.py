@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CNN, complete_runs
+from conftest import ROOT, TINY_CNN, complete_runs, torchrun
 from medlava.config import ConfigError, load_config
 from medlava.data.samples import read_samples
 from medlava.eval.classification import classification_metrics
@@ -237,19 +237,7 @@ def test_stop_request_checkpoints_and_a_rerun_resumes_exactly(trained):
 def test_two_processes_train_under_torchrun(trained):
     tmp, env, base = trained["tmp"], trained["env"], trained["base"]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "medlava",
-            "cnn",
-            *map(str, base),
-            "run_id=ddp",
-            "cnn.epochs=3",
-        ],
+        [*torchrun(2), "-m", "medlava", "cnn", *map(str, base), "run_id=ddp", "cnn.epochs=3"],
         env=env,
         capture_output=True,
         text=True,

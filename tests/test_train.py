@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, torchrun
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -157,11 +157,7 @@ def test_a_checkpoint_becomes_step_n_only_after_every_rank_wrote_its_part(prepar
     driver.write_text(SLOW_RANK)
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *torchrun(2),
             str(driver),
             "sft",
             *base,
@@ -318,11 +314,7 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
     tmp, env, base = prepared
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *torchrun(2),
             "-m",
             "medlava",
             "sft",
@@ -364,21 +356,9 @@ def test_two_process_training_loss_falls_and_checkpoint_reloads(prepared, strate
 
 def _torchrun(prepared, procs: int, run_id: str, *extra) -> subprocess.CompletedProcess:
     tmp, env, base = prepared
-    launcher = (
-        [sys.executable, "-m", "medlava"]
-        if procs == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={procs}",
-            "-m",
-            "medlava",
-        ]
-    )
+    launcher = [sys.executable] if procs == 1 else torchrun(procs)
     return subprocess.run(
-        [*launcher, "sft", *base, f"run_id={run_id}", "sft.init_from=none", *extra],
+        [*launcher, "-m", "medlava", "sft", *base, f"run_id={run_id}", "sft.init_from=none", *extra],
         env=env,
         capture_output=True,
         text=True,
