@@ -237,6 +237,18 @@ def test_dry_run_array_then_dependent_merge(tmp_path):
     assert m["--kill-on-invalid-dep"] == "yes" and merge[-1].endswith(f"infer.checkpoint={sft} --merge-only")
 
 
+def test_chunks_sets_the_array_key_of_the_stage_given(tmp_path):
+    """--chunks is infer.chunks for infer and for the suite, which answers with infer's settings (Stage.keys_in)."""
+    sft = complete_sft_run(tmp_path, "s1")
+    for stage in ("infer", "suite"):
+        out = submit(stage, "--config", str(TINY), "--executor", "local", "--dry-run", "--chunks", "3",
+                     "--output-root", str(tmp_path), "run_id=k", cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        tasks = [line for line in out.stdout.splitlines() if " --chunk-idx 0" in line]
+        assert len(tasks) == 1 and f"infer.chunks=3 infer.checkpoint={sft} " in tasks[0], out.stdout[-2000:]
+        assert "# array of 3" in tasks[0]
+
+
 def test_latest_checkpoint_is_resolved_once_at_submit_time(tmp_path):
     """Every array task and the merge answer with the sft run that was newest at submission, whatever completes
     while they run; a launch that trains its own sft run pins that one."""

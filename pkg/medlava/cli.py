@@ -86,8 +86,7 @@ def stage_options(args: argparse.Namespace, cfg: Config) -> dict:
             )
     if stage.array and args.chunk_idx is not None and not 0 <= args.chunk_idx < stage.tasks(cfg):
         raise ConfigError(
-            f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} "
-            f"({stage.keys_in or stage.section}.{stage.array})"
+            f"--chunk-idx {args.chunk_idx} is outside 0..{stage.tasks(cfg) - 1} ({stage.key(stage.array)})"
         )
     return {name: getattr(args, name) for name in stage.options}
 

@@ -120,7 +120,7 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"output_root={yaml_str(args.output_root)}")
     if args.chunks is not None:  # the array of the stage given (infer's for a pipeline)
         stage = STAGES[args.stage if args.stage in STAGES and STAGES[args.stage].array else "infer"]
-        out.append(f"{stage.section}.{stage.array}={args.chunks}")
+        out.append(f"{stage.key(stage.array)}={args.chunks}")
     return out
 
 
@@ -247,7 +247,7 @@ def launch(argv: list[str]) -> int:
     for s in stages if not args.check else ():
         stage = STAGES[s]
         if stage.pins and getattr(stage.settings(cfg), stage.pins) == "latest":
-            key = f"{stage.keys_in or stage.section}.{stage.pins}"
+            key = stage.key(stage.pins)
             try:
                 setattr(stage.settings(cfg), stage.pins, pinned(s, stages, cfg))
             except FileNotFoundError:  # missing_inputs names it: refused on submit, a warning in a dry run

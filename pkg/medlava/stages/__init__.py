@@ -109,7 +109,11 @@ class Stage:
     def upstream(self) -> str | None:
         """The stage whose newest complete run `latest` means in the section of its `pins` key (its own, or
         `keys_in`)."""
-        return next((i.stage for i in self.inputs if i.key.startswith(f"{self.keys_in or self.section}.")), None)
+        return next((i.stage for i in self.inputs if i.key.startswith(self.key(""))), None)
+
+    def key(self, name: str) -> str:
+        """The dotted key of `name` in the section its `array` and `pins` keys are in (`infer.chunks` for the suite)."""
+        return f"{self.keys_in or self.section}.{name}"
 
     def reuse(self, cfg: Any) -> tuple[Literal["never", "unfinished"], str]:
         """Which run directory of an earlier launch (same run id) it continues, as runs.check_reuse takes it: an
