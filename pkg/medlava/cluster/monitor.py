@@ -174,10 +174,6 @@ def records(run: str | None, output_root: str) -> list[Path]:
     return dirs if run is not None else dirs[-20:]
 
 
-def read_record(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "slurm" / RECORD).read_text())
-
-
 def summarize(states: list[TaskState]) -> str:
     if len(states) == 1:
         s = states[0]

@@ -6,8 +6,8 @@ pickled callable is a NodeTask (node_task.py), which starts torchrun (or python)
 per-task logs into `<run dir>/slurm/`; we add `submissions.json` there (ids, script, command lines), which
 `launch/submit.py status|logs|cancel` read.
 
-What cannot run is refused before anything reaches the queue (check_resources, sbatch_parameters); a dry run
-renders the jobs as configured and shows what sinfo says does not fit as warnings (resource_problems)."""
+What cannot run is refused before anything reaches the queue (resource_problems, sbatch_parameters); a dry run
+renders the jobs as configured and shows what sinfo says does not fit as warnings."""
 
 from __future__ import annotations
 
@@ -156,11 +156,6 @@ def resource_problems(jobs: list[Job], cfg: Config) -> list[str]:
                     f"{c.cpus_per_task} CPUs; partition {partition} has {fit} such nodes"
                 )
     return list(dict.fromkeys(problems))
-
-
-def check_resources(jobs: list[Job], cfg: Config) -> None:
-    if problems := resource_problems(jobs, cfg):
-        raise ValueError("; ".join(problems))
 
 
 def check_paths(run_dirs: dict[str, Path]) -> None:

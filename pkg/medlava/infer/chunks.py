@@ -7,26 +7,22 @@ from collections import Counter
 from pathlib import Path
 
 from medlava.chunks import (
-    SOURCE,
     ChunkWriter,
     check_source,
     chunk_of,
     collect,
     partial_path,
-    read_partial,
     settings_path,
 )
 from medlava.io import InputError
 
 __all__ = [
-    "SOURCE",
     "ChunkWriter",
     "check_source",
     "chunk_of",
     "chunk_path",
     "merge_chunks",
     "partial_path",
-    "read_partial",
     "settings_path",
 ]
 
