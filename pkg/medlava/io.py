@@ -1,7 +1,8 @@
-"""Atomic file writes and JSONL reading: every output a stage leaves is either whole or absent."""
+"""Atomic file writes, JSONL reading and file digests: every output a stage leaves is either whole or absent."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -57,6 +58,15 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks (a split file or a staged weight file may be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

@@ -9,11 +9,12 @@ it where there is internet; compute nodes only read it (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from medlava.io import file_sha256
 
 MANIFEST = "medlava-metric-weights.json"
 VERIFIED = ".medlava-verified.json"  # size/mtime of files whose hash matched, so a re-check does not re-hash
@@ -97,14 +98,6 @@ def _files(location: Path) -> list[Path]:
     return sorted(p for p in location.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def record_staged(cache: Path, metrics: list[str]) -> dict:
     """Add `metrics` with the size and sha256 of every file they load to the cache's manifest (the fetch tool
     and the test fixture call this once the files are in place)."""
@@ -117,7 +110,7 @@ def record_staged(cache: Path, metrics: list[str]) -> dict:
             if not location.exists():
                 raise FileNotFoundError(f"{metric}: {location} is missing; nothing to record")
             for f in _files(location):
-                files[str(f.relative_to(cache))] = {"size": f.stat().st_size, "sha256": sha256(f)}
+                files[str(f.relative_to(cache))] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
         manifest["metrics"][metric] = files
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -172,7 +165,7 @@ def _check_file(path: Path, want: dict, stamps: dict) -> str | None:
     key = str(path)
     if stamps.get(key) == [st.st_size, st.st_mtime_ns, want["sha256"]]:
         return None
-    if sha256(path) != want["sha256"]:
+    if file_sha256(path) != want["sha256"]:
         return "is damaged (its sha256 differs from the one recorded when it was fetched)"
     stamps[key] = [st.st_size, st.st_mtime_ns, want["sha256"]]
     return None

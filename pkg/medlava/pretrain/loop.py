@@ -21,7 +21,7 @@ from medlava import precision, signals
 from medlava.config import Config, PretrainConfig
 from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier
-from medlava.io import InputError, atomic_write_json
+from medlava.io import InputError, atomic_write_json, file_sha256
 from medlava.models.clip import WEIGHTS, ClipModule, TokenizerFiles, create, image_transform
 from medlava.models.inputs import raise_batch_error
 from medlava.pretrain.data import PairDataset, collate, pairs_of, zero_shot_task
@@ -185,7 +185,7 @@ def weight_settings(cfg: Config, prepared: Path) -> dict:
         "pretrain",
         cfg.pretrain,
         ("eval_split", "prompt_templates"),
-        **{"data.train": runtime.file_digest(split_file(prepared, "train"))},
+        **{"data.train": file_sha256(split_file(prepared, "train"))},
     )
 
 

@@ -29,7 +29,7 @@ from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier
 from medlava.eval.classification import classification_metrics
 from medlava.eval.plots import plot_history
-from medlava.io import InputError, atomic_write_json, atomic_write_text
+from medlava.io import InputError, atomic_write_json, atomic_write_text, file_sha256
 from medlava.models.cnn import (
     WEIGHTS,
     CnnClassifier,
@@ -476,7 +476,7 @@ def weight_settings(c: CnnConfig, prepared: Path) -> dict:
         "cnn",
         c,
         ("predict_split",),
-        **{f"data.{split}": runtime.file_digest(split_file(prepared, split)) for split in ("train", "val")},
+        **{f"data.{split}": file_sha256(split_file(prepared, split)) for split in ("train", "val")},
     )
 
 

@@ -3,7 +3,6 @@ a non-finite loss, stop-and-requeue, the progress bar and the TensorBoard writer
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import sys
@@ -33,15 +32,6 @@ RUN_ONLY = frozenset(
     {"resume", "save_every", "keep_last", "log_every", "num_workers", "gradient_checkpointing", "compile", "kernels"}
 )
 """Section keys that change how a run goes (or how fast), not the weights it reaches."""
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes: the training samples a checkpoint was made from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from medlava import signals
 from medlava.config import Config, TrainConfig
 from medlava.data.samples import load_prepared, split_file
 from medlava.distributed import Dist, barrier
-from medlava.io import atomic_write_json
+from medlava.io import atomic_write_json, file_sha256
 from medlava.models.inputs import Encoder, SampleDataset
 from medlava.models.kernels import apply_liger, compile_blocks
 from medlava.models.llava import (
@@ -150,7 +150,7 @@ def weight_settings(cfg: Config, stage: str, prepared: Path, init: Path | None, 
         ("init_from", "grad_accum", "global_batch_size"),
         **model,
         **start,
-        **{"data.train": runtime.file_digest(split_file(prepared, "train"))},
+        **{"data.train": file_sha256(split_file(prepared, "train"))},
     )
 
 
