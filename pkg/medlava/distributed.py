@@ -60,13 +60,20 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(values: list[float], dist: Dist) -> list[float]:
-    """Each value's mean over ranks, in one all-reduce."""
+def sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
+    """Each value's sum over ranks, in one all-reduce."""
     if dist.world_size == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=dist.device)
     torch_dist.all_reduce(t)
-    return (t / dist.world_size).tolist()
+    return t.tolist()
+
+
+def mean_over_ranks(values: list[float], dist: Dist) -> list[float]:
+    """Each value's mean over ranks, in one all-reduce."""
+    if dist.world_size == 1:
+        return values
+    return [v / dist.world_size for v in sum_over_ranks(values, dist)]
 
 
 def barrier() -> None:

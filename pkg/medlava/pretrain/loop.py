@@ -65,7 +65,7 @@ class ClipTrainer:
         manifest: dict,
         checkpointer: Checkpointer,
     ):
-        self.model, self.dataset, self.p, self.d = model, dataset, p, dist
+        self.model, self.dataset, self.p, self.dist = model, dataset, p, dist
         self.manifest, self.checkpointer = manifest, checkpointer
         self.steps_per_epoch = steps_per_epoch(len(dataset), p, dist)
         self.total = p.max_steps or max(1, math.ceil(p.epochs * self.steps_per_epoch))
@@ -87,7 +87,7 @@ class ClipTrainer:
     def batches(self, epoch: int, skip: int):
         p = self.p
         self.net.train()
-        order = epoch_indices(len(self.dataset), p.seed, epoch, self.d, skip * p.batch_size, p.batch_size)
+        order = epoch_indices(len(self.dataset), p.seed, epoch, self.dist, skip * p.batch_size, p.batch_size)
         return iter(
             torch.utils.data.DataLoader(
                 self.dataset,
@@ -96,7 +96,7 @@ class ClipTrainer:
                 drop_last=True,
                 num_workers=p.num_workers,
                 collate_fn=collate,
-                pin_memory=self.d.device.type == "cuda",
+                pin_memory=self.dist.device.type == "cuda",
             )
         )
 
@@ -105,10 +105,10 @@ class ClipTrainer:
         batch = next(batches)
         waited = time.perf_counter() - tic
         raise_batch_error(batch)
-        d = self.d
-        with precision.autocast(d.device, self.amp):
+        dist = self.dist
+        with precision.autocast(dist.device, self.amp):
             image_features, text_features, scale = self.net(
-                batch["image"].to(d.device, non_blocking=True), batch["text"].to(d.device, non_blocking=True)
+                batch["image"].to(dist.device, non_blocking=True), batch["text"].to(dist.device, non_blocking=True)
             )
             loss = self.loss_fn(image_features.float(), text_features.float(), scale.float())
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +136,7 @@ class ClipTrainer:
         return None
 
     def _write(self, tmp: Path) -> None:
-        if self.d.main:  # open_clip's local-dir layout: what model.vision_tower and resume read
+        if self.dist.main:  # open_clip's local-dir layout: what model.vision_tower and resume read
             self.model.save_pretrained(tmp)
             TokenizerFiles(self.model.tokenizer).save_pretrained(tmp)
 

@@ -51,7 +51,6 @@ from medlava.train import runtime
 from medlava.train.checkpoint import Checkpointer
 from medlava.train.loop import Position, Schedule, StepMetrics, resume_and_train
 from medlava.train.optim import make_optimizer
-from medlava.train.runtime import wrap_ddp
 from medlava.train.sampling import rank_share
 
 log = logging.getLogger(__name__)
@@ -308,7 +307,8 @@ class CnnTrainer:
             self.scheduler.load_state_dict(self.saved["scheduler"])
             self.scaler.load_state_dict(self.saved["scaler"])
         self.saved = None
-        self.net = wrap_ddp(self.model, self.dist)  # DDP records which parameters train when it is built: one per phase
+        # DDP records which parameters train when it is built: one per phase
+        self.net = runtime.wrap_ddp(self.model, self.dist)
         log.info(
             "phase %d from epoch %d: lr %g, %s of %s parameters train (%d of %d backbone groups)",
             self.phase,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from medlava import precision
 from medlava.config import TrainConfig
-from medlava.distributed import Dist
+from medlava.distributed import Dist, sum_over_ranks
 from medlava.infer.answer import reference
 from medlava.infer.score import score_choices
 from medlava.models.inputs import Encoder, SampleDataset, collate, raise_batch_error
@@ -39,14 +39,6 @@ def closed_questions(samples: list[dict]) -> list[dict]:
     the same whatever the file order)."""
     closed = [s for s in samples if (s.get("meta") or {}).get("task") == "closed" and s["meta"].get("choices")]
     return sorted(closed, key=lambda s: hashlib.sha1(str(s["id"]).encode()).hexdigest())
-
-
-def _sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
-    if dist.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 @dataclass
@@ -89,7 +81,7 @@ class Validation:
             yield mine[lo : lo + self.batch_size]
 
     def loss(self, model: torch.nn.Module, dist: Dist) -> float:
-        nll, tokens = _sum_over_ranks(self.loss_sums(model, dist), dist)
+        nll, tokens = sum_over_ranks(self.loss_sums(model, dist), dist)
         return nll / max(tokens, 1.0)
 
     @torch.no_grad()
@@ -111,7 +103,7 @@ class Validation:
         return [nll, tokens]
 
     def accuracy(self, model: torch.nn.Module, dist: Dist) -> float:
-        (right,) = _sum_over_ranks([self.right(model, dist)], dist)
+        (right,) = sum_over_ranks([self.right(model, dist)], dist)
         return right / len(self.closed)
 
     @torch.no_grad()

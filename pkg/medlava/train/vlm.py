@@ -164,9 +164,7 @@ def train_vlm(
     m = cfg.vlm(stage)
     signals.install()  # a stop requested while the model loads is answered at the first step
     samples, manifest = load_prepared(prepared, "train")
-    checkpointer = Checkpointer(run, dist, t.keep_last, settings=settings)
-    if t.resume == "auto":
-        checkpointer.check_world()  # before a 7B is loaded
+    checkpointer = Checkpointer(run, dist, t.keep_last, settings=settings)  # the stage ran check_resume before this
     if dist.main:  # the tiny preset writes its checkpoint on first use: once, before the other ranks read it
         base_model_path(m)
     barrier()
