@@ -14,9 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
+from medlava.eval.plots import figure
 from medlava.io import atomic_savefig
 
 LABELS = {
@@ -85,8 +83,7 @@ def plot_published(run: dict[str, float], path: str | os.PathLike, label: str = 
     if not keys:
         return None
     rows = max(sum(k in r.values for r in PUBLISHED) for k in keys) + 1
-    fig = Figure(figsize=(4.2 * min(len(keys), 4), (0.32 * rows + 1.2) * ((len(keys) + 3) // 4)), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(4.2 * min(len(keys), 4), (0.32 * rows + 1.2) * ((len(keys) + 3) // 4))
     for i, key in enumerate(keys):
         ax = fig.add_subplot((len(keys) + 3) // 4, min(len(keys), 4), i + 1)
         bars = [(r.model, r.values[key]) for r in PUBLISHED if key in r.values] + [(label, float(run[key]))]

@@ -204,7 +204,8 @@ def vqa_metrics(
     per["llava_med_closed_hit_run_eval"] = [
         c and llava_med_vqa.closed_hit_run_eval(t, r) for t, r, c in zip(raw, ref, closed)
     ]
-    per["llava_med_open_recall"] = [llava_med_vqa.open_scores(t, r)[2] for t, r in zip(raw, ref)]
+    open_scores = np.array([llava_med_vqa.open_scores(t, r) for t, r in zip(raw, ref)], dtype=float).reshape(-1, 3)
+    per["llava_med_open_recall"] = open_scores[:, 2]
     datasets = df[META_PREFIX + "dataset"] if META_PREFIX + "dataset" in df.columns else pd.Series([""] * len(df))
     per["mmmu_correct"] = [
         mmmu_correct(t, x, r, text) if d == "mmmu_med" else None
@@ -228,14 +229,11 @@ def vqa_metrics(
             closed_yes_no_accuracy=float(yn["correct"].mean()) if len(yn) else None,
             closed_exact_accuracy=float(c["exact"].mean()),
             closed_substring_accuracy=float(c["substring"].mean()),
-            llava_med_closed_accuracy=float(c["llava_med_closed_hit"].mean()),
             llava_med_closed_accuracy_run_eval=float(c["llava_med_closed_hit_run_eval"].mean()),
         )
     if len(o):
         metrics.update(open_bleu=float(o["bleu"].mean()), open_bleu_1=corpus_bleu(scores["bleu_stats"], 1))
-        f1, precision, recall = np.mean(
-            [llava_med_vqa.open_scores(t, r) for t, r in zip(raw[opened], ref[opened])], axis=0
-        )
+        f1, precision, recall = open_scores[opened].mean(axis=0)
         metrics.update(
             llava_med_open_recall=float(recall), llava_med_open_precision=float(precision), llava_med_open_f1=float(f1)
         )
