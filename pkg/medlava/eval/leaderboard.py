@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from medlava.eval.bootstrap import mean_ci
 from medlava.eval.plots import figure
 from medlava.io import InputError, atomic_savefig, atomic_write_text
 
@@ -65,13 +66,9 @@ def published() -> tuple[dict[str, str], pd.DataFrame]:
 
 
 def bootstrap_ci(values: np.ndarray, n_bootstrap: int, seed: int = 0) -> tuple[float, float] | tuple[None, None]:
-    """Percentile 95% interval of the mean over `n_bootstrap` resamples of the questions."""
-    if not n_bootstrap or len(values) < 2:
-        return None, None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_bootstrap, len(values)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+    """Percentile 95% interval of the mean over `n_bootstrap` resamples of the questions (none for fewer than 2)."""
+    ci = mean_ci(values, n_bootstrap, seed) if len(values) >= 2 else None
+    return (ci[0], ci[1]) if ci else (None, None)
 
 
 def benchmark_rows(bench: str, dataset: str, per_sample: Path, n_bootstrap: int, seed: int = 0) -> list[dict]:

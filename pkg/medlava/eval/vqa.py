@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from medlava.eval import llava_med_vqa
+from medlava.eval.bootstrap import mean_ci
 from medlava.eval.multiple_choice import mmmu_correct
 from medlava.eval.normalize import ChoiceMatcher, normalize_text, yes_no
 from medlava.eval.plots import plot_bars
@@ -55,7 +56,6 @@ VQA_TASKS = ("closed", "open", "multiple_choice")
 META_PREFIX = "meta_"
 ROUTES = ("yes_no", "options", "vocab", "exact")
 OUTPUTS = ("metrics.json", "per_sample.csv", "errors.csv", "closed_vocab.json", "vqa_groups.png")
-_MAX_CELLS = 4_000_000
 _OR = re.compile(r"\s+or\s+")
 # Without a comma, X of "X or Y" starts after the question's last function word ("is this an MRI or ...").
 _LEAD = re.compile(r"\b(?:a|an|the|this|that|these|those|is|are|was|were|be|it|does|do|did|of|in|on|at|there)\s+")
@@ -127,18 +127,6 @@ def route_closed(question: str, prediction: str, reference: str, vocab: tuple[st
         return normalize_text(prediction) or None, "exact"
     found = _matcher(candidates)(prediction).choice
     return (normalize_text(found) if found is not None else None), route
-
-
-def _mean_ci(values: np.ndarray, n_bootstrap: int, seed: int) -> list[float] | None:
-    if not n_bootstrap or len(values) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    means = []
-    chunk = max(1, _MAX_CELLS // len(values))
-    for start in range(0, n_bootstrap, chunk):
-        idx = rng.integers(0, len(values), size=(min(chunk, n_bootstrap - start), len(values)))
-        means.append(values[idx].mean(axis=1))
-    return [float(v) for v in np.percentile(np.concatenate(means), [2.5, 97.5])]
 
 
 def _summary(part: pd.DataFrame) -> dict[str, Any]:
@@ -239,7 +227,7 @@ def vqa_metrics(
         )
     mmmu = per[per["mmmu_correct"].notna()]
     metrics["ci95"] = {
-        name: _mean_ci(part[col].to_numpy(float), n_bootstrap, seed)
+        name: mean_ci(part[col].to_numpy(float), n_bootstrap, seed)
         for name, part, col in (
             ("closed_accuracy", c, "correct"),
             ("open_exact_match", o, "exact"),
