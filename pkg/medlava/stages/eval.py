@@ -14,7 +14,6 @@ from medlava.runs import mark_complete, resolve, start_run
 from medlava.stages import upstream
 
 log = logging.getLogger(__name__)
-CHUNKS = "radeval-chunks"
 
 
 def preflight(cfg: Config) -> list[str]:
@@ -42,15 +41,16 @@ def doctor_args(cfg: Config) -> list[str]:
 
 def run(cfg: Config, dist=None, chunk_idx: int | None = None, merge_only: bool = False) -> Path:
     from medlava.eval.closed import read_predictions
+    from medlava.eval.radiology import RADEVAL_CHUNKS
     from medlava.eval.run import eval_inputs, evaluate, score_report_chunk, summary_table
     from medlava.eval.tensorboard import write_eval_tensorboard
 
     run = start_run(cfg, "eval")  # array tasks and the merge share it, until it is complete
-    source = resolve(cfg, cfg.eval.predictions, upstream("eval"))
+    source, chunks = resolve(cfg, cfg.eval.predictions, upstream("eval")), run / RADEVAL_CHUNKS
     inputs = eval_inputs(source, cfg.eval)
     if chunk_idx is not None:
-        score_report_chunk(inputs.csv, cfg.eval, chunk_idx, run / CHUNKS)
-        log.info("eval: chunk %d of %d scored into %s", chunk_idx, cfg.eval.chunks, run / CHUNKS)
+        score_report_chunk(inputs.csv, cfg.eval, chunk_idx, chunks)
+        log.info("eval: chunk %d of %d scored into %s", chunk_idx, cfg.eval.chunks, chunks)
         return run
     metrics = evaluate(
         inputs.csv,
@@ -59,7 +59,7 @@ def run(cfg: Config, dist=None, chunk_idx: int | None = None, merge_only: bool =
         inputs.classes,
         inputs.vocab,
         inputs.vocab_source,
-        chunk_folder=run / CHUNKS,
+        chunk_folder=chunks,
         merge_only=merge_only,
     )
     curve = inputs.trained_run / "tensorboard" / f"eval-{inputs.split or 'predictions'}" if inputs.trained_run else None
