@@ -60,6 +60,11 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     return path
 
 
+def read_json_list(path: str | os.PathLike) -> list:
+    """A JSON list of records (a launch record), empty where the file is not written yet."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else []
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, read in blocks (a split file or a staged weight file may be GBs)."""
     h = hashlib.sha256()

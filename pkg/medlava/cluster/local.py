@@ -10,7 +10,6 @@ records each job's commands, process ids and exit codes for `launch/submit.py st
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import platform
 import pty
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medlava.cluster.jobs import Job
-from medlava.io import atomic_write_json
+from medlava.io import atomic_write_json, read_json_list
 
 RECORD = "local.json"
 """In `<run dir>/logs/`: the jobs this executor ran there (monitor.py reads it)."""
@@ -46,7 +45,7 @@ class Record:
 
     def __init__(self, log_dir: Path, job: Job):
         self.path, self.lock = log_dir / RECORD, threading.Lock()
-        entries = _read(self.path)
+        entries = read_json_list(self.path)
         tasks = range(job.array) if job.array else [None]
         self.entry = {
             "name": job.name,
@@ -71,10 +70,6 @@ class Record:
 
     def _write(self) -> None:
         atomic_write_json(self.path, self.entries)
-
-
-def _read(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _spawn(argv: list[str], env: dict[str, str], terminal: bool) -> tuple[subprocess.Popen, int]:

@@ -6,7 +6,6 @@ finished. Local jobs' states come from the local executor's record (pids and exi
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from medlava.cluster import local
 from medlava.cluster.slurm import RECORD
+from medlava.io import read_json_list
 from medlava.runs import is_complete
 
 TERMINAL = {
@@ -156,8 +156,7 @@ def launched(run_dir: Path) -> list[Launched]:
     """Every job recorded in `run_dir`, SLURM's and the local executor's, oldest first."""
     found = []
     for executor, record in zip(("slurm", "local"), RECORDS):
-        path = run_dir / record
-        found += [Launched(run_dir, executor, e) for e in json.loads(path.read_text())] if path.exists() else []
+        found += [Launched(run_dir, executor, e) for e in read_json_list(run_dir / record)]
     return sorted(found, key=lambda j: j.when)
 
 

@@ -11,7 +11,6 @@ renders the jobs as configured and shows what sinfo says does not fit as warning
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from medlava.cluster.jobs import Job, Rendezvous
 from medlava.cluster.node_task import NodeTask, default_env
 from medlava.cluster.sinfo import choose_partition, partitions
 from medlava.config import Config
-from medlava.io import atomic_write_json
+from medlava.io import atomic_write_json, read_json_list
 
 RECORD = "submissions.json"
 # The values a node task reads from SLURM at run time, as a dry run shows them.
@@ -272,8 +271,7 @@ def render(jobs: list[Job], run_dirs: dict[str, Path], cfg: Config, config_path:
 
 def record(run_dir: Path, entry: dict) -> None:
     path = run_dir / "slurm" / RECORD
-    entries = json.loads(path.read_text()) if path.exists() else []
-    atomic_write_json(path, [*entries, entry])
+    atomic_write_json(path, [*read_json_list(path), entry])
 
 
 def cancel(job_ids: list[str]) -> None:
