@@ -311,6 +311,10 @@ class DataConfig(Section):
     samples: str = "latest"
     """Prepared samples for train/infer: `latest` (newest complete prepare run) or a directory."""
 
+    def image_dir(self, default: Path) -> Path:
+        """image_root when it is set, else `default`: where the dataset's release keeps its images under root."""
+        return Path(self.image_root) if self.image_root else default
+
     @model_validator(mode="after")
     def _ratios(self) -> DataConfig:
         if any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:

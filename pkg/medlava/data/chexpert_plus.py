@@ -62,7 +62,7 @@ def _single(qa: QA) -> dict:
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     d, o = cfg.data, cfg.data.chexpert_plus
     root = Path(d.root)
-    image_root = Path(d.image_root) if d.image_root else root
+    image_root = d.image_dir(root)
     csv = root / o.csv
     df = read_csv(csv, problems, COLUMNS, multiline=True)  # report text holds newlines
     where = {i: row_where(csv, i, multiline=True) for i in df.index}

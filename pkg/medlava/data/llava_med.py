@@ -51,7 +51,7 @@ def conversation(rec: dict) -> tuple[list[dict] | None, str]:
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     d, o = cfg.data, cfg.data.llava_med
     root = Path(d.root)
-    loaded = Loaded("llava_med", Path(d.image_root) if d.image_root else root / "images", group_name="pmc_article")
+    loaded = Loaded("llava_med", d.image_dir(root / "images"), group_name="pmc_article")
     train_path = root / o.train_file
     rows = []
     for where, rec in read_json_records(train_path, problems):

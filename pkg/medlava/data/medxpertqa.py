@@ -33,7 +33,7 @@ def _prompt(question: str, options: dict[str, str]) -> str:
 
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     root = Path(cfg.data.root)
-    source = Path(cfg.data.image_root) if cfg.data.image_root else root / "images"
+    source = cfg.data.image_dir(root / "images")
     store = ImageStore(out_dir)
     loaded = Loaded("medxpertqa", store.root)
     stats: Counter[str] = Counter()

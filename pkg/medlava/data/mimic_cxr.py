@@ -128,7 +128,7 @@ def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     for where in studies.loc[studies["split"].isna(), "where"]:
         problems.add("bad_record", where, "the split table gives this image no split")
     studies = studies[studies["split"].notna()]
-    loaded = Loaded("mimic_cxr", Path(d.image_root) if d.image_root else root, group_name="subject_id")
+    loaded = Loaded("mimic_cxr", d.image_dir(root), group_name="subject_id")
     stats: Counter[str] = Counter()
     for row in tqdm(
         studies.to_dict("records"), desc="reports", unit="report", mininterval=5, disable=len(studies) < 1000

@@ -28,7 +28,7 @@ LETTERS = ("A", "B", "C", "D")
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     root = Path(cfg.data.root)
     folders = ["Open-access"] + (["Restricted-access"] if cfg.data.omnimedvqa.access == "all" else [])
-    loaded = Loaded("omnimedvqa", Path(cfg.data.image_root) if cfg.data.image_root else root)
+    loaded = Loaded("omnimedvqa", cfg.data.image_dir(root))
     stats: Counter[str] = Counter()
     for folder in folders:
         files = sorted((root / "QA_information" / folder).glob("*.json"))

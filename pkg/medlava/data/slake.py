@@ -186,7 +186,7 @@ def _sample(rec: dict, split: str, image: str, o: SlakeConfig, kg: list | None, 
 def load(cfg: Config, problems: Problems, out_dir: Path) -> Loaded:
     d, o = cfg.data, cfg.data.slake
     root = Path(d.root)
-    source_root = Path(d.image_root) if d.image_root else root / "imgs"
+    source_root = d.image_dir(root / "imgs")
     records = _local_records(root, problems) if o.source == "local" else _hf_records(root)
     kg = read_kg(root / "KG") if o.kg == "facts" else None
     conditioned = o.mask != "none" and not problems.check

@@ -39,7 +39,7 @@ META = (
 
 
 def _osf(cfg: Config, problems: Problems, root: Path) -> Loaded:
-    images = Path(cfg.data.image_root) if cfg.data.image_root else root / OSF_IMAGES
+    images = cfg.data.image_dir(root / OSF_IMAGES)
     loaded = Loaded("vqa_rad", images)
     stats: Counter[str] = Counter()
     for where, rec in read_json_records(root / OSF_FILE, problems):
