@@ -216,10 +216,10 @@ def hf_vqa(
     return loaded
 
 
-def side_by_side(images: list[Image.Image], height: int | None = None) -> Image.Image:
-    """Images scaled to one height and placed left to right with a 8-pixel black gap. Hand-written: a few lines,
-    the layout VLMEvalKit uses to give single-image models multi-image questions."""
-    height = height or max(im.height for im in images)
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    """Images scaled to the tallest one's height and placed left to right with a 8-pixel black gap. Hand-written:
+    a few lines, the layout VLMEvalKit uses to give single-image models multi-image questions."""
+    height = max(im.height for im in images)
     scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height)) for im in images]
     gap = 8
     out = Image.new("RGB", (sum(im.width for im in scaled) + gap * (len(scaled) - 1), height))

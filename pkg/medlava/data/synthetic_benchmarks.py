@@ -149,7 +149,7 @@ def _questions(img_id: int, organ: str, other: str, modality: str, rng: np.rando
     ]
 
 
-def slake_records(n_images: int = 12, seed: int = 0, size: tuple[int, int] = (96, 80)) -> dict[str, list[dict]]:
+def slake_records(n_images: int = 12, seed: int = 0) -> dict[str, list[dict]]:
     """Records per split (train/validate/test, by image 6:3:3 of each 12), without writing anything."""
     rng = np.random.default_rng(seed)
     splits: dict[str, list[dict]] = {"train": [], "validate": [], "test": []}
@@ -185,7 +185,7 @@ def make_synthetic_slake(
     """Write the local release layout at `root` (deterministic for `seed`)."""
     root = Path(root)
     rng = np.random.default_rng(seed + 1)
-    records = slake_records(n_images, seed, size)
+    records = slake_records(n_images, seed)
     for i in range(n_images):
         _draw(root, i, size, rng)
     for split, rows in records.items():
