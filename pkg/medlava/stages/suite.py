@@ -92,8 +92,9 @@ def answer(cfg: Config, dist, run: Path, chunks: list[int]) -> None:
     from medlava.train.runtime import tensorboard
 
     model, writer = None, tensorboard(run, None, dist)
+    inputs = [_inputs(cfg, i, run) for i in range(len(cfg.suite.benchmarks))]  # read once, not once per chunk
     for i, c in ((i, c) for c in chunks for i in range(len(cfg.suite.benchmarks))):
-        samples, image_root, source, folder = _inputs(cfg, i, run)
+        samples, image_root, source, folder = inputs[i]
         if chunk_path(folder, c, cfg.infer.chunks).exists():
             continue
         check_source(folder, source, claim=True)
